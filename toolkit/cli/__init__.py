@@ -1,0 +1,1 @@
+"""One module per CLI command; see ``toolkit/__main__.py``."""

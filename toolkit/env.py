@@ -1,0 +1,125 @@
+"""The environment record attached to every result (what ran, where, when)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import socket
+import subprocess
+import sys
+from functools import lru_cache
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's marketing name, from /proc/cpuinfo (Linux) or platform."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@lru_cache(maxsize=1)
+def physical_cores() -> int:
+    """Physical cores (not hyper-threads) available to this process."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+        if n:
+            logical_here = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else n
+            return max(1, min(n, logical_here))
+    except Exception:  # psutil missing or unsupported platform
+        pass
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, n)
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:
+        return None
+
+
+def _nvml_state(index: int) -> dict:
+    """SM clock (MHz), temperature (C) and driver via NVML, where available."""
+    try:
+        import pynvml  # type: ignore
+
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        out = {
+            "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
+            "temperature_c": pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU),
+            "driver": pynvml.nvmlSystemGetDriverVersion(),
+        }
+        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in out.items()}
+    except Exception:
+        pass
+    try:  # nvidia-smi is always there when a driver is
+        q = "clocks.sm,temperature.gpu,driver_version"
+        r = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader,nounits", f"--id={index}"],
+            capture_output=True, text=True, timeout=10,
+        )
+        sm, temp, driver = [s.strip() for s in r.stdout.strip().split(",")]
+        return {"sm_clock_mhz": int(sm), "temperature_c": int(temp), "driver": driver}
+    except Exception:
+        return {}
+
+
+def environment(device: str | None = None, threads: int | None = None) -> dict:
+    """A JSON-ready record of the software, hardware and time of a measurement."""
+    import torch
+
+    rec: dict = {
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": _package_version("transformers"),
+        "numpy": _package_version("numpy"),
+        "cpu_model": cpu_model(),
+        "cpu_physical_cores": physical_cores(),
+        "cpu_threads": threads if threads is not None else torch.get_num_threads(),
+        "device": str(device) if device is not None else None,
+        "cuda": torch.version.cuda,
+        "gpu": None,
+    }
+    if torch.cuda.is_available():
+        idx = torch.device(device).index if device and str(device).startswith("cuda") else None
+        idx = torch.cuda.current_device() if idx is None else idx
+        props = torch.cuda.get_device_properties(idx)
+        rec["gpu"] = props.name
+        rec["gpu_memory_bytes"] = props.total_memory
+        rec["gpu_l2_bytes"] = getattr(props, "L2_cache_size", None)
+        rec["gpu_sm_count"] = props.multi_processor_count
+        rec.update(_nvml_state(idx))
+    return rec
+
+
+def resolve_device(device: str | None) -> str:
+    """'auto' -> 'cuda' when a GPU is present else 'cpu'; check that 'cuda' exists."""
+    import torch
+
+    from .errors import ToolkitError
+
+    device = (device or "auto").lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ToolkitError(f"device {device!r} requested but no CUDA GPU is available (use --device cpu)")
+        return device
+    if device == "cpu":
+        return device
+    raise ToolkitError(f"unknown device {device!r}: use auto, cpu or cuda[:N]")

@@ -1,0 +1,1 @@
+"""Mixture-of-Experts offloading: presets, the offloaded experts module, costs, memory, generation, traces."""
