@@ -1,0 +1,262 @@
+"""generate(): exact timings with a fake clock, phase switching, metrics, and offload equivalence."""
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from toolkit.errors import ToolkitError
+from toolkit.moe import generation as G
+from toolkit.moe.presets import build_moe
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest, and immune to a busy shared CI machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_moe("tiny-mixtral", seed=0)
+
+
+class FakeClock:
+    """Returns the given instants in order; counts synchronizations."""
+
+    def __init__(self, instants):
+        self.instants, self.syncs = list(instants), 0
+
+    def __call__(self):
+        return self.instants.pop(0)
+
+    def sync(self):
+        self.syncs += 1
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def test_random_prompts_left_padded():
+    ids, mask = G.random_prompts(100, [3, 5], seed=4, pad_token_id=0)
+    assert ids.shape == mask.shape == (2, 5)
+    assert mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert ids[0, :2].tolist() == [0, 0] and ids[mask.bool()].min() >= 3 and ids.max() < 100
+    again, _ = G.random_prompts(100, [3, 5], seed=4)
+    assert torch.equal(ids, again)
+    with pytest.raises(ToolkitError):
+        G.random_prompts(100, 0)
+
+
+def test_synthetic_tokenizer_is_readable_and_round_trips():
+    tok = G.synthetic_tokenizer(5000)
+    assert len(tok) == 5000 and tok.eos_token_id == 2 and tok.pad_token_id == 0
+    words = tok.convert_ids_to_tokens(list(range(3, 13)))
+    assert all(w.isalpha() and w.islower() for w in words) and len(set(words)) == 10
+    ids = [5, 900, 4999]
+    assert tok(tok.decode(ids)).input_ids == ids
+
+
+# ---------------------------------------------------------------- timing with a fake clock
+
+
+def test_fake_clock_gives_exact_timings(model):
+    ids, mask = G.random_prompts(model.config.vocab_size, 6, batch_size=2)
+    # start, 4 step callbacks (prefill end + 3 decode steps), end
+    clock = FakeClock([10.0, 10.100, 10.102, 10.105, 10.109, 10.200])
+    res = G.generate(model, ids, mask, max_new_tokens=4, ignore_eos=True, clock=clock, synchronize=clock.sync)
+    assert res.prefill_ms == pytest.approx(100.0)
+    assert res.decode_samples_ms == pytest.approx((2.0, 3.0, 4.0))
+    assert res.end_to_end_ms == pytest.approx(200.0)
+    assert res.decode_ms["median"] == pytest.approx(3.0) and res.decode_ms["mean"] == pytest.approx(3.0)
+    assert res.decode_ms["p90"] == pytest.approx(3.8)
+    assert res.decode_tokens_per_s == pytest.approx(3 * 2 / 0.009)  # steps x batch / decode seconds
+    assert clock.syncs == 6  # before start, every step, at the end
+    assert res.new_tokens == 4 and res.batch_size == 2 and res.prompt_tokens == 6
+    assert res.experts is None and res.hit_rate is None and res.gpu_experts is None
+
+
+def test_beam_tokens_per_second_counts_steps_times_batch(model):
+    ids, mask = G.random_prompts(model.config.vocab_size, 5)
+    clock = FakeClock([0.0, 0.5, 0.51, 0.52, 1.0])
+    res = G.generate(model, ids, mask, max_new_tokens=3, num_beams=4, ignore_eos=True, clock=clock,
+                     synchronize=clock.sync)
+    assert res.mode == "beam" and len(res.decode_samples_ms) == 2
+    assert res.decode_tokens_per_s == pytest.approx(2 * 1 / 0.02)  # beams do not multiply it
+
+
+def test_result_round_trip_and_dataframe(model):
+    ids, mask = G.random_prompts(model.config.vocab_size, 4)
+    clock = FakeClock([0.0, 0.01, 0.012, 0.015, 0.02])
+    res = G.generate(model, ids, mask, max_new_tokens=3, ignore_eos=True, clock=clock, synchronize=clock.sync,
+                     tokenizer=G.synthetic_tokenizer(model.config.vocab_size))
+    d = res.to_dict()
+    for key in ("prefill_ms", "decode_tokens_per_s", "decode_ms", "hit_rate", "gpu_experts", "cost_model", "env",
+                "end_to_end_ms", "bytes_copied", "cpu_expert_calls"):
+        assert key in d
+    back = G.GenerationResult.from_dict(d)
+    assert back.decode_samples_ms == res.decode_samples_ms and back.sequences == res.sequences
+    assert back.text == res.text and len(res.text[0].split()) == 3
+    df = res.to_dataframe()
+    assert df["phase"].tolist() == ["prefill", "decode", "decode"]
+    assert df["ms"].tolist() == pytest.approx([10.0, 2.0, 3.0])
+    assert "greedy" in repr(res)
+
+
+def test_bad_arguments(model):
+    ids, mask = G.random_prompts(model.config.vocab_size, 4)
+    with pytest.raises(ToolkitError, match="num_beams"):
+        G.generate(model, ids, mask, num_beams=0)
+    with pytest.raises(ToolkitError, match="max_new_tokens"):
+        G.generate(model, ids, mask, max_new_tokens=0)
+
+
+def test_user_processors_and_criteria_are_kept(model):
+    from transformers import LogitsProcessor, StoppingCriteria
+
+    class Force7(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores[:] = -1e9
+            scores[:, 7] = 0.0
+            return scores
+
+    class StopAt3(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 5 + 3, dtype=torch.bool)
+
+    ids, mask = G.random_prompts(model.config.vocab_size, 5)
+    res = G.generate(model, ids, mask, max_new_tokens=10, ignore_eos=True, logits_processor=[Force7()],
+                     stopping_criteria=[StopAt3()])
+    assert res.sequences == ((7, 7, 7),) and len(res.decode_samples_ms) == 2
+    with pytest.raises(ToolkitError, match="stopping rules"):
+        G.generate(model, ids, mask, num_beams=2, streamer=G.TextPrinter(None), stopping_criteria=[StopAt3()])
+
+
+# ---------------------------------------------------------------- phases and expert statistics
+
+
+class PhaseSpy:
+    """A stand-in for Offloaded: records the phase at every forward pass of the model."""
+
+    def __init__(self, model):
+        self.model, self.phase, self.seen, self.resets = model, None, [], 0
+        self.placement = np.ones((2, 8), dtype=bool)
+        self.stats = SimpleNamespace(
+            activations={"prefill": np.full((2, 8), 2), "decode": np.full((2, 8), 4)},
+            hits={"prefill": np.full((2, 8), 1), "decode": np.full((2, 8), 4)},
+            bytes_copied=123, cpu_expert_calls=7, copy_expert_calls=1)
+        self._hook = model.register_forward_pre_hook(lambda *a: self.seen.append(self.phase))
+
+    def set_phase(self, phase):
+        self.phase = phase
+
+    def reset_stats(self):
+        self.resets += 1
+
+
+def test_phase_switches_at_first_token(model):
+    spy = PhaseSpy(model)
+    try:
+        ids, mask = G.random_prompts(model.config.vocab_size, 5)
+        res = G.generate(spy, ids, mask, max_new_tokens=4, ignore_eos=True)
+    finally:
+        spy._hook.remove()
+    assert spy.seen == ["prefill", "decode", "decode", "decode"]  # one prefill pass, 3 decode passes
+    assert spy.resets == 1
+    hr = res.hit_rate
+    assert hr["prefill"] == 0.5 and hr["decode"] == 1.0 and hr["overall"] == pytest.approx(80 / 96)
+    assert hr["per_layer"]["prefill"] == [0.5, 0.5] and hr["per_expert"]["decode"][1] == [1.0] * 8
+    assert res.gpu_experts == 16 and res.to_dict()["bytes_copied"] == 123
+
+
+def test_expert_metrics_handles_unused_phase():
+    stats = SimpleNamespace(
+        activations={"prefill": np.array([[3, 0]]), "decode": np.zeros((1, 2), int)},
+        hits={"prefill": np.array([[3, 0]]), "decode": np.zeros((1, 2), int)})
+    m = G.expert_metrics(stats)
+    assert m["hit_rate"]["prefill"] == 1.0 and m["hit_rate"]["decode"] is None
+    assert m["hit_rate"]["per_expert"]["prefill"] == [[1.0, None]]
+    assert m["bytes_copied"] == 0 and not math.isnan(m["hit_rate"]["overall"])
+
+
+# ---------------------------------------------------------------- offloaded == unmodified (float32, CPU)
+
+
+def _greedy_margin(model, ids, mask, generated):
+    """Smallest top-1 minus top-2 logit gap over the greedy choices (how far from a tie each choice was)."""
+    full = torch.cat([ids, torch.tensor(generated)], dim=1)
+    full_mask = torch.cat([mask, torch.ones(ids.shape[0], len(generated[0]), dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=full, attention_mask=full_mask).logits[:, ids.shape[1] - 1:-1]  # [B, new, V]
+    top2 = logits.topk(2, dim=-1).values
+    return float((top2[..., 0] - top2[..., 1]).min())
+
+
+@pytest.mark.parametrize("gpu_experts", [0, 5, 16])
+def test_offloaded_generation_equals_unmodified(model, gpu_experts):
+    """Greedy and beam search through offload() give the unmodified model's ids for a left-padded batch.
+
+    Offloading reorders float32 sums (per-expert gathers, CPU vs "GPU" path), ~1e-6 on logits; the
+    greedy choices below are >= 1e-3 from a tie, so equal ids are a robust check, not luck.
+    """
+    from toolkit.moe.costs import CostModel
+    from toolkit.moe.offload import offload
+
+    ids, mask = G.random_prompts(model.config.vocab_size, [5, 9, 7], seed=2)  # left padding
+    kw = dict(max_new_tokens=10, ignore_eos=True)
+    ref_greedy = G.generate(model, ids, mask, **kw)
+    ref_beam = G.generate(model, ids, mask, num_beams=3, **kw)
+    assert _greedy_margin(model, ids, mask, ref_greedy.sequences) > 1e-3
+
+    # CPU experts cost n ms, a copy 3 ms: prefill copies its busy experts, decode computes misses on the CPU
+    cm = CostModel.fixed(cpu=(0.0, 1.0), gpu=(0.01, 0.0), copy_ms=3.0)
+    off = offload(model, gpu_experts=gpu_experts, device="cpu", cost_model=cm)
+    try:
+        greedy = G.generate(off, ids, mask, **kw)
+        beam = G.generate(off, ids, mask, num_beams=3, **kw)
+    finally:
+        off.restore()
+    assert greedy.sequences == ref_greedy.sequences
+    assert beam.sequences == ref_beam.sequences
+    expected = {0: 0.0, 16: 1.0}.get(gpu_experts)
+    for res in (greedy, beam):
+        assert res.gpu_experts == gpu_experts
+        if expected is not None:
+            assert res.hit_rate["prefill"] == res.hit_rate["decode"] == expected
+        else:
+            assert 0.0 < res.hit_rate["decode"] < 1.0
+    if gpu_experts < 16:
+        assert greedy.to_dict()["cpu_expert_calls"] > 0 and greedy.to_dict()["copy_expert_calls"] > 0
+    # decode activations: 3 sequences x 9 decode steps x 2 layers x top-2 (beams: x3 sequences)
+    assert np.sum(greedy.experts["activations"]["decode"]) == 3 * 9 * 2 * 2
+    assert np.sum(beam.experts["activations"]["decode"]) == 3 * 3 * 9 * 2 * 2
+
+
+@pytest.mark.gpu
+def test_offloaded_generation_on_gpu_equals_unmodified_and_streams():
+    """The same equivalence on CUDA (float32: no dtype noise), with real copies and CPU experts, and streaming."""
+    from toolkit.moe.costs import CostModel
+    from toolkit.moe.offload import offload
+
+    gpu_model = build_moe("tiny-mixtral", device="cuda", seed=0)
+    ids, mask = G.random_prompts(gpu_model.config.vocab_size, [5, 9, 7], seed=2)
+    kw = dict(max_new_tokens=10, ignore_eos=True)
+    ref = [G.generate(gpu_model, ids, mask, num_beams=n, **kw) for n in (1, 3)]
+    cm = CostModel.fixed(cpu=(0.0, 1.0), gpu=(0.01, 0.0), copy_ms=3.0)
+    off = offload(gpu_model, gpu_experts=5, device="cuda", cost_model=cm)
+    try:
+        got = [G.generate(off, ids, mask, num_beams=n, **kw) for n in (1, 3)]
+        rec = []
+        sink = SimpleNamespace(put=rec.extend, end=lambda: None)
+        one = G.generate(off, ids[:1], mask[:1], num_beams=3, streamer=sink, **kw)
+    finally:
+        off.restore()
+    assert [r.sequences for r in got] == [r.sequences for r in ref]
+    assert rec == list(one.sequences[0])
+    assert all(r.prefill_ms > 0 and len(r.decode_samples_ms) == 9 for r in got)
+    assert got[0].to_dict()["cpu_expert_calls"] > 0 and got[0].to_dict()["bytes_copied"] > 0

@@ -1,0 +1,609 @@
+"""Generation with metrics, and streaming that also works for beam search.
+
+``generate`` runs transformers' own ``generate`` (greedy, sampling or beam
+search; never a hand-written loop) and measures it from the inside:
+
+- ``StepTimer`` is a logits processor, so transformers calls it once per step,
+  right after the step's forward pass. It synchronizes the GPU and reads the
+  clock. Its first call marks the end of prefill (time to first token) and
+  switches an offloaded model's statistics from the prefill to the decode
+  phase; each later call closes one decode step. So a decode sample is the full
+  latency of one step (forward pass, logits, token choice, beam bookkeeping).
+- Streaming never runs inside a timed step: the taps below only copy token ids
+  to the host and enqueue them; a background thread works out which tokens are
+  final, detokenizes and hands the text on.
+
+Beam search streaming (transformers refuses a streamer when ``num_beams > 1``).
+A generated token is *final* once no possible outcome of the search can change
+it. The outcome is either a finished hypothesis (ended by EOS) or a
+continuation of a beam that is still running. Running beams only ever extend
+running beams of the step before, so the longest common prefix (LCP) of
+
+    every running beam  +  every hypothesis that has finished so far
+
+is a prefix of the final answer, and it never shrinks. ``BeamPrefix`` tracks
+exactly that: the logits-processor tap sees the running beams at every step and
+the stopping-criteria tap sees the step's candidates, of which those ending in
+EOS may join the finished set (all of them are kept, a safe superset of the
+ones transformers keeps). When generation ends, the best beam's remainder is
+streamed. Greedy and sampling are the one-beam case: every token is final at
+once.
+
+Shapes: B batch, N beams, C candidates kept per step (2N), P prompt tokens,
+S sequence length so far.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from ..errors import ToolkitError
+
+PHASES = ("prefill", "decode")
+
+
+# --------------------------------------------------------------------------- tokenizer and prompts
+
+_CONSONANTS = "bdfgklmnprstvz"
+_VOWELS = "aeiou"
+_SYLLABLES = [c + v for c in _CONSONANTS for v in _VOWELS]  # 70 readable syllables
+
+
+def _word(i: int) -> str:
+    """The i-th pronounceable word: 'ba', 'be', ..., 'zu', 'baba', ... (bijective base-70)."""
+    out = ""
+    while True:
+        out += _SYLLABLES[i % len(_SYLLABLES)]
+        i //= len(_SYLLABLES)
+        if i == 0:
+            return out
+        i -= 1
+
+
+@lru_cache(maxsize=8)
+def synthetic_tokenizer(vocab_size: int, bos_token_id: int = 1, eos_token_id: int = 2, unk_token_id: int = 0):
+    """An offline word-level tokenizer with ``vocab_size`` readable made-up words (no download).
+
+    Ids 0, 1, 2 are ``<unk>``, ``<s>``, ``</s>`` (the Llama/Mixtral convention);
+    every other id is a word, so random-weight models stream readable text.
+    ``<unk>`` doubles as the padding token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {unk_token_id: "<unk>", bos_token_id: "<s>", eos_token_id: "</s>"}
+    if vocab_size <= max(specials):
+        raise ToolkitError(f"vocab_size must be > {max(specials)}, got {vocab_size}")
+    words = (_word(i) for i in range(vocab_size))
+    vocab = {specials[i] if i in specials else next(words): i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<unk>", padding_side="left")
+
+
+def random_prompts(vocab_size: int, prompt_tokens: int | Sequence[int], batch_size: int = 1, seed: int = 0,
+                   pad_token_id: int = 0, first_id: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random prompts, left-padded as ``generate`` expects: (input_ids [B, P], attention_mask [B, P]).
+
+    ``prompt_tokens`` is one length for all prompts or one length per prompt.
+    Ids are drawn from ``[first_id, vocab_size)``, so no prompt contains a special token.
+    """
+    lengths = [int(prompt_tokens)] * batch_size if isinstance(prompt_tokens, int) else [int(n) for n in prompt_tokens]
+    if not lengths or min(lengths) < 1:
+        raise ToolkitError(f"prompt lengths must be >= 1, got {lengths}")
+    gen = torch.Generator().manual_seed(seed)
+    P = max(lengths)
+    ids = torch.full((len(lengths), P), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(lengths), P), dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, P - n:] = torch.randint(first_id, vocab_size, (n,), generator=gen)
+        mask[b, P - n:] = 1
+    return ids, mask
+
+
+# --------------------------------------------------------------------------- timing
+
+def cuda_synchronizer(device) -> Callable[[], None]:
+    """A function that waits for the GPU (a no-op on CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+class StepTimer:
+    """Logits processor that syncs and reads the clock once per generation step.
+
+    ``times[0]`` is the end of prefill; ``times[i] - times[i-1]`` is decode step i.
+    ``on_first`` runs at the first call (switch the experts' phase to decode).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter, synchronize: Callable[[], None] = lambda: None,
+                 on_first: Callable[[], None] | None = None):
+        self.clock, self.synchronize, self.on_first = clock, synchronize, on_first
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.synchronize()
+        self.times.append(self.clock())
+        if len(self.times) == 1 and self.on_first is not None:
+            self.on_first()
+        return scores
+
+
+# --------------------------------------------------------------------------- streaming
+
+def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of token lists."""
+    if not seqs:
+        return 0
+    n = min(len(s) for s in seqs)
+    first = seqs[0]
+    for i in range(n):
+        t = first[i]
+        if any(s[i] != t for s in seqs):
+            return i
+    return n
+
+
+class BeamPrefix:
+    """The generated tokens of one sequence that no outcome of the search can change (see module docstring)."""
+
+    def __init__(self, eos_token_ids: Sequence[int] = ()):
+        self.eos = set(int(t) for t in eos_token_ids)
+        self.finished: list[list[int]] = []  # hypotheses ended by EOS that may still win
+        self.emitted: list[int] = []         # tokens already declared final
+        self.consistent = True               # False would mean the invariant broke (a bug)
+
+    def _advance(self, seqs: list[list[int]], source: list[int]) -> list[int]:
+        n = common_prefix_len(seqs + self.finished)
+        k = len(self.emitted)
+        if n < k or source[:k] != self.emitted:
+            self.consistent = False
+            return []
+        new = source[k:n]
+        self.emitted.extend(new)
+        return new
+
+    def running(self, beams: list[list[int]]) -> list[int]:
+        """Update with the live beams' generated tokens; returns the newly final tokens."""
+        return self._advance(beams, beams[0])
+
+    def candidates(self, cands: list[list[int]]) -> None:
+        """Remember this step's candidates that ended with EOS: they may become the answer."""
+        self.finished.extend(c for c in cands if c and c[-1] in self.eos)
+
+    def final(self, best: list[int]) -> list[int]:
+        """The search is over and ``best`` won: returns its tokens not yet streamed."""
+        k = len(self.emitted)
+        if best[:k] != self.emitted:
+            self.consistent = False
+            return []
+        new = best[k:]
+        self.emitted.extend(new)
+        return new
+
+
+class TextPrinter:
+    """A token sink: detokenizes incrementally and passes each new piece of text to ``write``.
+
+    Runs in the stream thread, so detokenizing and printing never enter a timed
+    step. ``chunks`` keeps every piece written (the final one is ``chunks[-1]``
+    when the search ends with a remainder).
+    """
+
+    def __init__(self, tokenizer, write: Callable[[str], object] | None = None, skip_special_tokens: bool = True):
+        self.tokenizer, self.write, self.skip = tokenizer, write, skip_special_tokens
+        self.ids: list[int] = []
+        self.text = ""
+        self.chunks: list[str] = []
+
+    def put(self, ids: list[int]) -> None:
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return
+        piece = text[len(self.text):] if text.startswith(self.text) else text
+        self.text = text
+        if piece:
+            self.chunks.append(piece)
+            if self.write is not None:
+                self.write(piece)
+
+    def end(self) -> None:
+        pass
+
+
+class TokenStream:
+    """Feeds a sink (``put(ids)``, ``end()``) from a background thread, for batch size 1.
+
+    ``running_tap`` (a logits processor) and ``candidates_tap`` (a stopping
+    criterion) are given to ``generate``; they copy ids to the host and enqueue.
+    ``history`` records (generated length when decided, tokens) for every put.
+    """
+
+    def __init__(self, sink, prompt_len: int, num_beams: int, eos_token_ids: Sequence[int] = ()):
+        self.sink, self.P, self.N = sink, prompt_len, num_beams
+        self.prefix = BeamPrefix(eos_token_ids)
+        self.history: list[tuple[int, list[int]]] = []
+        self.error: BaseException | None = None
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="toolkit-stream", daemon=True)
+        self._thread.start()
+
+    # called by transformers inside the generation loop: copy and enqueue only
+    def running_tap(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Logits processor: input_ids [N, S] are the live beams."""
+        self._q.put(("running", input_ids[:, self.P:].cpu()))
+        return scores
+
+    def candidates_tap(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        """Stopping criterion: input_ids [C, S+1] are beam candidates (greedy: [1, S+1], the sequence)."""
+        ids = input_ids[:, self.P:].cpu()
+        self._q.put(("running" if self.N == 1 else "candidates", ids))
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def finish(self, best: torch.Tensor | None) -> None:
+        """Stream the winner's remainder (``best``: generated ids [S'], or None after an error) and stop."""
+        if best is not None:
+            self._q.put(("final", best.cpu()))
+        self._q.put(("end", None))
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _emit(self, ids: list[int], at: int) -> None:
+        if ids:
+            self.history.append((at, ids))
+            self.sink.put(ids)
+
+    def _work(self) -> None:
+        try:
+            while True:
+                kind, ids = self._q.get()
+                if kind == "end":
+                    break
+                rows = ids.tolist()
+                if kind == "running":
+                    self._emit(self.prefix.running(rows), len(rows[0]))
+                elif kind == "candidates":
+                    self.prefix.candidates(rows)
+                else:  # final
+                    self._emit(self.prefix.final(ids.tolist()), -1)
+        except BaseException as e:  # surface sink errors in the caller's thread
+            self.error = e
+            while True:  # drain so finish() never blocks
+                if self._q.get()[0] == "end":
+                    break
+        finally:
+            end = getattr(self.sink, "end", None)
+            if end is not None:
+                try:
+                    end()
+                except BaseException as e:
+                    self.error = self.error or e
+
+
+def _as_logits_processor(fn):
+    from transformers import LogitsProcessor
+
+    class _P(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return fn(input_ids, scores)
+
+    return _P()
+
+
+def _as_stopping_criterion(fn):
+    from transformers import StoppingCriteria
+
+    class _S(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return fn(input_ids, scores, **kwargs)
+
+    return _S()
+
+
+# --------------------------------------------------------------------------- result
+
+def _quantile(samples: Sequence[float], q: float) -> float:
+    return float(np.quantile(np.asarray(samples, dtype=float), q)) if len(samples) else math.nan
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """One generation run: timings, expert statistics and the generated ids.
+
+    ``decode_tokens_per_s`` counts tokens of the returned sequences: decode
+    steps per second x batch size. Beams do not multiply it (a beam-search step
+    yields one token per sequence); for beams it is steps/s x batch.
+    """
+
+    prefill_ms: float
+    decode_samples_ms: tuple[float, ...]
+    end_to_end_ms: float
+    batch_size: int
+    num_beams: int
+    do_sample: bool
+    prompt_tokens: int          # padded prompt length P
+    new_tokens: int             # generated tokens in the output (beyond P)
+    sequences: tuple[tuple[int, ...], ...]  # generated ids per returned sequence
+    text: tuple[str, ...] | None = None
+    experts: dict | None = None  # from ExpertStats: hit_rate, bytes_copied, ... (None: not offloaded)
+    gpu_experts: int | None = None
+    cost_model: dict | None = None
+    env: dict = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str:
+        if self.num_beams > 1:
+            return "beam_sample" if self.do_sample else "beam"
+        return "sample" if self.do_sample else "greedy"
+
+    @property
+    def decode_ms(self) -> dict:
+        s = self.decode_samples_ms
+        return {"median": _quantile(s, 0.5), "p90": _quantile(s, 0.9),
+                "mean": float(np.mean(s)) if s else math.nan, "samples": list(s)}
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        total_s = sum(self.decode_samples_ms) / 1e3
+        return len(self.decode_samples_ms) * self.batch_size / total_s if total_s > 0 else math.nan
+
+    @property
+    def hit_rate(self) -> dict | None:
+        return None if self.experts is None else self.experts.get("hit_rate")
+
+    def to_dict(self) -> dict:
+        exp = self.experts or {}
+        return {
+            "mode": self.mode, "batch_size": self.batch_size, "num_beams": self.num_beams,
+            "do_sample": self.do_sample, "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+            "prefill_ms": self.prefill_ms, "decode_ms": self.decode_ms,
+            "decode_tokens_per_s": self.decode_tokens_per_s, "end_to_end_ms": self.end_to_end_ms,
+            "hit_rate": exp.get("hit_rate"), "bytes_copied": exp.get("bytes_copied"),
+            "cpu_expert_calls": exp.get("cpu_expert_calls"), "copy_expert_calls": exp.get("copy_expert_calls"),
+            "activations": exp.get("activations"),
+            "gpu_experts": self.gpu_experts, "cost_model": self.cost_model,
+            "sequences": [list(s) for s in self.sequences], "text": None if self.text is None else list(self.text),
+            "env": self.env,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GenerationResult:
+        keys = ("hit_rate", "bytes_copied", "cpu_expert_calls", "copy_expert_calls", "activations")
+        experts = {k: d.get(k) for k in keys} if d.get("hit_rate") is not None else None
+        return cls(prefill_ms=d["prefill_ms"], decode_samples_ms=tuple(d["decode_ms"]["samples"]),
+                   end_to_end_ms=d["end_to_end_ms"], batch_size=d["batch_size"], num_beams=d["num_beams"],
+                   do_sample=d["do_sample"], prompt_tokens=d["prompt_tokens"], new_tokens=d["new_tokens"],
+                   sequences=tuple(tuple(s) for s in d["sequences"]),
+                   text=None if d.get("text") is None else tuple(d["text"]), experts=experts,
+                   gpu_experts=d.get("gpu_experts"), cost_model=d.get("cost_model"), env=d.get("env") or {})
+
+    def to_dataframe(self):
+        """Per-step latencies: step 0 is prefill, steps 1.. are decode steps."""
+        import pandas as pd
+
+        rows = [{"step": 0, "phase": "prefill", "ms": self.prefill_ms}]
+        rows += [{"step": i + 1, "phase": "decode", "ms": ms} for i, ms in enumerate(self.decode_samples_ms)]
+        df = pd.DataFrame(rows)
+        df["mode"], df["batch_size"], df["num_beams"], df["gpu_experts"] = (
+            self.mode, self.batch_size, self.num_beams, self.gpu_experts)
+        return df
+
+    def __repr__(self) -> str:
+        d = self.decode_ms
+        s = (f"GenerationResult({self.mode}, batch {self.batch_size}, beams {self.num_beams}, "
+             f"{self.new_tokens} new tokens: prefill {self.prefill_ms:.2f} ms, decode median {d['median']:.2f} ms "
+             f"p90 {d['p90']:.2f} ms, {self.decode_tokens_per_s:.1f} tok/s")
+        hr = self.hit_rate
+        if hr:
+            s += f", hit rate prefill {_fmt(hr.get('prefill'))} decode {_fmt(hr.get('decode'))}"
+        return s + ")"
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+# --------------------------------------------------------------------------- expert statistics
+
+def _nan_to_none(x):
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def expert_metrics(stats) -> dict:
+    """Hit rates split by phase, per layer and per expert, plus copy/CPU counters, from an ``ExpertStats``.
+
+    hit rate = activations served by GPU-resident experts / all activations
+    (None where a phase had no activations).
+    """
+    acts = {p: np.asarray(_phase_array(stats, "activations", p), dtype=np.int64) for p in PHASES}
+    hits = {p: np.asarray(_phase_array(stats, "hits", p), dtype=np.int64) for p in PHASES}
+
+    def rate(h, a):
+        return np.where(a > 0, h / np.maximum(a, 1), np.nan)
+
+    total_a = sum(int(a.sum()) for a in acts.values())
+    total_h = sum(int(h.sum()) for h in hits.values())
+    hit_rate = {
+        "overall": total_h / total_a if total_a else None,
+        **{p: (int(hits[p].sum()) / int(acts[p].sum()) if acts[p].sum() else None) for p in PHASES},
+        "per_layer": {p: [_nan_to_none(x) for x in rate(hits[p].sum(1), acts[p].sum(1))] for p in PHASES},
+        "per_expert": {p: [[_nan_to_none(x) for x in row] for row in rate(hits[p], acts[p])] for p in PHASES},
+    }
+    return {
+        "hit_rate": hit_rate,
+        "activations": {p: acts[p].tolist() for p in PHASES},
+        "bytes_copied": int(getattr(stats, "bytes_copied", 0)),
+        "cpu_expert_calls": int(getattr(stats, "cpu_expert_calls", 0)),
+        "copy_expert_calls": int(getattr(stats, "copy_expert_calls", 0)),
+    }
+
+
+def _phase_array(stats, name: str, phase: str):
+    """``stats.<name>[phase]`` (dict per phase) or ``stats.<phase>.<name>`` (object per phase)."""
+    v = getattr(stats, name, None)
+    if isinstance(v, dict):
+        return v[phase]
+    return getattr(getattr(stats, phase), name)
+
+
+# --------------------------------------------------------------------------- generate
+
+def _is_offloaded(obj) -> bool:
+    return hasattr(obj, "set_phase") and hasattr(obj, "stats") and hasattr(obj, "model")
+
+
+def _eos_ids(hf_model) -> list[int]:
+    eos = getattr(hf_model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(hf_model.config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def _pad_id(hf_model, eos: list[int]) -> int:
+    for src in (hf_model.generation_config, hf_model.config):
+        pad = getattr(src, "pad_token_id", None)
+        if pad is not None:
+            return int(pad)
+    return eos[0] if eos else 0
+
+
+def _release_phase(offloaded) -> None:
+    """Give phase detection back to the engine ('auto' where supported)."""
+    try:
+        offloaded.set_phase("auto")
+    except ToolkitError:
+        offloaded.set_phase("prefill")
+
+
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+             max_new_tokens: int = 32, num_beams: int = 1, do_sample: bool = False, ignore_eos: bool = False,
+             seed: int = 0, streamer=None, tokenizer=None, clock: Callable[[], float] = time.perf_counter,
+             synchronize: Callable[[], None] | None = None, **generate_kwargs) -> GenerationResult:
+    """Generate with transformers ``generate`` and measure prefill, every decode step and the experts' hit rates.
+
+    ``model``: a transformers causal LM or an ``Offloaded`` (then its stats are
+    reset, split by phase and reported). ``input_ids``/``attention_mask``:
+    [B, P], left-padded. ``streamer``: a sink with ``put(ids)`` / ``end()``
+    (e.g. ``TextPrinter``) fed from a background thread with tokens that are
+    final, batch size 1 only; works for greedy, sampling and beam search.
+    ``ignore_eos`` generates exactly ``max_new_tokens`` (EOS is suppressed),
+    which benchmarks want. ``tokenizer`` (optional) decodes the output into
+    ``text`` after timing. ``clock``/``synchronize`` are injectable for tests.
+    Extra keyword arguments go to transformers (``temperature``, ``top_k``,
+    ``length_penalty``, ...).
+    """
+    offloaded = model if _is_offloaded(model) else None
+    hf = offloaded.model if offloaded is not None else model
+    if int(num_beams) < 1:
+        raise ToolkitError(f"num_beams must be >= 1, got {num_beams}")
+    if int(max_new_tokens) < 1:
+        raise ToolkitError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ToolkitError(f"input_ids must be [batch, prompt_tokens], got shape {tuple(input_ids.shape)}")
+    B, P = input_ids.shape
+    if streamer is not None and B != 1:
+        raise ToolkitError(f"streaming supports batch size 1, got {B}")
+
+    device = hf.get_input_embeddings().weight.device
+    input_ids = input_ids.to(device)
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    sync = synchronize or cuda_synchronizer(device)
+    eos = _eos_ids(hf)
+
+    def to_decode():
+        if offloaded is not None:
+            offloaded.set_phase("decode")
+
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    timer = StepTimer(clock, sync, on_first=to_decode)
+    user_processors = generate_kwargs.pop("logits_processor", None) or []
+    processors = LogitsProcessorList([_as_logits_processor(timer), *user_processors])
+    criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
+    stream = None
+    if streamer is not None:
+        if num_beams > 1 and (len(criteria) or generate_kwargs.get("stop_strings")):
+            # a hypothesis ended by a criterion we cannot see could win: the streamed prefix would not be final
+            raise ToolkitError("streaming beam search supports EOS and max_new_tokens as stopping rules only")
+        stream = TokenStream(streamer, P, int(num_beams), [] if ignore_eos else eos)
+        if num_beams > 1:
+            processors.append(_as_logits_processor(stream.running_tap))
+        criteria.append(_as_stopping_criterion(stream.candidates_tap))
+
+    kwargs = dict(max_new_tokens=int(max_new_tokens), num_beams=int(num_beams), do_sample=bool(do_sample),
+                  pad_token_id=_pad_id(hf, eos))
+    if ignore_eos:
+        kwargs["min_new_tokens"] = int(max_new_tokens)
+    kwargs.update(generate_kwargs)
+
+    if offloaded is not None:
+        offloaded.reset_stats()
+        offloaded.set_phase("prefill")
+    torch.manual_seed(seed)
+    out, done = None, False
+    try:
+        sync()
+        t0 = clock()
+        # no_grad, not inference_mode: buffers the engine creates here must stay writable afterwards
+        with torch.no_grad():
+            out = hf.generate(input_ids, attention_mask=attention_mask, logits_processor=processors,
+                              stopping_criteria=criteria, **kwargs)
+        sync()
+        t_end = clock()
+        out = out if torch.is_tensor(out) else out.sequences  # return_dict_in_generate=True
+        done = True
+    finally:
+        if offloaded is not None:
+            _release_phase(offloaded)
+        if stream is not None:
+            try:
+                stream.finish(out[0, P:] if done else None)
+            except Exception:
+                if done:  # a failing sink is the error to report, unless generation itself failed
+                    raise
+    if stream is not None and not stream.prefix.consistent:
+        raise RuntimeError("beam streaming emitted a token the search later changed (bug)")
+
+    times = timer.times
+    generated = out[:, P:].cpu()
+    text = None
+    if tokenizer is not None:
+        text = tuple(tokenizer.batch_decode(generated.tolist(), skip_special_tokens=True))
+    experts = gpu_experts = cost_model = None
+    threads = None
+    if offloaded is not None:
+        experts = expert_metrics(offloaded.stats)
+        budget = getattr(offloaded, "gpu_experts", None)  # caching policies may hold fewer at times
+        gpu_experts = int(budget if budget is not None else np.asarray(offloaded.placement).sum())
+        cm = getattr(offloaded, "cost_model", None)
+        cost_model = cm.to_dict() if hasattr(cm, "to_dict") else cm
+        threads = getattr(offloaded, "cpu_threads", None)
+    from ..env import environment
+
+    return GenerationResult(
+        prefill_ms=(times[0] - t0) * 1e3 if times else math.nan,
+        decode_samples_ms=tuple((b - a) * 1e3 for a, b in zip(times, times[1:])),
+        end_to_end_ms=(t_end - t0) * 1e3,
+        batch_size=B, num_beams=int(num_beams), do_sample=bool(do_sample), prompt_tokens=P,
+        new_tokens=int(generated.shape[1]), sequences=tuple(tuple(r) for r in generated.tolist()), text=text,
+        experts=experts, gpu_experts=gpu_experts, cost_model=cost_model,
+        env=environment(str(device), threads=threads),
+    )
