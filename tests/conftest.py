@@ -7,6 +7,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+def pytest_configure(config):
+    import torch
+
+    # CI has 2 cores shared with the test runner; one intra-op thread keeps
+    # tiny-model tests fast and their results deterministic.
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
