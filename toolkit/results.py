@@ -58,6 +58,7 @@ def save_json(obj: Any, path: str | os.PathLike) -> Path:
         with os.fdopen(fd, "w") as f:
             json.dump(to_jsonable(obj), f, indent=1, sort_keys=False)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         try:
