@@ -1,0 +1,184 @@
+"""Cost model: makespan decisions, interpolation, calibration persistence, the calibrate CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from toolkit.__main__ import main
+from toolkit.errors import ToolkitError
+from toolkit.moe import costs
+from toolkit.moe.costs import CostModel, calibrate, choose_threads, fit_linear, load_cost_model
+
+# one Mixtral expert on the lent H200 machine (../shared/data/device-ceilings): CPU bf16 flat to ~32 tokens
+DEVICE = dict(cpu_tokens=(1, 8, 32, 128), cpu_ms=(7.2, 7.5, 8.1, 18.7), gpu_tokens=(1, 8, 32, 128),
+              gpu_ms=(0.115, 0.114, 0.117, 0.130), copy_ms=6.4, cpu_dtype="bfloat16", dtype="bfloat16",
+              expert_bytes=3 * 4096 * 14336 * 2)
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_makespan_not_sum_splits_two_single_token_misses():
+    cm = CostModel(**DEVICE)
+    # minimising the sum would copy both (6.5 < 7.2 each); the makespan puts one on each path
+    assert sorted(cm.decide([1, 1]).tolist()) == [False, True]
+    assert cm.layer_makespan([1, 1], [True, False]) == pytest.approx(7.2)
+    assert cm.layer_makespan([1, 1], [True, True]) == pytest.approx(2 * 6.4 + 0.115)
+
+
+def test_large_batches_are_copied_small_ones_computed_on_cpu():
+    cm = CostModel(**DEVICE)
+    assert cm.decide([1, 128]).tolist() == [False, True]  # largest first: 128 tokens copy, 1 token in parallel on CPU
+    assert cm.decide(np.array([], dtype=int)).shape == (0,)
+    assert cm.breakeven_tokens == 1  # here a copy + GPU compute (6.5 ms) already beats one CPU expert (7.2 ms)
+
+
+def test_busy_gpu_or_copy_engine_pushes_work_to_the_cpu():
+    cm = CostModel(**DEVICE)
+    assert cm.decide([1], gpu_busy_ms=100.0).tolist() == [False]
+    assert cm.decide([1], copy_busy_ms=50.0).tolist() == [False]
+    assert cm.decide([1]).tolist() == [True]
+
+
+def test_shared_host_bandwidth_counts_the_cpu_dtype_bytes():
+    base = {**DEVICE, "copy_ms": 8.0, "cpu_dtype": "float32"}  # CPU (7.2) beats copy (8.1) on time alone...
+    assert CostModel(**base).decide([1]).tolist() == [False]
+    slow_host = CostModel(**base, host_bandwidth_gbs=10.0)  # ...but reads twice the bytes in float32
+    assert slow_host.decide([1]).tolist() == [True]
+
+
+def test_decide_is_vectorised_over_many_experts():
+    cm = CostModel(**DEVICE)
+    tokens = np.random.default_rng(0).integers(1, 200, size=64)
+    copy = cm.decide(tokens)
+    assert copy.shape == (64,) and copy.dtype == bool
+    assert cm.layer_makespan(tokens, copy) <= min(cm.layer_makespan(tokens, np.zeros(64, bool)),
+                                                  cm.layer_makespan(tokens, np.ones(64, bool)))
+
+
+def test_interpolation_fit_and_extrapolation():
+    cm = CostModel(**DEVICE)
+    assert cm.cpu_time([1, 8, 32, 128]).tolist() == pytest.approx([7.2, 7.5, 8.1, 18.7])
+    assert cm.cpu_time([20]).item() == pytest.approx(7.5 + 12 * (0.6 / 24))
+    slope = (18.7 - 8.1) / 96
+    assert cm.cpu_time([256]).item() == pytest.approx(18.7 + 128 * slope)
+    a, b = fit_linear([1, 2, 3], [3.0, 5.0, 7.0])
+    assert (a, b) == pytest.approx((1.0, 2.0))
+    fixed = CostModel.fixed(cpu=(2.0, 0.5), copy_ms=3.0)
+    assert fixed.cpu_fit == pytest.approx((2.0, 0.5)) and fixed.cpu_time([10]).item() == pytest.approx(7.0)
+
+
+def test_round_trip_and_malformed_entries():
+    cm = CostModel(**DEVICE, thread_scaling={1: 65.0, 16: 7.3}, key="k")
+    back = CostModel.from_dict(json.loads(json.dumps(cm.to_dict())))
+    assert back == cm
+    with pytest.raises(ToolkitError, match="malformed"):
+        CostModel.from_dict({"cpu_tokens": [1]})
+    with pytest.raises(ToolkitError, match="malformed"):
+        CostModel.from_dict({**cm.to_dict(), "cpu_dtype": "int4"})
+
+
+def test_choose_threads_leaves_a_core_for_the_copy_thread(monkeypatch):
+    monkeypatch.setattr(costs, "physical_cores", lambda: 16)
+    assert choose_threads() == 15
+    monkeypatch.setattr(costs, "physical_cores", lambda: 1)
+    assert choose_threads() == 1
+    assert choose_threads(4) == 4
+    with pytest.raises(ToolkitError, match="threads"):
+        choose_threads(0)
+
+
+class FakeClock:
+    """Each call advances 1 ms: every timed call measures exactly 1 ms."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        self.t += 0.001
+        return self.t
+
+
+def test_calibrate_on_cpu_measures_saves_and_reuses(cache_dir, monkeypatch):
+    cm = calibrate(32, 64, torch.float32, device="cpu", threads=1, tokens=(4, 1), repeats=3, clock=FakeClock(),
+                   thread_counts=(1, 2))
+    assert cm.cpu_tokens == (1, 4) and cm.cpu_ms == pytest.approx((1.0, 1.0))
+    assert cm.copy_ms == pytest.approx(1.0) and cm.cpu_threads == 1
+    assert set(cm.cpu_ms_by_dtype) == {"float32", "bfloat16"} and cm.cpu_dtype in cm.cpu_ms_by_dtype
+    assert cm.thread_scaling == {1: pytest.approx(1.0), 2: pytest.approx(1.0)}
+    assert cm.expert_bytes == 3 * 32 * 64 * 4 and "D32|I64|float32|t1" in cm.key
+    saved = json.loads((cache_dir / "costs.json").read_text())
+    assert list(saved["models"]) == [cm.key]
+
+    def boom(*a, **k):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(costs, "_measure", boom)
+    assert calibrate(32, 64, torch.float32, device="cpu", threads=1) == cm  # reused
+    assert load_cost_model(cache_dir / "costs.json") == cm
+    with pytest.raises(AssertionError, match="measured again"):
+        calibrate(32, 64, torch.float32, device="cpu", threads=1, reuse=False)
+    with pytest.raises(AssertionError, match="measured again"):
+        calibrate(32, 64, torch.float32, device="cpu", threads=2)  # another key: measured
+
+
+def test_calibrate_real_timings_are_positive(tmp_path):
+    cm = calibrate(preset="tiny-mixtral", device="cpu", threads=1, tokens=(1, 16), repeats=2, path=tmp_path / "c.json")
+    assert all(t > 0 for t in cm.cpu_ms + cm.gpu_ms) and cm.copy_ms > 0
+    assert cm.hidden == 64 and cm.intermediate == 128
+
+
+def test_corrupt_or_foreign_calibration_files_raise(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ToolkitError, match="not valid JSON"):
+        calibrate(32, 64, torch.float32, device="cpu", threads=1, path=bad)
+    bad.write_text('{"hello": 1}')
+    with pytest.raises(ToolkitError, match="not a toolkit calibration file"):
+        load_cost_model(bad)
+    with pytest.raises(ToolkitError, match="not found"):
+        load_cost_model(tmp_path / "missing.json")
+    bad.write_text('{"version": 1, "models": {}}')
+    with pytest.raises(ToolkitError, match="no calibration for 'x'"):
+        load_cost_model(bad, key="x")
+
+
+def test_calibrate_cli_json(tmp_path, capsys):
+    out = tmp_path / "cal.json"
+    rc = main(["calibrate", "--preset", "tiny-mixtral", "--device", "cpu", "--threads", "1", "--tokens", "1,4",
+               "--repeats", "2", "--no-scaling", "--out", str(out), "--json"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["preset"] == "tiny-mixtral" and doc["file"] == str(out) and out.exists()
+    assert doc["cost_model"]["cpu_tokens"] == [1, 4] and doc["cost_model"]["cpu_threads"] == 1
+    assert {"a", "b"} <= set(doc["cost_model"]["cpu_fit_ms"]) and "env" in doc
+    assert doc["decode_all_missed"]["token_ms"] > 0
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--tokens", "1,x"], "--tokens"),
+    (["--preset", "nope"], "unknown MoE preset"),
+])
+def test_calibrate_cli_bad_input_exits_2(argv, match, capsys):
+    assert main(["calibrate", "--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and match in err and err.count("\n") == 1
+
+
+def test_calibrate_cli_corrupt_file_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[[[")
+    assert main(["calibrate", "--preset", "tiny-mixtral", "--device", "cpu", "--out", str(bad), "--reuse"]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_calibrate_on_cuda_measures_copies_and_host_bandwidth(tmp_path):
+    cm = calibrate(preset="mixtral-8x7b", device="cuda", tokens=(1, 32), repeats=3, path=tmp_path / "c.json")
+    assert 0.5 < cm.copy_ms < 100 and cm.gpu_ms[0] < cm.cpu_ms[0]
+    assert cm.host_bandwidth_gbs and cm.host_bandwidth_gbs > 1

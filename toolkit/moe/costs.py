@@ -1,0 +1,402 @@
+"""The measured cost model of the offload engine, and its calibration.
+
+Fiddler hard-codes a CPU expert at 7 and a weight copy at 70 (arbitrary units)
+and 16 CPU threads. Here every number is measured on the machine that runs:
+
+- CPU time of one expert vs its token count n, in bf16 and float32 (the faster
+  dtype is used for CPU experts); fitted as a + b*n for reporting, evaluated
+  by piecewise-linear interpolation of the measured points because the real
+  curve is flat (memory bound) up to ~32 tokens and then linear;
+- GPU time of one expert vs n (same treatment);
+- the host-to-device copy of one expert's weights from pinned memory;
+- host memory read bandwidth, which CPU experts and pinned copies share;
+- optionally CPU thread scaling (one expert, one token).
+
+The decision for a layer (``CostModel.decide``) minimises the layer's
+makespan, the slowest of GPU, CPU, copy engine and host memory, not the sum of
+costs: missed experts are taken largest first and each goes to whichever path
+grows the makespan least (greedy LPT scheduling), O(E) after an argsort.
+
+Calibrations persist as JSON, one file per machine holding one entry per key
+(host, GPU, dims, dtype, threads), under ``$TOOLKIT_CACHE_DIR`` or
+``~/.cache/toolkit``; an entry present is reused.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..env import physical_cores
+from ..errors import ToolkitError
+from ..results import load_json, save_json
+
+CACHE_VERSION = 1
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+
+
+def choose_threads(override: int | None = None) -> int:
+    """CPU threads for CPU experts: physical cores minus one, left for the thread that drives GPU copies."""
+    if override is not None:
+        if int(override) < 1:
+            raise ToolkitError(f"cpu threads must be >= 1, got {override}")
+        return int(override)
+    return max(1, physical_cores() - 1)
+
+
+def cache_path() -> Path:
+    """The per-machine calibration file."""
+    root = os.environ.get("TOOLKIT_CACHE_DIR") or Path.home() / ".cache" / "toolkit"
+    return Path(root) / "costs.json"
+
+
+def _interp(n: np.ndarray, xs: tuple, ys: tuple) -> np.ndarray:
+    """Piecewise-linear in the measured points; beyond the last point, extrapolate with the last slope."""
+    n = np.asarray(n, dtype=np.float64)
+    xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    out = np.interp(n, xs, ys)
+    if len(xs) > 1:
+        slope = max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.0)
+        out = np.where(n > xs[-1], ys[-1] + slope * (n - xs[-1]), out)
+    return out
+
+
+def fit_linear(xs, ys) -> tuple[float, float]:
+    """Least-squares a + b*n over measured points (a, b in ms and ms/token)."""
+    xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    if len(xs) < 2:
+        return float(ys[0]), 0.0
+    b, a = np.polyfit(xs, ys, 1)
+    return float(a), float(b)
+
+
+@dataclass
+class CostModel:
+    """Measured per-expert costs on one machine, and the per-layer decision.
+
+    Times in milliseconds. ``cpu_points``/``gpu_points`` are (tokens, ms)
+    measurements; ``copy_ms`` is one expert's pinned host-to-device copy.
+    """
+
+    cpu_tokens: tuple[int, ...]
+    cpu_ms: tuple[float, ...]
+    gpu_tokens: tuple[int, ...]
+    gpu_ms: tuple[float, ...]
+    copy_ms: float
+    cpu_dtype: str = "float32"
+    dtype: str = "float32"
+    hidden: int = 0
+    intermediate: int = 0
+    expert_bytes: int = 0  # one expert's weights in the model dtype
+    device: str = "cpu"
+    cpu_threads: int = 1
+    host_bandwidth_gbs: float | None = None  # shared by CPU experts and pinned copies; None: not modelled
+    cpu_ms_by_dtype: dict = field(default_factory=dict)  # dtype -> ms at cpu_tokens (reporting)
+    thread_scaling: dict = field(default_factory=dict)  # threads -> ms, one expert at one token
+    key: str = ""
+    meta: dict = field(default_factory=dict)
+
+    # -- evaluation (vectorised over experts) ---------------------------------------------------
+    def cpu_time(self, n) -> np.ndarray:
+        return _interp(n, self.cpu_tokens, self.cpu_ms)
+
+    def gpu_time(self, n) -> np.ndarray:
+        return _interp(n, self.gpu_tokens, self.gpu_ms)
+
+    @property
+    def cpu_fit(self) -> tuple[float, float]:
+        return fit_linear(self.cpu_tokens, self.cpu_ms)
+
+    @property
+    def gpu_fit(self) -> tuple[float, float]:
+        return fit_linear(self.gpu_tokens, self.gpu_ms)
+
+    @property
+    def breakeven_tokens(self) -> float:
+        """Tokens above which a copy (plus GPU compute) beats CPU compute, ignoring overlap."""
+        n = np.arange(1, 4097)
+        better = np.flatnonzero(self.copy_ms + self.gpu_time(n) < self.cpu_time(n))
+        return float(n[better[0]]) if len(better) else float("inf")
+
+    def _host_ms(self, nbytes: float) -> float:
+        if not self.host_bandwidth_gbs:
+            return 0.0
+        return nbytes / (self.host_bandwidth_gbs * 1e9) * 1e3
+
+    def decide(self, tokens, gpu_busy_ms: float = 0.0, copy_busy_ms: float = 0.0) -> np.ndarray:
+        """Which missed experts to copy (True) rather than compute on the CPU (False).
+
+        ``tokens`` [M]: token count of each missed expert; ``gpu_busy_ms`` and
+        ``copy_busy_ms``: work already in the layer (resident experts, copies
+        the policy asked for). Greedy: largest
+        batch first, each to the path that grows the layer's makespan
+        max(GPU, CPU, copy engine, host memory) least; ties go to less work.
+        """
+        tokens = np.asarray(tokens, dtype=np.int64)  # [M]
+        copy = np.zeros(len(tokens), dtype=bool)  # [M]
+        if len(tokens) == 0:
+            return copy
+        cpu = self.cpu_time(tokens)  # [M] ms
+        gpu = self.gpu_time(tokens)  # [M] ms
+        cpu_bytes = self.expert_bytes * (DTYPES[self.cpu_dtype].itemsize / DTYPES[self.dtype].itemsize)
+        host_cpu, host_copy = self._host_ms(cpu_bytes), self._host_ms(self.expert_bytes)
+        t_gpu, t_cpu, t_copy = float(gpu_busy_ms), 0.0, float(copy_busy_ms)
+        t_host = t_copy / self.copy_ms * host_copy if self.copy_ms else 0.0
+        for i in np.argsort(-tokens, kind="stable"):
+            span_cpu = max(t_gpu, t_cpu + cpu[i], t_copy, t_host + host_cpu)
+            c_copy = t_copy + self.copy_ms
+            g_copy = max(t_gpu, c_copy) + gpu[i]  # the GPU computes it once its weights have landed
+            span_copy = max(g_copy, t_cpu, c_copy, t_host + host_copy)
+            if span_copy < span_cpu or (span_copy == span_cpu and self.copy_ms + gpu[i] < cpu[i]):
+                copy[i] = True
+                t_copy, t_gpu, t_host = c_copy, g_copy, t_host + host_copy
+            else:
+                t_cpu, t_host = t_cpu + cpu[i], t_host + host_cpu
+        return copy
+
+    def layer_makespan(self, tokens, copy_mask, gpu_busy_ms: float = 0.0, copy_busy_ms: float = 0.0) -> float:
+        """Predicted makespan (ms) of one layer's missed experts under a given split (same accounting as decide)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        copy_mask = np.asarray(copy_mask, dtype=bool)
+        cpu_bytes = self.expert_bytes * (DTYPES[self.cpu_dtype].itemsize / DTYPES[self.dtype].itemsize)
+        host_cpu, host_copy = self._host_ms(cpu_bytes), self._host_ms(self.expert_bytes)
+        t_gpu, t_copy = float(gpu_busy_ms), float(copy_busy_ms)
+        t_host = t_copy / self.copy_ms * host_copy if self.copy_ms else 0.0
+        for i in np.argsort(-tokens, kind="stable"):
+            if copy_mask[i]:
+                t_copy += self.copy_ms
+                t_gpu = max(t_gpu, t_copy) + float(self.gpu_time(tokens[i]))
+        t_cpu = float(self.cpu_time(tokens[~copy_mask]).sum())
+        t_host += host_copy * int(copy_mask.sum()) + host_cpu * int((~copy_mask).sum())
+        return max(t_gpu, t_cpu, t_copy, t_host)
+
+    # -- construction and persistence -----------------------------------------------------------
+    @classmethod
+    def fixed(cls, cpu: tuple[float, float] = (1.0, 0.0), gpu: tuple[float, float] = (0.01, 0.0),
+              copy_ms: float = 1.0, **kw) -> CostModel:
+        """A synthetic model from a + b*n lines (tests, what-if studies)."""
+        xs = (1, 1024)
+        return cls(cpu_tokens=xs, cpu_ms=tuple(cpu[0] + cpu[1] * x for x in xs), gpu_tokens=xs,
+                   gpu_ms=tuple(gpu[0] + gpu[1] * x for x in xs), copy_ms=float(copy_ms), **kw)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["cpu_fit_ms"] = dict(zip(("a", "b"), self.cpu_fit))
+        d["gpu_fit_ms"] = dict(zip(("a", "b"), self.gpu_fit))
+        d["breakeven_tokens"] = self.breakeven_tokens
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CostModel:
+        try:
+            names = {f for f in cls.__dataclass_fields__}
+            kw = {k: v for k, v in d.items() if k in names}
+            for k in ("cpu_tokens", "cpu_ms", "gpu_tokens", "gpu_ms"):
+                kw[k] = tuple(kw[k])
+            kw["thread_scaling"] = {int(k): float(v) for k, v in kw.get("thread_scaling", {}).items()}
+            model = cls(**kw)
+            if not (len(model.cpu_tokens) == len(model.cpu_ms) >= 1 and len(model.gpu_tokens) == len(model.gpu_ms) >= 1):
+                raise ValueError("token and time lists differ in length")
+            if model.cpu_dtype not in DTYPES or model.dtype not in DTYPES:
+                raise ValueError(f"unknown dtype {model.cpu_dtype!r}/{model.dtype!r}")
+            float(model.copy_ms)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ToolkitError(f"calibration entry is malformed ({type(e).__name__}: {e}); delete it and recalibrate") from None
+        return model
+
+    def summary(self) -> str:
+        a, b = self.cpu_fit
+        ga, gb = self.gpu_fit
+        return (f"CPU expert ({self.cpu_dtype}, {self.cpu_threads} threads): {a:.3f} + {b:.4f}*n ms | "
+                f"GPU expert: {ga:.3f} + {gb:.5f}*n ms | copy: {self.copy_ms:.3f} ms/expert | "
+                f"copy pays from n >= {self.breakeven_tokens:g}")
+
+
+def _read_cache(path: Path) -> dict:
+    if not path.exists():
+        return {"version": CACHE_VERSION, "models": {}}
+    data = load_json(path)  # corrupt JSON -> ToolkitError
+    if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
+        raise ToolkitError(f"{path} is not a toolkit calibration file (expected {{'version', 'models'}}); delete it")
+    return data
+
+
+def load_cost_model(path: str | os.PathLike, key: str | None = None) -> CostModel:
+    """A cost model from a calibration file (the entry ``key``, or the only/latest one)."""
+    path = Path(path)
+    if not path.exists():
+        raise ToolkitError(f"calibration file not found: {path}")
+    models = _read_cache(path)["models"]
+    if key is not None:
+        if key not in models:
+            raise ToolkitError(f"{path} has no calibration for {key!r} (has: {', '.join(models) or 'none'})")
+        return CostModel.from_dict(models[key])
+    if not models:
+        raise ToolkitError(f"{path} holds no calibration")
+    return CostModel.from_dict(list(models.values())[-1])
+
+
+def save_cost_model(model: CostModel, path: str | os.PathLike | None = None) -> Path:
+    path = Path(path) if path is not None else cache_path()
+    data = _read_cache(path)
+    data["models"][model.key] = model.to_dict()
+    return save_json(data, path)
+
+
+def calibration_key(hidden: int, intermediate: int, dtype, device: str, threads: int) -> str:
+    gpu = torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda") else "cpu"
+    return f"{socket.gethostname()}|{gpu}|D{hidden}|I{intermediate}|{dtype_name(dtype)}|t{threads}"
+
+
+# -- measurement ----------------------------------------------------------------------------------
+
+def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act=F.silu) -> torch.Tensor:
+    """One SwiGLU expert as transformers computes it: x [n, D], gate_up [2I, D], down [D, I] -> [n, D]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each
+    return F.linear(act(gate) * up, down)  # [n, D]
+
+
+def _median_ms(fn, repeats: int, warmup: int, sync=None, clock=time.perf_counter) -> float:
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    out = []
+    for _ in range(repeats):
+        t0 = clock()
+        fn()
+        if sync:
+            sync()
+        out.append((clock() - t0) * 1e3)
+    return statistics.median(out)
+
+
+class _threads:
+    """Temporarily set torch's intra-op threads (restored on exit)."""
+
+    def __init__(self, n: int):
+        self.n, self.old = n, torch.get_num_threads()
+
+    def __enter__(self):
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+@torch.no_grad()
+def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thread_counts, clock):
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    gen = torch.Generator().manual_seed(0)
+    std = hidden ** -0.5
+    gu = (torch.randn(2 * intermediate, hidden, generator=gen) * std).to(dtype)  # [2I, D]
+    dn = (torch.randn(hidden, intermediate, generator=gen) * std).to(dtype)  # [D, I]
+    warm = 1 if hidden * intermediate > 1e7 else 3
+
+    cpu_by_dtype: dict[str, list[float]] = {}
+    with _threads(threads):
+        for dt in dict.fromkeys([dtype, torch.float32, torch.bfloat16]):
+            w1, w2 = gu.to(dt), dn.to(dt)
+            xs = {n: torch.full((n, hidden), 0.1, dtype=dt) for n in tokens}  # [n, D]
+            cpu_by_dtype[dtype_name(dt)] = [
+                _median_ms(lambda x=xs[n], w1=w1, w2=w2: expert_forward(x, w1, w2), repeats, warm, clock=clock)
+                for n in tokens]
+            del w1, w2
+    cpu_dtype = min(cpu_by_dtype, key=lambda k: sum(cpu_by_dtype[k]))
+
+    scaling = {}
+    if thread_counts:
+        w1, w2 = gu.to(DTYPES[cpu_dtype]), dn.to(DTYPES[cpu_dtype])
+        x1 = torch.ones(1, hidden, dtype=w1.dtype)
+        for t in thread_counts:
+            with _threads(t):
+                scaling[int(t)] = _median_ms(lambda w1=w1, w2=w2: expert_forward(x1, w1, w2), repeats, warm, clock=clock)
+        del w1, w2
+
+    if cuda:
+        sync = torch.cuda.synchronize
+        g1, g2 = gu.to(dev), dn.to(dev)
+        xs = {n: torch.full((n, hidden), 0.1, dtype=dtype, device=dev) for n in tokens}  # [n, D]
+        gpu_ms = [_median_ms(lambda x=xs[n]: expert_forward(x, g1, g2), repeats, warm, sync=sync, clock=clock)
+                  for n in tokens]
+        h1, h2 = gu.pin_memory(), dn.pin_memory()
+
+        def copy():
+            g1.copy_(h1, non_blocking=True)
+            g2.copy_(h2, non_blocking=True)
+
+        copy_ms = _median_ms(copy, repeats, warm, sync=sync, clock=clock)
+        del g1, g2, h1, h2
+    else:  # both tiers on the CPU: the "GPU" is the CPU in the model dtype, a "copy" is a memcpy
+        with _threads(threads):
+            gpu_ms = cpu_by_dtype[dtype_name(dtype)]
+            s1, s2 = torch.empty_like(gu), torch.empty_like(dn)
+            copy_ms = _median_ms(lambda: (s1.copy_(gu), s2.copy_(dn)), repeats, warm, clock=clock)
+
+    host_bw = None
+    if cuda:  # host memory read bandwidth with the CPU threads, shared by both paths
+        buf = torch.ones(max(64 << 20, 2 * gu.numel() * gu.element_size()) // 4, dtype=torch.float32)
+        with _threads(threads):
+            ms = _median_ms(lambda: buf.sum(), repeats, 1, clock=clock)
+        host_bw = buf.numel() * 4 / (ms * 1e-3) / 1e9
+    return dict(cpu_by_dtype=cpu_by_dtype, cpu_dtype=cpu_dtype, gpu_ms=gpu_ms, copy_ms=copy_ms,
+                scaling=scaling, host_bw=host_bw, expert_bytes=(gu.numel() + dn.numel()) * gu.element_size())
+
+
+def calibrate(hidden: int = 4096, intermediate: int = 14336, dtype: torch.dtype | str = torch.bfloat16,
+              device: str = "cuda", threads: int | None = None, tokens: tuple[int, ...] = (1, 8, 32, 128),
+              repeats: int = 5, thread_counts: tuple[int, ...] | None = None, path: str | os.PathLike | None = None,
+              reuse: bool = True, save: bool = True, clock=time.perf_counter, preset: str | None = None) -> CostModel:
+    """Measure (or reuse) the cost model of one expert of these dimensions on this machine.
+
+    ``preset`` (a name from ``toolkit.moe.presets``) overrides hidden,
+    intermediate and dtype. The result is saved to ``path`` (default: the
+    per-machine cache) and reused next time unless ``reuse=False``.
+    ``thread_counts`` also measures CPU thread scaling.
+    """
+    if preset is not None:
+        from .presets import from_name
+
+        p = from_name(preset)
+        hidden, intermediate, dtype = p.hidden, p.intermediate, p.dtype
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if dtype_name(dtype) not in DTYPES:
+        raise ToolkitError(f"unsupported dtype {dtype}; use one of {', '.join(DTYPES)}")
+    from ..env import resolve_device
+
+    device = resolve_device(device)
+    threads = choose_threads(threads)
+    key = calibration_key(hidden, intermediate, dtype, device, threads)
+    file = Path(path) if path is not None else cache_path()
+    if reuse and file.exists():
+        models = _read_cache(file)["models"]
+        if key in models:
+            return CostModel.from_dict(models[key])
+
+    m = _measure(hidden, intermediate, dtype, device, threads, tuple(sorted(tokens)), repeats, thread_counts, clock)
+    from ..env import environment
+
+    model = CostModel(
+        cpu_tokens=tuple(sorted(tokens)), cpu_ms=tuple(m["cpu_by_dtype"][m["cpu_dtype"]]),
+        gpu_tokens=tuple(sorted(tokens)), gpu_ms=tuple(m["gpu_ms"]), copy_ms=float(m["copy_ms"]),
+        cpu_dtype=m["cpu_dtype"], dtype=dtype_name(dtype), hidden=hidden, intermediate=intermediate,
+        expert_bytes=int(m["expert_bytes"]), device=device, cpu_threads=threads, host_bandwidth_gbs=m["host_bw"],
+        cpu_ms_by_dtype=m["cpu_by_dtype"], thread_scaling=m["scaling"], key=key,
+        meta={"repeats": repeats, "env": environment(device, threads)},
+    )
+    if save:
+        save_cost_model(model, file)
+    return model

@@ -1,0 +1,732 @@
+"""The offloaded experts module and ``offload()``: experts split between the GPU and the CPU.
+
+Shapes: T tokens (batch x sequence, flattened), E experts per layer, L MoE
+layers, D hidden, I expert intermediate size, K experts per token (top-k),
+R rows (token, expert) sent to the CPU, M missed experts in a layer.
+
+``offload(model, gpu_experts)`` replaces each MoE block's fused experts module
+with an ``OffloadedExperts``. The router is untouched (transformers' float32
+softmax routing) unless a ``routing`` object replays a trace. Per forward pass
+and layer:
+
+1. one device-to-host transfer of the routing (tokens per expert and the
+   (token, slot) positions grouped by expert): the layer's only sync;
+2. ``policy.step`` says which used experts are GPU-resident (hits) and which
+   residency changes follow the pass;
+3. the cost model splits the missed experts between CPU compute and weight
+   copies so as to minimise the layer's makespan (max of GPU, CPU, copy
+   engine, host memory), not the sum;
+4. CPU experts run in a worker thread (torch releases the GIL) concurrently
+   with the GPU experts: their activations go to pinned memory and back;
+   copied experts stream from pinned host memory into a small ring of reused
+   GPU staging buffers on a side stream, pipelined with their compute;
+5. experts with no tokens cost nothing.
+
+With ``device="cpu"`` both tiers are CPU tensors and the same routing,
+decision and counting code runs, so CI can test it without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.profiler import record_function
+
+from ..errors import ToolkitError
+from .costs import CostModel, choose_threads, dtype_name, expert_forward
+from .presets import is_experts_module, moe_blocks
+
+PHASES = ("prefill", "decode")
+
+
+def _label(name: str):
+    """A profiler label, free when no profiler is running (a few record_functions per layer add up per token)."""
+    return record_function(name) if torch._C._autograd._profiler_enabled() else contextlib.nullcontext()
+
+
+_PRECISION = {torch.float32: 2, torch.bfloat16: 1, torch.float16: 1}
+
+
+# -- statistics ------------------------------------------------------------------------------------
+
+@dataclass
+class ExpertStats:
+    """Activations and hits per phase as int arrays [L, E], plus copy / CPU counters.
+
+    An activation is one (token, layer, expert) routing; a hit is an
+    activation whose expert was GPU-resident at the start of that forward pass.
+    """
+
+    n_layers: int
+    n_experts: int
+    activations: dict = field(default_factory=dict)  # phase -> int64 [L, E]
+    hits: dict = field(default_factory=dict)  # phase -> int64 [L, E]
+    bytes_copied: int = 0
+    cpu_expert_calls: int = 0
+    copy_expert_calls: int = 0
+    gpu_expert_calls: int = 0
+    cpu_tokens: int = 0  # (token, expert) rows computed on the CPU
+    forwards: dict = field(default_factory=dict)  # phase -> MoE layer forwards
+
+    def __post_init__(self):
+        for p in PHASES:
+            self.activations.setdefault(p, np.zeros((self.n_layers, self.n_experts), dtype=np.int64))
+            self.hits.setdefault(p, np.zeros((self.n_layers, self.n_experts), dtype=np.int64))
+            self.forwards.setdefault(p, 0)
+
+    def record(self, phase: str, layer: int, counts: np.ndarray, resident_used: np.ndarray) -> None:
+        self.activations[phase][layer] += counts
+        self.hits[phase][layer, resident_used] += counts[resident_used]
+        self.forwards[phase] += 1
+
+    def _sum(self, table: dict, phase: str | None) -> np.ndarray:
+        if phase is None:
+            return sum(table[p] for p in PHASES)
+        if phase not in PHASES:
+            raise ToolkitError(f"unknown phase {phase!r}; use one of {PHASES}")
+        return table[phase]
+
+    def hit_rate(self, phase: str | None = None) -> float:
+        """Hits / activations (NaN when nothing was routed)."""
+        act = int(self._sum(self.activations, phase).sum())
+        return float(self._sum(self.hits, phase).sum()) / act if act else float("nan")
+
+    def per_layer(self, phase: str | None = None) -> np.ndarray:
+        """Hit rate per layer [L] (NaN for a layer without activations)."""
+        act = self._sum(self.activations, phase).sum(axis=1).astype(np.float64)
+        hits = self._sum(self.hits, phase).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(act > 0, hits / act, np.nan)
+
+    def per_expert(self, phase: str | None = None) -> np.ndarray:
+        """Hit rate per expert [L, E] (NaN where never routed)."""
+        act = self._sum(self.activations, phase).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(act > 0, self._sum(self.hits, phase) / act, np.nan)
+
+    def reset(self) -> None:
+        for p in PHASES:
+            self.activations[p][:] = 0
+            self.hits[p][:] = 0
+            self.forwards[p] = 0
+        self.bytes_copied = self.cpu_expert_calls = self.copy_expert_calls = self.gpu_expert_calls = 0
+        self.cpu_tokens = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "hit_rate": {"prefill": self.hit_rate("prefill"), "decode": self.hit_rate("decode"), "all": self.hit_rate()},
+            "per_layer": {p: self.per_layer(p).tolist() for p in PHASES},
+            "activations": {p: self.activations[p].tolist() for p in PHASES},
+            "hits": {p: self.hits[p].tolist() for p in PHASES},
+            "bytes_copied": self.bytes_copied,
+            "cpu_expert_calls": self.cpu_expert_calls,
+            "copy_expert_calls": self.copy_expert_calls,
+            "gpu_expert_calls": self.gpu_expert_calls,
+            "cpu_tokens": self.cpu_tokens,
+            "forwards": dict(self.forwards),
+        }
+
+
+# -- placement -------------------------------------------------------------------------------------
+
+def spread_evenly(budget: int, n_layers: int, n_experts: int) -> np.ndarray:
+    """Residency [L, E] with ``budget`` experts spread over layers as evenly as possible.
+
+    Layer l gets budget // L experts (+1 for the first budget % L layers);
+    the chosen expert ids rotate from layer to layer so no id is favoured.
+    """
+    res = np.zeros((n_layers, n_experts), dtype=bool)
+    per, extra = divmod(int(budget), n_layers)
+    start = 0
+    for layer in range(n_layers):
+        n = per + (layer < extra)
+        res[layer, (start + np.arange(n)) % n_experts] = True
+        start += n
+    return res
+
+
+def from_popularity(popularity: np.ndarray, budget: int) -> np.ndarray:
+    """Residency [L, E]: the ``budget`` most-activated (layer, expert) pairs of a profile."""
+    pop = np.asarray(popularity, dtype=np.float64)
+    res = np.zeros(pop.shape, dtype=bool)
+    if budget:
+        top = np.argsort(-pop, axis=None, kind="stable")[:budget]
+        res.flat[top] = True
+    return res
+
+
+class StaticPlacement:
+    """Fixed residency (the default policy); same interface as ``toolkit.moe.policies.Policy``."""
+
+    name = "static"
+
+    def __init__(self, resident: np.ndarray):
+        self._resident = np.asarray(resident, dtype=bool).copy()
+
+    def reset(self, budget, n_layers, n_experts, popularity=None) -> np.ndarray:
+        return self._resident.copy()
+
+    def step(self, layer: int, used: np.ndarray):
+        return self._resident[layer, used], [], []
+
+    def resident(self, layer: int) -> np.ndarray:
+        return self._resident[layer]
+
+
+def _initial_residency(placement, policy, gpu_experts, n_layers, n_experts):
+    """-> (policy, resident [L, E]) from the user's placement / policy / budget."""
+    total = n_layers * n_experts
+    popularity = None
+    if isinstance(placement, (str, os.PathLike, Path)):
+        from .policies import load_placement
+
+        placement = load_placement(placement)
+    if placement is not None:
+        placement = np.asarray(placement)
+        if placement.shape != (n_layers, n_experts):
+            raise ToolkitError(f"placement has shape {placement.shape}, the model has [L, E] = [{n_layers}, {n_experts}]")
+        if placement.dtype != bool:
+            popularity = placement.astype(np.float64)  # a popularity profile: counts per (layer, expert)
+    if gpu_experts is None:
+        if placement is None or popularity is not None:
+            raise ToolkitError("gpu_experts is required unless a boolean placement is given")
+        gpu_experts = int(placement.sum())
+    gpu_experts = int(gpu_experts)
+    if not 0 <= gpu_experts <= total:
+        raise ToolkitError(f"gpu_experts must be between 0 and {total} (= {n_layers} layers x {n_experts} experts), "
+                           f"got {gpu_experts}")
+    if isinstance(policy, str):
+        from .policies import get_policy
+
+        policy = get_policy(policy)
+    if policy is None:
+        if placement is None:
+            resident = spread_evenly(gpu_experts, n_layers, n_experts)
+        elif popularity is not None:
+            resident = from_popularity(popularity, gpu_experts)
+        else:
+            resident = placement.astype(bool)
+            if int(resident.sum()) != gpu_experts:
+                raise ToolkitError(f"placement holds {int(resident.sum())} experts but gpu_experts={gpu_experts}")
+        policy = StaticPlacement(resident)
+        return policy, policy.reset(gpu_experts, n_layers, n_experts)
+    if popularity is None and placement is not None:
+        popularity = placement.astype(np.float64)
+    resident = np.asarray(policy.reset(gpu_experts, n_layers, n_experts, popularity), dtype=bool)
+    if resident.shape != (n_layers, n_experts) or int(resident.sum()) > gpu_experts:
+        raise ToolkitError(f"policy {type(policy).__name__} returned a residency of shape {resident.shape} "
+                           f"holding {int(resident.sum())} > {gpu_experts} experts")
+    return policy, resident
+
+
+# -- the engine ------------------------------------------------------------------------------------
+
+class _Slot:
+    """One reused GPU staging buffer for a copied expert; ``free``: the event after its last compute."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor):
+        self.gate_up, self.down = gate_up, down  # [2I, D], [D, I]
+        self.free: torch.cuda.Event | None = None
+        self.busy = False  # handed out, its compute not yet enqueued
+
+
+class OffloadedExperts(nn.Module):
+    """Drop-in for a fused experts module: forward(hidden [T, D], top_k_index [T, K], top_k_weights [T, K]) -> [T, D]."""
+
+    def __init__(self, engine: Offloaded, layer: int, original: nn.Module, host_gate_up: torch.Tensor,
+                 host_down: torch.Tensor, cpu_dtype: torch.dtype, resident: np.ndarray):
+        super().__init__()
+        self.layer = layer
+        self.n_experts = host_gate_up.shape[0]
+        self.act_fn = original.act_fn
+        # weights are plain attributes, not parameters: model.to() / state_dict must not move them
+        self.__dict__["engine"] = engine
+        self.host_gate_up, self.host_down = host_gate_up, host_down  # [E, 2I, D], [E, D, I] (pinned with CUDA)
+        if cpu_dtype == host_gate_up.dtype:
+            self.cpu_gate_up, self.cpu_down = host_gate_up, host_down
+        else:  # CPU experts run faster in another dtype on this CPU: keep a host copy in it
+            self.cpu_gate_up, self.cpu_down = host_gate_up.to(cpu_dtype), host_down.to(cpu_dtype)
+        self.expert_bytes = (host_gate_up[0].numel() + host_down[0].numel()) * host_gate_up.element_size()
+        self.gpu: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # resident expert -> (gate_up [2I, D], down [D, I])
+        for e in np.flatnonzero(resident):
+            self.gpu[int(e)] = self._to_device(int(e))
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, experts={self.n_experts}, gpu_resident={sorted(self.gpu)}"
+
+    def _to_device(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.engine.device
+        if dev.type == "cpu":  # both tiers on the CPU: the "GPU" copy is the host tensor itself
+            return self.host_gate_up[e], self.host_down[e]
+        return self.host_gate_up[e].to(dev), self.host_down[e].to(dev)
+
+    # the per-expert compute: x [n, D] rows of this expert, w [n] their routing weights -> [n, D] in out dtype
+    def _expert(self, x, gate_up, down, w, out_dtype):
+        return (expert_forward(x, gate_up, down, self.act_fn) * w[:, None]).to(out_dtype)
+
+    def _cpu_job(self, ready, x_host, w_host, segments, out_dtype, pin):
+        """Worker thread: the CPU experts of this layer. x_host [R, D], w_host [R] -> y [R, D] (pinned with CUDA)."""
+        if ready is not None:
+            ready.synchronize()  # the activations have landed in pinned memory
+        with _label(f"moe.cpu_experts[L{self.layer}]"):
+            x = x_host.to(self.cpu_gate_up.dtype)  # [R, D]
+            y = torch.empty(x_host.shape, dtype=out_dtype, pin_memory=pin)  # [R, D]
+            for e, s, n in segments:
+                y[s:s + n] = self._expert(x[s:s + n], self.cpu_gate_up[e], self.cpu_down[e], w_host[s:s + n], out_dtype)
+        return y
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        eng, layer, E = self.engine, self.layer, self.n_experts
+        K = top_k_index.shape[-1]
+        phase = eng.phase
+        cuda = hidden.is_cuda
+
+        with _label(f"moe.route[L{layer}]"):
+            flat = top_k_index.reshape(-1)  # [T*K] expert of each (token, slot)
+            order = torch.argsort(flat, stable=True)  # [T*K] (token, slot) positions grouped by expert
+            counts_dev = torch.bincount(flat, minlength=E)  # [E]
+            packed = torch.cat([counts_dev, order]).cpu()  # the layer's one device-to-host transfer (and sync)
+        counts = packed[:E].numpy()  # [E] tokens per expert
+        offsets = np.concatenate([[0], np.cumsum(counts)])  # [E+1] start of each expert in `order`
+        if eng.recorder is not None:
+            eng.recorder.observe(layer, phase, top_k_index, top_k_weights)
+
+        used = np.flatnonzero(counts)  # experts with >= 1 token
+        hit, load, evict = eng.policy.step(layer, used)
+        hit = np.asarray(hit, dtype=bool)
+        resident_used, missed = used[hit], used[~hit]
+        if any(int(e) not in self.gpu for e in resident_used):
+            raise ToolkitError(f"policy {type(eng.policy).__name__} reports layer {layer} experts "
+                               f"{[int(e) for e in resident_used if int(e) not in self.gpu]} as resident but they "
+                               "were never loaded (its load/evict lists and hits disagree)")
+        eng.stats.record(phase, layer, counts, resident_used)
+        keep = {int(e) for e in load}
+        forced = np.array([int(e) in keep for e in missed], dtype=bool)  # [M] the policy keeps it: copy it
+        to_copy = forced.copy()  # [M]
+        if (~forced).any():
+            gpu_busy = float(eng.cost_model.gpu_time(counts[resident_used]).sum())
+            copy_busy = float(forced.sum()) * eng.cost_model.copy_ms
+            to_copy[~forced] = eng.cost_model.decide(counts[missed[~forced]], gpu_busy, copy_busy)
+        cpu_experts, copy_experts = missed[~to_copy], missed[to_copy]
+
+        tok_sorted = order // K  # [T*K] token of each grouped position
+        w_sorted = top_k_weights.reshape(-1)[order]  # [T*K] its routing weight
+        out = torch.zeros_like(hidden)  # [T, D]
+
+        def rows(e):  # this expert's slice of the grouped positions (a view: no kernel, no sync)
+            return slice(int(offsets[e]), int(offsets[e + 1]))
+
+        # 1. CPU experts: start first, they are the long pole
+        future = cpu_rows = None
+        if len(cpu_experts):
+            with _label(f"moe.cpu_experts[L{layer}]"):
+                cpu_rows = torch.cat([tok_sorted[rows(e)] for e in cpu_experts])  # [R]
+                x = hidden[cpu_rows]  # [R, D]
+                w = torch.cat([w_sorted[rows(e)] for e in cpu_experts])  # [R]
+                segments, s = [], 0
+                for e in cpu_experts:
+                    segments.append((int(e), s, int(counts[e])))
+                    s += int(counts[e])
+                ready = None
+                if cuda:
+                    x_host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
+                    w_host = torch.empty(w.shape, dtype=w.dtype, pin_memory=True).copy_(w, non_blocking=True)
+                    ready = torch.cuda.Event()
+                    ready.record()
+                else:
+                    x_host, w_host = x, w
+                args = (ready, x_host, w_host, segments, hidden.dtype, cuda)
+                future = eng.executor.submit(self._cpu_job, *args) if eng.executor else _Done(self._cpu_job(*args))
+            eng.stats.cpu_expert_calls += len(cpu_experts)
+            eng.stats.cpu_tokens += int(counts[cpu_experts].sum())
+
+        # 2. copies: weights stream in on a side stream while the GPU computes resident experts
+        jobs = [(int(e), int(e) in keep) for e in copy_experts]
+        jobs += [(int(e), True) for e in load if counts[int(e)] == 0 and int(e) not in self.gpu]  # prefetch
+        fresh = {e: eng.new_weights(self, e) for e, kept in jobs if kept}  # allocated before the side stream waits
+        if jobs and cuda:
+            eng.copy_stream.wait_stream(torch.cuda.current_stream())
+        landed = []  # (gate_up, down, ready, slot) of the copies issued so far, in job order
+
+        def issue_more():  # as many copies ahead as there are free staging slots: the copy engine never idles
+            while len(landed) < len(jobs):
+                e, kept = jobs[len(landed)]
+                if not kept and not eng.slot_available():
+                    return
+                landed.append(eng.copy_in(self, e, fresh.get(e)))
+
+        if jobs:
+            with _label(f"moe.copy_experts[L{layer}]"):
+                issue_more()
+
+        if len(resident_used):
+            with _label(f"moe.gpu_experts[L{layer}]"):
+                for e in resident_used:
+                    r = rows(e)
+                    y = self._expert(hidden[tok_sorted[r]], *self.gpu[int(e)], w_sorted[r], out.dtype)  # [n, D]
+                    out.index_add_(0, tok_sorted[r], y)
+            eng.stats.gpu_expert_calls += len(resident_used)
+
+        with _label(f"moe.copy_experts[L{layer}]") if jobs else contextlib.nullcontext():
+            for j, (e, _) in enumerate(jobs):
+                issue_more()
+                gate_up, down, ready, slot = landed[j]
+                if ready is not None:
+                    torch.cuda.current_stream().wait_event(ready)
+                if counts[e]:
+                    r = rows(e)
+                    y = self._expert(hidden[tok_sorted[r]], gate_up, down, w_sorted[r], out.dtype)  # [n, D]
+                    out.index_add_(0, tok_sorted[r], y)
+                if slot is not None:
+                    eng.release(slot)  # its next copy waits for this compute
+            eng.stats.copy_expert_calls += len(copy_experts)
+            eng.stats.bytes_copied += len(jobs) * self.expert_bytes
+
+        # 3. CPU results back and added in
+        if future is not None:
+            y = future.result()  # [R, D]
+            out.index_add_(0, cpu_rows, y.to(hidden.device, non_blocking=True))
+
+        for e in evict:
+            self.gpu.pop(int(e), None)
+        for e in fresh:
+            self.gpu[e] = fresh[e]
+        return out
+
+
+class _Done:
+    """A finished future (the CPU path without a worker thread)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class _RoutedGate(nn.Module):
+    """Replaces a router by ``routing.route(layer, hidden [T, D], phase) -> (top_k_index [T, K], top_k_weights [T, K])``."""
+
+    def __init__(self, gate: nn.Module, layer: int, engine: Offloaded, n_experts: int):
+        super().__init__()
+        self.original = gate
+        self.layer, self.n_experts = layer, n_experts
+        self.__dict__["engine"] = engine
+
+    def forward(self, hidden_states):
+        hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, D]
+        index, weights = self.engine.routing.route(self.layer, hidden, self.engine.phase)
+        index = torch.as_tensor(index).to(hidden.device, torch.long)  # [T, K]
+        weights = torch.as_tensor(weights).to(hidden.device)  # [T, K]
+        logits = torch.zeros(hidden.shape[0], self.n_experts, device=hidden.device, dtype=hidden.dtype)  # aux loss only
+        return logits, weights, index
+
+
+class Offloaded:
+    """An MoE model whose experts are split between the GPU and the CPU (see ``offload``)."""
+
+    def __init__(self, model, blocks, policy, resident, device, cost_model, routing, cpu_threads, cpu_dtype,
+                 copy_slots, overlap, gpu_experts, orig_devices):
+        self.model = model
+        self.device = device
+        self.policy = policy
+        self.cost_model = cost_model
+        self.routing = routing
+        self.recorder = None  # object with observe(layer, phase, top_k_index [T, K], top_k_weights [T, K])
+        self.cpu_threads = cpu_threads
+        self.cpu_dtype = cpu_dtype
+        self.gpu_experts = gpu_experts
+        self._blocks = blocks
+        self._originals = [b.experts for b in blocks]
+        self._orig_gates = [b.gate for b in blocks]
+        self._phase, self._phase_mode = "prefill", "auto"
+        n_experts = self._originals[0].gate_up_proj.shape[0]
+        self.stats = ExpertStats(len(blocks), n_experts)
+        self.copy_slots = copy_slots
+        self._slots: list[_Slot] = []
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.executor = None
+        if overlap:
+            self.executor = ThreadPoolExecutor(1, thread_name_prefix="moe-cpu",
+                                               initializer=self._init_worker, initargs=(cpu_threads, device))
+        self._hooks = []
+        self._orig_param_devices = orig_devices
+        self.experts: list[OffloadedExperts] = []
+        for layer, block in enumerate(blocks):
+            orig = block.experts
+            mod = OffloadedExperts(self, layer, orig, orig.gate_up_proj.data, orig.down_proj.data, cpu_dtype,
+                                   resident[layer])
+            self.experts.append(mod)
+            block.experts = mod
+            if routing is not None:
+                block.gate = _RoutedGate(block.gate, layer, self, n_experts)
+        # staging slots are allocated once, up front: a buffer the side stream writes must never be memory
+        # that the main stream's allocator has just recycled from a kernel still in flight
+        first = self.experts[0]
+        self._slots = [_Slot(torch.empty_like(first.host_gate_up[0], device=device),
+                             torch.empty_like(first.host_down[0], device=device)) for _ in range(copy_slots)]
+        self._install_hooks()
+
+    @staticmethod
+    def _init_worker(threads, device):
+        torch.set_num_threads(threads)  # intra-op threads are per OS thread: set them in the worker itself
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+
+    def _install_hooks(self):
+        def pre(module, args, kwargs):
+            if self._phase_mode == "auto":
+                x = kwargs.get("input_ids", args[0] if args else None)
+                x = kwargs.get("inputs_embeds") if x is None else x
+                if x is not None and x.dim() >= 2:
+                    self._phase = "prefill" if x.shape[1] > 1 else "decode"
+
+        self._hooks.append(self.model.register_forward_pre_hook(pre, with_kwargs=True))
+        attns = [m for name, m in self.model.named_modules() if name.endswith("self_attn")]
+        if len(attns) == len(self._blocks):  # label attention per MoE layer for the profiler timeline
+            for layer, attn in enumerate(attns):
+                stack = []
+
+                def enter(module, args, layer=layer, stack=stack):
+                    rf = _label(f"attention[L{layer}]")
+                    rf.__enter__()
+                    stack.append(rf)
+
+                def leave(module, args, output, stack=stack):
+                    if stack:
+                        stack.pop().__exit__(None, None, None)
+
+                self._hooks.append(attn.register_forward_pre_hook(enter))
+                self._hooks.append(attn.register_forward_hook(leave))
+
+    # -- copies -------------------------------------------------------------------------------
+    def new_weights(self, mod: OffloadedExperts, e: int):
+        """Fresh device tensors for an expert the policy keeps resident."""
+        return (torch.empty_like(mod.host_gate_up[e], device=self.device),
+                torch.empty_like(mod.host_down[e], device=self.device))
+
+    def slot_available(self) -> bool:
+        return any(not s.busy for s in self._slots)
+
+    def _slot(self, mod: OffloadedExperts) -> _Slot:
+        slot = next(s for s in self._slots if not s.busy)
+        slot.busy = True
+        return slot
+
+    def release(self, slot: _Slot) -> None:
+        """The slot's expert has been computed (enqueued): a later copy into it waits for that."""
+        if self.device.type == "cuda":
+            slot.free = torch.cuda.Event()
+            slot.free.record()
+        slot.busy = False
+
+    def copy_in(self, mod: OffloadedExperts, e: int, dest=None):
+        """Start copying expert ``e``'s weights to the device -> (gate_up, down, ready event | None, slot | None)."""
+        slot = None
+        if dest is None:
+            slot = self._slot(mod)
+            dest = (slot.gate_up, slot.down)
+        if self.device.type != "cuda":
+            dest[0].copy_(mod.host_gate_up[e])
+            dest[1].copy_(mod.host_down[e])
+            return dest[0], dest[1], None, slot
+        with torch.cuda.stream(self.copy_stream):
+            if slot is not None and slot.free is not None:
+                self.copy_stream.wait_event(slot.free)  # the slot's previous expert has been computed
+            dest[0].copy_(mod.host_gate_up[e], non_blocking=True)
+            dest[1].copy_(mod.host_down[e], non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.copy_stream)
+        return dest[0], dest[1], ready, slot
+
+    # -- public ---------------------------------------------------------------------------------
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    def set_phase(self, phase: str) -> None:
+        """'prefill' or 'decode' (fixed), or 'auto' (from the input length of each forward: > 1 token is prefill)."""
+        if phase not in (*PHASES, "auto"):
+            raise ToolkitError(f"phase must be 'prefill', 'decode' or 'auto', got {phase!r}")
+        self._phase_mode = phase
+        if phase != "auto":
+            self._phase = phase
+
+    @property
+    def placement(self) -> np.ndarray:
+        """Current GPU residency, bool [L, E]."""
+        return np.stack([np.asarray(self.policy.resident(layer), dtype=bool) for layer in range(len(self._blocks))])
+
+    @property
+    def hidden_size(self) -> int:
+        return self.experts[0].host_gate_up.shape[2]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.experts[0].host_down.shape[2]
+
+    @property
+    def bytes_per_expert(self) -> int:
+        return self.experts[0].expert_bytes
+
+    @property
+    def n_layers(self) -> int:
+        return len(self._blocks)
+
+    @property
+    def n_experts(self) -> int:
+        return self.stats.n_experts
+
+    def reset_stats(self) -> None:
+        self.stats.reset()
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def to_dict(self) -> dict:
+        return {
+            "gpu_experts": self.gpu_experts, "total_experts": self.n_layers * self.n_experts,
+            "device": str(self.device), "policy": getattr(self.policy, "name", type(self.policy).__name__),
+            "cpu_threads": self.cpu_threads, "cpu_dtype": dtype_name(self.cpu_dtype), "copy_slots": self.copy_slots,
+            "overlap": self.executor is not None, "placement": self.placement.astype(int).tolist(),
+            "cost_model": self.cost_model.to_dict(), "stats": self.stats.to_dict(),
+        }
+
+    def restore(self):
+        """Put the original experts modules and routers back; return the model."""
+        for mod in self.experts:  # free the GPU tier first: the experts may be moving back to the GPU
+            mod.gpu.clear()
+        self._slots.clear()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+        for block, orig, gate, dev in zip(self._blocks, self._originals, self._orig_gates, self._orig_param_devices):
+            block.experts = orig
+            block.gate = gate
+            if orig.gate_up_proj.device != dev:
+                orig.to(dev)
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+            self.executor = None
+        return self.model
+
+
+def _check_fits(n_resident: int, copy_slots: int, expert_bytes: int, device: torch.device, margin: int = 1 << 30,
+                leaving: int = 0):
+    free, total = torch.cuda.mem_get_info(device)
+    free += leaving
+    need = (n_resident + copy_slots) * expert_bytes
+    if need > free - margin:
+        fit = max(0, (free - margin) // expert_bytes - copy_slots)
+        raise ToolkitError(
+            f"{n_resident} GPU experts + {copy_slots} copy slots need {need / 2**30:.2f} GiB "
+            f"({expert_bytes / 2**20:.0f} MiB each) but {free / 2**30:.2f} GiB are free on {device} "
+            f"(keeping a {margin / 2**30:.1f} GiB margin): at most {fit} GPU experts fit")
+
+
+@torch.no_grad()
+def offload(model, gpu_experts: int | None, device: str = "cuda", placement=None, policy=None,
+            cost_model: CostModel | str | os.PathLike | None = None, routing=None, cpu_threads: int | None = None,
+            copy_slots: int = 2, overlap: bool | None = None) -> Offloaded:
+    """Split the experts of ``model`` between the GPU (``gpu_experts`` of them in total) and the CPU.
+
+    placement: bool [L, E] (which experts), numeric [L, E] (a popularity
+    profile: the top ``gpu_experts``), a placement JSON path, or None (spread
+    evenly). policy: a ``toolkit.moe.policies.Policy`` (or its name) deciding
+    residency over time; default static. cost_model: a ``CostModel``, a
+    calibration file, or None (calibrate once for these dims, cached per
+    machine). routing: replay routing (``route(layer, hidden, phase)``).
+    copy_slots: GPU staging buffers for copied experts. overlap: run CPU
+    experts in a worker thread concurrently with GPU work (default: on CUDA).
+    """
+    from ..env import resolve_device
+
+    device = torch.device(resolve_device(device))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    blocks = moe_blocks(model)
+    if not blocks:
+        raise ToolkitError(f"{type(model).__name__} has no MoE blocks with fused experts to offload")
+    if any(isinstance(b.experts, OffloadedExperts) for b in blocks):
+        raise ToolkitError("this model is already offloaded; call .restore() first")
+    for b in blocks:
+        if not is_experts_module(b.experts):
+            raise ToolkitError(f"unsupported experts module {type(b.experts).__name__} (need fused gate_up_proj/down_proj)")
+    first = blocks[0].experts
+    n_layers, (n_experts, two_i, hidden) = len(blocks), first.gate_up_proj.shape
+    dtype = first.gate_up_proj.dtype
+    if copy_slots < 1:
+        raise ToolkitError(f"copy_slots must be >= 1, got {copy_slots}")
+    policy, resident = _initial_residency(placement, policy, gpu_experts, n_layers, n_experts)
+    if gpu_experts is None:
+        gpu_experts = int(resident.sum())
+    cpu_threads = choose_threads(cpu_threads)
+
+    if cost_model is None:
+        from .costs import calibrate
+
+        cost_model = calibrate(hidden, two_i // 2, dtype, str(device), cpu_threads)
+    elif not isinstance(cost_model, CostModel):
+        from .costs import load_cost_model
+
+        cost_model = load_cost_model(cost_model)
+    # CPU experts in the calibrated faster dtype, but never less precise than the model
+    cpu_dtype = getattr(torch, cost_model.cpu_dtype)
+    if device.type == "cpu" or _PRECISION.get(cpu_dtype, 0) < _PRECISION.get(dtype, 0) or not _host_has_room(
+            cpu_dtype, dtype, n_layers * n_experts * first.gate_up_proj[0].numel() * 3 // 2):
+        cpu_dtype = dtype
+    if dtype_name(cpu_dtype) != cost_model.cpu_dtype and dtype_name(cpu_dtype) in cost_model.cpu_ms_by_dtype:
+        # decide with the CPU timings of the dtype the CPU experts will really use
+        cost_model = dataclasses.replace(cost_model, cpu_dtype=dtype_name(cpu_dtype),
+                                         cpu_ms=tuple(cost_model.cpu_ms_by_dtype[dtype_name(cpu_dtype)]))
+
+    expert_bytes = 3 * (two_i // 2) * hidden * first.gate_up_proj.element_size()
+    orig_devices = [b.experts.gate_up_proj.device for b in blocks]
+    if device.type == "cuda":  # experts now on this GPU will leave it: their memory counts as free
+        leaving = sum(n_experts * expert_bytes for d in orig_devices if d == device)
+        _check_fits(int(resident.sum()), copy_slots, expert_bytes, device, leaving=leaving)
+    for b in blocks:
+        _to_host(b.experts, pinned=device.type == "cuda")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if overlap is None:
+        overlap = device.type == "cuda"
+    off = Offloaded(model, blocks, policy, resident, device, cost_model, routing, cpu_threads, cpu_dtype,
+                    copy_slots, overlap, gpu_experts, orig_devices)
+    if any(p.device != device for p in model.parameters()):
+        model.to(device)  # the dense part (the experts are no longer parameters of the model)
+    return off
+
+
+def _to_host(experts: nn.Module, pinned: bool) -> None:
+    """Point the experts' weights at host memory (pinned for async copies); a GPU copy is freed."""
+    for name in ("gate_up_proj", "down_proj"):
+        p = getattr(experts, name)
+        if p.device.type == "cpu" and (p.is_pinned() or not pinned):
+            continue
+        host = torch.empty(p.shape, dtype=p.dtype, pin_memory=pinned)
+        host.copy_(p.data)
+        experts._parameters[name] = nn.Parameter(host, requires_grad=False)
+
+
+def _host_has_room(cpu_dtype, dtype, n_params: int) -> bool:
+    """Is there host memory for a second copy of all experts in ``cpu_dtype`` (with 10% headroom)?"""
+    if cpu_dtype == dtype:
+        return True
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available > 1.1 * n_params * torch.empty((), dtype=cpu_dtype).element_size()
+    except ImportError:
+        return False
