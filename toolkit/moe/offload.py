@@ -49,7 +49,10 @@ PHASES = ("prefill", "decode")
 
 def _label(name: str):
     """A profiler label, free when no profiler is running (a few record_functions per layer add up per token)."""
-    return record_function(name) if torch._C._autograd._profiler_enabled() else contextlib.nullcontext()
+    # the per-thread flag is False in the CPU-expert worker, and on the main thread
+    # when the profiler records all threads; the module-level flag is global
+    on = getattr(torch.autograd.profiler, "_is_profiler_enabled", False) or torch._C._autograd._profiler_enabled()
+    return record_function(name) if on else contextlib.nullcontext()
 
 
 _PRECISION = {torch.float32: 2, torch.bfloat16: 1, torch.float16: 1}
