@@ -408,8 +408,10 @@ def test_bf16_logits_match_on_cuda(cost):
 
 
 @pytest.mark.gpu
-def test_bf16_four_layers_on_cuda_mostly_equal():
-    """Deeper: a rare near-tie in a later router may flip under bf16 rounding, so allow a few outliers."""
+def test_bf16_four_layers_on_cuda_within_bf16_noise():
+    """Deeper: offloading may change bf16 rounding (CPU kernels, accumulation order), and after
+    four layers a near-tie in a router can flip; the offloaded error must stay at the scale of
+    bf16's own error, measured against the same weights in float32."""
     model = build_moe("mixtral-8x7b", layers=4, device="cuda", dtype=torch.bfloat16)
     ids, mask = padded_batch(vocab=32000, lengths=(16, 9))
     ids, mask = ids.cuda(), mask.cuda()
@@ -419,6 +421,10 @@ def test_bf16_four_layers_on_cuda_mostly_equal():
         got = prefill_and_decode(model, ids, mask, steps=4, like=ref)
     finally:
         off.restore()
-    scale = max(r.float().abs().max().item() for r in ref)
-    diff = torch.cat([(r.float() - g.float()).abs().flatten() for r, g in zip(ref, got)])
-    assert (diff > 0.02 * scale).float().mean() < 0.01 and diff.median() < 0.005 * scale
+    exact = prefill_and_decode(model.float(), ids, mask, steps=4, like=ref)
+
+    def mean_abs(a, b):
+        return torch.cat([(x.float() - y.float()).abs().flatten() for x, y in zip(a, b)]).mean().item()
+
+    bf16_noise = mean_abs(ref, exact)
+    assert 0 < bf16_noise and mean_abs(got, ref) < 2 * bf16_noise

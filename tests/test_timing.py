@@ -229,7 +229,9 @@ def test_bad_options_raise_toolkit_error():
 @pytest.mark.gpu
 def test_gpu_events_flush_and_graph():
     a = torch.randn(1024, 1024, device="cuda")
-    r = measure_latency(torch.mm, a, a, max_time_s=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LatencyWarning)  # a plain matmul has no transfer or sync
+        r = measure_latency(torch.mm, a, a, max_time_s=1.0)
     assert r.options["method"] == "cuda_event" and r.device.startswith("cuda") and r.env["gpu"]
     assert r.n_samples >= 10 and r.ci95_ms[0] <= r.median_ms <= r.ci95_ms[1]
     flushed = measure_latency(torch.mm, a, a, max_time_s=1.0, l2_flush=True)
@@ -241,7 +243,7 @@ def test_gpu_events_flush_and_graph():
 @pytest.mark.gpu
 def test_gpu_detects_item_and_host_copy():
     a = torch.randn(256, device="cuda")
-    with pytest.warns(LatencyWarning, match="_local_scalar_dense"):
+    with pytest.warns(LatencyWarning, match=r"_local_scalar_dense|\.item\(\)"):
         measure_latency(lambda: a.sum().item(), max_time_s=0.2, device="cuda")
     host = torch.randn(256)
     with pytest.warns(LatencyWarning, match="cpu->cuda"):

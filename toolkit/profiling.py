@@ -391,7 +391,9 @@ def events_from_trace(trace: dict | list) -> list[Event]:
         corr = (e.get("args") or {}).get("correlation")
         if corr is not None:
             launches[corr] = (tid, ts)
-        if e["name"] in SYNC_CALLS and ours_at(tid, ts) is None:
+        # syncs outside the profiled steps (the profiler's own flush when it stops) are not the user's
+        in_steps = not steps or any(float(t["ts"]) <= ts <= float(t["ts"]) + float(t["dur"]) for t in steps)
+        if e["name"] in SYNC_CALLS and in_steps and ours_at(tid, ts) is None:
             out.append(Event("sync", ms(ts), ms(ts + e["dur"]), e["name"], label_at(tid, ts), lane("host", tid)))
     top_end: dict[Any, float] = {}  # per thread, end of the current top-level operator
     for e in xs:

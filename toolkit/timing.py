@@ -46,6 +46,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import json
+import linecache
 import math
 import statistics
 import time
@@ -53,6 +54,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -350,9 +352,17 @@ def _detect_transfers_cuda(call: Callable) -> list[str]:
         finally:
             torch.cuda.set_sync_debug_mode(prev)
         torch.cuda.synchronize()
-    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+    syncs = []
+    for w in caught:
+        text = str(w.message)
+        # the mode announces itself once ("... is a prototype feature ..."): not a detection
+        if "synchroniz" not in text.lower() or "prototype feature" in text:
+            continue
+        # a warning raised from C++ carries the Python line that triggered it: name that line
+        line = linecache.getline(w.filename, w.lineno).strip()
+        syncs.append(f"a synchronizing CUDA operation at {Path(w.filename).name}:{w.lineno}: {line}")
     if syncs and not ops:
-        ops = [f"a synchronizing CUDA operation ({syncs[0]})"]
+        ops = list(dict.fromkeys(syncs))
     return ops
 
 
