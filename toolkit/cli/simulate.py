@@ -1,0 +1,73 @@
+"""`python -m toolkit simulate`: hit rate and bytes copied for a routing trace, a policy and a GPU expert budget."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import nonnegative_int, print_json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("simulate", help="hit rate of a placement/caching policy on a routing trace (no GPU)",
+                              description=__doc__.split(": ", 1)[1])
+    p.add_argument("--trace", default="synthetic-mixtral",
+                   help="trace name (synthetic-mixtral, synthetic-mixtral-instruct) or .npz path")
+    p.add_argument("--policy", default="lru",
+                   help="static-popularity, static-uniform, lru, lfu, belady; comma-separated or 'all' with --sweep")
+    p.add_argument("--gpu-experts", type=nonnegative_int, default=64, help="GPU expert budget over all layers")
+    p.add_argument("--sweep", action="store_true", help="every budget from 0 to layers x experts in steps of layers")
+    p.add_argument("--budgets", type=_int_list, help="explicit budgets for --sweep, e.g. 0,32,64,128")
+    p.add_argument("--per-layer", action="store_true", help="also print per-layer hit rates")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"budgets must be non-negative integers, got {text!r}")
+    return values
+
+
+def run(args) -> int:
+    from ..errors import ToolkitError
+    from ..moe.policies import POLICY_NAMES
+    from ..moe.simulate import simulate, sweep
+    from ..moe.traces import load_trace
+
+    trace = load_trace(args.trace)
+    policies = list(POLICY_NAMES) if args.policy == "all" else [p.strip() for p in args.policy.split(",") if p.strip()]
+    if not policies:
+        raise ToolkitError("--policy is empty")
+    if args.sweep or args.budgets:
+        results = sweep(trace, policies, args.budgets).results
+    else:
+        results = tuple(simulate(trace, p, args.gpu_experts) for p in policies)
+
+    if args.json:
+        if len(results) == 1:
+            print_json(results[0].to_dict())
+        else:
+            print_json({"trace": args.trace, "results": [r.to_dict() for r in results]})
+        return 0
+    out = sys.stdout
+    n_pre = int((trace.phase == 0).sum())
+    out.write(f"trace {args.trace}: {trace.n_tokens} tokens ({n_pre} prefill) in {trace.n_steps} forward passes, "
+              f"{trace.n_layers} layers x {trace.n_experts} experts, top-{trace.top_k}\n")
+    out.write(f"{'policy':<18} {'gpu_experts':>11} {'prefill':>8} {'decode':>8} {'total':>8} "
+              f"{'copies':>9} {'GB copied':>10}\n")
+    for r in results:
+        gb = "-" if r.bytes_copied is None else f"{r.bytes_copied / 1e9:.1f}"
+        out.write(f"{r.policy:<18} {r.gpu_experts:>11} {_fmt(r.hit_rate('prefill'))} {_fmt(r.hit_rate('decode'))} "
+                  f"{_fmt(r.hit_rate())} {r.n_loads:>9} {gb:>10}\n")
+        if args.per_layer:
+            out.write("  per layer: " + " ".join(f"{v:.2f}" for v in r.per_layer()) + "\n")
+    return 0
+
+
+def _fmt(v: float) -> str:
+    return f"{v:>8.3f}" if v == v else f"{'-':>8}"
