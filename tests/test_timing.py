@@ -248,3 +248,13 @@ def test_gpu_detects_item_and_host_copy():
     host = torch.randn(256)
     with pytest.warns(LatencyWarning, match="cpu->cuda"):
         measure_latency(lambda: host.to("cuda") * 2, max_time_s=0.2, device="cuda")
+
+
+def test_transfer_scan_works_inside_inference_mode():
+    """The timer runs under inference_mode, where dispatch modes see nothing; its scan must still see copies."""
+    from toolkit.timing import scan_transfers
+
+    host = torch.randn(4)
+    with torch.inference_mode():
+        found = scan_transfers(lambda: host.to("meta") * 2)
+    assert found == ["aten::_to_copy cpu->meta [4]"]

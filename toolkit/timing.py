@@ -341,6 +341,15 @@ def find_transfers(fn: Callable, *args, **kwargs) -> list[str]:
     return [f"{d} (x{n})" if n > 1 else d for d, n in found.items()]
 
 
+def scan_transfers(call: Callable) -> list[str]:
+    """``find_transfers`` that also works when called under ``torch.inference_mode``.
+
+    Dispatch modes see no operators inside inference mode, so the scan leaves it (no_grad keeps autograd off).
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        return find_transfers(call)
+
+
 def _detect_transfers_cuda(call: Callable) -> list[str]:
     """Transfers/syncs inside one call: op scan plus torch's own sync debug mode."""
     prev = torch.cuda.get_sync_debug_mode()
@@ -348,7 +357,7 @@ def _detect_transfers_cuda(call: Callable) -> list[str]:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            ops = find_transfers(call)
+            ops = scan_transfers(call)
         finally:
             torch.cuda.set_sync_debug_mode(prev)
         torch.cuda.synchronize()
