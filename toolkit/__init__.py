@@ -32,6 +32,8 @@ _EXPORTS = {
     "plan_memory": "moe.memory",
     "generate": "moe.generation",
     "simulate": "moe.simulate",
+    "run_report": "report",
+    "paper_figures": "report",
 }
 
 __all__ = sorted(_EXPORTS)
