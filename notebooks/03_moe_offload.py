@@ -108,8 +108,9 @@ plots.hit_rate_heatmap(report.per_expert_hit_rate(results[k_mid]), title=f"{k_mi
 #
 # The simulator replays a routing trace (here 12,288 tokens of the synthetic Mixtral-8x7B trace,
 # fitted to real routing counts and published locality) against a placement or caching policy,
-# with the engine's own rules, in a fraction of a second. `belady` is the offline optimum: it
-# knows the future, so no real policy beats it.
+# with the engine's own rules, in a fraction of a second. `belady` evicts the expert used
+# farthest in the future: it knows the future, so in batch-1 decode no real policy beats it
+# (in prefill, where one pass serves many tokens, it is a strong reference rather than an exact bound).
 
 # %%
 sim = sweep("synthetic-mixtral", list(POLICY_NAMES), S.sim_budgets)

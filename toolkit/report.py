@@ -525,7 +525,8 @@ def offload_run(bench: MoEBench, gpu_experts: int, policy: str = "static-popular
     from .moe.offload import offload
     from .moe.policies import get_policy
 
-    pol = get_policy(policy, popularity=bench.popularity)
+    trace = bench.router.trace if bench.router is not None else None  # Belady needs the future: the replayed trace
+    pol = get_policy(policy, popularity=bench.popularity, trace=trace)
     off = offload(bench.model, int(gpu_experts), device=bench.device, policy=pol, routing=bench.router,
                   cost_model=bench.cost_model)
     try:
@@ -630,7 +631,7 @@ def run_simulation(run: Run) -> None:
     run.figure("simulation", plots.hit_rate_vs_gpu_experts(frame, total_experts=total, title=None),
                "hit_rate_vs_gpu_experts",
                f"Simulated decode hit rate vs GPU-resident experts per policy (synthetic Mixtral-8x7B trace, "
-               f"{trace.n_tokens} tokens; belady is the offline optimum).")
+               f"{trace.n_tokens} tokens; belady knows the future: the bound for batch-1 decode).")
     if per_layer:
         run.figure("simulation", plots.hit_rate_heatmap(per_layer, xlabel="policy"), "hit_rate_per_layer",
                    f"Simulated decode hit rate per layer and policy with {s.sim_heatmap_budget} of {total} "
