@@ -16,6 +16,12 @@ The decision for a layer (``CostModel.decide``) minimises the layer's
 makespan, the slowest of GPU, CPU, copy engine and host memory, not the sum of
 costs: missed experts are taken largest first and each goes to whichever path
 grows the makespan least (greedy LPT scheduling), O(E) after an argsort.
+``CostModel.plan`` then may split one expert between both paths, because with
+one or two misses whole experts cannot balance a copy (6.4 ms on the lent
+machine) against a CPU expert (7.2 ms): the GPU copies the expert's down
+projection and the first k of its I gate/up rows, the CPU computes the other
+I - k gate/up rows and sends those activations over (a few KB), and the GPU
+finishes the down projection. The GPU's share of the bytes is (1 + 2k/I) / 3.
 
 Calibrations persist as JSON, one file per machine holding one entry per key
 (host, GPU, dims, dtype, threads), under ``$TOOLKIT_CACHE_DIR`` or
@@ -29,6 +35,7 @@ import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +48,10 @@ from ..results import load_json, save_json
 
 CACHE_VERSION = 1
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+SPLIT_STEPS = 32  # a split expert's gate/up rows go to the GPU in steps of I / 32
+SPLIT_OVERHEAD_MS = 0.05  # a split adds one small host-to-device transfer and a few kernel launches
+SPLIT_MIN_GAIN = (0.25, 0.03)  # the cost model is approximate: split only to save >= 0.25 ms and >= 3%
+LUT_TOKENS = 4096  # per-expert times are tabulated up to this many tokens
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
@@ -80,6 +91,21 @@ def fit_linear(xs, ys) -> tuple[float, float]:
         return float(ys[0]), 0.0
     b, a = np.polyfit(xs, ys, 1)
     return float(a), float(b)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one layer's M missed experts are served (``CostModel.plan``).
+
+    ``copy`` [M]: copy the whole expert (else: compute it on the CPU); ``split``:
+    index of the expert split between the paths (-1: none; its ``copy`` entry is
+    ignored), ``fraction``: the share of its I gate/up rows the GPU computes.
+    """
+
+    copy: np.ndarray
+    split: int = -1
+    fraction: float = 0.0
+    makespan_ms: float = float("nan")
 
 
 @dataclass
@@ -135,6 +161,23 @@ class CostModel:
             return 0.0
         return nbytes / (self.host_bandwidth_gbs * 1e9) * 1e3
 
+    @cached_property
+    def _lut(self) -> tuple[list[float], list[float]]:
+        """CPU and GPU ms for 0..LUT_TOKENS tokens as Python floats: a layer's decision is a few list lookups."""
+        n = np.arange(LUT_TOKENS + 1)
+        return self.cpu_time(n).tolist(), self.gpu_time(n).tolist()
+
+    def _times(self, tokens: list[int]) -> tuple[list[float], list[float]]:
+        if tokens and max(tokens) > LUT_TOKENS:
+            return self.cpu_time(tokens).tolist(), self.gpu_time(tokens).tolist()
+        cpu, gpu = self._lut
+        return [cpu[n] for n in tokens], [gpu[n] for n in tokens]
+
+    def _host_per_expert(self) -> tuple[float, float]:
+        """Host-memory ms of one CPU expert (its bytes in the CPU dtype) and of one copy."""
+        cpu_bytes = self.expert_bytes * (DTYPES[self.cpu_dtype].itemsize / DTYPES[self.dtype].itemsize)
+        return self._host_ms(cpu_bytes), self._host_ms(self.expert_bytes)
+
     def decide(self, tokens, gpu_busy_ms: float = 0.0, copy_busy_ms: float = 0.0) -> np.ndarray:
         """Which missed experts to copy (True) rather than compute on the CPU (False).
 
@@ -144,17 +187,16 @@ class CostModel:
         batch first, each to the path that grows the layer's makespan
         max(GPU, CPU, copy engine, host memory) least; ties go to less work.
         """
-        tokens = np.asarray(tokens, dtype=np.int64)  # [M]
-        copy = np.zeros(len(tokens), dtype=bool)  # [M]
-        if len(tokens) == 0:
-            return copy
-        cpu = self.cpu_time(tokens)  # [M] ms
-        gpu = self.gpu_time(tokens)  # [M] ms
-        cpu_bytes = self.expert_bytes * (DTYPES[self.cpu_dtype].itemsize / DTYPES[self.dtype].itemsize)
-        host_cpu, host_copy = self._host_ms(cpu_bytes), self._host_ms(self.expert_bytes)
+        tokens = [int(n) for n in np.asarray(tokens, dtype=np.int64).reshape(-1)]  # [M]
+        return np.array(self._decide(tokens, *self._times(tokens), gpu_busy_ms, copy_busy_ms), dtype=bool)
+
+    def _decide(self, tokens, cpu, gpu, gpu_busy_ms, copy_busy_ms) -> list[bool]:
+        # plain Python over M <= E floats: numpy's per-call overhead would dominate for Mixtral's 8 experts
+        copy = [False] * len(tokens)
+        host_cpu, host_copy = self._host_per_expert()
         t_gpu, t_cpu, t_copy = float(gpu_busy_ms), 0.0, float(copy_busy_ms)
         t_host = t_copy / self.copy_ms * host_copy if self.copy_ms else 0.0
-        for i in np.argsort(-tokens, kind="stable"):
+        for i in sorted(range(len(tokens)), key=lambda i: -tokens[i]):  # stable: largest batch first
             span_cpu = max(t_gpu, t_cpu + cpu[i], t_copy, t_host + host_cpu)
             c_copy = t_copy + self.copy_ms
             g_copy = max(t_gpu, c_copy) + gpu[i]  # the GPU computes it once its weights have landed
@@ -166,21 +208,78 @@ class CostModel:
                 t_cpu, t_host = t_cpu + cpu[i], t_host + host_cpu
         return copy
 
+    def _paths(self, tokens, cpu, gpu, copy, gpu_busy_ms=0.0, copy_busy_ms=0.0) -> tuple[float, float, float, float]:
+        """(GPU, CPU, copy engine, host memory) busy ms of whole-expert assignments, in decide()'s accounting."""
+        host_cpu, host_copy = self._host_per_expert()
+        t_gpu, t_cpu, t_copy = float(gpu_busy_ms), 0.0, float(copy_busy_ms)
+        t_host = t_copy / self.copy_ms * host_copy if self.copy_ms else 0.0
+        for i in sorted(range(len(tokens)), key=lambda i: -tokens[i]):
+            if copy[i]:
+                t_copy += self.copy_ms
+                t_gpu = max(t_gpu, t_copy) + gpu[i]
+                t_host += host_copy
+            else:
+                t_cpu += cpu[i]
+                t_host += host_cpu
+        return t_gpu, t_cpu, t_copy, t_host
+
+    def plan(self, tokens, gpu_busy_ms: float = 0.0, copy_busy_ms: float = 0.0, split: bool = True) -> LayerPlan:
+        """``decide``, then (if ``split``) the one expert split between copy and CPU that lowers the makespan most.
+
+        The split expert s with GPU fraction f = j / SPLIT_STEPS of its gate/up
+        rows is copied last (a share (1 + 2f) / 3 of its bytes); the CPU computes
+        the rest of its gate/up rows, (2/3)(1 - f) of its CPU time; the GPU
+        computes its own rows once they land and the down projection once the
+        CPU's activations are back. Two candidates are tried: the slowest CPU
+        expert and the smallest copied one; f is scanned on the grid.
+        """
+        tokens = [int(n) for n in np.asarray(tokens, dtype=np.int64).reshape(-1)]  # [M]
+        key = (tuple(tokens), float(gpu_busy_ms), float(copy_busy_ms), bool(split))
+        cache = self.__dict__.setdefault("_plans", {})  # decode repeats a handful of layer shapes: plan each once
+        if key not in cache:
+            if len(cache) >= 4096:
+                cache.clear()
+            cache[key] = self._plan(tokens, gpu_busy_ms, copy_busy_ms, split)
+        return cache[key]
+
+    def _plan(self, tokens, gpu_busy_ms, copy_busy_ms, split) -> LayerPlan:
+        cpu, gpu = self._times(tokens)
+        copy = self._decide(tokens, cpu, gpu, gpu_busy_ms, copy_busy_ms)
+        whole = max(self._paths(tokens, cpu, gpu, copy, gpu_busy_ms, copy_busy_ms))
+        best = (float("inf"), 0.0, -1, 0.0)  # (makespan, balance, split expert, fraction)
+        if split and tokens and self.copy_ms:
+            host_cpu, host_copy = self._host_per_expert()
+            cands = [i for i in range(len(tokens)) if not copy[i]]
+            cands = [max(cands, key=lambda i: cpu[i])] if cands else []
+            copied = [i for i in range(len(tokens)) if copy[i]]
+            cands += [min(copied, key=lambda i: tokens[i])] if copied else []
+            for s in cands:
+                rest = [i for i in range(len(tokens)) if i != s]
+                t_gpu, t_cpu, t_copy, t_host = self._paths([tokens[i] for i in rest], [cpu[i] for i in rest],
+                                                           [gpu[i] for i in rest], [copy[i] for i in rest],
+                                                           gpu_busy_ms, copy_busy_ms)
+                for j in range(SPLIT_STEPS):  # f = 1 would be a whole copy
+                    f = j / SPLIT_STEPS
+                    share = (1 + 2 * f) / 3  # GPU share of the expert's bytes
+                    c_copy = t_copy + share * self.copy_ms  # the split is copied last
+                    c_gpu = max(t_gpu, c_copy) + (2 * f / 3) * gpu[s]  # its GPU gate/up rows done
+                    c_cpu = t_cpu + (2 / 3) * (1 - f) * cpu[s] + SPLIT_OVERHEAD_MS
+                    c_end = max(c_gpu, c_cpu) + gpu[s] / 3  # the down projection on the GPU
+                    c_host = t_host + share * host_copy + (1 - share) * host_cpu
+                    # among equal makespans (host-bound) prefer the balanced split: least exposed to contention
+                    best = min(best, (max(c_end, c_copy, c_host), max(c_cpu, c_copy), s, f))
+        copy = np.array(copy, dtype=bool)
+        copy.flags.writeable = False  # plans are cached and shared
+        if whole - best[0] >= max(SPLIT_MIN_GAIN[0], SPLIT_MIN_GAIN[1] * whole):
+            return LayerPlan(copy, best[2], best[3], best[0])
+        return LayerPlan(copy, -1, 0.0, whole)
+
     def layer_makespan(self, tokens, copy_mask, gpu_busy_ms: float = 0.0, copy_busy_ms: float = 0.0) -> float:
         """Predicted makespan (ms) of one layer's missed experts under a given split (same accounting as decide)."""
-        tokens = np.asarray(tokens, dtype=np.int64)
-        copy_mask = np.asarray(copy_mask, dtype=bool)
-        cpu_bytes = self.expert_bytes * (DTYPES[self.cpu_dtype].itemsize / DTYPES[self.dtype].itemsize)
-        host_cpu, host_copy = self._host_ms(cpu_bytes), self._host_ms(self.expert_bytes)
-        t_gpu, t_copy = float(gpu_busy_ms), float(copy_busy_ms)
-        t_host = t_copy / self.copy_ms * host_copy if self.copy_ms else 0.0
-        for i in np.argsort(-tokens, kind="stable"):
-            if copy_mask[i]:
-                t_copy += self.copy_ms
-                t_gpu = max(t_gpu, t_copy) + float(self.gpu_time(tokens[i]))
-        t_cpu = float(self.cpu_time(tokens[~copy_mask]).sum())
-        t_host += host_copy * int(copy_mask.sum()) + host_cpu * int((~copy_mask).sum())
-        return max(t_gpu, t_cpu, t_copy, t_host)
+        tokens = [int(n) for n in np.asarray(tokens, dtype=np.int64).reshape(-1)]
+        cpu, gpu = self._times(tokens)
+        copy = [bool(c) for c in np.asarray(copy_mask, dtype=bool).reshape(-1)]
+        return max(self._paths(tokens, cpu, gpu, copy, gpu_busy_ms, copy_busy_ms))
 
     # -- construction and persistence -----------------------------------------------------------
     @classmethod
@@ -290,10 +389,12 @@ class _threads:
         self.n, self.old = n, torch.get_num_threads()
 
     def __enter__(self):
-        torch.set_num_threads(self.n)
+        if self.n != self.old:  # resizing the OpenMP team is not free: skip it when nothing changes
+            torch.set_num_threads(self.n)
 
     def __exit__(self, *exc):
-        torch.set_num_threads(self.old)
+        if self.n != self.old:
+            torch.set_num_threads(self.old)
 
 
 @torch.no_grad()

@@ -2,25 +2,37 @@
 
 Shapes: T tokens (batch x sequence, flattened), E experts per layer, L MoE
 layers, D hidden, I expert intermediate size, K experts per token (top-k),
-R rows (token, expert) sent to the CPU, M missed experts in a layer.
+R rows (token, expert) sent to the CPU, M missed experts in a layer, n rows
+of one expert.
 
 ``offload(model, gpu_experts)`` replaces each MoE block's fused experts module
 with an ``OffloadedExperts``. The router is untouched (transformers' float32
 softmax routing) unless a ``routing`` object replays a trace. Per forward pass
 and layer:
 
-1. one device-to-host transfer of the routing (tokens per expert and the
-   (token, slot) positions grouped by expert): the layer's only sync;
+1. one device-to-host transfer (the layer's only sync) of the routing, and for
+   small passes (decode, beams) of the activations too, so CPU experts start
+   right after it; grouping by expert happens on the host (a few numbers);
 2. ``policy.step`` says which used experts are GPU-resident (hits) and which
    residency changes follow the pass;
-3. the cost model splits the missed experts between CPU compute and weight
-   copies so as to minimise the layer's makespan (max of GPU, CPU, copy
-   engine, host memory), not the sum;
+3. the missed experts are served by CPU compute or weight copies; the default
+   ``decision="makespan"`` asks the cost model for the split that minimises the
+   layer's makespan (max of GPU, CPU, copy engine, host memory), not the sum,
+   and may split one expert between both paths (``CostModel.plan``): the GPU
+   copies its down projection and first k gate/up rows, the CPU computes the
+   other gate/up rows and sends back those activations (a few KB);
 4. CPU experts run in a worker thread (torch releases the GIL) concurrently
-   with the GPU experts: their activations go to pinned memory and back;
+   with the GPU's work; their activations go through reused pinned buffers;
    copied experts stream from pinned host memory into a small ring of reused
    GPU staging buffers on a side stream, pipelined with their compute;
 5. experts with no tokens cost nothing.
+
+The peer schemes are switches of the same engine (``toolkit.moe.baselines``):
+``decision`` "cpu" / "copy" / "fiddler" (Fiddler's rule: copy when tokens x 7 >=
+70), ``serial=True`` (Fiddler's schedule: GPU experts first, then each CPU
+expert on its own with a device-to-host transfer and sync, no overlap) and
+``pageable_copies=True`` (copies from ordinary host memory, blocking, as
+``module.to(device)`` and accelerate do).
 
 With ``device="cpu"`` both tiers are CPU tensors and the same routing,
 decision and counting code runs, so CI can test it without a GPU.
@@ -30,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,14 +50,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
 from ..errors import ToolkitError
-from .costs import CostModel, choose_threads, dtype_name, expert_forward
+from .costs import CostModel, _threads, choose_threads, dtype_name, expert_forward
 from .presets import is_experts_module, moe_blocks
 
 PHASES = ("prefill", "decode")
+DECISIONS = ("makespan", "cpu", "copy", "fiddler")
+# Fiddler's hard-coded costs (efeslab/fiddler, mixtral.py): 7 per token on the CPU, 70 per copied expert
+FIDDLER_CPU_COST, FIDDLER_COPY_COST = 7, 70
 
 
 def _label(name: str):
@@ -76,18 +93,26 @@ class ExpertStats:
     cpu_expert_calls: int = 0
     copy_expert_calls: int = 0
     gpu_expert_calls: int = 0
-    cpu_tokens: int = 0  # (token, expert) rows computed on the CPU
+    cpu_tokens: int = 0  # (token, expert) rows computed on the CPU (split experts included)
+    split_expert_calls: int = 0  # experts computed half on the CPU, half on the GPU
     forwards: dict = field(default_factory=dict)  # phase -> MoE layer forwards
+    # per (layer, expert): forward passes in which it had >= 1 token, and those in which it was resident.
+    # A used expert's weights are read once per pass however many tokens it has: the roofline counts these.
+    passes_used: dict = field(default_factory=dict)  # phase -> int64 [L, E]
+    passes_hit: dict = field(default_factory=dict)  # phase -> int64 [L, E]
 
     def __post_init__(self):
         for p in PHASES:
-            self.activations.setdefault(p, np.zeros((self.n_layers, self.n_experts), dtype=np.int64))
-            self.hits.setdefault(p, np.zeros((self.n_layers, self.n_experts), dtype=np.int64))
+            for table in (self.activations, self.hits, self.passes_used, self.passes_hit):
+                table.setdefault(p, np.zeros((self.n_layers, self.n_experts), dtype=np.int64))
             self.forwards.setdefault(p, 0)
 
     def record(self, phase: str, layer: int, counts: np.ndarray, resident_used: np.ndarray) -> None:
         self.activations[phase][layer] += counts
-        self.hits[phase][layer, resident_used] += counts[resident_used]
+        self.passes_used[phase][layer] += counts > 0
+        if len(resident_used):
+            self.hits[phase][layer, resident_used] += counts[resident_used]
+            self.passes_hit[phase][layer, resident_used] += 1
         self.forwards[phase] += 1
 
     def _sum(self, table: dict, phase: str | None) -> np.ndarray:
@@ -117,11 +142,11 @@ class ExpertStats:
 
     def reset(self) -> None:
         for p in PHASES:
-            self.activations[p][:] = 0
-            self.hits[p][:] = 0
+            for table in (self.activations, self.hits, self.passes_used, self.passes_hit):
+                table[p][:] = 0
             self.forwards[p] = 0
         self.bytes_copied = self.cpu_expert_calls = self.copy_expert_calls = self.gpu_expert_calls = 0
-        self.cpu_tokens = 0
+        self.cpu_tokens = self.split_expert_calls = 0
 
     def to_dict(self) -> dict:
         return {
@@ -134,7 +159,10 @@ class ExpertStats:
             "copy_expert_calls": self.copy_expert_calls,
             "gpu_expert_calls": self.gpu_expert_calls,
             "cpu_tokens": self.cpu_tokens,
+            "split_expert_calls": self.split_expert_calls,
             "forwards": dict(self.forwards),
+            "passes_used": {p: self.passes_used[p].tolist() for p in PHASES},
+            "passes_hit": {p: self.passes_hit[p].tolist() for p in PHASES},
         }
 
 
@@ -241,6 +269,78 @@ class _Slot:
         self.busy = False  # handed out, its compute not yet enqueued
 
 
+class _HostBuffers:
+    """Reused host staging buffers (pinned with CUDA), grown on demand: no allocation per layer.
+
+    Reuse is safe without events: a layer waits for its CPU job before it
+    returns, and the next job writes a buffer only after an event recorded
+    behind every earlier copy out of it on the same stream.
+    """
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self._bufs: dict = {}
+
+    def get(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self._bufs.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, 2 * (0 if buf is None else buf.numel())), dtype=dtype, pin_memory=self.pin)
+            self._bufs[(name, dtype)] = buf
+        return buf[:n].view(*shape)
+
+
+SMALL_PASS = 16  # tokens: up to this many (decode, beams) the activations reach the host with the routing
+
+
+class _Pass:
+    """One forward pass of a layer, grouped by expert: counts and order on the host, device views on demand.
+
+    Positions p in [0, T*K) are the (token, slot) pairs; ``order`` [T*K] lists them
+    grouped by expert (stable), so expert e owns order[rows[e]], tokens order[rows[e]] // K.
+    One device-to-host transfer (and sync) brings the expert ids and weights, and for
+    small passes the activations too: the CPU experts can start at once.
+    """
+
+    def __init__(self, mod: OffloadedExperts, hidden, top_k_index, top_k_weights):
+        T, K = top_k_index.shape
+        small = T <= SMALL_PASS
+        if hidden.is_cuda:
+            bufs = mod.engine.host_buffers
+            idx = bufs.get("route", (T, K), top_k_index.dtype).copy_(top_k_index, non_blocking=True)
+            w = bufs.get("route_w", (T, K), top_k_weights.dtype).copy_(top_k_weights, non_blocking=True)
+            x = bufs.get("route_x", hidden.shape, hidden.dtype).copy_(hidden, non_blocking=True) if small else None
+            torch.cuda.current_stream().synchronize()  # the layer's one sync
+        else:
+            idx, w, x = top_k_index, top_k_weights, (hidden if small else None)
+        flat = idx.reshape(-1).numpy()  # [T*K] expert of each (token, slot)
+        self.mod, self.hidden, self.top_k_weights, self.K = mod, hidden, top_k_weights, K
+        self.order = np.argsort(flat, kind="stable")  # [T*K]
+        self.counts = np.bincount(flat, minlength=mod.n_experts)  # [E] tokens per expert
+        offs = [0, *np.cumsum(self.counts).tolist()]
+        self.rows = [slice(offs[e], offs[e + 1]) for e in range(mod.n_experts)]
+        self.x_host = x  # [T, D] host activations (small passes), else None
+        self.w_host = w.reshape(-1)  # [T*K] host routing weights
+        self._device = None
+
+    def device(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token [T*K], weight [T*K]) of each grouped position, on the device."""
+        if self._device is None:
+            order = torch.from_numpy(self.order)
+            if self.hidden.is_cuda:  # through a pinned buffer: a pageable copy would sync the stream
+                order = self.mod.engine.host_buffers.get("order", order.shape, order.dtype).copy_(order)
+                order = order.to(self.hidden.device, non_blocking=True)
+            self._device = (order // self.K, self.top_k_weights.reshape(-1)[order])
+        return self._device
+
+    def host_rows(self, experts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Activations [R, D] and weights [R] of these experts' rows, on the host (small passes only)."""
+        pos = self.order[self.rows[experts[0]]] if len(experts) == 1 else \
+            np.concatenate([self.order[self.rows[e]] for e in experts])
+        pos = torch.from_numpy(pos)  # [R] grouped positions of these experts
+        return self.x_host[pos // self.K], self.w_host[pos]
+
+
 class OffloadedExperts(nn.Module):
     """Drop-in for a fused experts module: forward(hidden [T, D], top_k_index [T, K], top_k_weights [T, K]) -> [T, D]."""
 
@@ -249,6 +349,7 @@ class OffloadedExperts(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_experts = host_gate_up.shape[0]
+        self.intermediate = host_down.shape[2]
         self.act_fn = original.act_fn
         # weights are plain attributes, not parameters: model.to() / state_dict must not move them
         self.__dict__["engine"] = engine
@@ -257,6 +358,7 @@ class OffloadedExperts(nn.Module):
             self.cpu_gate_up, self.cpu_down = host_gate_up, host_down
         else:  # CPU experts run faster in another dtype on this CPU: keep a host copy in it
             self.cpu_gate_up, self.cpu_down = host_gate_up.to(cpu_dtype), host_down.to(cpu_dtype)
+        self._pageable = None  # (gate_up, down) pageable clones, made at this layer's first copy
         self.expert_bytes = (host_gate_up[0].numel() + host_down[0].numel()) * host_gate_up.element_size()
         self.gpu: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # resident expert -> (gate_up [2I, D], down [D, I])
         for e in np.flatnonzero(resident):
@@ -264,6 +366,20 @@ class OffloadedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, experts={self.n_experts}, gpu_resident={sorted(self.gpu)}"
+
+    def sources(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where copies read from: the pinned tier, or with ``pageable_copies`` a pageable clone of it.
+
+        The clone is made at this layer's first copy (a warm-up pays for it), so a
+        scheme that never copies (Fiddler's decode) never holds one.
+        """
+        eng = self.engine
+        if not (eng.pageable_copies and eng.device.type == "cuda"):
+            return self.host_gate_up, self.host_down
+        if self._pageable is None:
+            self._pageable = (torch.empty(self.host_gate_up.shape, dtype=self.host_gate_up.dtype).copy_(self.host_gate_up),
+                              torch.empty(self.host_down.shape, dtype=self.host_down.dtype).copy_(self.host_down))
+        return self._pageable
 
     def _to_device(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.engine.device
@@ -275,33 +391,38 @@ class OffloadedExperts(nn.Module):
     def _expert(self, x, gate_up, down, w, out_dtype):
         return (expert_forward(x, gate_up, down, self.act_fn) * w[:, None]).to(out_dtype)
 
-    def _cpu_job(self, ready, x_host, w_host, segments, out_dtype, pin):
-        """Worker thread: the CPU experts of this layer. x_host [R, D], w_host [R] -> y [R, D] (pinned with CUDA)."""
+    def _gate_up(self, x, gate_up, lo: int, hi: int):
+        """Activations of intermediate units [lo, hi): x [n, D], gate_up [2I, D] -> act(gate) * up [n, hi - lo]."""
+        up = self.intermediate  # up rows start here
+        return self.act_fn(F.linear(x, gate_up[lo:hi])) * F.linear(x, gate_up[up + lo:up + hi])
+
+    def _cpu_job(self, ready, x_host, w_host, segments, split, y, h):
+        """Worker thread: this layer's CPU work. x_host [R, D], w_host [R] -> y [R', D] (whole experts), h [n, I-k].
+
+        ``segments``: (expert, first row, rows) of the whole CPU experts, rows [0, R');
+        ``split``: (expert, first row, rows, k) whose gate/up rows [k, I) the CPU computes into h.
+        """
         if ready is not None:
             ready.synchronize()  # the activations have landed in pinned memory
         with _label(f"moe.cpu_experts[L{self.layer}]"):
             x = x_host.to(self.cpu_gate_up.dtype)  # [R, D]
-            y = torch.empty(x_host.shape, dtype=out_dtype, pin_memory=pin)  # [R, D]
             for e, s, n in segments:
-                y[s:s + n] = self._expert(x[s:s + n], self.cpu_gate_up[e], self.cpu_down[e], w_host[s:s + n], out_dtype)
-        return y
+                y[s:s + n] = self._expert(x[s:s + n], self.cpu_gate_up[e], self.cpu_down[e], w_host[s:s + n], y.dtype)
+            if split is not None:
+                e, s, n, k = split
+                h.copy_(self._gate_up(x[s:s + n], self.cpu_gate_up[e], k, self.intermediate))
+        return y, h
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        eng, layer, E = self.engine, self.layer, self.n_experts
-        K = top_k_index.shape[-1]
+        eng, layer = self.engine, self.layer
         phase = eng.phase
-        cuda = hidden.is_cuda
 
         with _label(f"moe.route[L{layer}]"):
-            flat = top_k_index.reshape(-1)  # [T*K] expert of each (token, slot)
-            order = torch.argsort(flat, stable=True)  # [T*K] (token, slot) positions grouped by expert
-            counts_dev = torch.bincount(flat, minlength=E)  # [E]
-            packed = torch.cat([counts_dev, order]).cpu()  # the layer's one device-to-host transfer (and sync)
-        counts = packed[:E].numpy()  # [E] tokens per expert
-        offsets = np.concatenate([[0], np.cumsum(counts)])  # [E+1] start of each expert in `order`
+            p = _Pass(self, hidden, top_k_index, top_k_weights)
         if eng.recorder is not None:
             eng.recorder.observe(layer, phase, top_k_index, top_k_weights)
 
+        counts = p.counts
         used = np.flatnonzero(counts)  # experts with >= 1 token
         hit, load, evict = eng.policy.step(layer, used)
         hit = np.asarray(hit, dtype=bool)
@@ -310,52 +431,110 @@ class OffloadedExperts(nn.Module):
             raise ToolkitError(f"policy {type(eng.policy).__name__} reports layer {layer} experts "
                                f"{[int(e) for e in resident_used if int(e) not in self.gpu]} as resident but they "
                                "were never loaded (its load/evict lists and hits disagree)")
-        eng.stats.record(phase, layer, counts, resident_used)
         keep = {int(e) for e in load}
+        cpu_experts, copy_experts, split = self._assign(counts, resident_used, missed, keep)
+        jobs = [(int(e), int(e) in keep) for e in copy_experts]
+        jobs += [(int(e), True) for e in load if counts[int(e)] == 0 and int(e) not in self.gpu]  # prefetch
+
+        if eng.serial:
+            job = None
+            eng.stats.record(phase, layer, counts, resident_used)
+        else:
+            job = self._start_cpu(p, cpu_experts, split)  # first: the CPU's work is the long pole
+            eng.stats.record(phase, layer, counts, resident_used)  # bookkeeping while it runs
+        fresh = {e: eng.new_weights(self, e) for e, kept in jobs if kept}  # allocated before the side stream waits
+        args = (p, resident_used, cpu_experts, jobs, fresh, split)
+        out = self._serial(*args) if eng.serial else self._overlapped(*args, job)
+
+        eng.stats.gpu_expert_calls += len(resident_used)
+        eng.stats.cpu_expert_calls += len(cpu_experts)
+        eng.stats.cpu_tokens += int(counts[cpu_experts].sum()) + (int(counts[split[0]]) if split else 0)
+        eng.stats.copy_expert_calls += len(copy_experts)
+        eng.stats.bytes_copied += len(jobs) * self.expert_bytes
+        if split:
+            eng.stats.split_expert_calls += 1
+            eng.stats.bytes_copied += self._split_bytes(split[1])
+        for e in evict:
+            self.gpu.pop(int(e), None)
+        for e in fresh:
+            self.gpu[e] = fresh[e]
+        return out
+
+    def _split_bytes(self, k: int) -> int:
+        """Bytes a split expert copies: gate/up rows [0, k) and the down projection."""
+        hidden, inter = self.host_down.shape[1], self.intermediate
+        return (2 * k * hidden + hidden * inter) * self.host_gate_up.element_size()
+
+    def _assign(self, counts, resident_used, missed, keep):
+        """-> (CPU experts, copied experts, (split expert, k) or None) for this pass's missed experts."""
+        eng = self.engine
         forced = np.array([int(e) in keep for e in missed], dtype=bool)  # [M] the policy keeps it: copy it
         to_copy = forced.copy()  # [M]
-        if (~forced).any():
-            gpu_busy = float(eng.cost_model.gpu_time(counts[resident_used]).sum())
-            copy_busy = float(forced.sum()) * eng.cost_model.copy_ms
-            to_copy[~forced] = eng.cost_model.decide(counts[missed[~forced]], gpu_busy, copy_busy)
-        cpu_experts, copy_experts = missed[~to_copy], missed[to_copy]
+        split = None
+        free = missed[~forced]  # experts the decision may place
+        if len(free):
+            n = counts[free]
+            if eng.decision == "makespan":
+                cm = eng.cost_model
+                gpu_busy = float(sum(cm._times(counts[resident_used].tolist())[1]))
+                plan = cm.plan(n, gpu_busy, float(forced.sum()) * cm.copy_ms, split=eng.split)
+                choice = plan.copy.copy()
+                if plan.split >= 0:
+                    choice[plan.split] = False
+                    split = (int(free[plan.split]), int(round(plan.fraction * self.intermediate)))
+            elif eng.decision == "copy":
+                choice = np.ones(len(free), dtype=bool)
+            elif eng.decision == "cpu":
+                choice = np.zeros(len(free), dtype=bool)
+            else:  # Fiddler: minimise the sum of fixed costs per expert, i.e. copy from 10 tokens on
+                choice = n * FIDDLER_CPU_COST >= FIDDLER_COPY_COST
+            to_copy[~forced] = choice
+        cpu = missed[~to_copy]
+        if split is not None:
+            cpu = cpu[cpu != split[0]]
+        return cpu, missed[to_copy], split
 
-        tok_sorted = order // K  # [T*K] token of each grouped position
-        w_sorted = top_k_weights.reshape(-1)[order]  # [T*K] its routing weight
-        out = torch.zeros_like(hidden)  # [T, D]
-
-        def rows(e):  # this expert's slice of the grouped positions (a view: no kernel, no sync)
-            return slice(int(offsets[e]), int(offsets[e + 1]))
-
-        # 1. CPU experts: start first, they are the long pole
-        future = cpu_rows = None
-        if len(cpu_experts):
-            with _label(f"moe.cpu_experts[L{layer}]"):
-                cpu_rows = torch.cat([tok_sorted[rows(e)] for e in cpu_experts])  # [R]
-                x = hidden[cpu_rows]  # [R, D]
-                w = torch.cat([w_sorted[rows(e)] for e in cpu_experts])  # [R]
-                segments, s = [], 0
-                for e in cpu_experts:
-                    segments.append((int(e), s, int(counts[e])))
-                    s += int(counts[e])
-                ready = None
-                if cuda:
-                    x_host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
-                    w_host = torch.empty(w.shape, dtype=w.dtype, pin_memory=True).copy_(w, non_blocking=True)
+    def _start_cpu(self, p: _Pass, cpu_experts, split):
+        """Hand this layer's CPU work to the worker (or keep it for later inline) -> job, or None."""
+        eng, layer = self.engine, self.layer
+        cpu_list = [int(e) for e in cpu_experts] + ([split[0]] if split else [])
+        if not cpu_list:
+            return None
+        with _label(f"moe.cpu_experts[L{layer}]"):
+            segments, s = [], 0
+            for e in cpu_experts:
+                segments.append((int(e), s, int(p.counts[e])))
+                s += int(p.counts[e])
+            split_job = (split[0], s, int(p.counts[split[0]]), split[1]) if split else None
+            bufs, ready = eng.host_buffers, None
+            if p.x_host is not None:  # small pass: the activations came with the routing
+                x_host, w_host = p.host_rows(cpu_list)  # [R, D], [R]
+            else:  # gather the rows on the device and bring them over
+                tok, wts = p.device()
+                idx = torch.cat([tok[p.rows[e]] for e in cpu_list])  # [R]
+                x, w = p.hidden[idx], torch.cat([wts[p.rows[e]] for e in cpu_list])  # [R, D], [R]
+                if x.is_cuda:
+                    x_host = bufs.get("x", x.shape, x.dtype).copy_(x, non_blocking=True)
+                    w_host = bufs.get("w", w.shape, w.dtype).copy_(w, non_blocking=True)
                     ready = torch.cuda.Event()
                     ready.record()
                 else:
                     x_host, w_host = x, w
-                args = (ready, x_host, w_host, segments, hidden.dtype, cuda)
-                future = eng.executor.submit(self._cpu_job, *args) if eng.executor else _Done(self._cpu_job(*args))
-            eng.stats.cpu_expert_calls += len(cpu_experts)
-            eng.stats.cpu_tokens += int(counts[cpu_experts].sum())
+            D = p.hidden.shape[1]
+            y = bufs.get("y", (s, D), p.hidden.dtype)  # [R', D]
+            h = bufs.get("h", (split_job[2], self.intermediate - split[1]) if split else (0, 0), p.hidden.dtype)
+            job = (ready, x_host, w_host, segments, split_job, y, h)
+            return eng.executor.submit(self._cpu_job, *job) if eng.executor is not None else job
 
-        # 2. copies: weights stream in on a side stream while the GPU computes resident experts
-        jobs = [(int(e), int(e) in keep) for e in copy_experts]
-        jobs += [(int(e), True) for e in load if counts[int(e)] == 0 and int(e) not in self.gpu]  # prefetch
-        fresh = {e: eng.new_weights(self, e) for e, kept in jobs if kept}  # allocated before the side stream waits
-        if jobs and cuda:
+    def _overlapped(self, p: _Pass, resident_used, cpu_experts, jobs, fresh, split, job):
+        """Copies on the side stream and GPU experts while the CPU job runs; one wait at the end."""
+        eng, layer, hidden = self.engine, self.layer, p.hidden
+        cuda = hidden.is_cuda
+        out = torch.zeros_like(hidden)  # [T, D]
+        tok, wts = p.device() if (len(resident_used) or jobs or split or len(cpu_experts)) else (None, None)
+
+        # copies: weights stream in on a side stream while the GPU computes resident experts
+        if (jobs or split) and cuda:
             eng.copy_stream.wait_stream(torch.cuda.current_stream())
         landed = []  # (gate_up, down, ready, slot) of the copies issued so far, in job order
 
@@ -373,10 +552,9 @@ class OffloadedExperts(nn.Module):
         if len(resident_used):
             with _label(f"moe.gpu_experts[L{layer}]"):
                 for e in resident_used:
-                    r = rows(e)
-                    y = self._expert(hidden[tok_sorted[r]], *self.gpu[int(e)], w_sorted[r], out.dtype)  # [n, D]
-                    out.index_add_(0, tok_sorted[r], y)
-            eng.stats.gpu_expert_calls += len(resident_used)
+                    r = p.rows[e]
+                    y_e = self._expert(hidden[tok[r]], *self.gpu[int(e)], wts[r], out.dtype)  # [n, D]
+                    out.index_add_(0, tok[r], y_e)
 
         with _label(f"moe.copy_experts[L{layer}]") if jobs else contextlib.nullcontext():
             for j, (e, _) in enumerate(jobs):
@@ -384,35 +562,65 @@ class OffloadedExperts(nn.Module):
                 gate_up, down, ready, slot = landed[j]
                 if ready is not None:
                     torch.cuda.current_stream().wait_event(ready)
-                if counts[e]:
-                    r = rows(e)
-                    y = self._expert(hidden[tok_sorted[r]], gate_up, down, w_sorted[r], out.dtype)  # [n, D]
-                    out.index_add_(0, tok_sorted[r], y)
+                if p.counts[e]:
+                    r = p.rows[e]
+                    y_e = self._expert(hidden[tok[r]], gate_up, down, wts[r], out.dtype)  # [n, D]
+                    out.index_add_(0, tok[r], y_e)
                 if slot is not None:
                     eng.release(slot)  # its next copy waits for this compute
-            eng.stats.copy_expert_calls += len(copy_experts)
-            eng.stats.bytes_copied += len(jobs) * self.expert_bytes
 
-        # 3. CPU results back and added in
-        if future is not None:
-            y = future.result()  # [R, D]
-            out.index_add_(0, cpu_rows, y.to(hidden.device, non_blocking=True))
+        # the split expert: its down projection and gate/up rows [0, k) land in a slot, copied last
+        if split:
+            e, k = split
+            r = p.rows[e]
+            with _label(f"moe.copy_experts[L{layer}]"):
+                gate_up, down, ready, slot = eng.copy_in(self, e, part=k)  # [2I, D] (rows [0, k), [I, I+k)), [D, I]
+                if ready is not None:
+                    torch.cuda.current_stream().wait_event(ready)
+                h_gpu = self._gate_up(hidden[tok[r]], gate_up, 0, k) if k else None  # [n, k]
+        cpu_idx = torch.cat([tok[p.rows[int(e)]] for e in cpu_experts]) if len(cpu_experts) else None  # [R']
 
-        for e in evict:
-            self.gpu.pop(int(e), None)
-        for e in fresh:
-            self.gpu[e] = fresh[e]
+        # the CPU's results back and added in
+        if job is not None:
+            if eng.executor is not None:
+                y, h = job.result()
+            else:  # inline: the GPU's work is already queued, so it still overlaps with this
+                with _threads(eng.cpu_threads):
+                    y, h = self._cpu_job(*job)
+            if cpu_idx is not None:
+                out.index_add_(0, cpu_idx, y.to(hidden.device, non_blocking=True))
+            if split:
+                h = h.to(hidden.device, non_blocking=True)  # [n, I-k]
+                h = torch.cat([h_gpu, h], dim=-1) if k else h  # [n, I] every intermediate unit
+                y_s = (F.linear(h, down) * wts[r][:, None]).to(out.dtype)  # [n, D]
+                out.index_add_(0, tok[r], y_s)
+                eng.release(slot)
         return out
 
-
-class _Done:
-    """A finished future (the CPU path without a worker thread)."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
+    def _serial(self, p: _Pass, resident_used, cpu_experts, jobs, fresh, split):
+        """Fiddler's schedule: GPU experts (resident, then blocking copies) in expert order, then each CPU
+        expert on its own: device-to-host transfer (a sync), compute, host-to-device; nothing overlaps."""
+        eng, layer, hidden = self.engine, self.layer, p.hidden
+        out = torch.zeros_like(hidden)  # [T, D]
+        tok, wts = p.device()
+        gpu_side = sorted([(int(e), None) for e in resident_used] + [(e, kept) for e, kept in jobs])
+        with _label(f"moe.gpu_experts[L{layer}]"):
+            for e, kept in gpu_side:
+                weights = self.gpu[e] if kept is None else eng.copy_blocking(self, e, fresh.get(e))
+                if p.counts[e]:
+                    r = p.rows[e]
+                    y_e = self._expert(hidden[tok[r]], *weights, wts[r], out.dtype)  # [n, D]
+                    out.index_add_(0, tok[r], y_e)
+        if len(cpu_experts):
+            with _threads(eng.cpu_threads):  # the same CPU threads as the worker of the overlapped schedule
+                for e in sorted(int(e) for e in cpu_experts):
+                    with _label(f"moe.cpu_experts[L{layer}]"):
+                        r = p.rows[e]
+                        x = hidden[tok[r]].cpu().to(self.cpu_gate_up.dtype)  # [n, D] a sync per expert
+                        w = wts[r].cpu()  # [n]
+                        y_e = self._expert(x, self.cpu_gate_up[e], self.cpu_down[e], w, out.dtype)  # [n, D]
+                        out.index_add_(0, tok[r], y_e.to(hidden.device))
+        return out
 
 
 class _RoutedGate(nn.Module):
@@ -437,7 +645,8 @@ class Offloaded:
     """An MoE model whose experts are split between the GPU and the CPU (see ``offload``)."""
 
     def __init__(self, model, blocks, policy, resident, device, cost_model, routing, cpu_threads, cpu_dtype,
-                 copy_slots, overlap, gpu_experts, orig_devices):
+                 copy_slots, overlap, gpu_experts, orig_devices, decision="makespan", serial=False,
+                 pageable_copies=False, split=True):
         self.model = model
         self.device = device
         self.policy = policy
@@ -447,6 +656,9 @@ class Offloaded:
         self.cpu_threads = cpu_threads
         self.cpu_dtype = cpu_dtype
         self.gpu_experts = gpu_experts
+        self.decision, self.serial, self.pageable_copies = decision, serial, pageable_copies
+        self.split = split and decision == "makespan" and not serial
+        self.host_buffers = _HostBuffers(pin=device.type == "cuda")
         self._blocks = blocks
         self._originals = [b.experts for b in blocks]
         self._orig_gates = [b.gate for b in blocks]
@@ -457,7 +669,7 @@ class Offloaded:
         self._slots: list[_Slot] = []
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.executor = None
-        if overlap:
+        if overlap and not serial:
             self.executor = ThreadPoolExecutor(1, thread_name_prefix="moe-cpu",
                                                initializer=self._init_worker, initargs=(cpu_threads, device))
         self._hooks = []
@@ -531,24 +743,50 @@ class Offloaded:
             slot.free.record()
         slot.busy = False
 
-    def copy_in(self, mod: OffloadedExperts, e: int, dest=None):
-        """Start copying expert ``e``'s weights to the device -> (gate_up, down, ready event | None, slot | None)."""
+    @staticmethod
+    def _copy_parts(mod: OffloadedExperts, e: int, dest, part: int | None, non_blocking: bool) -> None:
+        """Expert e's weights (all, or only gate/up rows [0, part) and [I, I+part) plus down) into dest."""
+        src_gate_up, src_down = mod.sources()
+        gu, dn = src_gate_up[e], src_down[e]  # [2I, D], [D, I]
+        if part is None:
+            dest[0].copy_(gu, non_blocking=non_blocking)
+        elif part:
+            up = mod.intermediate  # up rows start here
+            dest[0][:part].copy_(gu[:part], non_blocking=non_blocking)
+            dest[0][up:up + part].copy_(gu[up:up + part], non_blocking=non_blocking)
+        dest[1].copy_(dn, non_blocking=non_blocking)
+
+    def copy_in(self, mod: OffloadedExperts, e: int, dest=None, part: int | None = None):
+        """Start copying expert ``e``'s weights to the device -> (gate_up, down, ready event | None, slot | None).
+
+        ``part``: copy only the gate/up rows a split expert computes on the GPU (and all of down).
+        """
         slot = None
         if dest is None:
             slot = self._slot(mod)
             dest = (slot.gate_up, slot.down)
         if self.device.type != "cuda":
-            dest[0].copy_(mod.host_gate_up[e])
-            dest[1].copy_(mod.host_down[e])
+            self._copy_parts(mod, e, dest, part, non_blocking=False)
             return dest[0], dest[1], None, slot
         with torch.cuda.stream(self.copy_stream):
             if slot is not None and slot.free is not None:
                 self.copy_stream.wait_event(slot.free)  # the slot's previous expert has been computed
-            dest[0].copy_(mod.host_gate_up[e], non_blocking=True)
-            dest[1].copy_(mod.host_down[e], non_blocking=True)
+            self._copy_parts(mod, e, dest, part, non_blocking=not self.pageable_copies)
             ready = torch.cuda.Event()
             ready.record(self.copy_stream)
         return dest[0], dest[1], ready, slot
+
+    def copy_blocking(self, mod: OffloadedExperts, e: int, dest=None):
+        """Copy expert ``e`` on the compute stream and wait for it (the serial schedule) -> (gate_up, down).
+
+        One staging slot suffices: stream order puts each copy after the last compute that read the slot.
+        """
+        if dest is None:
+            dest = (self._slots[0].gate_up, self._slots[0].down)
+        self._copy_parts(mod, e, dest, None, non_blocking=False)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # pinned copies return early; Fiddler's waited
+        return dest
 
     # -- public ---------------------------------------------------------------------------------
     @property
@@ -599,7 +837,9 @@ class Offloaded:
             "gpu_experts": self.gpu_experts, "total_experts": self.n_layers * self.n_experts,
             "device": str(self.device), "policy": getattr(self.policy, "name", type(self.policy).__name__),
             "cpu_threads": self.cpu_threads, "cpu_dtype": dtype_name(self.cpu_dtype), "copy_slots": self.copy_slots,
-            "overlap": self.executor is not None, "placement": self.placement.astype(int).tolist(),
+            "overlap": self.executor is not None, "decision": self.decision, "serial": self.serial,
+            "pageable_copies": self.pageable_copies, "split": self.split,
+            "placement": self.placement.astype(int).tolist(),
             "cost_model": self.cost_model.to_dict(), "stats": self.stats.to_dict(),
         }
 
@@ -607,6 +847,7 @@ class Offloaded:
         """Put the original experts modules and routers back; return the model."""
         for mod in self.experts:  # free the GPU tier first: the experts may be moving back to the GPU
             mod.gpu.clear()
+            mod._pageable = None  # drop pageable clones
         self._slots.clear()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -641,7 +882,8 @@ def _check_fits(n_resident: int, copy_slots: int, expert_bytes: int, device: tor
 @torch.no_grad()
 def offload(model, gpu_experts: int | None, device: str = "cuda", placement=None, policy=None,
             cost_model: CostModel | str | os.PathLike | None = None, routing=None, cpu_threads: int | None = None,
-            copy_slots: int = 2, overlap: bool | None = None) -> Offloaded:
+            copy_slots: int = 2, overlap: bool | None = None, *, decision: str = "makespan", serial: bool = False,
+            pageable_copies: bool = False, split: bool = True) -> Offloaded:
     """Split the experts of ``model`` between the GPU (``gpu_experts`` of them in total) and the CPU.
 
     placement: bool [L, E] (which experts), numeric [L, E] (a popularity
@@ -652,6 +894,14 @@ def offload(model, gpu_experts: int | None, device: str = "cuda", placement=None
     machine). routing: replay routing (``route(layer, hidden, phase)``).
     copy_slots: GPU staging buffers for copied experts. overlap: run CPU
     experts in a worker thread concurrently with GPU work (default: on CUDA).
+
+    How missed experts are served (the peer schemes of ``toolkit.moe.baselines``):
+    decision: "makespan" (cost model, default), "cpu", "copy", or "fiddler"
+    (copy when tokens x 7 >= 70). serial: Fiddler's schedule, nothing
+    overlaps. pageable_copies: copy from a pageable clone of the experts,
+    blocking (as ``module.to(device)``); costs host memory for the clone.
+    split: let the makespan decision split one expert per layer between the
+    copy path and the CPU.
     """
     from ..env import resolve_device
 
@@ -671,6 +921,8 @@ def offload(model, gpu_experts: int | None, device: str = "cuda", placement=None
     dtype = first.gate_up_proj.dtype
     if copy_slots < 1:
         raise ToolkitError(f"copy_slots must be >= 1, got {copy_slots}")
+    if decision not in DECISIONS:
+        raise ToolkitError(f"decision must be one of {', '.join(DECISIONS)}, got {decision!r}")
     policy, resident = _initial_residency(placement, policy, gpu_experts, n_layers, n_experts)
     if gpu_experts is None:
         gpu_experts = int(resident.sum())
@@ -706,7 +958,8 @@ def offload(model, gpu_experts: int | None, device: str = "cuda", placement=None
     if overlap is None:
         overlap = device.type == "cuda"
     off = Offloaded(model, blocks, policy, resident, device, cost_model, routing, cpu_threads, cpu_dtype,
-                    copy_slots, overlap, gpu_experts, orig_devices)
+                    copy_slots, overlap, gpu_experts, orig_devices, decision, bool(serial), bool(pageable_copies),
+                    bool(split))
     if any(p.device != device for p in model.parameters()):
         model.to(device)  # the dense part (the experts are no longer parameters of the model)
     return off
