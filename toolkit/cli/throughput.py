@@ -1,0 +1,143 @@
+"""`python -m toolkit throughput`: the largest batch that fits, the throughput curve, and the optimal batch."""
+
+from __future__ import annotations
+
+import sys
+
+from .common import add_device_argument, parse_bytes, positive_int, print_json
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("throughput", help="largest batch that fits, samples/s vs batch size, optimal batch",
+                              description=__doc__)
+    p.add_argument("--model", default="resnet-50", help="benchmark model (see toolkit.models.MODEL_NAMES)")
+    add_device_argument(p)
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--max-memory", type=parse_bytes, default=None,
+                   help="memory limit for the search, e.g. 4GiB (CPU default: the memory available now, for the "
+                        "whole trial process; GPU default: the whole GPU)")
+    p.add_argument("--min-batch", type=positive_int, default=1, help="first batch size tried (default 1)")
+    p.add_argument("--max-batch", type=positive_int, default=None, help="optional upper bound of the search")
+    p.add_argument("--n-batches", type=positive_int, default=100, help="timed batches per curve point (default 100)")
+    p.add_argument("--max-time", type=float, default=None, dest="max_time_s",
+                   help="cap on each curve point's timed region, seconds (default 5 on a GPU, 0.5 on a CPU)")
+    p.add_argument("--curve-step", type=int, default=None,
+                   help="curve at min, min*step, min*step^2, ..., max (default 2 on a GPU, 4 on a CPU)")
+    p.add_argument("--tolerance", type=float, default=0.03, help="optimal = smallest batch within this of the best")
+    p.add_argument("--verify", type=int, default=0, metavar="N",
+                   help="re-run the largest batch N times and try largest+1 once")
+    p.add_argument("--fresh-process", action="store_true", help="run every search trial in a new process")
+    p.add_argument("--out", default=None, help="also save the JSON result (with provenance) to this file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=run)
+
+
+def _check(args) -> None:
+    from ..errors import ToolkitError
+    from ..models import MODEL_NAMES
+
+    if args.model not in MODEL_NAMES:
+        raise ToolkitError(f"unknown model {args.model!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    if args.max_batch is not None and args.min_batch > args.max_batch:
+        raise ToolkitError(f"batch bounds reversed: --min-batch {args.min_batch} > --max-batch {args.max_batch}")
+    if args.max_time_s is not None and args.max_time_s <= 0:
+        raise ToolkitError(f"--max-time must be positive, got {args.max_time_s}")
+    if args.curve_step is not None and args.curve_step < 2:
+        raise ToolkitError(f"--curve-step must be >= 2, got {args.curve_step}")
+    if not 0 <= args.tolerance < 1:
+        raise ToolkitError(f"--tolerance must be in [0, 1), got {args.tolerance}")
+    if args.verify < 0:
+        raise ToolkitError(f"--verify must be >= 0, got {args.verify}")
+
+
+def run(args) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from ..env import resolve_device
+    from ..models import build_model
+    from ..results import provenance, save_json
+    from ..throughput import curve_batch_sizes, find_max_batch_size, find_optimal_batch_size, throughput_curve
+
+    _check(args)
+    device = resolve_device(args.device)
+    cuda = device.startswith("cuda")
+    dtype = getattr(torch, args.dtype)
+    kw = dict(device=device, max_memory=args.max_memory, min_batch=args.min_batch, max_batch=args.max_batch,
+              verify=args.verify, isolation="fresh" if args.fresh_process else "auto", progress=True)
+    if cuda and not args.fresh_process:  # trials in this process, on this very model
+        model = build_model(args.model, device=device, dtype=dtype)
+        search = find_max_batch_size(model, **kw)
+    elif cuda:  # trials in child processes on the same GPU: our copy must not take memory from them
+        search = find_max_batch_size(args.model, dtype=dtype, **kw)
+        model = build_model(args.model, device=device, dtype=dtype)
+    else:  # CPU trials in child processes: build our copy (for the curve) while we only wait for them
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(build_model, args.model, device=device, dtype=dtype)
+            search = find_max_batch_size(args.model, dtype=dtype, **kw)
+            model = pending.result()
+    # CPU: fewer points, shorter timed regions, one warm-up batch (no autotuning there), and no point just below
+    # the largest (it costs as much and says little): the whole command stays around a minute.
+    step = args.curve_step or (2 if cuda else 4)
+    max_time = args.max_time_s if args.max_time_s is not None else (5.0 if cuda else 0.5)
+    sizes = curve_batch_sizes(search.max_batch_size, args.min_batch, step)
+    if not cuda and args.curve_step is None and len(sizes) > 2 and sizes[-2] * 1.25 > sizes[-1]:
+        sizes.pop(-2)
+    curve = throughput_curve(model, sizes, args.n_batches, device=device, progress=True, max_time_s=max_time,
+                             warmup=3 if cuda else 1)
+    opt = find_optimal_batch_size(curve, args.tolerance)
+    result = {
+        "model": args.model, "device": device, "dtype": args.dtype, "max_memory": search.max_memory,
+        "max_batch_size": search.max_batch_size, "bounded": search.bounded, "verified": search.verified,
+        "optimal_batch_size": opt.optimal_batch_size, "best_batch_size": opt.best_batch_size,
+        "memory_at_baseline": search.memory_at_baseline, "baseline_bytes": search.baseline_bytes,
+        "isolation": search.isolation,
+        "probes": [p.to_dict() for p in search.probes],
+        "throughput": [{"batch_size": int(r.batch_size), "samples_per_s": r.samples_per_s,
+                        "ci95": [r.ci95_low, r.ci95_high], "n_batches": int(r.n_batches), "error": r.error}
+                       for r in curve.itertuples()],
+        "optimal": opt.to_dict(),
+        "env": search.env,
+    }
+    if args.out:
+        save_json({**result, "provenance": provenance(device)}, args.out)
+    if args.json:
+        print_json(result)
+        return 0
+    _print_tables(result, search, opt)
+    return 0
+
+
+def _mib(b) -> str:
+    return "-" if b is None else f"{b / 2**20:,.0f} MiB"
+
+
+def _print_tables(result: dict, search, opt) -> None:
+    limit = f", limit {_mib(search.max_memory)}" if search.max_memory else ""
+    print(f"{result['model']} ({result['dtype']}) on {result['device']}{limit}, trials: {search.isolation}")
+    if not result["device"].startswith("cuda"):
+        print("(CPU: peak = resident memory of the trial process; the limit counts its data segment, which is larger)")
+    print(f"{'phase':<7} {'batch':>8} {'fits':>5} {'peak':>12} {'time':>8}  note")
+    for p in search.probes:
+        note = p.error or ("" if p.memory_at_baseline in (True, None) else "memory not back at baseline")
+        print(f"{p.phase:<7} {p.batch_size:>8} {'yes' if p.fits else 'no':>5} {_mib(p.peak_bytes):>12} "
+              f"{p.seconds or 0:>7.2f}s  {note[:60]}")
+    bound = " (the --max-batch bound; the limit may be higher)" if search.bounded else ""
+    print(f"max_batch_size: {search.max_batch_size}{bound}; memory back at baseline: {search.memory_at_baseline}")
+    if search.verified is not None:
+        print(f"verified (largest fits again, largest+1 does not): {search.verified}")
+    print()
+    print(f"{'batch':>8} {'samples/s':>12} {'95% CI':>25} {'batches':>8}")
+    for r in result["throughput"]:
+        lo, hi = r["ci95"]
+        print(f"{r['batch_size']:>8} {r['samples_per_s']:>12,.1f} {f'{lo:,.1f} .. {hi:,.1f}':>25} "
+              f"{r['n_batches']:>8}" + (f"  {r['error'][:40]}" if r["error"] else ""))
+    print()
+    print(f"optimal_batch_size: {opt.optimal_batch_size} ({opt.optimal_samples_per_s:,.1f} samples/s, within "
+          f"{100 * opt.tolerance:g}% of the best: {opt.best_samples_per_s:,.1f} at {opt.best_batch_size})")
+    print(f"largest batch {opt.largest_batch_size}: {opt.largest_samples_per_s:,.1f} samples/s "
+          f"({100 * (opt.largest_vs_best - 1):+.1f}% vs the best)")
+    sys.stdout.flush()

@@ -1,0 +1,992 @@
+"""Throughput: the largest batch that fits, samples per second, and where throughput peaks.
+
+The recipe: (1) find the largest batch that fits in memory by growing 1, 2, 4, ...
+until out-of-memory, then bisecting to the exact boundary; (2) time many batches
+back to back and report batches x batch size / seconds; (3) check that the
+largest batch is really the fastest (often it is not: past some size the GPU is
+saturated and bigger batches only add memory traffic).
+
+Design decisions, and the mistakes of other batch finders they avoid:
+
+- No built-in upper cap (Lightning stops at 8192; an H200 fits far more), no
+  shrink-by-10% loop (accelerate): growth then bisection gives the exact answer
+  in at most ceil(log2(max)) probes beyond the growth phase.
+- Out-of-memory is recognised by type (``torch.OutOfMemoryError``) and by the
+  few allocation-failure messages cuBLAS, cuDNN and the CPU allocator raise as
+  plain ``RuntimeError``. A batch too large for a kernel's 32-bit indexing
+  also "does not fit" (its probe says so); any other error propagates.
+- Recovery happens *after* the ``except`` block: inside it the traceback still
+  references the frames that hold the batch's tensors, so ``empty_cache`` there
+  frees nothing. Afterwards we verify that allocated GPU memory is back at its
+  baseline, exactly, and record the answer with every probe.
+- On CPU a process that runs out of memory is killed by the OS, not raised. So
+  CPU trials run in a child process under ``RLIMIT_DATA`` (which makes the
+  allocator fail with a clean exception); a child killed anyway counts as "does
+  not fit". The child builds the model once and forks a fresh copy of itself
+  per trial: a failed allocation leaves oneDNN and glibc state behind, and
+  without the fork the boundary would depend on the probes before it.
+- On GPU the caching allocator's history shifts the boundary a little;
+  ``isolation="fresh"`` runs every trial in a new process.
+
+Throughput is timed with CUDA events recorded between back-to-back batches
+(no synchronisation inside the timed region, so launches overlap as in a real
+pipeline) after warm-up batches; on CPU with ``time.perf_counter``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import ToolkitError
+
+# RuntimeError messages that mean "an allocation failed" although the type is not OutOfMemoryError.
+_OOM_MESSAGES = (
+    "out of memory",  # "CUDA error: out of memory" from a kernel launch, cuDNN's "... out of memory"
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE",
+    "DefaultCPUAllocator: can't allocate memory",
+    "std::bad_alloc",
+)
+# Under a data-segment limit oneDNN reports a failed scratchpad allocation only as this; it counts as
+# out-of-memory in CPU trial processes (where the limit is the only likely cause), nowhere else.
+_CPU_LIMIT_MESSAGES = ("could not create a primitive",)
+_OOM_TYPES = (torch.cuda.OutOfMemoryError, MemoryError)  # torch.OutOfMemoryError is the same class (torch >= 2.5)
+# A batch too large for a kernel's 32-bit index math does not fit either, for another reason than memory (e.g.
+# the native depthwise convolution behind efficientnet's fp32 blocks, past ~2^31 elements per activation).
+_SIZE_LIMIT_MESSAGES = ("canUse32BitIndexMath", "integer out of range", "32-bit index")
+SIZE_LIMIT = "kernel size limit (not memory): "
+
+
+def does_not_fit(exc: BaseException, extra_messages: tuple[str, ...] = ()) -> str | None:
+    """Why ``exc`` means "this batch does not fit" (its one-line message), or None for any other error."""
+    line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    if is_oom(exc, extra_messages):
+        return line
+    if isinstance(exc, RuntimeError) and any(m in str(exc) for m in _SIZE_LIMIT_MESSAGES):
+        return SIZE_LIMIT + line
+    return None
+
+
+def is_oom(exc: BaseException, extra_messages: tuple[str, ...] = ()) -> bool:
+    """True when ``exc`` is an out-of-memory error (torch's type, or a cuBLAS/cuDNN/CPU allocation failure)."""
+    if isinstance(exc, _OOM_TYPES):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES + extra_messages)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One trial of the batch search: did ``batch_size`` fit, its peak memory and its time."""
+
+    batch_size: int
+    fits: bool
+    peak_bytes: int | None = None  # CUDA: max allocated; CPU: peak resident set of the trial's process
+    seconds: float | None = None  # wall time of the whole trial (input, forward passes, recovery)
+    phase: str = ""  # "grow", "bisect" or "check"
+    error: str | None = None  # why it did not fit: the OOM message, or how the worker died
+    memory_after_bytes: int | None = None  # CUDA: allocated; CPU: data segment, after recovery
+    memory_at_baseline: bool | None = None  # memory_after_bytes back at the search's baseline
+    passes: int = 0  # forward passes completed
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class BatchSearchResult:
+    """The largest batch that fits and every probe tried to find it."""
+
+    max_batch_size: int
+    probes: tuple[Probe, ...]
+    bounded: bool = False  # stopped at the user's max_batch: the true limit may be higher
+    verified: bool | None = None  # the "check" probes agreed (max fits every time, max + 1 does not)
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    max_memory: int | None = None  # the memory limit trials ran under (bytes), None = the device's own
+    headroom: int | None = None  # or: the limit was the trial process's own use before the batch + this
+    isolation: str = "none"
+    baseline_bytes: int | None = None
+    env: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def memory_at_baseline(self) -> bool | None:
+        """Every probe left memory at the baseline (None where it could not be measured)."""
+        flags = [p.memory_at_baseline for p in self.probes if p.memory_at_baseline is not None]
+        return all(flags) if flags else None
+
+    def count(self, phase: str) -> int:
+        return sum(p.phase == phase for p in self.probes)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["probes"] = [p.to_dict() for p in self.probes]
+        d["memory_at_baseline"] = self.memory_at_baseline
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BatchSearchResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["probes"] = tuple(Probe(**p) for p in d["probes"])
+        return cls(**kw)
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame([p.to_dict() for p in self.probes])
+
+    def __repr__(self) -> str:
+        fits = "".join("+" if p.fits else "x" for p in self.probes)
+        bound = " (user bound)" if self.bounded else ""
+        return (f"BatchSearchResult({self.model or 'model'} on {self.device}: max_batch_size={self.max_batch_size}"
+                f"{bound}, {len(self.probes)} probes [{fits}], memory_at_baseline={self.memory_at_baseline})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The search itself: pure logic over a trial function, so tests can assert the exact probe sequence.
+
+
+def search_batch_size(trial: Callable[[int], Probe], min_batch: int = 1, max_batch: int | None = None,
+                      verify: int = 0, on_probe: Callable[[Probe], None] | None = None) -> BatchSearchResult:
+    """Grow min_batch, 2x, 4x, ... until a trial does not fit, then bisect to the exact largest batch.
+
+    ``trial(batch_size) -> Probe`` runs one attempt. Beyond the growth phase
+    the bisection needs at most ceil(log2(answer)) probes. ``max_batch`` is an
+    optional user bound (there is no built-in one). ``verify`` > 0 re-runs the
+    answer that many times and tries answer + 1 once ("check" probes).
+    """
+    if min_batch < 1:
+        raise ToolkitError(f"the smallest batch must be >= 1, got {min_batch}")
+    if max_batch is not None and max_batch < min_batch:
+        raise ToolkitError(f"batch bounds reversed: min batch {min_batch} > max batch {max_batch}")
+    probes: list[Probe] = []
+
+    def run(batch_size: int, phase: str) -> bool:
+        p = dataclasses.replace(trial(batch_size), batch_size=batch_size, phase=phase)
+        probes.append(p)
+        if on_probe is not None:
+            on_probe(p)
+        return p.fits
+
+    if not run(min_batch, "grow"):
+        why = f" ({probes[0].error})" if probes[0].error else ""
+        raise ToolkitError(f"a batch of {min_batch} does not fit{why}")
+    lo, hi = min_batch, None  # lo fits; hi (once known) does not
+    while hi is None and lo != max_batch:
+        nxt = 2 * lo if max_batch is None else min(2 * lo, max_batch)
+        if run(nxt, "grow"):
+            lo = nxt
+        else:
+            hi = nxt
+    bounded = hi is None
+    while hi is not None and hi - lo > 1:
+        mid = (lo + hi) // 2
+        if run(mid, "bisect"):
+            lo = mid
+        else:
+            hi = mid
+    verified = None
+    if verify > 0:
+        ok = [run(lo, "check") for _ in range(verify)]
+        if not bounded:
+            ok.append(not run(lo + 1, "check"))
+        verified = all(ok)
+    return BatchSearchResult(max_batch_size=lo, probes=tuple(probes), bounded=bounded, verified=verified)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One trial in this process: forward passes until peak memory is steady, recovery outside the except block.
+
+
+def _is_cuda(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def _allocated(device) -> int | None:
+    """Bytes held by tensors now: CUDA caching allocator's count; CPU: this process's data segment."""
+    if _is_cuda(device):
+        return torch.cuda.memory_allocated(device)
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().data)
+    except Exception:  # non-Linux: psutil has no 'data' field
+        return None
+
+
+def _reset_peak(device) -> None:
+    if _is_cuda(device):
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux >= 4.0: writing 5 resets the peak resident set size (VmHWM)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak(device) -> int | None:
+    if _is_cuda(device):
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _release(device, collect: bool = True) -> None:
+    """Free what a trial left: break reference cycles, return cached blocks (GPU) or heap (glibc) to the system."""
+    if collect:  # only needed after an error: without one, reference counting has already freed the batch
+        gc.collect()
+    if _is_cuda(device):
+        torch.cuda.synchronize(device)
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear is not None:  # cuBLAS keeps a workspace per stream, created lazily: not part of the baseline
+            clear()
+        torch.cuda.empty_cache()
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed heap otherwise
+    except Exception:  # not glibc
+        pass
+
+
+def make_batch(make_input: Callable, batch_size: int, block: int = 64) -> tuple:
+    """``make_input(batch_size)`` as a tuple, big batches tiled on the device from a block of ``block`` samples.
+
+    Benchmark models draw inputs with a CPU generator (the same values on any
+    device): for thousands of 224x224 images that takes seconds and gigabytes
+    of host memory per trial. Tiling gives the exact shape at device speed; the
+    values only repeat every ``block`` samples, which a forward pass's time and
+    memory do not notice.
+    """
+    if batch_size <= block:
+        x = make_input(batch_size)
+        return x if isinstance(x, tuple) else (x,)
+    x = make_input(block)
+    x = x if isinstance(x, tuple) else (x,)
+    reps, rest = divmod(batch_size, block)
+    return tuple(torch.cat([t] * reps + ([t[:rest]] if rest else [])) for t in x)  # [block, ...] -> [B, ...]
+
+
+def _forward_passes(fn, make_input, batch_size: int, passes: int, device, max_passes: int) -> int:
+    """Run ``passes`` forward passes, more while the peak still grows; return the count.
+
+    A separate function so that its locals (the batch, the outputs) die with its frame.
+    """
+    x = make_batch(make_input, batch_size)
+    peaks: list = []
+    with torch.inference_mode():
+        while True:
+            out = fn(*x)
+            del out
+            if _is_cuda(device):
+                torch.cuda.synchronize(device)
+            peaks.append(_peak(device))
+            n = len(peaks)
+            if n >= max_passes or (n >= passes and (n == 1 or peaks[-1] == peaks[-2])):
+                return n
+
+
+def run_trial(fn, make_input, batch_size: int, device, passes: int = 2, max_passes: int | None = None,
+              baseline: int | None = None, oom_messages: tuple[str, ...] = (),
+              clock: Callable[[], float] = time.perf_counter) -> Probe:
+    """Try one batch size in this process; an out-of-memory error becomes ``Probe(fits=False)``.
+
+    ``baseline``: allocated bytes before the trial (CUDA); afterwards allocation must be back there exactly.
+    """
+    max_passes = passes + 3 if max_passes is None else max_passes
+    _reset_peak(device)
+    t0 = clock()
+    error, n = None, 0
+    try:
+        n = _forward_passes(fn, make_input, batch_size, passes, device, max_passes)
+    except Exception as e:
+        error = does_not_fit(e, oom_messages)
+        if error is None:
+            raise
+    # Only now, with the exception and its traceback (which held the batch's frames) gone, can memory be freed.
+    peak = _peak(device)
+    _release(device, collect=error is not None)
+    after = _allocated(device)
+    return Probe(batch_size=batch_size, fits=error is None, peak_bytes=peak, seconds=clock() - t0, error=error,
+                 memory_after_bytes=after, passes=n,
+                 memory_at_baseline=None if baseline is None or after is None else after == baseline)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trials in a child process (CPU: one forked process per trial, under a memory limit; GPU: optional).
+
+
+def _worker_main(conn, ref: dict) -> None:
+    """Trial process: build the model once, then run trials on request (on CPU each in a forked copy of itself).
+
+    CPU: a failed allocation leaves state behind (oneDNN scratchpads and
+    primitive caches, glibc arenas), so in a long-lived process the boundary
+    would depend on the probe history. A forked copy per trial starts every
+    trial from the same state: the answer is reproducible, and a trial killed
+    by the OS costs one fork, not a restart. GPU: CUDA does not survive fork;
+    trials run in this process, which is clean after recovery.
+    """
+    try:
+        device = ref["device"]
+        fork = not _is_cuda(device) and hasattr(os, "fork")
+        # GNU OpenMP's thread pool does not survive fork: none may exist before it (threads start in the copy).
+        torch.set_num_threads(1 if fork else ref["threads"])
+        from .models import build_model
+
+        model = build_model(ref["model"], device=device, dtype=getattr(torch, ref["dtype"]), seed=ref.get("seed", 0))
+        gc.collect()
+        gc.freeze()  # the model and libraries never die: later collections skip them (seconds -> milliseconds)
+        if fork:
+            for _ in range(2):  # settle this process's own heap: every copy then starts from the same state
+                _forked_trial(None, model, 1, ref)
+            conn.send(("ready", {"pid": os.getpid()}))
+            while (batch_size := conn.recv()) is not None:
+                _forked_trial(conn, model, batch_size, ref)
+            return
+        baseline, warm = _warm_up(model, model.make_input, device)
+        limit = _limit(ref.get("max_memory"), ref.get("headroom"), baseline)
+        failed = _preflight(warm, baseline, limit)
+        with _memory_limit(device, limit):
+            conn.send(("ready", {"pid": os.getpid()}))
+            while (batch_size := conn.recv()) is not None:
+                probe = failed or run_trial(model, model.make_input, batch_size, device, passes=ref["passes"],
+                                            baseline=baseline if _is_cuda(device) else None)
+                conn.send(("probe", {**probe.to_dict(), "baseline_bytes": baseline}))
+                conn.send(("exit", 0))
+    except (EOFError, KeyboardInterrupt):
+        return
+    except BaseException as e:
+        try:
+            conn.send(_error_message(e))
+        except Exception:
+            pass
+
+
+def _warm_up(fn, make_input, device) -> tuple[int | None, Probe]:
+    """Passes at batch 1 and 2 before the limit: thread pools, oneDNN/cuDNN handles and the like live as long as
+    the process (and some kernels switch paths above batch 1). Returns the baseline (allocated after them) and the
+    batch-1 probe."""
+    warm = run_trial(fn, make_input, 1, device, passes=1)
+    if warm.fits:
+        run_trial(fn, make_input, 2, device, passes=1)  # may not fit: then the search's own probe says so
+    return _allocated(device), warm
+
+
+def _limit(max_memory: int | None, headroom: int | None, baseline: int | None) -> int | None:
+    """The memory limit for trials: absolute, or ``headroom`` above what the process holds before the batch."""
+    if headroom is None or baseline is None:
+        return max_memory
+    return baseline + headroom
+
+
+def _preflight(warm: Probe, baseline: int | None, limit: int | None) -> Probe | None:
+    """A "does not fit" probe when batch 1 failed or the process already holds more than the limit, else None.
+
+    (Under a limit below current use only *new* allocations fail, so a batch
+    that reuses freed memory would wrongly "fit".)
+    """
+    if not warm.fits:
+        return warm
+    if limit and baseline is not None and baseline >= limit:
+        return Probe(batch_size=1, fits=False, error=f"the trial process holds {baseline / 2**20:,.0f} MiB before "
+                                                     f"any batch, over the {limit / 2**20:,.0f} MiB limit")
+    return None
+
+
+def _error_message(e: BaseException) -> tuple:
+    import traceback
+
+    return ("error", (type(e).__name__, str(e), traceback.format_exc()))
+
+
+def _forked_trial(conn, model, batch_size: int, ref: dict) -> None:
+    """Run one CPU trial in a forked copy of this process, under the memory limit.
+
+    The copy sends its probe to the parent itself; this process then sends
+    only ("exit", wait status), a message of fixed size, so that its own heap
+    (which every later copy inherits) does not change from trial to trial.
+    ``conn`` None: a silent trial, to settle that heap.
+    """
+    device = ref["device"]
+    pid = os.fork()
+    if pid == 0:  # the copy: warm up, limit, try, report, exit without cleanup
+        msg: tuple = ("error", ("RuntimeError", "trial process ended without a result", ""))
+        try:
+            if batch_size > ref.get("kill_above", math.inf):  # fault injection for tests: the OOM killer
+                os.kill(os.getpid(), 9)
+            torch.set_num_threads(ref["threads"])
+            baseline, warm = _warm_up(model, model.make_input, device)
+            limit = _limit(ref.get("max_memory"), ref.get("headroom"), baseline)
+            probe = _preflight(warm, baseline, limit)
+            if probe is None:
+                with _memory_limit(device, limit):
+                    probe = run_trial(model, model.make_input, batch_size, device, passes=ref["passes"],
+                                      oom_messages=_CPU_LIMIT_MESSAGES)
+            msg = ("probe", {**probe.to_dict(), "batch_size": batch_size, "baseline_bytes": baseline})
+        except BaseException as e:
+            msg = _error_message(e)
+        finally:
+            try:
+                if conn is not None:
+                    conn.send(msg)
+            finally:
+                os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    if conn is not None:
+        conn.send(("exit", status))
+
+
+def _describe_status(status: int) -> str:
+    """How a trial process ended, from its wait status."""
+    return _describe_exit(-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+
+
+def _worker_entry(fd: int, ref_json: str) -> None:
+    """``python -c`` entry point of a trial process: wrap the inherited socket and serve trials."""
+    import json
+    from multiprocessing.connection import Connection
+
+    _worker_main(Connection(fd), json.loads(ref_json))
+
+
+class _Worker:
+    """The parent's handle on a trial process; a process that dies mid-trial means "does not fit".
+
+    A plain subprocess (not multiprocessing's spawn, which re-runs the user's
+    main script when it lacks an ``if __name__ == "__main__"`` guard), talking
+    over a private socket pair.
+    """
+
+    def __init__(self, ref: dict):
+        import json
+        import socket
+        import subprocess
+        from multiprocessing.connection import Connection
+
+        import toolkit
+
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(toolkit.__file__)))  # this very toolkit
+        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+        code = "import sys; from toolkit.throughput import _worker_entry; _worker_entry(int(sys.argv[1]), sys.argv[2])"
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(theirs.fileno()), json.dumps(ref)],
+                                     pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
+                                     stdout=2)  # stdout -> our stderr: CLI JSON on stdout stays clean
+        theirs.close()  # so that recv() sees EOF when the child dies
+        self.conn = Connection(ours.detach())
+        kind, info = self._recv()
+        if kind != "ready":
+            self.close()
+            raise ToolkitError(f"the trial process could not start: {info}")
+        self.info = info
+        self.baseline: int | None = None  # memory allocated after the warm-up, as of the last trial
+
+    def _recv(self):
+        try:
+            kind, payload = self.conn.recv()
+        except (EOFError, ConnectionError, OSError):
+            try:
+                code = self.proc.wait(timeout=10)
+            except Exception:
+                code = None
+            return "died", _describe_exit(code)
+        if kind == "error":
+            name, msg, tb = payload
+            if name == "ToolkitError":
+                raise ToolkitError(msg)
+            raise RuntimeError(f"trial process failed: {name}: {msg}\n{tb}")
+        return kind, payload
+
+    def trial(self, batch_size: int) -> Probe:
+        """The trial's probe, or a "does not fit" probe when the process running it died."""
+        t0 = time.perf_counter()
+        try:
+            self.conn.send(batch_size)
+        except OSError:
+            pass  # already dead: _recv reports how
+        probe = None
+        while True:  # ("probe", fields) from whoever ran it, then ("exit", wait status) from the trial process
+            kind, payload = self._recv()
+            if kind == "probe":
+                self.baseline = payload.pop("baseline_bytes", None)
+                probe = Probe(**payload)
+                continue
+            if probe is not None:
+                return probe
+            error = _describe_status(payload) if kind == "exit" else payload
+            return Probe(batch_size=batch_size, fits=False, seconds=time.perf_counter() - t0, error=error)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        if self.alive:
+            try:
+                self.conn.send(None)
+                self.proc.wait(timeout=10)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        self.conn.close()
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        import signal
+
+        try:
+            return f"trial process killed by {signal.Signals(-code).name} (out of memory?)"
+        except ValueError:
+            return f"trial process killed by signal {-code}"
+    return f"trial process exited with code {code} (out of memory?)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# find_max_batch_size: the search wired to real trials.
+
+
+def _resolve(model, make_input, device, dtype):
+    """(callable, make_input, device, name, dtype name) for a BenchModel, a registered name or any callable."""
+    name = None
+    if isinstance(model, str):
+        from .models import build_model
+
+        name = model
+        model = build_model(model, device=device or "cpu", dtype=dtype or torch.float32)
+    if make_input is None:
+        make_input = getattr(model, "make_input", None)
+        if make_input is None:
+            raise ToolkitError("pass make_input(batch_size) -> inputs for a model that has no make_input method")
+    device = device or getattr(model, "device", None) or _infer_device(model)
+    dtype = getattr(model, "dtype", dtype) or torch.float32
+    return model, make_input, str(device), getattr(model, "name", name), str(dtype).replace("torch.", "")
+
+
+def _infer_device(model) -> str:
+    try:
+        return str(next(model.parameters()).device)
+    except (AttributeError, StopIteration):
+        return "cpu"
+
+
+def find_max_batch_size(model, make_input: Callable | None = None, device: str | None = None, *,
+                        dtype: torch.dtype | None = None, max_memory: int | None = None,
+                        headroom: int | None = None, min_batch: int = 1,
+                        max_batch: int | None = None, isolation: str = "auto", passes: int | None = None,
+                        verify: int = 0, threads: int | None = None, progress: bool = False) -> BatchSearchResult:
+    """The exact largest batch whose forward pass fits in memory, and the probes tried.
+
+    ``model``: a registered model name, a ``BenchModel``, or any callable with
+    ``make_input(batch_size)``. ``max_memory`` (bytes): on CPU the data segment
+    limit of the trial process (model and runtime included), default: the
+    memory available now; on GPU a cap via ``set_per_process_memory_fraction``
+    (default: the whole GPU). ``headroom`` (bytes), instead: the limit is what
+    the trial process holds before the batch (model, runtime) plus this.
+    ``isolation``: "process" (a child process that builds the model; on CPU it
+    forks a fresh copy of itself per trial; default on CPU), "fresh" (a new
+    child process per trial) or "none" (this process; default on GPU; on CPU
+    the limit then applies to this process, by default the memory available
+    now on top of what it holds). Child processes need a registered model
+    (they rebuild it by name).
+    ``passes``: forward passes per trial (default 2 on GPU: the first also picks
+    kernels and workspaces; 1 on CPU, which has no caching allocator); more run
+    while the peak still grows. ``threads``: CPU threads in CPU trial processes
+    (default 1: the boundary is then exactly reproducible, while with more
+    threads it can move by a sample or two between runs; per-thread buffers are
+    small next to a batch's activations).
+    """
+    from .env import environment
+
+    if isinstance(model, str):  # a child process builds it by name; build here only for in-process trials
+        name, device = model, str(device or "cpu")
+        dtype_name = str(dtype or torch.float32).replace("torch.", "")
+    else:
+        model, make_input, device, name, dtype_name = _resolve(model, make_input, device, dtype)
+    cuda = _is_cuda(device)
+    isolation = ("none" if cuda else "process") if isolation == "auto" else isolation
+    if isolation not in ("none", "process", "fresh"):
+        raise ToolkitError(f"unknown isolation {isolation!r}: use auto, none, process or fresh")
+    if isolation == "none" and isinstance(model, str):
+        model, make_input, device, name, dtype_name = _resolve(model, make_input, device, dtype)
+    if isolation != "none" and name is None:
+        raise ToolkitError("process isolation rebuilds the model by name: pass a registered model name "
+                           "or a BenchModel, or isolation='none'")
+    passes = passes or (2 if cuda else 1)
+    if max_memory is not None and headroom is not None:
+        raise ToolkitError("give max_memory or headroom, not both")
+    if max_memory is None and headroom is None and not cuda:  # what is free now: a child's total, or our growth
+        import psutil
+
+        available = int(psutil.virtual_memory().available)
+        max_memory, headroom = (None, available) if isolation == "none" else (available, None)
+    if (max_memory is not None and max_memory <= 0) or (headroom is not None and headroom <= 0):
+        raise ToolkitError(f"memory limits must be positive, got {max_memory or headroom}")
+    if cuda and max_memory is not None:
+        total = torch.cuda.get_device_properties(device).total_memory
+        if max_memory > total:
+            raise ToolkitError(f"max_memory {max_memory / 2**30:.1f} GiB exceeds the GPU's {total / 2**30:.1f} GiB")
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc=f"batch search {name or ''}".strip(), unit="trial", file=sys.stderr, leave=False)
+
+    def on_probe(p: Probe) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{p.phase} {p.batch_size}: {'fits' if p.fits else 'no'}")
+
+    try:
+        if isolation == "none":
+            res, baseline = _search_here(model, make_input, device, max_memory, headroom, min_batch, max_batch,
+                                         passes, verify, on_probe)
+        else:
+            ref = dict(model=name, device=device, dtype=dtype_name, passes=passes, max_memory=max_memory,
+                       headroom=headroom,
+                       threads=threads or (torch.get_num_threads() if cuda else 1))
+            res, baseline = _search_in_child(ref, isolation == "fresh", min_batch, max_batch, verify, on_probe)
+    finally:
+        if bar is not None:
+            bar.close()
+    return dataclasses.replace(res, model=name, device=device, dtype=dtype_name, max_memory=max_memory,
+                               headroom=headroom,
+                               isolation=isolation, baseline_bytes=baseline, env=environment(device))
+
+
+def _search_here(model, make_input, device, max_memory, headroom, min_batch, max_batch, passes, verify, on_probe):
+    baseline, warm = _warm_up(model, make_input, device)
+    max_memory = _limit(max_memory, headroom, baseline)
+    failed = _preflight(warm, baseline, max_memory)
+    if failed is not None:
+        raise ToolkitError(f"a batch of 1 does not fit ({failed.error})")
+    exact = baseline if _is_cuda(device) else None  # CPU: oneDNN and glibc keep caches, no exact baseline
+    with _memory_limit(device, max_memory):
+        res = search_batch_size(lambda b: run_trial(model, make_input, b, device, passes=passes, baseline=exact),
+                                min_batch, max_batch, verify, on_probe)
+    return res, baseline
+
+
+@contextlib.contextmanager
+def _memory_limit(device, max_memory: int | None):
+    """Cap this process's memory: GPU via the caching allocator's fraction, CPU via RLIMIT_DATA (soft limit)."""
+    if max_memory is None:
+        yield
+        return
+    if _is_cuda(device):
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory / total), device)
+        try:
+            yield
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+        return
+    try:
+        import resource
+    except ImportError:  # not POSIX: no limit, trials may be killed by the OS
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    new = max_memory if hard == resource.RLIM_INFINITY else min(max_memory, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (new, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
+def _search_in_child(ref, fresh, min_batch, max_batch, verify, on_probe):
+    state: dict[str, Any] = {"worker": None, "baseline": None}
+
+    def trial(batch_size: int) -> Probe:
+        w = state["worker"]
+        if w is None or not w.alive:
+            w = state["worker"] = _Worker(ref)
+        probe = w.trial(batch_size)
+        if state["baseline"] is None:
+            state["baseline"] = w.baseline
+        if fresh:
+            w.close()
+        return probe
+
+    try:
+        res = search_batch_size(trial, min_batch, max_batch, verify, on_probe)
+    except ToolkitError as e:
+        limit = ref.get("max_memory")
+        if limit and state["baseline"] and "does not fit" in str(e) and "before any batch" not in str(e):
+            raise ToolkitError(f"{e}; the limit is {limit / 2**20:,.0f} MiB and the model's process alone uses "
+                               f"{state['baseline'] / 2**20:,.0f} MiB") from None
+        raise
+    finally:
+        if state["worker"] is not None:
+            state["worker"].close()
+    return res, state["baseline"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Throughput
+
+
+def _t_quantile_975(df: int) -> float:
+    """Student's t 97.5% quantile (Cornish-Fisher expansion; exact table for tiny df). No scipy needed."""
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
+    if df in table:
+        return table[df]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2) + \
+        (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
+
+
+@dataclass(frozen=True)
+class ThroughputResult:
+    """Samples per second at one batch size, from back-to-back timed batches."""
+
+    batch_size: int
+    batch_s: tuple[float, ...]  # seconds per timed batch (consecutive, they sum to the total)
+    warmup_s: tuple[float, ...] = ()
+    device: str | None = None
+    label: str | None = None
+    env: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.batch_s)
+
+    @property
+    def total_s(self) -> float:
+        return float(sum(self.batch_s))
+
+    @property
+    def samples_per_s(self) -> float:
+        """batches x batch size / total seconds."""
+        return self.n_batches * self.batch_size / self.total_s
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        """95% confidence interval of samples/s, from the t-interval of the mean batch time."""
+        n = self.n_batches
+        mean = self.total_s / n
+        if n < 2:
+            return (math.nan, math.nan)
+        sd = math.sqrt(sum((t - mean) ** 2 for t in self.batch_s) / (n - 1))
+        half = _t_quantile_975(n - 1) * sd / math.sqrt(n)
+        hi = self.batch_size / (mean - half) if mean > half else math.inf
+        return (self.batch_size / (mean + half), hi)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d.update(n_batches=self.n_batches, samples_per_s=self.samples_per_s, ci95=list(self.ci95))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ThroughputResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["batch_s"] = tuple(kw["batch_s"])
+        kw["warmup_s"] = tuple(kw.get("warmup_s", ()))
+        return cls(**kw)
+
+    def __repr__(self) -> str:
+        lo, hi = self.ci95
+        return (f"ThroughputResult(batch {self.batch_size}: {self.samples_per_s:,.1f} samples/s "
+                f"[95% CI {lo:,.1f} .. {hi:,.1f}], {self.n_batches} batches in {self.total_s:.3f} s)")
+
+
+class Stamps:
+    """Timestamps between back-to-back batches: CUDA events (no sync until read) or perf_counter on CPU."""
+
+    def __init__(self, device):
+        self.cuda = _is_cuda(device)
+        self.device = device
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record(torch.cuda.current_stream(self.device))
+            self.marks.append(e)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals_s(self) -> list[float]:
+        """Seconds between consecutive marks (waits for the GPU once)."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def measure_throughput(model, batch_size: int, n_batches: int = 100, *, make_input: Callable | None = None,
+                       device: str | None = None, warmup: int = 3, max_time_s: float | None = None,
+                       min_batches: int = 3, label: str | None = None, with_env: bool = True,
+                       stamps: Callable[[str], Stamps] = Stamps) -> ThroughputResult:
+    """Samples/s at ``batch_size``: ``warmup`` batches, then ``n_batches`` timed back to back.
+
+    Unlike ``timing.measure_latency`` (one synchronised call per sample, right
+    for latency), the batches are queued without a sync between them, as a
+    serving loop would, with a CUDA event after each: samples/s = batches x
+    batch size / (last event - first), and the per-batch times give the CI.
+    The same input batch is reused (this measures the model, not data loading).
+    ``max_time_s`` lowers the batch count (to no fewer than ``min_batches``)
+    using the warm-up's per-batch time, so the timed region itself is never
+    interrupted. ``stamps`` is injectable (tests use a fake clock).
+    """
+    from .env import environment
+
+    if batch_size < 1 or n_batches < 1:
+        raise ToolkitError(f"batch size and batch count must be >= 1, got {batch_size} and {n_batches}")
+    model, make_input, device, name, _ = _resolve(model, make_input, device, None)
+    x = make_batch(make_input, batch_size)
+    warm: list[float] = []
+    with torch.inference_mode():
+        for _ in range(warmup):  # each warm-up batch timed alone: it also estimates the time per batch
+            s = stamps(device)
+            s.mark()
+            out = model(*x)
+            s.mark()
+            warm += s.intervals_s()
+        if max_time_s is not None and warm:
+            n_batches = max(min(min_batches, n_batches), min(n_batches, int(max_time_s / max(warm[-1], 1e-9))))
+        s = stamps(device)
+        s.mark()
+        for _ in range(n_batches):
+            out = model(*x)  # noqa: F841 - keep one output alive, as a consumer would
+            s.mark()
+        batch_s = s.intervals_s()
+    del out, x
+    return ThroughputResult(batch_size=batch_size, batch_s=tuple(batch_s), warmup_s=tuple(warm), device=device,
+                            label=label or name, env=environment(device) if with_env else {})
+
+
+def curve_batch_sizes(max_batch: int, min_batch: int = 1, step: int = 2) -> list[int]:
+    """min_batch x step^k up to max_batch, plus max_batch itself: 1, 2, 4, ..., max."""
+    if step < 2:
+        raise ToolkitError(f"curve step must be >= 2, got {step}")
+    sizes, b = [], min_batch
+    while b < max_batch:
+        sizes.append(b)
+        b *= step
+    return sizes + [max_batch]
+
+
+def throughput_curve(model, batch_sizes: Iterable[int], n_batches: int = 100, *, make_input: Callable | None = None,
+                     device: str | None = None, progress: bool = False, on_point: Callable | None = None,
+                     **kwargs):
+    """Throughput at each batch size -> DataFrame (batch_size, samples_per_s, ci95_low, ci95_high, ...).
+
+    A point that runs out of memory (the caching allocator's fragmentation can
+    move the boundary) is kept with NaN throughput and its error.
+    ``on_point(ThroughputResult | None, row)`` is called after each point
+    (benchmarks save partial results there).
+    """
+    import pandas as pd
+
+    model, make_input, device, _, _ = _resolve(model, make_input, device, None)
+    sizes = list(batch_sizes)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(sizes), desc="throughput", unit="batch size", file=sys.stderr, leave=False)
+    rows = []
+    try:
+        for b in sizes:
+            r, error = None, None
+            try:
+                r = measure_throughput(model, b, n_batches, make_input=make_input, device=device,
+                                       **{"with_env": False, **kwargs})
+            except Exception as e:
+                error = does_not_fit(e)
+                if error is None:
+                    raise
+            # Outside the except block (see the module docstring); an empty cache for every point: the largest
+            # batch, measured last, must not fail for blocks the smaller ones left cached.
+            _release(device, collect=error is not None)
+            row = dict(batch_size=b, samples_per_s=math.nan, ci95_low=math.nan, ci95_high=math.nan, n_batches=0,
+                       batch_ms_median=math.nan, error=error)
+            if r is not None:
+                row.update(samples_per_s=r.samples_per_s, ci95_low=r.ci95[0], ci95_high=r.ci95[1],
+                           n_batches=r.n_batches, batch_ms_median=statistics.median(r.batch_s) * 1e3)
+            rows.append(row)
+            if on_point is not None:
+                on_point(r, row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"{b}: {row['samples_per_s']:,.0f}/s")
+    finally:
+        if bar is not None:
+            bar.close()
+    return pd.DataFrame(rows, columns=["batch_size", "samples_per_s", "ci95_low", "ci95_high", "n_batches",
+                                       "batch_ms_median", "error"])
+
+
+@dataclass(frozen=True)
+class OptimalBatch:
+    """The smallest batch within ``tolerance`` of the best throughput, next to the best and the largest."""
+
+    optimal_batch_size: int
+    optimal_samples_per_s: float
+    best_batch_size: int
+    best_samples_per_s: float
+    largest_batch_size: int
+    largest_samples_per_s: float
+    tolerance: float
+
+    @property
+    def largest_vs_best(self) -> float:
+        """Throughput of the largest batch relative to the best (0.95 = 5% slower)."""
+        return self.largest_samples_per_s / self.best_samples_per_s
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["largest_vs_best"] = self.largest_vs_best
+        return d
+
+
+def find_optimal_batch_size(curve, tolerance: float = 0.03) -> OptimalBatch:
+    """The smallest batch whose samples/s is within ``tolerance`` of the best (0.03 = 3%).
+
+    ``curve``: a ``throughput_curve`` DataFrame, or ThroughputResults. The
+    largest batch measured is reported next to it: it is often not the fastest.
+    """
+    if hasattr(curve, "to_dict") and hasattr(curve, "columns"):
+        points = [(int(b), float(s)) for b, s in zip(curve["batch_size"], curve["samples_per_s"])]
+    else:
+        points = [(r.batch_size, r.samples_per_s) for r in curve]
+    points = sorted((b, s) for b, s in points if math.isfinite(s))
+    if not points:
+        raise ToolkitError("no throughput measurements to choose a batch size from")
+    if not 0 <= tolerance < 1:
+        raise ToolkitError(f"tolerance must be in [0, 1), got {tolerance}")
+    best_b, best_s = max(points, key=lambda p: p[1])
+    opt_b, opt_s = next((b, s) for b, s in points if s >= (1 - tolerance) * best_s)
+    big_b, big_s = points[-1]
+    return OptimalBatch(opt_b, opt_s, best_b, best_s, big_b, big_s, tolerance)
