@@ -702,12 +702,14 @@ def _memory_limit(device, max_memory: int | None):
         yield
         return
     if _is_cuda(device):
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory / total), device)
+        index = torch.device(device).index  # the allocator wants an index, not plain "cuda"
+        index = torch.cuda.current_device() if index is None else index
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory / total), index)
         try:
             yield
         finally:
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
+            torch.cuda.set_per_process_memory_fraction(1.0, index)
         return
     try:
         import resource
