@@ -62,7 +62,10 @@ class Settings:
     latency_model: str = "tiny-resnet"
     audit_time_s: float = 2.0
     batch_model: str = "tiny-resnet"
-    batch_max_memory: int | None = 512 * MiB  # CPU: the trial process's memory limit (bytes); None = all
+    batch_max_memory: int | None = None  # the trial process's memory limit (bytes); None = what is available
+    # CPU: the limit is the trial process's own footprint plus this much, so a torch build that already holds
+    # a few hundred MB (a CUDA build does) cannot make "batch of 1 does not fit" fail the report
+    batch_headroom: int | None = 64 * MiB
     batch_max: int | None = None  # upper bound of the search (None: until out of memory)
     curve_step: int = 4  # throughput curve at 1, step, step^2, ..., max
     curve_batches: int = 5
@@ -448,6 +451,7 @@ def run_batch(run: Run) -> None:
     s = run.settings
     record = _record(run, "batch", model=s.batch_model)
     search = find_max_batch_size(s.batch_model, device=run.device, max_memory=s.batch_max_memory,
+                                 headroom=s.batch_headroom if not str(run.device).startswith("cuda") else None,
                                  max_batch=s.batch_max, progress=run.progress)
     record["search"] = search.to_dict()
     run.save("batch", record)
