@@ -428,3 +428,19 @@ def test_bf16_four_layers_on_cuda_within_bf16_noise():
 
     bf16_noise = mean_abs(ref, exact)
     assert 0 < bf16_noise and mean_abs(got, ref) < 2 * bf16_noise
+
+
+def test_worker_thread_runs_in_the_callers_inference_mode(mixtral):
+    """Inference mode is thread-local: the CPU-expert worker must write into buffers made under it (found on GPU)."""
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        ref = mixtral(input_ids=ids, attention_mask=mask).logits
+    off = offload(mixtral, 0, device="cpu", cost_model=CPU_ALWAYS, overlap=True)
+    try:
+        with torch.inference_mode():
+            first = mixtral(input_ids=ids, attention_mask=mask).logits  # buffers created as inference tensors
+            again = mixtral(input_ids=ids, attention_mask=mask).logits  # ... and reused by the worker
+    finally:
+        off.restore()
+    assert off.stats.cpu_expert_calls > 0
+    assert (first - ref).abs().max() < 1e-4 and (again - ref).abs().max() < 1e-4

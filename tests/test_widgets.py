@@ -1,11 +1,12 @@
 """Widgets, headless: move a control, check the read-out and the figure change."""
 
-import ipywidgets
 import numpy as np
 import pandas as pd
 import pytest
 
-from toolkit import widgets
+ipywidgets = pytest.importorskip("ipywidgets", reason="notebook-only package (absent on the GPU machine)")
+
+from toolkit import widgets  # noqa: E402  (needs ipywidgets)
 
 
 def _fake_simulate(calls):

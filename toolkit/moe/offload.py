@@ -396,6 +396,11 @@ class OffloadedExperts(nn.Module):
         up = self.intermediate  # up rows start here
         return self.act_fn(F.linear(x, gate_up[lo:hi])) * F.linear(x, gate_up[up + lo:up + hi])
 
+    def _cpu_job_in_modes(self, modes, *job):
+        inference, grad = modes
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return self._cpu_job(*job)
+
     def _cpu_job(self, ready, x_host, w_host, segments, split, y, h):
         """Worker thread: this layer's CPU work. x_host [R, D], w_host [R] -> y [R', D] (whole experts), h [n, I-k].
 
@@ -524,7 +529,12 @@ class OffloadedExperts(nn.Module):
             y = bufs.get("y", (s, D), p.hidden.dtype)  # [R', D]
             h = bufs.get("h", (split_job[2], self.intermediate - split[1]) if split else (0, 0), p.hidden.dtype)
             job = (ready, x_host, w_host, segments, split_job, y, h)
-            return eng.executor.submit(self._cpu_job, *job) if eng.executor is not None else job
+            if eng.executor is None:
+                return job
+            # grad and inference modes are thread-local: the worker runs in the caller's, or it could not write
+            # into buffers the caller made under inference_mode (and would record autograd history otherwise)
+            modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+            return eng.executor.submit(self._cpu_job_in_modes, modes, *job)
 
     def _overlapped(self, p: _Pass, resident_used, cpu_experts, jobs, fresh, split, job):
         """Copies on the side stream and GPU experts while the CPU job runs; one wait at the end."""
