@@ -182,7 +182,7 @@ def test_run_trial_fake_oom_recovers_after_except():
     ([10, 20], 1, 1),  # one pass asked (CPU): no comparison
 ])
 def test_trial_runs_passes_until_peak_is_steady(monkeypatch, peaks, passes, expected):
-    import toolkit.throughput as tp
+    import toolkit.trials as tp
 
     it = iter(peaks + [peaks[-1]] * 3)
     monkeypatch.setattr(tp, "_peak", lambda device: next(it))
