@@ -10,12 +10,19 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("TOOLKIT_CACHE_DIR", tempfile.mkdtemp(prefix="toolkit-cache-"))
 
 
-def pytest_configure(config):
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread in every test module (a test that changes it is undone at the module's end).
+
+    CI has 2 cores shared with the test runner: on tiny tensors OpenMP's spinning threads make ops
+    10x slower, and one thread keeps results deterministic.
+    """
     import torch
 
-    # CI has 2 cores shared with the test runner; one intra-op thread keeps
-    # tiny-model tests fast and their results deterministic.
+    old = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,14 +16,6 @@ LENT = CostModel.fixed(cpu=(7.2, 0.0), gpu=(0.115, 0.0), copy_ms=6.4)
 NAMES = tuple(BASELINES)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def mixtral():
     return build_moe("tiny-mixtral", seed=0)

@@ -13,15 +13,6 @@ MiB = 2**20
 EXPERT = 3 * 64 * 128 * 4  # one tiny-mixtral expert, float32
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine: one intra-op thread avoids OpenMP spin contention."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 @pytest.fixture(scope="module")
 def model():
     return build_moe("tiny-mixtral")

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from toolkit.__main__ import main
 from toolkit.moe import generation as G
@@ -12,15 +11,6 @@ from toolkit.moe.costs import CostModel, save_cost_model
 from toolkit.moe.policies import save_placement
 
 BASE = ["moe", "--preset", "tiny-mixtral", "--device", "cpu", "--prompt-tokens", "8", "--warmup", "0"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and immune to a busy shared CI machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(autouse=True)

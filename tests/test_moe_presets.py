@@ -6,15 +6,6 @@ import torch
 from toolkit.errors import ToolkitError
 from toolkit.moe.presets import PRESETS, build_moe, from_name, is_experts_module, make_config, moe_blocks
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine: one intra-op thread avoids OpenMP spin contention."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 TINY = ["tiny-mixtral", "tiny-olmoe", "tiny-qwen3-moe"]
 
 

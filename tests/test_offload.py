@@ -13,15 +13,6 @@ CPU_ALWAYS = CostModel.fixed(cpu=(1.0, 0.0), gpu=(0.01, 0.0), copy_ms=100.0)  # 
 COPY_ALWAYS = CostModel.fixed(cpu=(100.0, 0.0), gpu=(0.01, 0.0), copy_ms=1.0)  # CPU never pays
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine: one intra-op thread avoids OpenMP spin contention."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def mixtral():
     return build_moe("tiny-mixtral", seed=0)

@@ -17,14 +17,6 @@ def prompt(batch, tokens, seed=0):
     return torch.randint(3, 256, (batch, tokens), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_prefill_bound_of_the_issue():
     # 50 missed experts read once from host memory at 90 GB/s: ~0.2 s at 8 layers
     b = R.pass_bound(50 * EXPERT, 0, 0, H200)

@@ -14,14 +14,6 @@ from toolkit.moe.traces import TraceRouter, record, synthetic_mixtral
 CPU_ALWAYS = CostModel.fixed(cpu=(1.0, 0.0), gpu=(0.01, 0.0), copy_ms=100.0)  # only the policy's copies happen
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def model():
     return build_moe("tiny-mixtral", seed=0)  # 2 MoE layers, 8 experts, top-2, like the trace below
