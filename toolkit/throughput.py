@@ -11,27 +11,15 @@ Design decisions, and the mistakes of other batch finders they avoid:
 - No built-in upper cap (Lightning stops at 8192; an H200 fits far more), no
   shrink-by-10% loop (accelerate): growth then bisection gives the exact answer
   in at most ceil(log2(max)) probes beyond the growth phase.
-- Out-of-memory is recognised by type (``torch.OutOfMemoryError``) and by the
-  few allocation-failure messages cuBLAS, cuDNN and the CPU allocator raise as
-  plain ``RuntimeError``. A batch too large for a kernel's 32-bit indexing
-  also "does not fit" (its probe says so); any other error propagates.
-- Recovery happens *after* the ``except`` block: inside it the traceback still
-  references the frames that hold the batch's tensors, so ``empty_cache`` there
-  frees nothing. Afterwards we verify that allocated GPU memory is back at its
-  baseline, exactly, and record the answer with every probe.
-- On CPU a process that runs out of memory is killed by the OS, not raised. So
-  CPU trials run in a child process under ``RLIMIT_DATA`` (which makes the
-  allocator fail with a clean exception); a child killed anyway counts as "does
-  not fit". The child builds the model once and forks a fresh copy of itself
-  per trial: a failed allocation leaves oneDNN and glibc state behind, and
-  without the fork the boundary would depend on the probes before it.
+- What one trial does (recognise out-of-memory by type, recover after the
+  ``except`` block, check memory is back at its baseline, run CPU trials in a
+  memory-limited child process) is ``toolkit.trials``'s docstring.
 - On GPU the caching allocator's history shifts the boundary a little;
   ``isolation="fresh"`` runs every trial in a new process.
 
 Throughput is timed with CUDA events recorded between back-to-back batches
 (no synchronisation inside the timed region, so launches overlap as in a real
-pipeline) after warm-up batches; on CPU with ``time.perf_counter``. The trials themselves
-(one batch, OOM recognition, recovery, child processes) live in ``toolkit.trials``.
+pipeline) after warm-up batches; on CPU with ``time.perf_counter``.
 """
 
 from __future__ import annotations

@@ -6,11 +6,14 @@
   also "does not fit" (its probe says so); any other error propagates.
 - Recovery happens *after* the ``except`` block: inside it the traceback still
   references the frames that hold the batch's tensors, so ``empty_cache`` there
-  frees nothing. Afterwards allocated memory is compared with the baseline.
-- On CPU a process that runs out of memory is killed by the OS, not raised, so
-  CPU trials run in a child process under ``RLIMIT_DATA``; the child builds the
-  model once and forks a fresh copy of itself per trial, and a child killed
-  anyway counts as "does not fit".
+  frees nothing. Afterwards we verify that allocated GPU memory is back at its
+  baseline, exactly, and record the answer with every probe.
+- On CPU a process that runs out of memory is killed by the OS, not raised. So
+  CPU trials run in a child process under ``RLIMIT_DATA`` (which makes the
+  allocator fail with a clean exception); a child killed anyway counts as "does
+  not fit". The child builds the model once and forks a fresh copy of itself
+  per trial: a failed allocation leaves oneDNN and glibc state behind, and
+  without the fork the boundary would depend on the probes before it.
 
 ``toolkit.throughput`` drives these trials in its search.
 """
