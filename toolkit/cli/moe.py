@@ -16,6 +16,8 @@ def gpu_experts_arg(text: str):
 
 
 def register(subparsers) -> None:
+    from ..moe.run import MoESettings
+
     p = subparsers.add_parser(
         "moe", help="generate with an offloaded MoE model (random weights) and report latency and hit rates",
         description=__doc__.splitlines()[0])
@@ -35,13 +37,22 @@ def register(subparsers) -> None:
                    help="print text as it becomes final (also for beam search); to stderr with --json")
     p.add_argument("--allow-eos", action="store_true",
                    help="stop at EOS (default: generate exactly --new-tokens, as benchmarks need)")
+    p.add_argument("--scheme", default=MoESettings.scheme,
+                   help="how missed experts are served: ours (default), fiddler-serial, lru-copy, copy-on-demand, "
+                        "all-gpu (toolkit.moe.baselines)")
+    p.add_argument("--routing", default=MoESettings.routing,
+                   help="auto (default: the synthetic Mixtral trace for Mixtral-shaped presets, else the model's "
+                        "router), model, uniform, or a trace name / .npz file")
+    p.add_argument("--repeats", type=positive_int, default=MoESettings.repeats,
+                   help="measured generations (decode samples pooled, prefill median)")
     p.add_argument("--policy", default=None, help="static-popularity, static-uniform, lru, lfu, belady")
     p.add_argument("--placement", default=None, help="placement JSON file (which experts are on the GPU)")
-    p.add_argument("--trace", default=None, help="replay routing from a trace (name or .npz file)")
+    p.add_argument("--trace", default=None, help="replay routing from a trace (name or .npz file; same as --routing)")
     p.add_argument("--calibration", default=None, help="cost model calibration JSON (default: measure once, cached)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for CPU experts")
-    p.add_argument("--warmup", type=nonnegative_int, default=2,
-                   help="tokens of an untimed warm-up generation first (0: none)")
+    p.add_argument("--warmup", type=nonnegative_int, default=MoESettings.warmup_tokens,
+                   help="tokens of each untimed warm-up generation, repeated until decode steps are steady "
+                        "(0: none)")
     p.add_argument("--seed", type=int, default=0)
     add_device_argument(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -49,136 +60,50 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _requested(args, preset):
-    """--gpu-experts as a number, or 'auto'; more than the model has is an error (checked before building)."""
-    from ..errors import ToolkitError
+def settings_from_args(args):
+    """The command line as ``MoESettings`` (the one place the run's defaults live)."""
+    from ..moe.run import MoESettings
 
-    total = preset.layers * preset.experts
-    if args.gpu_experts == "all":
-        return total
-    if args.gpu_experts != "auto" and args.gpu_experts > total:
-        raise ToolkitError(f"--gpu-experts {args.gpu_experts} is more than the model has: {preset.layers} layers x "
-                           f"{preset.experts} experts = {total}")
-    return args.gpu_experts
-
-
-def _plan(args, model, device, requested):
-    """On a GPU: the memory plan (raises if ``requested`` does not fit) and the resolved expert count."""
-    from ..moe.memory import plan_memory
-
-    plan = plan_memory(model, args.prompt_tokens, args.new_tokens, batch=args.batch_size, beams=args.beams,
-                       device=device, gpu_experts=None if requested == "auto" else requested)
-    return plan, (plan.max_gpu_experts if requested == "auto" else requested)
-
-
-def _load_inputs(args, preset):
-    """Everything read from files, checked before the (possibly large) model is built."""
-    import numpy as np
-
-    from ..errors import ToolkitError
-
-    cost_model = trace = placement = None
-    if args.calibration:
-        from ..moe.costs import load_cost_model
-
-        cost_model = load_cost_model(args.calibration)
-    if args.trace:
-        from ..moe.traces import load_trace
-
-        trace = load_trace(args.trace)
-        if trace.n_experts != preset.experts or trace.n_layers < preset.layers:
-            raise ToolkitError(f"trace {args.trace!r} routes {trace.n_layers} layers x {trace.n_experts} experts; "
-                               f"the model has {preset.layers} x {preset.experts}")
-    if args.placement:
-        from ..moe.policies import load_placement
-
-        placement = np.asarray(load_placement(args.placement), dtype=bool)
-        if placement.shape != (preset.layers, preset.experts):
-            raise ToolkitError(f"placement {args.placement} is [{placement.shape[0]}, {placement.shape[1]}] "
-                               f"but the model is [{preset.layers}, {preset.experts}] (layers, experts)")
-    return cost_model, trace, placement
+    return MoESettings(
+        preset=args.preset, layers=args.layers, gpu_experts=args.gpu_experts, scheme=args.scheme,
+        routing=args.trace or args.routing, policy=args.policy, placement=args.placement,
+        calibration=args.calibration, threads=args.threads, prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens, batch_size=args.batch_size, beams=args.beams, sample=args.sample,
+        temperature=args.temperature, top_k=args.top_k, allow_eos=args.allow_eos, warmup_tokens=args.warmup,
+        repeats=args.repeats, seed=args.seed, device=args.device)
 
 
 def run(args) -> int:
-    from ..env import resolve_device
     from ..errors import ToolkitError
-    from ..moe import generation as G
-    from ..moe.presets import build_moe, from_name
+    from ..moe.generation import TextPrinter
+    from ..moe.run import MoESession
 
-    preset = from_name(args.preset, args.layers)
-    device = resolve_device(args.device)
+    settings = settings_from_args(args)
     if args.stream and args.batch_size != 1:
         raise ToolkitError("--stream prints one sequence: use --batch-size 1")
-    if args.temperature is not None and args.temperature <= 0:
-        raise ToolkitError(f"--temperature must be > 0, got {args.temperature}")
-    cost_model, trace, placement = _load_inputs(args, preset)
-    n_gpu = _requested(args, preset)
-    if placement is not None and args.gpu_experts in ("auto", "all"):
-        n_gpu = int(placement.sum())
-
-    policy = None
-    if args.policy:
-        from ..moe.policies import get_policy
-
-        policy = get_policy(args.policy, trace=trace, popularity=None if trace is None else trace.popularity())
-    routing = None
-    if trace is not None:
-        from ..moe.traces import TraceRouter
-
-        routing = TraceRouter(trace, batch_size=args.batch_size * args.beams)
-
-    from ..moe.offload import offload
-
-    cuda = device.startswith("cuda")
-    # on a GPU the experts go straight to pinned host memory; offload() moves the resident ones over
-    model = build_moe(preset, device=device, expert_device="cpu" if cuda else None, seed=args.seed)
-    plan = None
-    if cuda:
-        plan, n_gpu = _plan(args, model, device, n_gpu)
-    elif n_gpu == "auto":  # both tiers are host memory: everything "fits"
-        n_gpu = preset.layers * preset.experts
-    off = offload(model, n_gpu, device=device, placement=placement, policy=policy, cost_model=cost_model,
-                  routing=routing, cpu_threads=args.threads)
-    try:
-        tok = G.synthetic_tokenizer(preset.vocab)
-        ids, mask = G.random_prompts(preset.vocab, args.prompt_tokens, args.batch_size, seed=args.seed,
-                                     pad_token_id=tok.pad_token_id)
-        kw = dict(num_beams=args.beams, do_sample=args.sample, ignore_eos=not args.allow_eos, seed=args.seed)
-        if args.sample:
-            kw.update({k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k)) if v is not None})
-        if args.warmup:
-            G.generate(off, ids, mask, max_new_tokens=args.warmup, **kw)
-            if routing is not None:
-                routing.reset()
+    out = sys.stderr if args.json else sys.stdout
+    with MoESession(settings) as session:
         streamer = None
         if args.stream:
-            out = sys.stderr if args.json else sys.stdout
-            streamer = G.TextPrinter(tok, write=lambda s: (out.write(s), out.flush()))
-        res = G.generate(off, ids, mask, max_new_tokens=args.new_tokens, streamer=streamer, tokenizer=tok, **kw)
-        if args.stream:
-            out.write("\n")
-            out.flush()
-        record = {"preset": preset.name, "layers": preset.layers, "experts_per_layer": preset.experts,
-                  "total_experts": preset.layers * preset.experts, "device": device,
-                  "policy": getattr(off.policy, "name", type(off.policy).__name__),
-                  "trace": args.trace, "cpu_threads": off.cpu_threads, **res.to_dict(),
-                  "memory_plan": None if plan is None else plan.to_dict()}
-    finally:
-        off.restore()
-
-    if args.out:
-        from ..results import provenance, save_json
-
-        save_json({**record, "provenance": provenance(device)}, args.out)
+            streamer = TextPrinter(session.tokenizer, write=lambda s: (out.write(s), out.flush()))
+        result = session.run(streamer=streamer)
+    if args.stream:
+        out.write("\n")
+        out.flush()
+    record = result.to_dict()
     if args.json:
         print_json(record)
     else:
         if not args.stream:
-            for i, text in enumerate(res.text or ()):
-                print(f"[{i}] {text}" if len(res.text) > 1 else text)
-        if plan is not None:
-            print(plan)
+            for i, text in enumerate(record.get("text") or ()):
+                print(f"[{i}] {text}" if len(record["text"]) > 1 else text)
+        if result.memory_plan is not None:
+            print(result.memory_plan)
         print(format_table(record))
+    if args.out:
+        from ..results import provenance, save_json
+
+        save_json({**record, "provenance": provenance(record["device"])}, args.out)
     return 0
 
 
@@ -193,7 +118,7 @@ def format_table(r: dict) -> str:
     per_layer = (hr.get("per_layer") or {}).get("decode") or []
     lines = [
         f"{r['preset']} ({r['layers']} layers) on {r['device']}: {r['gpu_experts']}/{r['total_experts']} experts on "
-        f"the GPU, policy {r['policy']}, {r['cpu_threads']} CPU threads",
+        f"the GPU, scheme {r['scheme']}, policy {r['policy']}, {r['routing']} routing, {r['cpu_threads']} CPU threads",
         f"{mode}, batch {r['batch_size']}, prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens",
         f"  prefill (time to first token)  {_f(r['prefill_ms'], '.2f')} ms",
         f"  decode step                    median {_f(d['median'], '.2f')} ms, p90 {_f(d['p90'], '.2f')} ms",

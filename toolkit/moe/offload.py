@@ -853,8 +853,14 @@ class Offloaded:
             "cost_model": self.cost_model.to_dict(), "stats": self.stats.to_dict(),
         }
 
+    def __enter__(self) -> Offloaded:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
     def restore(self):
-        """Put the original experts modules and routers back; return the model."""
+        """Put the original experts modules and routers back; return the model (a second call does nothing)."""
         for mod in self.experts:  # free the GPU tier first: the experts may be moving back to the GPU
             mod.gpu.clear()
             mod._pageable = None  # drop pageable clones

@@ -503,6 +503,16 @@ def synthetic_mixtral(n_tokens: int | None = None, *, n_sequences: int = 32, pro
 
 # ---- replay in the engine, and recording from it ----
 
+def uniform_trace(n_tokens: int, n_layers: int, n_experts: int, top_k: int, seed: int = 0) -> Trace:
+    """A trace in which every token picks ``top_k`` distinct experts uniformly at random (weights sorted, sum 1)."""
+    rng = np.random.default_rng(seed)
+    experts = np.argsort(rng.random((n_tokens, n_layers, n_experts)), axis=-1)[..., :top_k]  # [N, L, K]
+    w = np.sort(rng.random((n_tokens, n_layers, top_k)), axis=-1)[..., ::-1]  # [N, L, K] largest first
+    w = (w / w.sum(-1, keepdims=True)).astype(np.float32)
+    return Trace(experts.astype(np.int16), w, np.arange(n_tokens, dtype=np.int32), np.ones(n_tokens, dtype=np.uint8),
+                 {"n_experts": n_experts, "source": f"uniform random, seed {seed}"})
+
+
 class TraceRouter:
     """Routing that follows a trace: ``route(layer, hidden[T, D], phase) -> (index[T, K], weights[T, K])``.
 
