@@ -10,6 +10,8 @@ import torch
 from toolkit.errors import ToolkitError
 from toolkit.moe import generation as G
 from toolkit.moe.presets import build_moe
+from toolkit.moe.prompts import random_prompts, synthetic_tokenizer
+from toolkit.moe.streaming import TextPrinter
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +36,18 @@ class FakeClock:
 
 
 def test_random_prompts_left_padded():
-    ids, mask = G.random_prompts(100, [3, 5], seed=4, pad_token_id=0)
+    ids, mask = random_prompts(100, [3, 5], seed=4, pad_token_id=0)
     assert ids.shape == mask.shape == (2, 5)
     assert mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert ids[0, :2].tolist() == [0, 0] and ids[mask.bool()].min() >= 3 and ids.max() < 100
-    again, _ = G.random_prompts(100, [3, 5], seed=4)
+    again, _ = random_prompts(100, [3, 5], seed=4)
     assert torch.equal(ids, again)
     with pytest.raises(ToolkitError):
-        G.random_prompts(100, 0)
+        random_prompts(100, 0)
 
 
 def test_synthetic_tokenizer_is_readable_and_round_trips():
-    tok = G.synthetic_tokenizer(5000)
+    tok = synthetic_tokenizer(5000)
     assert len(tok) == 5000 and tok.eos_token_id == 2 and tok.pad_token_id == 0
     words = tok.convert_ids_to_tokens(list(range(3, 13)))
     assert all(w.isalpha() and w.islower() for w in words) and len(set(words)) == 10
@@ -57,7 +59,7 @@ def test_synthetic_tokenizer_is_readable_and_round_trips():
 
 
 def test_fake_clock_gives_exact_timings(model):
-    ids, mask = G.random_prompts(model.config.vocab_size, 6, batch_size=2)
+    ids, mask = random_prompts(model.config.vocab_size, 6, batch_size=2)
     # start, 4 step callbacks (prefill end + 3 decode steps), end
     clock = FakeClock([10.0, 10.100, 10.102, 10.105, 10.109, 10.200])
     res = G.generate(model, ids, mask, max_new_tokens=4, ignore_eos=True, clock=clock, synchronize=clock.sync)
@@ -73,7 +75,7 @@ def test_fake_clock_gives_exact_timings(model):
 
 
 def test_beam_tokens_per_second_counts_steps_times_batch(model):
-    ids, mask = G.random_prompts(model.config.vocab_size, 5)
+    ids, mask = random_prompts(model.config.vocab_size, 5)
     clock = FakeClock([0.0, 0.5, 0.51, 0.52, 1.0])
     res = G.generate(model, ids, mask, max_new_tokens=3, num_beams=4, ignore_eos=True, clock=clock,
                      synchronize=clock.sync)
@@ -82,10 +84,10 @@ def test_beam_tokens_per_second_counts_steps_times_batch(model):
 
 
 def test_result_round_trip_and_dataframe(model):
-    ids, mask = G.random_prompts(model.config.vocab_size, 4)
+    ids, mask = random_prompts(model.config.vocab_size, 4)
     clock = FakeClock([0.0, 0.01, 0.012, 0.015, 0.02])
     res = G.generate(model, ids, mask, max_new_tokens=3, ignore_eos=True, clock=clock, synchronize=clock.sync,
-                     tokenizer=G.synthetic_tokenizer(model.config.vocab_size))
+                     tokenizer=synthetic_tokenizer(model.config.vocab_size))
     d = res.to_dict()
     for key in ("prefill_ms", "decode_tokens_per_s", "decode_ms", "hit_rate", "gpu_experts", "cost_model", "env",
                 "end_to_end_ms", "bytes_copied", "cpu_expert_calls"):
@@ -100,7 +102,7 @@ def test_result_round_trip_and_dataframe(model):
 
 
 def test_bad_arguments(model):
-    ids, mask = G.random_prompts(model.config.vocab_size, 4)
+    ids, mask = random_prompts(model.config.vocab_size, 4)
     with pytest.raises(ToolkitError, match="num_beams"):
         G.generate(model, ids, mask, num_beams=0)
     with pytest.raises(ToolkitError, match="max_new_tokens"):
@@ -120,12 +122,12 @@ def test_user_processors_and_criteria_are_kept(model):
         def __call__(self, input_ids, scores, **kw):
             return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 5 + 3, dtype=torch.bool)
 
-    ids, mask = G.random_prompts(model.config.vocab_size, 5)
+    ids, mask = random_prompts(model.config.vocab_size, 5)
     res = G.generate(model, ids, mask, max_new_tokens=10, ignore_eos=True, logits_processor=[Force7()],
                      stopping_criteria=[StopAt3()])
     assert res.sequences == ((7, 7, 7),) and len(res.decode_samples_ms) == 2
     with pytest.raises(ToolkitError, match="stopping rules"):
-        G.generate(model, ids, mask, num_beams=2, streamer=G.TextPrinter(None), stopping_criteria=[StopAt3()])
+        G.generate(model, ids, mask, num_beams=2, streamer=TextPrinter(None), stopping_criteria=[StopAt3()])
 
 
 # ---------------------------------------------------------------- phases and expert statistics
@@ -153,7 +155,7 @@ class PhaseSpy:
 def test_phase_switches_at_first_token(model):
     spy = PhaseSpy(model)
     try:
-        ids, mask = G.random_prompts(model.config.vocab_size, 5)
+        ids, mask = random_prompts(model.config.vocab_size, 5)
         res = G.generate(spy, ids, mask, max_new_tokens=4, ignore_eos=True)
     finally:
         spy._hook.remove()
@@ -198,7 +200,7 @@ def test_offloaded_generation_equals_unmodified(model, gpu_experts):
     from toolkit.moe.costs import CostModel
     from toolkit.moe.offload import offload
 
-    ids, mask = G.random_prompts(model.config.vocab_size, [5, 9, 7], seed=2)  # left padding
+    ids, mask = random_prompts(model.config.vocab_size, [5, 9, 7], seed=2)  # left padding
     kw = dict(max_new_tokens=10, ignore_eos=True)
     ref_greedy = G.generate(model, ids, mask, **kw)
     ref_beam = G.generate(model, ids, mask, num_beams=3, **kw)
@@ -235,7 +237,7 @@ def test_offloaded_generation_on_gpu_equals_unmodified_and_streams():
     from toolkit.moe.offload import offload
 
     gpu_model = build_moe("tiny-mixtral", device="cuda", seed=0)
-    ids, mask = G.random_prompts(gpu_model.config.vocab_size, [5, 9, 7], seed=2)
+    ids, mask = random_prompts(gpu_model.config.vocab_size, [5, 9, 7], seed=2)
     kw = dict(max_new_tokens=10, ignore_eos=True)
     ref = [G.generate(gpu_model, ids, mask, num_beams=n, **kw) for n in (1, 3)]
     cm = CostModel.fixed(cpu=(0.0, 1.0), gpu=(0.01, 0.0), copy_ms=3.0)

@@ -10,7 +10,7 @@ import pytest
 
 from toolkit.__main__ import main
 from toolkit.errors import ToolkitError
-from toolkit.moe import policies, traces
+from toolkit.moe import policies, synthetic, traces
 from toolkit.moe.simulate import SimResult, simulate, sweep
 from toolkit.moe.traces import Trace
 
@@ -67,7 +67,7 @@ def test_all_experts_hit_everything_and_none_nothing(policy):
         assert full.per_layer().tolist() == [1.0] * t.n_layers
         empty = simulate(t, policy, 0)
         assert empty.hit_rate() == 0.0 and empty.n_loads == 0
-    syn = traces.synthetic_mixtral(n_sequences=2, prompt_len=16, decode_len=32)
+    syn = synthetic.synthetic_mixtral(n_sequences=2, prompt_len=16, decode_len=32)
     assert simulate(syn, policy, 256).hit_rate() == 1.0
     assert simulate(syn, policy, 0).hit_rate() == 0.0
 
@@ -91,7 +91,7 @@ def test_belady_bounds_lru_and_lfu_on_decode_traces(seed):
 
 @pytest.mark.parametrize("kw", [{"seed": 0}, {"seed": 1, "subject": "international_law"}, {"model": "instruct"}])
 def test_belady_bounds_lru_and_lfu_on_synthetic_traces(kw):
-    t = traces.synthetic_mixtral(n_sequences=3, prompt_len=24, decode_len=48, n_layers=4, **kw)
+    t = synthetic.synthetic_mixtral(n_sequences=3, prompt_len=24, decode_len=48, n_layers=4, **kw)
     _belady_bound(t)
 
 
@@ -168,7 +168,7 @@ def test_errors():
 
 
 def test_sweep_and_result_values():
-    t = traces.synthetic_mixtral(n_sequences=2, prompt_len=16, decode_len=32, n_layers=4)
+    t = synthetic.synthetic_mixtral(n_sequences=2, prompt_len=16, decode_len=32, n_layers=4)
     s = sweep(t, ["static-popularity", "lru"])
     assert [r.gpu_experts for r in s][:9] == list(range(0, 33, 4))
     df = s.to_dataframe()

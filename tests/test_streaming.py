@@ -5,7 +5,9 @@ import torch
 
 from toolkit.errors import ToolkitError
 from toolkit.moe import generation as G
+from toolkit.moe import streaming
 from toolkit.moe.presets import build_moe
+from toolkit.moe.prompts import random_prompts, synthetic_tokenizer
 
 EOS = 2
 
@@ -17,7 +19,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def tok(model):
-    return G.synthetic_tokenizer(model.config.vocab_size)
+    return synthetic_tokenizer(model.config.vocab_size)
 
 
 class Recorder:
@@ -39,14 +41,14 @@ class Recorder:
 
 
 def test_common_prefix_len():
-    assert G.common_prefix_len([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
-    assert G.common_prefix_len([[1, 2, 3]]) == 3
-    assert G.common_prefix_len([[5], [6]]) == 0
-    assert G.common_prefix_len([]) == 0
+    assert streaming.common_prefix_len([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+    assert streaming.common_prefix_len([[1, 2, 3]]) == 3
+    assert streaming.common_prefix_len([[5], [6]]) == 0
+    assert streaming.common_prefix_len([]) == 0
 
 
 def test_beam_prefix_waits_for_finished_hypotheses():
-    bp = G.BeamPrefix(eos_token_ids=[EOS])
+    bp = streaming.BeamPrefix(eos_token_ids=[EOS])
     assert bp.running([[7], [8]]) == []               # beams disagree on the first token
     assert bp.running([[7, 1], [7, 3]]) == [7]         # now all live beams start with 7
     bp.candidates([[7, 1, 4], [7, 3, EOS], [7, 1, 9]])  # [7, 3, EOS] finished and may win
@@ -57,18 +59,18 @@ def test_beam_prefix_waits_for_finished_hypotheses():
 
 
 def test_beam_prefix_streams_when_finished_agree_and_flags_inconsistency():
-    bp = G.BeamPrefix(eos_token_ids=[EOS])
+    bp = streaming.BeamPrefix(eos_token_ids=[EOS])
     bp.candidates([[4, EOS]])
     assert bp.running([[4, 5, 6], [4, 5, 7]]) == [4]
     assert bp.final([4, 5, 7, 1]) == [5, 7, 1]
-    bad = G.BeamPrefix()
+    bad = streaming.BeamPrefix()
     assert bad.running([[1, 2], [1, 2]]) == [1, 2]
     assert bad.final([1, 3]) == [] and not bad.consistent
 
 
 def test_text_printer_writes_incremental_pieces(tok):
     written = []
-    p = G.TextPrinter(tok, write=written.append)
+    p = streaming.TextPrinter(tok, write=written.append)
     p.put([5])
     p.put([6, EOS, 7])
     assert "".join(written) == tok.decode([5, 6, EOS, 7], skip_special_tokens=True)
@@ -76,7 +78,7 @@ def test_text_printer_writes_incremental_pieces(tok):
 
 
 def _prompt(model, n=8, seed=1):
-    return G.random_prompts(model.config.vocab_size, n, seed=seed)
+    return random_prompts(model.config.vocab_size, n, seed=seed)
 
 
 @pytest.mark.parametrize("num_beams", [1, 4])
@@ -107,7 +109,7 @@ def test_beam_stream_is_progressive_and_text_matches(model, tok, monkeypatch):
     monkeypatch.setattr(G, "TokenStream", Spy)
     ids, mask = _prompt(model)
     written = []
-    printer = G.TextPrinter(tok, write=written.append)
+    printer = streaming.TextPrinter(tok, write=written.append)
     res = G.generate(model, ids, mask, max_new_tokens=24, num_beams=4, ignore_eos=True, tokenizer=tok,
                      streamer=printer)
     (stream,) = streams
@@ -125,14 +127,14 @@ def test_beam_stream_with_eos_hypotheses(model, tok, monkeypatch):
     base = G.generate(model, ids, mask, max_new_tokens=16, num_beams=4, ignore_eos=True)
     eos = base.sequences[0][4]
     prefixes = []
-    real = G.BeamPrefix
+    real = streaming.BeamPrefix
 
     class Spy(real):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             prefixes.append(self)
 
-    monkeypatch.setattr(G, "BeamPrefix", Spy)
+    monkeypatch.setattr(streaming, "BeamPrefix", Spy)  # TokenStream builds it
     saved = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = int(eos)
     try:
@@ -156,7 +158,7 @@ def test_beam_sampling_stream_matches(model):
 
 
 def test_stream_needs_batch_one(model):
-    ids, mask = G.random_prompts(model.config.vocab_size, [4, 6])
+    ids, mask = random_prompts(model.config.vocab_size, [4, 6])
     with pytest.raises(ToolkitError, match="batch size 1"):
         G.generate(model, ids, mask, max_new_tokens=2, streamer=Recorder())
 

@@ -8,8 +8,9 @@ from toolkit.moe.costs import CostModel
 from toolkit.moe.offload import offload
 from toolkit.moe.policies import get_policy
 from toolkit.moe.presets import build_moe
+from toolkit.moe.replay import TraceRouter, record
 from toolkit.moe.simulate import default_popularity, simulate
-from toolkit.moe.traces import TraceRouter, record, synthetic_mixtral
+from toolkit.moe.synthetic import synthetic_mixtral
 
 CPU_ALWAYS = CostModel.fixed(cpu=(1.0, 0.0), gpu=(0.01, 0.0), copy_ms=100.0)  # only the policy's copies happen
 

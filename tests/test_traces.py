@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from toolkit.errors import ToolkitError
-from toolkit.moe import traces
-from toolkit.moe.traces import Trace, TraceRecorder, TraceRouter
+from toolkit.moe import replay, synthetic, trace_catalog, traces
+from toolkit.moe.replay import TraceRecorder, TraceRouter
+from toolkit.moe.traces import Trace
 
 
 def small_trace(n_layers=2, seq=True):
@@ -62,7 +63,7 @@ def test_save_load_roundtrip(tmp_path):
     t.meta["popularity"] = np.ones((2, 4))
     path = traces.save_trace(t, tmp_path / "t")  # suffix added
     assert path.name == "t.npz"
-    u = traces.load_trace(path)
+    u = trace_catalog.load_trace(path)
     for name in ("experts", "weights", "step", "phase", "seq"):
         np.testing.assert_array_equal(getattr(u, name), getattr(t, name))
     assert u.meta["source"] == "test" and u.n_experts == 4
@@ -97,46 +98,46 @@ def test_corrupt_or_mismatched_file(tmp_path, damage, message):
     path = traces.save_trace(small_trace(), tmp_path / "t.npz")
     damage(path)
     with pytest.raises(ToolkitError, match=message):
-        traces.load_trace(path)
+        trace_catalog.load_trace(path)
 
 
 def test_missing_trace():
     with pytest.raises(ToolkitError, match="not found"):
-        traces.load_trace("/nonexistent/trace.npz")
+        trace_catalog.load_trace("/nonexistent/trace.npz")
 
 
 # ---- real statistics and the calibrated generator ----
 
 def test_real_popularity_counts():
-    pooled = traces.real_popularity()
+    pooled = synthetic.real_popularity()
     assert pooled.shape == (32, 8)
-    subjects = traces.routing_subjects()
+    subjects = synthetic.routing_subjects()
     assert len(subjects) == 7
-    assert sum(traces.real_popularity(subject=s) for s in subjects).tolist() == pooled.tolist()
+    assert sum(synthetic.real_popularity(subject=s) for s in subjects).tolist() == pooled.tolist()
     # each token is counted twice (top-2) in every layer, so all layer sums are equal
     assert len(set(pooled.sum(1).tolist())) == 1
     with pytest.raises(ToolkitError, match="subject"):
-        traces.real_popularity(subject="astrology")
+        synthetic.real_popularity(subject="astrology")
 
 
 def test_locality_targets_are_published_midpoints():
-    t = traces.locality_targets(32)
-    for layer, (same, shared) in traces.PUBLISHED_LOCALITY.items():
+    t = synthetic.locality_targets(32)
+    for layer, (same, shared) in synthetic.PUBLISHED_LOCALITY.items():
         assert t["same_first"][layer] == pytest.approx(np.mean(same))
         assert t["shared"][layer] == pytest.approx(np.mean(shared))
     assert t["same_first"][7] == pytest.approx(np.interp(7, [0, 15], [0.1425, 0.26]))
 
 
 def test_pair_model_and_chain_keep_the_popularity():
-    counts = traces.real_popularity(subject="high_school_mathematics")[11]  # a skewed layer
-    q = traces.fit_pair_model(counts)
+    counts = synthetic.real_popularity(subject="high_school_mathematics")[11]  # a skewed layer
+    q = synthetic.fit_pair_model(counts)
     np.testing.assert_allclose(q.sum(0) + q.sum(1), 2 * counts / counts.sum(), atol=1e-9)
     assert np.all(np.diag(q) == 0)
-    moves = traces.fit_moves(q, 0.23, 0.49)
-    chain = traces.mixed_kernel(q, moves)
+    moves = synthetic.fit_moves(q, 0.23, 0.49)
+    chain = synthetic.mixed_kernel(q, moves)
     np.testing.assert_allclose(chain.sum(1), 1.0, atol=1e-12)
     np.testing.assert_allclose(q.ravel() @ chain, q.ravel(), atol=1e-12)  # Q is stationary
-    assert traces.kernel_rates(q, chain) == pytest.approx((0.23, 0.49), abs=1e-9)
+    assert synthetic.kernel_rates(q, chain) == pytest.approx((0.23, 0.49), abs=1e-9)
 
 
 @pytest.mark.parametrize("kw", [{}, {"model": "instruct"}, {"subject": "high_school_mathematics"}])
@@ -144,40 +145,40 @@ def test_synthetic_matches_real_statistics(kw):
     """Stated tolerances: popularity share within 0.015 (absolute) of the measured share in every
     layer and expert; same-first and shared rates within 0.025 of the targets in every layer (the
     expected rates match the targets exactly, and lie inside the published ranges)."""
-    t = traces.synthetic_mixtral(**kw)
+    t = synthetic.synthetic_mixtral(**kw)
     assert (t.n_layers, t.n_experts, t.top_k) == (32, 8, 2)
-    real = traces.real_popularity(kw.get("model", "original"), kw.get("subject")).astype(float)
+    real = synthetic.real_popularity(kw.get("model", "original"), kw.get("subject")).astype(float)
     share = t.popularity() / t.popularity().sum(1, keepdims=True)
     np.testing.assert_allclose(share, real / real.sum(1, keepdims=True), atol=0.015)
-    targets = traces.locality_targets(32)
+    targets = synthetic.locality_targets(32)
     loc = t.locality()
     for key in ("same_first", "shared"):
         np.testing.assert_allclose(t.meta[f"expected_{key}"], targets[key], atol=1e-9)
         np.testing.assert_allclose(loc[key], targets[key], atol=0.025)
-    for layer, (same, shared) in traces.PUBLISHED_LOCALITY.items():
+    for layer, (same, shared) in synthetic.PUBLISHED_LOCALITY.items():
         assert same[0] <= t.meta["expected_same_first"][layer] <= same[1]
         assert shared[0] <= t.meta["expected_shared"][layer] <= shared[1]
 
 
 def test_synthetic_structure_and_determinism():
-    t = traces.synthetic_mixtral(n_sequences=2, prompt_len=5, decode_len=3, seed=7)
+    t = synthetic.synthetic_mixtral(n_sequences=2, prompt_len=5, decode_len=3, seed=7)
     assert t.n_tokens == 16 and t.n_steps == 2 * (1 + 3)
     assert t.step.tolist() == [0] * 5 + [1, 2, 3] + [4] * 5 + [5, 6, 7]
     assert t.phase.tolist() == ([0] * 5 + [1] * 3) * 2
     assert t.bytes_per_expert == 3 * 4096 * 14336 * 2
     np.testing.assert_allclose(t.weights.astype(float).sum(-1), 1.0, atol=1e-3)
     assert np.all(t.weights[..., 0] >= t.weights[..., 1])
-    u = traces.synthetic_mixtral(n_sequences=2, prompt_len=5, decode_len=3, seed=7)
+    u = synthetic.synthetic_mixtral(n_sequences=2, prompt_len=5, decode_len=3, seed=7)
     np.testing.assert_array_equal(t.experts, u.experts)
-    v = traces.synthetic_mixtral(n_sequences=2, prompt_len=5, decode_len=3, seed=8)
+    v = synthetic.synthetic_mixtral(n_sequences=2, prompt_len=5, decode_len=3, seed=8)
     assert not np.array_equal(t.experts, v.experts)
-    w = traces.synthetic_mixtral(n_tokens=10, prompt_len=5, decode_len=3, n_layers=4)
+    w = synthetic.synthetic_mixtral(n_tokens=10, prompt_len=5, decode_len=3, n_layers=4)
     assert (w.n_tokens, w.n_layers) == (10, 4)
 
 
 def test_named_trace_is_cached_and_read_only():
-    t = traces.load_trace("synthetic-mixtral")
-    assert t is traces.load_trace("synthetic-mixtral")
+    t = trace_catalog.load_trace("synthetic-mixtral")
+    assert t is trace_catalog.load_trace("synthetic-mixtral")
     assert t.meta["name"] == "synthetic-mixtral"
     with pytest.raises(ValueError):
         t.experts[0, 0, 0] = 1
@@ -231,7 +232,7 @@ class FakeOffloaded:
 def test_recorder_rebuilds_the_trace():
     t = small_trace()
     off = FakeOffloaded()
-    with traces.record(off) as rec:
+    with replay.record(off) as rec:
         assert off.recorder is rec
         starts = t.step_starts()
         for g in range(t.n_steps):

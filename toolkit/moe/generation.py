@@ -1,4 +1,4 @@
-"""Generation with metrics, and streaming that also works for beam search.
+"""Generation with metrics: transformers' own ``generate``, timed per step, with the experts' hit rates.
 
 ``generate`` runs transformers' own ``generate`` (greedy, sampling or beam
 search; never a hand-written loop) and measures it from the inside:
@@ -9,108 +9,28 @@ search; never a hand-written loop) and measures it from the inside:
   switches an offloaded model's statistics from the prefill to the decode
   phase; each later call closes one decode step. So a decode sample is the full
   latency of one step (forward pass, logits, token choice, beam bookkeeping).
-- Streaming never runs inside a timed step: the taps below only copy token ids
-  to the host and enqueue them; a background thread works out which tokens are
-  final, detokenizes and hands the text on.
+- Streaming (``toolkit.moe.streaming``, beam search included) never runs inside
+  a timed step: its taps only copy token ids to the host and enqueue them.
 
-Beam search streaming (transformers refuses a streamer when ``num_beams > 1``).
-A generated token is *final* once no possible outcome of the search can change
-it. The outcome is either a finished hypothesis (ended by EOS) or a
-continuation of a beam that is still running. Running beams only ever extend
-running beams of the step before, so the longest common prefix (LCP) of
+The run's numbers come back as a ``GenerationResult`` value; inputs for offline
+runs (a synthetic tokenizer, random prompts) are in ``toolkit.moe.prompts``.
 
-    every running beam  +  every hypothesis that has finished so far
-
-is a prefix of the final answer, and it never shrinks. ``BeamPrefix`` tracks
-exactly that: the logits-processor tap sees the running beams at every step and
-the stopping-criteria tap sees the step's candidates, of which those ending in
-EOS may join the finished set (all of them are kept, a safe superset of the
-ones transformers keeps). When generation ends, the best beam's remainder is
-streamed. Greedy and sampling are the one-beam case: every token is final at
-once.
-
-Shapes: B batch, N beams, C candidates kept per step (2N), P prompt tokens,
-S sequence length so far.
+Shapes: B batch, P prompt tokens, S sequence length so far.
 """
 
 from __future__ import annotations
 
 import math
-import queue
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import numpy as np
 import torch
 
 from ..errors import ToolkitError
-
-PHASES = ("prefill", "decode")
-
-
-# --------------------------------------------------------------------------- tokenizer and prompts
-
-_CONSONANTS = "bdfgklmnprstvz"
-_VOWELS = "aeiou"
-_SYLLABLES = [c + v for c in _CONSONANTS for v in _VOWELS]  # 70 readable syllables
-
-
-def _word(i: int) -> str:
-    """The i-th pronounceable word: 'ba', 'be', ..., 'zu', 'baba', ... (bijective base-70)."""
-    out = ""
-    while True:
-        out += _SYLLABLES[i % len(_SYLLABLES)]
-        i //= len(_SYLLABLES)
-        if i == 0:
-            return out
-        i -= 1
-
-
-@lru_cache(maxsize=8)
-def synthetic_tokenizer(vocab_size: int, bos_token_id: int = 1, eos_token_id: int = 2, unk_token_id: int = 0):
-    """An offline word-level tokenizer with ``vocab_size`` readable made-up words (no download).
-
-    Ids 0, 1, 2 are ``<unk>``, ``<s>``, ``</s>`` (the Llama/Mixtral convention);
-    every other id is a word, so random-weight models stream readable text.
-    ``<unk>`` doubles as the padding token.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = {unk_token_id: "<unk>", bos_token_id: "<s>", eos_token_id: "</s>"}
-    if vocab_size <= max(specials):
-        raise ToolkitError(f"vocab_size must be > {max(specials)}, got {vocab_size}")
-    words = (_word(i) for i in range(vocab_size))
-    vocab = {specials[i] if i in specials else next(words): i for i in range(vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<unk>", padding_side="left")
-
-
-def random_prompts(vocab_size: int, prompt_tokens: int | Sequence[int], batch_size: int = 1, seed: int = 0,
-                   pad_token_id: int = 0, first_id: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded random prompts, left-padded as ``generate`` expects: (input_ids [B, P], attention_mask [B, P]).
-
-    ``prompt_tokens`` is one length for all prompts or one length per prompt.
-    Ids are drawn from ``[first_id, vocab_size)``, so no prompt contains a special token.
-    """
-    lengths = [int(prompt_tokens)] * batch_size if isinstance(prompt_tokens, int) else [int(n) for n in prompt_tokens]
-    if not lengths or min(lengths) < 1:
-        raise ToolkitError(f"prompt lengths must be >= 1, got {lengths}")
-    gen = torch.Generator().manual_seed(seed)
-    P = max(lengths)
-    ids = torch.full((len(lengths), P), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(lengths), P), dtype=torch.long)
-    for b, n in enumerate(lengths):
-        ids[b, P - n:] = torch.randint(first_id, vocab_size, (n,), generator=gen)
-        mask[b, P - n:] = 1
-    return ids, mask
-
+from .phases import PHASES
+from .streaming import TokenStream, as_logits_processor, as_stopping_criterion
 
 # --------------------------------------------------------------------------- timing
 
@@ -140,179 +60,6 @@ class StepTimer:
         if len(self.times) == 1 and self.on_first is not None:
             self.on_first()
         return scores
-
-
-# --------------------------------------------------------------------------- streaming
-
-def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
-    """Length of the longest common prefix of token lists."""
-    if not seqs:
-        return 0
-    n = min(len(s) for s in seqs)
-    first = seqs[0]
-    for i in range(n):
-        t = first[i]
-        if any(s[i] != t for s in seqs):
-            return i
-    return n
-
-
-class BeamPrefix:
-    """The generated tokens of one sequence that no outcome of the search can change (see module docstring)."""
-
-    def __init__(self, eos_token_ids: Sequence[int] = ()):
-        self.eos = set(int(t) for t in eos_token_ids)
-        self.finished: list[list[int]] = []  # hypotheses ended by EOS that may still win
-        self.emitted: list[int] = []         # tokens already declared final
-        self.consistent = True               # False would mean the invariant broke (a bug)
-
-    def _advance(self, seqs: list[list[int]], source: list[int]) -> list[int]:
-        n = common_prefix_len(seqs + self.finished)
-        k = len(self.emitted)
-        if n < k or source[:k] != self.emitted:
-            self.consistent = False
-            return []
-        new = source[k:n]
-        self.emitted.extend(new)
-        return new
-
-    def running(self, beams: list[list[int]]) -> list[int]:
-        """Update with the live beams' generated tokens; returns the newly final tokens."""
-        return self._advance(beams, beams[0])
-
-    def candidates(self, cands: list[list[int]]) -> None:
-        """Remember this step's candidates that ended with EOS: they may become the answer."""
-        self.finished.extend(c for c in cands if c and c[-1] in self.eos)
-
-    def final(self, best: list[int]) -> list[int]:
-        """The search is over and ``best`` won: returns its tokens not yet streamed."""
-        k = len(self.emitted)
-        if best[:k] != self.emitted:
-            self.consistent = False
-            return []
-        new = best[k:]
-        self.emitted.extend(new)
-        return new
-
-
-class TextPrinter:
-    """A token sink: detokenizes incrementally and passes each new piece of text to ``write``.
-
-    Runs in the stream thread, so detokenizing and printing never enter a timed
-    step. ``chunks`` keeps every piece written (the final one is ``chunks[-1]``
-    when the search ends with a remainder).
-    """
-
-    def __init__(self, tokenizer, write: Callable[[str], object] | None = None, skip_special_tokens: bool = True):
-        self.tokenizer, self.write, self.skip = tokenizer, write, skip_special_tokens
-        self.ids: list[int] = []
-        self.text = ""
-        self.chunks: list[str] = []
-
-    def put(self, ids: list[int]) -> None:
-        self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
-            return
-        piece = text[len(self.text):] if text.startswith(self.text) else text
-        self.text = text
-        if piece:
-            self.chunks.append(piece)
-            if self.write is not None:
-                self.write(piece)
-
-    def end(self) -> None:
-        pass
-
-
-class TokenStream:
-    """Feeds a sink (``put(ids)``, ``end()``) from a background thread, for batch size 1.
-
-    ``running_tap`` (a logits processor) and ``candidates_tap`` (a stopping
-    criterion) are given to ``generate``; they copy ids to the host and enqueue.
-    ``history`` records (generated length when decided, tokens) for every put.
-    """
-
-    def __init__(self, sink, prompt_len: int, num_beams: int, eos_token_ids: Sequence[int] = ()):
-        self.sink, self.P, self.N = sink, prompt_len, num_beams
-        self.prefix = BeamPrefix(eos_token_ids)
-        self.history: list[tuple[int, list[int]]] = []
-        self.error: BaseException | None = None
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._work, name="toolkit-stream", daemon=True)
-        self._thread.start()
-
-    # called by transformers inside the generation loop: copy and enqueue only
-    def running_tap(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """Logits processor: input_ids [N, S] are the live beams."""
-        self._q.put(("running", input_ids[:, self.P:].cpu()))
-        return scores
-
-    def candidates_tap(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
-        """Stopping criterion: input_ids [C, S+1] are beam candidates (greedy: [1, S+1], the sequence)."""
-        ids = input_ids[:, self.P:].cpu()
-        self._q.put(("running" if self.N == 1 else "candidates", ids))
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-    def finish(self, best: torch.Tensor | None) -> None:
-        """Stream the winner's remainder (``best``: generated ids [S'], or None after an error) and stop."""
-        if best is not None:
-            self._q.put(("final", best.cpu()))
-        self._q.put(("end", None))
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def _emit(self, ids: list[int], at: int) -> None:
-        if ids:
-            self.history.append((at, ids))
-            self.sink.put(ids)
-
-    def _work(self) -> None:
-        try:
-            while True:
-                kind, ids = self._q.get()
-                if kind == "end":
-                    break
-                rows = ids.tolist()
-                if kind == "running":
-                    self._emit(self.prefix.running(rows), len(rows[0]))
-                elif kind == "candidates":
-                    self.prefix.candidates(rows)
-                else:  # final
-                    self._emit(self.prefix.final(ids.tolist()), -1)
-        except BaseException as e:  # surface sink errors in the caller's thread
-            self.error = e
-            while True:  # drain so finish() never blocks
-                if self._q.get()[0] == "end":
-                    break
-        finally:
-            end = getattr(self.sink, "end", None)
-            if end is not None:
-                try:
-                    end()
-                except BaseException as e:
-                    self.error = self.error or e
-
-
-def _as_logits_processor(fn):
-    from transformers import LogitsProcessor
-
-    class _P(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            return fn(input_ids, scores)
-
-    return _P()
-
-
-def _as_stopping_criterion(fn):
-    from transformers import StoppingCriteria
-
-    class _S(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return fn(input_ids, scores, **kwargs)
-
-    return _S()
 
 
 # --------------------------------------------------------------------------- result
@@ -536,7 +283,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 
     timer = StepTimer(clock, sync, on_first=to_decode)
     user_processors = generate_kwargs.pop("logits_processor", None) or []
-    processors = LogitsProcessorList([_as_logits_processor(timer), *user_processors])
+    processors = LogitsProcessorList([as_logits_processor(timer), *user_processors])
     criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
     stream = None
     if streamer is not None:
@@ -545,8 +292,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             raise ToolkitError("streaming beam search supports EOS and max_new_tokens as stopping rules only")
         stream = TokenStream(streamer, P, int(num_beams), [] if ignore_eos else eos)
         if num_beams > 1:
-            processors.append(_as_logits_processor(stream.running_tap))
-        criteria.append(_as_stopping_criterion(stream.candidates_tap))
+            processors.append(as_logits_processor(stream.running_tap))
+        criteria.append(as_stopping_criterion(stream.candidates_tap))
 
     kwargs = dict(max_new_tokens=int(max_new_tokens), num_beams=int(num_beams), do_sample=bool(do_sample),
                   pad_token_id=_pad_id(hf, eos))

@@ -27,9 +27,10 @@ Definitions, shared with ``toolkit.moe.simulate`` (which must give identical num
 A placement file is JSON: ``{"format": "toolkit-placement", "version": 1, "n_layers": L,
 "n_experts": E, "budget": B, "resident": [[expert ids of layer 0], ...], "meta": {...}}``.
 
-The per-pass cache update (``_cache_step``) is compiled with numba when it is installed and is
+The per-pass cache update (``cache_step``) is compiled with numba when it is installed and is
 the very function the simulator's kernel calls, so the engine and the simulator agree by
-construction; without numba the same code runs as plain Python.
+construction; without numba the same code runs as plain Python. Belady's look-ahead tables
+(``next_uses``) live here too, beside the policy that reads them; the simulator reuses them.
 """
 
 from __future__ import annotations
@@ -85,11 +86,17 @@ def _keep_first(kind, layer, a, b, resident, last, freq, nxt, ncnt):
 
 
 @jit
-def _cache_step(kind, t, layer, used, used_nxt, used_ncnt, n, resident, last, freq, nxt, ncnt, cap, hit, load, evict, buf):
+def cache_step(kind, t, layer, used, used_nxt, used_ncnt, n, resident, last, freq, nxt, ncnt, cap, hit, load, evict, buf):
     """Apply forward pass ``t`` of ``layer`` to the cache state ([L, E] arrays, updated in place).
 
+    The one cache update of LRU, LFU and Belady (``kind``: ``LRU_KIND``, ``LFU_KIND``,
+    ``BELADY_KIND``), called by the ``Policy`` classes in the engine and by the simulator's
+    compiled kernel (``toolkit.moe.simulate``), which is why both give identical numbers.
+
     used[:n]: experts with >= 1 token; used_nxt/used_ncnt[:n]: (Belady) their next-use pass and
-    token count there. Writes hit[:n], load[:n_load], evict[:n_evict]; returns (n_load, n_evict).
+    token count there. State, [L, E] each: resident (bool), last (last pass used), freq (passes
+    used), nxt/ncnt (Belady: next use and its token count); cap: the layer's slots.
+    Writes hit[:n], load[:n_load], evict[:n_evict]; returns (n_load, n_evict). buf [E] is scratch.
     Whole arrays and indices are passed, not row views, to keep the compiled loop free of overhead.
     """
     n_experts = resident.shape[1]
@@ -238,7 +245,7 @@ class StaticPopularity(Policy):
         pop = popularity if popularity is not None else self.popularity
         if pop is None:
             raise ToolkitError("static-popularity needs a popularity profile [layers, experts] "
-                               "(from a trace or toolkit.moe.traces.real_popularity())")
+                               "(from a trace or toolkit.moe.synthetic.real_popularity())")
         pop = _check_popularity(pop, n_layers, n_experts)
         self.budget = int(budget)
         self._resident = popularity_placement(budget, pop)
@@ -258,7 +265,7 @@ class StaticUniform(Policy):
 
 
 class _Cache(Policy):
-    """Shared state of the caching policies: per-layer rows updated by ``_cache_step``."""
+    """Shared state of the caching policies: per-layer rows updated by ``cache_step``."""
 
     kind = LRU_KIND
 
@@ -290,9 +297,9 @@ class _Cache(Policy):
         load = np.zeros(n_experts, dtype=np.int64)
         evict = np.zeros(n_experts, dtype=np.int64)
         buf = np.zeros(n_experts, dtype=np.int64)
-        n_load, n_evict = _cache_step(self.kind, self._t[layer], layer, used, nxt, ncnt, len(used), self._resident,
-                                      self._last, self._freq, self._nxt, self._ncnt, self.cap[layer],
-                                      hit, load, evict, buf)
+        n_load, n_evict = cache_step(self.kind, self._t[layer], layer, used, nxt, ncnt, len(used), self._resident,
+                                     self._last, self._freq, self._nxt, self._ncnt, self.cap[layer],
+                                     hit, load, evict, buf)
         self._t[layer] += 1
         return hit, load[:n_load].tolist(), evict[:n_evict].tolist()
 
@@ -311,6 +318,48 @@ class LFU(_Cache):
     kind = LFU_KIND
 
 
+# ---- Belady's look-ahead: when each expert is used next ----
+
+@jit
+def next_uses_kernel(experts, starts, n_experts):
+    """Backward pass: for every activation the next pass using the same (layer, expert) and its token
+    count there (NEVER, 0 if none), plus each (layer, expert)'s first use: [N, L, K] x2, [L, E] x2."""
+    n, n_layers, k = experts.shape
+    nxt_tab = np.empty((n, n_layers, k), dtype=np.int32)
+    cnt_tab = np.empty((n, n_layers, k), dtype=np.int32)
+    cur = np.full((n_layers, n_experts), NEVER, dtype=np.int64)
+    cur_cnt = np.zeros((n_layers, n_experts), dtype=np.int64)
+    cnt = np.zeros(n_experts, dtype=np.int64)
+    for g in range(len(starts) - 2, -1, -1):
+        a, b = starts[g], starts[g + 1]
+        for layer in range(n_layers):
+            for r in range(a, b):
+                for j in range(k):
+                    cnt[experts[r, layer, j]] += 1
+            for r in range(a, b):
+                for j in range(k):
+                    e = experts[r, layer, j]
+                    nxt_tab[r, layer, j] = cur[layer, e]
+                    cnt_tab[r, layer, j] = cur_cnt[layer, e]
+            for r in range(a, b):
+                for j in range(k):
+                    e = experts[r, layer, j]
+                    if cnt[e] > 0:
+                        cur[layer, e] = g
+                        cur_cnt[layer, e] = cnt[e]
+                        cnt[e] = 0
+    return nxt_tab, cnt_tab, cur, cur_cnt
+
+
+def next_uses(trace):
+    """Belady's look-ahead tables for a ``toolkit.moe.traces.Trace`` (cached on it): ``next_uses_kernel``'s four."""
+    cached = trace.__dict__.get("_next_uses")
+    if cached is None:
+        cached = next_uses_kernel(trace.experts, trace.step_starts(), trace.n_experts)
+        trace.__dict__["_next_uses"] = cached
+    return cached
+
+
 class Belady(_Cache):
     """Oracle: knows the trace, keeps the experts whose next use is soonest (an upper bound).
 
@@ -322,8 +371,6 @@ class Belady(_Cache):
     kind = BELADY_KIND
 
     def __init__(self, trace):
-        from .simulate import next_uses
-
         self.trace = trace
         self._starts = trace.step_starts()
         self._tab_nxt, self._tab_ncnt, self._first, self._first_cnt = next_uses(trace)

@@ -5,7 +5,7 @@ Shapes: N tokens (trace rows), G forward passes, L layers, E experts per layer, 
 For each forward pass (trace step) and layer the experts used by >= 1 token are looked up in
 the policy's residency at the start of the pass (hit = activation whose expert was resident),
 then a caching policy applies its changes; the rules are those of ``toolkit.moe.policies``,
-whose ``_cache_step`` the compiled kernel calls, so ``simulate`` and an engine run with the
+whose ``cache_step`` the compiled kernel calls, so ``simulate`` and an engine run with the
 same policy object agree exactly. Static policies need no loop: a lookup per activation.
 
 Speed: the kernels are compiled with numba (``cache=True``: the first call of a fresh install
@@ -21,21 +21,22 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ToolkitError
+from .phases import PHASES
 from .policies import (
     BELADY_KIND,
     LFU,
     LFU_KIND,
     LRU,
     LRU_KIND,
-    NEVER,
     Belady,
     Policy,
-    _cache_step,
+    cache_step,
     get_policy,
     jit,
-    split_budget,
+    next_uses,
 )
-from .traces import PHASES, Trace, load_trace
+from .trace_catalog import load_trace
+from .traces import Trace
 
 
 @dataclass(frozen=True)
@@ -122,39 +123,8 @@ class Sweep:
 # ---- kernels (numba when available; identical plain Python otherwise) ----
 
 @jit
-def next_uses_kernel(experts, starts, n_experts):
-    """Backward pass: for every activation the next pass using the same (layer, expert) and its token
-    count there (NEVER, 0 if none), plus each (layer, expert)'s first use: [N, L, K] x2, [L, E] x2."""
-    n, n_layers, k = experts.shape
-    nxt_tab = np.empty((n, n_layers, k), dtype=np.int32)
-    cnt_tab = np.empty((n, n_layers, k), dtype=np.int32)
-    cur = np.full((n_layers, n_experts), NEVER, dtype=np.int64)
-    cur_cnt = np.zeros((n_layers, n_experts), dtype=np.int64)
-    cnt = np.zeros(n_experts, dtype=np.int64)
-    for g in range(len(starts) - 2, -1, -1):
-        a, b = starts[g], starts[g + 1]
-        for layer in range(n_layers):
-            for r in range(a, b):
-                for j in range(k):
-                    cnt[experts[r, layer, j]] += 1
-            for r in range(a, b):
-                for j in range(k):
-                    e = experts[r, layer, j]
-                    nxt_tab[r, layer, j] = cur[layer, e]
-                    cnt_tab[r, layer, j] = cur_cnt[layer, e]
-            for r in range(a, b):
-                for j in range(k):
-                    e = experts[r, layer, j]
-                    if cnt[e] > 0:
-                        cur[layer, e] = g
-                        cur_cnt[layer, e] = cnt[e]
-                        cnt[e] = 0
-    return nxt_tab, cnt_tab, cur, cur_cnt
-
-
-@jit
 def cache_kernel(kind, experts, phase, starts, nxt_tab, cnt_tab, resident, nxt, ncnt, cap):
-    """Replay every pass and layer through ``_cache_step``; returns hits, activations, loads [2, L]."""
+    """Replay every pass and layer through ``cache_step``; returns hits, activations, loads [2, L]."""
     n, n_layers, k = experts.shape
     n_experts = resident.shape[1]
     last = np.full((n_layers, n_experts), -1, dtype=np.int64)
@@ -185,8 +155,8 @@ def cache_kernel(kind, experts, phase, starts, nxt_tab, cnt_tab, resident, nxt, 
                             used_ncnt[n_used] = cnt_tab[r, layer, j]
                         n_used += 1
                     cnt[e] += 1
-            n_load, n_evict = _cache_step(kind, g, layer, used, used_nxt, used_ncnt, n_used, resident, last, freq,
-                                          nxt, ncnt, cap[layer], hit, load, evict, buf)
+            n_load, n_evict = cache_step(kind, g, layer, used, used_nxt, used_ncnt, n_used, resident, last, freq,
+                                         nxt, ncnt, cap[layer], hit, load, evict, buf)
             for i in range(n_used):
                 e = used[i]
                 acts[ph, layer] += cnt[e]
@@ -215,15 +185,6 @@ def belady_kernel(experts, phase, starts, nxt_tab, cnt_tab, resident, nxt, ncnt,
 
 
 KERNELS = {LRU_KIND: lru_kernel, LFU_KIND: lfu_kernel, BELADY_KIND: belady_kernel}
-
-
-def next_uses(trace: Trace):
-    """Belady's look-ahead tables for a trace (cached on it): next pass and count per activation, first use."""
-    cached = trace.__dict__.get("_next_uses")
-    if cached is None:
-        cached = next_uses_kernel(trace.experts, trace.step_starts(), trace.n_experts)
-        trace.__dict__["_next_uses"] = cached
-    return cached
 
 
 def _phase_rows(trace: Trace, mask: np.ndarray) -> np.ndarray:
@@ -318,4 +279,4 @@ def decisions(trace) -> int:
     return trace.n_tokens * trace.n_layers
 
 
-__all__ = ["SimResult", "Sweep", "simulate", "sweep", "next_uses", "default_popularity", "decisions", "split_budget"]
+__all__ = ["SimResult", "Sweep", "simulate", "sweep", "default_popularity", "decisions"]
