@@ -1,4 +1,4 @@
-"""How fast the hit-rate simulator is: routing decisions per second on one CPU core (issue 5).
+"""How fast the hit-rate simulator is: routing decisions per second on one CPU core.
 
 A decision is one (token, layer) routing of the trace. Each case times a whole ``simulate()``
 call (placement, kernel, result; Belady's look-ahead tables are rebuilt every repetition) after
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from toolkit.moe.policies import HAVE_NUMBA, POLICY_NAMES
-    from toolkit.moe.traces import synthetic_mixtral
+    from toolkit.moe.synthetic import synthetic_mixtral
     from toolkit.results import provenance, save_json
 
     t_start = time.perf_counter()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from toolkit.__main__ import main
+from toolkit.cli.common import int_at_least
 
 pytestmark = pytest.mark.filterwarnings("ignore::toolkit.timing.LatencyWarning")
 
@@ -67,6 +68,17 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     rc, out, err = cli(capsys, *argv)
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_int_at_least_names_its_bound():
+    import argparse
+
+    at_least_2 = int_at_least(2)
+    assert at_least_2("2") == 2 and at_least_2(" 7 ") == 7
+    with pytest.raises(argparse.ArgumentTypeError, match="must be >= 2, got 1"):
+        at_least_2("1")
+    with pytest.raises(argparse.ArgumentTypeError, match="expected an integer, got '2.5'"):
+        at_least_2("2.5")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

@@ -1,4 +1,5 @@
-"""The environment record attached to every result (what ran, where, when)."""
+"""Where a measurement runs: the environment record attached to every result (what ran, where, when), and the
+rules that choose a device (``resolve_device`` for a user's choice, ``infer_device`` for a callable's)."""
 
 from __future__ import annotations
 
@@ -123,3 +124,54 @@ def resolve_device(device: str | None) -> str:
     if device == "cpu":
         return device
     raise ToolkitError(f"unknown device {device!r}: use auto, cpu or cuda[:N]")
+
+
+def is_cuda(device) -> bool:
+    """True for a CUDA device ("cuda", "cuda:1", a ``torch.device``)."""
+    import torch
+
+    return torch.device(device).type == "cuda"
+
+
+def infer_device(fn, args: tuple = (), device=None) -> str:
+    """The device ``fn(*args)`` runs on: "cuda[:N]" or "cpu". The one rule every measurement uses.
+
+    The evidence, strongest first:
+
+    1. ``device``, when the caller gives one (returned as given).
+    2. What the callable says about itself, since it decides where its work
+       runs even when its inputs live elsewhere (a model on the GPU fed CPU
+       token ids moves them): a ``device`` attribute (``BenchModel``,
+       Hugging Face models, the offload engine), else the first parameter of
+       the ``nn.Module`` it is; the same for what it wraps (``.module``) or
+       is a bound method of.
+    3. Its tensor arguments: CUDA if any of them is on a GPU, else CPU.
+    4. Nothing to go on (a closure): CUDA if this process has already used
+       the GPU, else CPU.
+
+    Where in doubt the rule leans to CUDA: timing GPU work with the host clock
+    and no synchronisation measures only the kernel launches (the classic
+    benchmarking mistake), while CUDA events around CPU work still measure its
+    duration. The toolkit measures on two kinds of device, so anything not
+    CUDA ("meta", "mps") counts as the CPU.
+    """
+    import torch
+
+    if device is not None:
+        return str(device)
+
+    def kind(dev) -> str:
+        return str(dev) if str(dev).startswith("cuda") else "cpu"
+
+    for owner in (fn, getattr(fn, "module", None), getattr(fn, "__self__", None)):
+        own = getattr(owner, "device", None)
+        if isinstance(own, (str, torch.device)):
+            return kind(own)
+        if isinstance(owner, torch.nn.Module):
+            p = next(owner.parameters(), None)
+            if p is not None:
+                return kind(p.device)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if tensors:
+        return next((kind(t.device) for t in tensors if t.device.type == "cuda"), "cpu")
+    return "cuda" if torch.cuda.is_available() and torch.cuda.is_initialized() else "cpu"

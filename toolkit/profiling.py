@@ -590,18 +590,6 @@ def _ops_frame(prof: Any, shapes: bool, memory: bool) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols).sort_values("self_cpu_ms", ascending=False, ignore_index=True)
 
 
-def _infer_device(fn: Callable, args: tuple) -> str:
-    """The device fn runs on: its ``device`` attribute, its parameters', its tensors', else auto."""
-    dev = getattr(fn, "device", None)
-    if dev is None and isinstance(fn, torch.nn.Module):
-        dev = next((p.device for p in fn.parameters()), None)
-    if dev is None:
-        dev = next((a.device for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"), None)
-    if dev is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(dev)
-
-
 def _baseline_ms(fn: Callable, args: tuple, device: str, seconds: float) -> float:
     """measure_latency's median for the same fn, without the profiler."""
     from .timing import measure_latency
@@ -636,13 +624,13 @@ def profile(fn: Callable, *args: Any, device: str | None = None, wait: int = 1, 
     Each call runs under ``torch.inference_mode()`` (as in ``measure_latency``) and, on CUDA, is
     followed by a synchronisation, so a profiled step is one whole call.
 
-    - CPU activity always, CUDA activity when ``device`` is CUDA (inferred from fn/args when None).
+    - CPU activity always, CUDA activity when ``device`` is CUDA (None: ``env.infer_device``'s rule).
     - ``trace_path``: keep the Chrome trace there (``.json`` or ``.json.gz``); else a temp file is parsed and removed.
     - ``tensorboard_dir``: also write the trace with ``torch.profiler.tensorboard_trace_handler``.
     - ``baseline``: True times fn with ``measure_latency`` (up to ``baseline_s`` s) to report the profiler's
       overhead; a float is a known latency in ms; False skips it.
     """
-    from .env import environment, resolve_device
+    from .env import environment, infer_device, resolve_device
 
     if not callable(fn):
         raise ToolkitError(f"profile() needs a callable, got {type(fn).__name__}")
@@ -651,7 +639,7 @@ def profile(fn: Callable, *args: Any, device: str | None = None, wait: int = 1, 
             raise ToolkitError(f"{name} must be an integer >= {lo}, got {v!r}")
     if trace_path is not None and Path(trace_path).is_dir():
         raise ToolkitError(f"trace_path {str(trace_path)!r} is a directory; give a file name such as trace.json")
-    device = resolve_device(_infer_device(fn, args) if device is None else device)
+    device = resolve_device(infer_device(fn, args, device))
     cuda = device.startswith("cuda")
     warnings = ["profiled times are not latencies: the profiler adds work to every operator; "
                 "use measure_latency for latency numbers"]

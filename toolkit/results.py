@@ -82,25 +82,3 @@ def load_json(path: str | os.PathLike) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ToolkitError(f"{path} is not valid JSON ({e})") from None
 
-
-class JsonlWriter:
-    """Append one JSON record per line and flush it: partial runs keep what they measured."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a")
-
-    def write(self, record: Any) -> None:
-        self._f.write(json.dumps(to_jsonable(record)) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-
-    def close(self) -> None:
-        self._f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

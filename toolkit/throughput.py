@@ -35,21 +35,21 @@ from typing import Any
 
 import torch
 
+from .env import infer_device, is_cuda
 from .errors import ToolkitError
 from .trials import (  # noqa: F401  (Probe, SIZE_LIMIT, is_oom, does_not_fit, make_batch, run_trial: public here too)
     SIZE_LIMIT,
     Probe,
-    _is_cuda,
-    _limit,
-    _memory_limit,
-    _preflight,
-    _release,
-    _warm_up,
-    _Worker,
+    TrialProcess,
     does_not_fit,
     is_oom,
     make_batch,
+    memory_limit,
+    preflight,
+    release_memory,
     run_trial,
+    trial_limit,
+    warm_up,
 )
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,16 +182,9 @@ def _resolve(model, make_input, device, dtype):
         make_input = getattr(model, "make_input", None)
         if make_input is None:
             raise ToolkitError("pass make_input(batch_size) -> inputs for a model that has no make_input method")
-    device = device or getattr(model, "device", None) or _infer_device(model)
+    device = infer_device(model, (), device or None)
     dtype = getattr(model, "dtype", dtype) or torch.float32
     return model, make_input, str(device), getattr(model, "name", name), str(dtype).replace("torch.", "")
-
-
-def _infer_device(model) -> str:
-    try:
-        return str(next(model.parameters()).device)
-    except (AttributeError, StopIteration):
-        return "cpu"
 
 
 def find_max_batch_size(model, make_input: Callable | None = None, device: str | None = None, *,
@@ -227,7 +220,7 @@ def find_max_batch_size(model, make_input: Callable | None = None, device: str |
         dtype_name = str(dtype or torch.float32).replace("torch.", "")
     else:
         model, make_input, device, name, dtype_name = _resolve(model, make_input, device, dtype)
-    cuda = _is_cuda(device)
+    cuda = is_cuda(device)
     isolation = ("none" if cuda else "process") if isolation == "auto" else isolation
     if isolation not in ("none", "process", "fresh"):
         raise ToolkitError(f"unknown isolation {isolation!r}: use auto, none, process or fresh")
@@ -280,13 +273,13 @@ def find_max_batch_size(model, make_input: Callable | None = None, device: str |
 
 
 def _search_here(model, make_input, device, max_memory, headroom, min_batch, max_batch, passes, verify, on_probe):
-    baseline, warm = _warm_up(model, make_input, device)
-    max_memory = _limit(max_memory, headroom, baseline)
-    failed = _preflight(warm, baseline, max_memory)
+    baseline, warm = warm_up(model, make_input, device)
+    max_memory = trial_limit(max_memory, headroom, baseline)
+    failed = preflight(warm, baseline, max_memory)
     if failed is not None:
         raise ToolkitError(f"a batch of 1 does not fit ({failed.error})")
-    exact = baseline if _is_cuda(device) else None  # CPU: oneDNN and glibc keep caches, no exact baseline
-    with _memory_limit(device, max_memory):
+    exact = baseline if is_cuda(device) else None  # CPU: oneDNN and glibc keep caches, no exact baseline
+    with memory_limit(device, max_memory):
         res = search_batch_size(lambda b: run_trial(model, make_input, b, device, passes=passes, baseline=exact),
                                 min_batch, max_batch, verify, on_probe)
     return res, baseline
@@ -298,7 +291,7 @@ def _search_in_child(ref, fresh, min_batch, max_batch, verify, on_probe):
     def trial(batch_size: int) -> Probe:
         w = state["worker"]
         if w is None or not w.alive:
-            w = state["worker"] = _Worker(ref)
+            w = state["worker"] = TrialProcess(ref)
         probe = w.trial(batch_size)
         if state["baseline"] is None:
             state["baseline"] = w.baseline
@@ -325,13 +318,10 @@ def _search_in_child(ref, fresh, min_batch, max_batch, verify, on_probe):
 
 
 def _t_quantile_975(df: int) -> float:
-    """Student's t 97.5% quantile (Cornish-Fisher expansion; exact table for tiny df). No scipy needed."""
-    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
-    if df in table:
-        return table[df]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2) + \
-        (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
+    """Student's t 97.5% quantile (two-sided 95% interval with ``df`` degrees of freedom)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
 
 
 @dataclass(frozen=True)
@@ -393,7 +383,7 @@ class Stamps:
     """Timestamps between back-to-back batches: CUDA events (no sync until read) or perf_counter on CPU."""
 
     def __init__(self, device):
-        self.cuda = _is_cuda(device)
+        self.cuda = is_cuda(device)
         self.device = device
         self.marks: list = []
 
@@ -498,7 +488,7 @@ def throughput_curve(model, batch_sizes: Iterable[int], n_batches: int = 100, *,
                     raise
             # Outside the except block (see the module docstring); an empty cache for every point: the largest
             # batch, measured last, must not fail for blocks the smaller ones left cached.
-            _release(device, collect=error is not None)
+            release_memory(device, collect=error is not None)
             row = dict(batch_size=b, samples_per_s=math.nan, ci95_low=math.nan, ci95_high=math.nan, n_batches=0,
                        batch_ms_median=math.nan, error=error)
             if r is not None:
@@ -559,3 +549,116 @@ def find_optimal_batch_size(curve, tolerance: float = 0.03) -> OptimalBatch:
     opt_b, opt_s = next((b, s) for b, s in points if s >= (1 - tolerance) * best_s)
     big_b, big_s = points[-1]
     return OptimalBatch(opt_b, opt_s, best_b, best_s, big_b, big_s, tolerance)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A benchmark model by name: search, curve and optimal batch in one call
+
+
+@dataclass(frozen=True)
+class ModelThroughput:
+    """A named model's batch search, throughput curve and optimal batch: what ``python -m toolkit throughput`` reports."""
+
+    model: str
+    device: str
+    dtype: str
+    search: BatchSearchResult
+    curve: Any = field(compare=False)  # the throughput_curve DataFrame
+    optimal: OptimalBatch
+
+    def to_dict(self) -> dict:
+        """The ``throughput`` command's JSON record."""
+        s, opt = self.search, self.optimal
+        return {
+            "model": self.model, "device": self.device, "dtype": self.dtype, "max_memory": s.max_memory,
+            "max_batch_size": s.max_batch_size, "bounded": s.bounded, "verified": s.verified,
+            "optimal_batch_size": opt.optimal_batch_size, "best_batch_size": opt.best_batch_size,
+            "memory_at_baseline": s.memory_at_baseline, "baseline_bytes": s.baseline_bytes,
+            "isolation": s.isolation,
+            "probes": [p.to_dict() for p in s.probes],
+            "throughput": [{"batch_size": int(r.batch_size), "samples_per_s": r.samples_per_s,
+                            "ci95": [r.ci95_low, r.ci95_high], "n_batches": int(r.n_batches), "error": r.error}
+                           for r in self.curve.itertuples()],
+            "optimal": opt.to_dict(),
+            "env": s.env,
+        }
+
+
+def check_model_throughput(model: str, dtype: str, min_batch: int, max_batch: int | None, n_batches: int,
+                           max_time_s: float | None, curve_step: int | None, tolerance: float, verify: int) -> None:
+    """A ToolkitError naming the argument ``measure_model_throughput`` would reject; builds nothing.
+
+    Separate so that a sweep can check every point before it submits one.
+    """
+    from .models import MODEL_NAMES
+    from .timing import MODEL_DTYPES
+
+    def count(name, v, least):
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ToolkitError(f"{name} must be an integer >= {least}, got {v!r}")
+
+    if model not in MODEL_NAMES:
+        raise ToolkitError(f"unknown model {model!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    if dtype not in MODEL_DTYPES:
+        raise ToolkitError(f"dtype must be one of {', '.join(MODEL_DTYPES)}, got {dtype!r}")
+    count("min_batch", min_batch, 1)
+    count("n_batches", n_batches, 1)
+    count("verify", verify, 0)
+    if max_batch is not None:
+        count("max_batch", max_batch, 1)
+        if min_batch > max_batch:
+            raise ToolkitError(f"batch bounds reversed: min_batch {min_batch} > max_batch {max_batch}")
+    if max_time_s is not None and not max_time_s > 0:
+        raise ToolkitError(f"max_time_s must be positive, got {max_time_s}")
+    if curve_step is not None:
+        count("curve_step", curve_step, 2)
+    if not 0 <= tolerance < 1:
+        raise ToolkitError(f"tolerance must be in [0, 1), got {tolerance}")
+
+
+def measure_model_throughput(model: str = "resnet-50", *, device: str = "auto", dtype: str = "float32",
+                             max_memory: int | None = None, min_batch: int = 1, max_batch: int | None = None,
+                             n_batches: int = 100, max_time_s: float | None = None, curve_step: int | None = None,
+                             tolerance: float = 0.03, verify: int = 0, fresh_process: bool = False,
+                             progress: bool = False) -> ModelThroughput:
+    """The largest batch of a named model that fits, its throughput curve and the optimal batch: the CLI's call.
+
+    ``max_memory`` (bytes) None: on a CPU the memory available now, for the whole
+    trial process; on a GPU the whole GPU. The curve runs at min_batch x
+    curve_step^k up to the largest batch; on a CPU the defaults are chosen so
+    the whole call stays around a minute: fewer points (step 4 instead of 2),
+    0.5 s timed regions instead of 5 s, one warm-up batch (no autotuning
+    there), and no point just below the largest (it costs as much and says
+    little).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .env import resolve_device
+    from .models import build_model
+
+    check_model_throughput(model, dtype, min_batch, max_batch, n_batches, max_time_s, curve_step, tolerance, verify)
+    device = resolve_device(device)
+    cuda = device.startswith("cuda")
+    torch_dtype = getattr(torch, dtype)
+    kw = dict(device=device, max_memory=max_memory, min_batch=min_batch, max_batch=max_batch, verify=verify,
+              isolation="fresh" if fresh_process else "auto", progress=progress)
+    if cuda and not fresh_process:  # trials in this process, on this very model
+        bench = build_model(model, device=device, dtype=torch_dtype)
+        search = find_max_batch_size(bench, **kw)
+    elif cuda:  # trials in child processes on the same GPU: our copy must not take memory from them
+        search = find_max_batch_size(model, dtype=torch_dtype, **kw)
+        bench = build_model(model, device=device, dtype=torch_dtype)
+    else:  # CPU trials in child processes: build our copy (for the curve) while we only wait for them
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(build_model, model, device=device, dtype=torch_dtype)
+            search = find_max_batch_size(model, dtype=torch_dtype, **kw)
+            bench = pending.result()
+    step = curve_step or (2 if cuda else 4)
+    sizes = curve_batch_sizes(search.max_batch_size, min_batch, step)
+    if not cuda and curve_step is None and len(sizes) > 2 and sizes[-2] * 1.25 > sizes[-1]:
+        sizes.pop(-2)
+    curve = throughput_curve(bench, sizes, n_batches, device=device, progress=progress,
+                             max_time_s=max_time_s if max_time_s is not None else (5.0 if cuda else 0.5),
+                             warmup=3 if cuda else 1)
+    return ModelThroughput(model=model, device=device, dtype=dtype, search=search, curve=curve,
+                           optimal=find_optimal_batch_size(curve, tolerance))

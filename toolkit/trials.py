@@ -15,7 +15,10 @@
   per trial: a failed allocation leaves oneDNN and glibc state behind, and
   without the fork the boundary would depend on the probes before it.
 
-``toolkit.throughput`` drives these trials in its search.
+``toolkit.throughput`` drives these trials in its search with the public
+pieces: ``run_trial`` (one trial here), ``warm_up``, ``trial_limit``,
+``preflight`` and ``memory_limit`` (the set-up around in-process trials),
+``TrialProcess`` (trials in a child process) and ``release_memory``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .env import is_cuda
 from .errors import ToolkitError
 
 # RuntimeError messages that mean "an allocation failed" although the type is not OutOfMemoryError.
@@ -70,8 +74,6 @@ def is_oom(exc: BaseException, extra_messages: tuple[str, ...] = ()) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES + extra_messages)
 
 
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The record of one trial
 
@@ -98,13 +100,9 @@ class Probe:
 # One trial in this process: forward passes until peak memory is steady, recovery outside the except block.
 
 
-def _is_cuda(device) -> bool:
-    return torch.device(device).type == "cuda"
-
-
 def _allocated(device) -> int | None:
     """Bytes held by tensors now: CUDA caching allocator's count; CPU: this process's data segment."""
-    if _is_cuda(device):
+    if is_cuda(device):
         return torch.cuda.memory_allocated(device)
     try:
         import psutil
@@ -115,7 +113,7 @@ def _allocated(device) -> int | None:
 
 
 def _reset_peak(device) -> None:
-    if _is_cuda(device):
+    if is_cuda(device):
         torch.cuda.reset_peak_memory_stats(device)
         return
     try:  # Linux >= 4.0: writing 5 resets the peak resident set size (VmHWM)
@@ -126,7 +124,7 @@ def _reset_peak(device) -> None:
 
 
 def _peak(device) -> int | None:
-    if _is_cuda(device):
+    if is_cuda(device):
         return torch.cuda.max_memory_allocated(device)
     try:
         with open("/proc/self/status") as f:
@@ -138,11 +136,16 @@ def _peak(device) -> int | None:
     return None
 
 
-def _release(device, collect: bool = True) -> None:
-    """Free what a trial left: break reference cycles, return cached blocks (GPU) or heap (glibc) to the system."""
+def release_memory(device, collect: bool = True) -> None:
+    """Free what a trial left: break reference cycles, return cached blocks (GPU) or heap (glibc) to the system.
+
+    Call it *after* leaving the ``except`` block that caught the failure (see
+    the module docstring). ``collect=False`` skips the garbage collection,
+    which only an error makes necessary.
+    """
     if collect:  # only needed after an error: without one, reference counting has already freed the batch
         gc.collect()
-    if _is_cuda(device):
+    if is_cuda(device):
         torch.cuda.synchronize(device)
         clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
         if clear is not None:  # cuBLAS keeps a workspace per stream, created lazily: not part of the baseline
@@ -186,7 +189,7 @@ def _forward_passes(fn, make_input, batch_size: int, passes: int, device, max_pa
         while True:
             out = fn(*x)
             del out
-            if _is_cuda(device):
+            if is_cuda(device):
                 torch.cuda.synchronize(device)
             peaks.append(_peak(device))
             n = len(peaks)
@@ -213,7 +216,7 @@ def run_trial(fn, make_input, batch_size: int, device, passes: int = 2, max_pass
             raise
     # Only now, with the exception and its traceback (which held the batch's frames) gone, can memory be freed.
     peak = _peak(device)
-    _release(device, collect=error is not None)
+    release_memory(device, collect=error is not None)
     after = _allocated(device)
     return Probe(batch_size=batch_size, fits=error is None, peak_bytes=peak, seconds=clock() - t0, error=error,
                  memory_after_bytes=after, passes=n,
@@ -236,7 +239,7 @@ def _worker_main(conn, ref: dict) -> None:
     """
     try:
         device = ref["device"]
-        fork = not _is_cuda(device) and hasattr(os, "fork")
+        fork = not is_cuda(device) and hasattr(os, "fork")
         # GNU OpenMP's thread pool does not survive fork: none may exist before it (threads start in the copy).
         torch.set_num_threads(1 if fork else ref["threads"])
         from .models import build_model
@@ -251,14 +254,14 @@ def _worker_main(conn, ref: dict) -> None:
             while (batch_size := conn.recv()) is not None:
                 _forked_trial(conn, model, batch_size, ref)
             return
-        baseline, warm = _warm_up(model, model.make_input, device)
-        limit = _limit(ref.get("max_memory"), ref.get("headroom"), baseline)
-        failed = _preflight(warm, baseline, limit)
-        with _memory_limit(device, limit):
+        baseline, warm = warm_up(model, model.make_input, device)
+        limit = trial_limit(ref.get("max_memory"), ref.get("headroom"), baseline)
+        failed = preflight(warm, baseline, limit)
+        with memory_limit(device, limit):
             conn.send(("ready", {"pid": os.getpid()}))
             while (batch_size := conn.recv()) is not None:
                 probe = failed or run_trial(model, model.make_input, batch_size, device, passes=ref["passes"],
-                                            baseline=baseline if _is_cuda(device) else None)
+                                            baseline=baseline if is_cuda(device) else None)
                 conn.send(("probe", {**probe.to_dict(), "baseline_bytes": baseline}))
                 conn.send(("exit", 0))
     except (EOFError, KeyboardInterrupt):
@@ -270,24 +273,27 @@ def _worker_main(conn, ref: dict) -> None:
             pass
 
 
-def _warm_up(fn, make_input, device) -> tuple[int | None, Probe]:
-    """Passes at batch 1 and 2 before the limit: thread pools, oneDNN/cuDNN handles and the like live as long as
-    the process (and some kernels switch paths above batch 1). Returns the baseline (allocated after them) and the
-    batch-1 probe."""
+def warm_up(fn, make_input, device) -> tuple[int | None, Probe]:
+    """Run batches of 1 and 2 before any limit; return the baseline (bytes allocated after them) and the batch-1 probe.
+
+    Thread pools, oneDNN/cuDNN handles and the like live as long as the
+    process (and some kernels switch paths above batch 1): created inside a
+    trial they would count against its limit and its baseline.
+    """
     warm = run_trial(fn, make_input, 1, device, passes=1)
     if warm.fits:
         run_trial(fn, make_input, 2, device, passes=1)  # may not fit: then the search's own probe says so
     return _allocated(device), warm
 
 
-def _limit(max_memory: int | None, headroom: int | None, baseline: int | None) -> int | None:
-    """The memory limit for trials: absolute, or ``headroom`` above what the process holds before the batch."""
+def trial_limit(max_memory: int | None, headroom: int | None, baseline: int | None) -> int | None:
+    """The memory limit for trials (bytes): ``max_memory``, or ``headroom`` above ``baseline`` when both are known."""
     if headroom is None or baseline is None:
         return max_memory
     return baseline + headroom
 
 
-def _preflight(warm: Probe, baseline: int | None, limit: int | None) -> Probe | None:
+def preflight(warm: Probe, baseline: int | None, limit: int | None) -> Probe | None:
     """A "does not fit" probe when batch 1 failed or the process already holds more than the limit, else None.
 
     (Under a limit below current use only *new* allocations fail, so a batch
@@ -323,11 +329,11 @@ def _forked_trial(conn, model, batch_size: int, ref: dict) -> None:
             if batch_size > ref.get("kill_above", math.inf):  # fault injection for tests: the OOM killer
                 os.kill(os.getpid(), 9)
             torch.set_num_threads(ref["threads"])
-            baseline, warm = _warm_up(model, model.make_input, device)
-            limit = _limit(ref.get("max_memory"), ref.get("headroom"), baseline)
-            probe = _preflight(warm, baseline, limit)
+            baseline, warm = warm_up(model, model.make_input, device)
+            limit = trial_limit(ref.get("max_memory"), ref.get("headroom"), baseline)
+            probe = preflight(warm, baseline, limit)
             if probe is None:
-                with _memory_limit(device, limit):
+                with memory_limit(device, limit):
                     probe = run_trial(model, model.make_input, batch_size, device, passes=ref["passes"],
                                       oom_messages=_CPU_LIMIT_MESSAGES)
             msg = ("probe", {**probe.to_dict(), "batch_size": batch_size, "baseline_bytes": baseline})
@@ -357,8 +363,15 @@ def _worker_entry(fd: int, ref_json: str) -> None:
     _worker_main(Connection(fd), json.loads(ref_json))
 
 
-class _Worker:
+class TrialProcess:
     """The parent's handle on a trial process; a process that dies mid-trial means "does not fit".
+
+    ``ref`` says what the process builds and how it tries batches (JSON-ready,
+    since the process rebuilds the model by name): ``model`` (a registered
+    name), ``device``, ``dtype`` (e.g. "float32"), ``passes``, ``threads``,
+    ``max_memory`` / ``headroom`` (bytes or None) and optionally ``seed``;
+    ``kill_above`` (a batch size) makes larger CPU trials die as the OOM killer
+    would, for tests. Use as a context manager, or call ``close()``.
 
     A plain subprocess (not multiprocessing's spawn, which re-runs the user's
     main script when it lacks an ``if __name__ == "__main__"`` guard), talking
@@ -429,7 +442,14 @@ class _Worker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def __enter__(self) -> TrialProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
+        """Ask the process to stop (kill it if it does not within 10 s) and close the socket."""
         if self.alive:
             try:
                 self.conn.send(None)
@@ -452,12 +472,16 @@ def _describe_exit(code: int | None) -> str:
 
 
 @contextlib.contextmanager
-def _memory_limit(device, max_memory: int | None):
-    """Cap this process's memory: GPU via the caching allocator's fraction, CPU via RLIMIT_DATA (soft limit)."""
+def memory_limit(device, max_memory: int | None):
+    """Cap this process's memory while inside: GPU via the caching allocator's fraction, CPU via RLIMIT_DATA.
+
+    On CPU only the soft limit changes (never above the hard one), so leaving
+    restores it; ``max_memory`` None leaves everything as it is.
+    """
     if max_memory is None:
         yield
         return
-    if _is_cuda(device):
+    if is_cuda(device):
         index = torch.device(device).index  # the allocator wants an index, not plain "cuda"
         index = torch.cuda.current_device() if index is None else index
         total = torch.cuda.get_device_properties(index).total_memory

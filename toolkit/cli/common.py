@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 
 from ..results import to_jsonable
 
@@ -25,30 +26,32 @@ def parse_bytes(text: str) -> int:
     return int(value)
 
 
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for integers >= ``minimum``; a bad value is one clear usage error naming the bound."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {v}")
+        return v
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+positive_int = int_at_least(1)  # counts: batch sizes, layers, repeats, threads
+nonnegative_int = int_at_least(0)  # counts that may be zero: warm-up steps, GPU experts
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device``: the one spelling every command accepts (``env.resolve_device`` reads it)."""
     parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
 
 
 def print_json(obj) -> None:
+    """``obj`` as indented JSON on stdout (NaN -> null, dataclasses and frames via ``results.to_jsonable``)."""
     json.dump(to_jsonable(obj), sys.stdout, indent=1)
     sys.stdout.write("\n")
