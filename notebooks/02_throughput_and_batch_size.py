@@ -34,47 +34,37 @@
 # %matplotlib inline
 from IPython.display import display
 
-from toolkit import plots, report, widgets
-from toolkit.env import resolve_device
-from toolkit.models import build_model
-from toolkit.throughput import curve_batch_sizes, find_max_batch_size, find_optimal_batch_size, throughput_curve
+from toolkit import notebook, widgets
+from toolkit.experiments import batch_experiment
+from toolkit.recorded import recorded_throughput_curves, recording
 
-device = resolve_device("auto")
-S = report.settings_for(device, quick=report.smoke_mode())
-limit = f"{S.batch_max_memory / 2**20:.0f} MiB" if S.batch_max_memory else "the device's memory"
-print(f"device: {device}, model: {S.batch_model}, memory limit: {limit}, search bound: {S.batch_max}, "
-      f"smoke mode: {report.smoke_mode()}")
+nb = notebook.setup()
+S = nb.settings
+print(f"{nb}, model: {S.batch_model}, search bound: {S.batch_max}")
 
 # %% [markdown]
-# ## The largest batch that fits
+# ## The largest batch that fits, and the throughput curve up to it
 #
-# Every probe is recorded: its batch size, whether it fit, its peak memory, and whether memory
-# went back to the baseline afterwards (recovery happens *after* the `except` block: inside it,
-# the traceback still holds the batch's tensors).
+# `batch_experiment` is the report's batch-size experiment, with the same settings: the search,
+# then the curve, then the optimal batch. Every probe of the search is recorded: its batch size,
+# whether it fit, its peak memory, and whether memory went back to the baseline afterwards
+# (recovery happens *after* the `except` block: inside it, the traceback still holds the batch's
+# tensors). The curve runs batch sizes 1, 4, 16, ... up to the largest that fits; each point
+# times back-to-back batches (no synchronisation inside the timed region, as in a real pipeline)
+# after warm-up batches.
 
 # %%
-search = find_max_batch_size(S.batch_model, device=device, max_memory=S.batch_max_memory, max_batch=S.batch_max,
-                             progress=True)
+batch = batch_experiment(S, nb.device, progress=True)
+search, curve, optimal = batch.values["search"], batch.values["curve"], batch.values["optimal"]
 print(search)
 search.to_dataframe()[["batch_size", "fits", "phase", "peak_bytes", "memory_at_baseline"]]
 
-# %% [markdown]
-# ## The throughput curve
-#
-# Batch sizes 1, 4, 16, ... up to the largest that fits; each point times back-to-back batches
-# (no synchronisation inside the timed region, as in a real pipeline) after warm-up batches.
-
 # %%
-model = build_model(S.batch_model, device=device)
-sizes = curve_batch_sizes(search.max_batch_size, step=S.curve_step)
-curve = throughput_curve(model, sizes, S.curve_batches, device=device, max_time_s=S.curve_time_s, progress=True)
-optimal = find_optimal_batch_size(curve)
 print(optimal)
 curve[["batch_size", "samples_per_s", "ci95_low", "ci95_high", "batch_ms_median"]]
 
 # %%
-plots.throughput_curve(curve, largest=search.max_batch_size, optimal=optimal.optimal_batch_size,
-                       title=f"{S.batch_model} on {device} (live)")
+batch.figure("throughput_vs_batch")
 
 # %% [markdown]
 # Slide through the measured batch sizes: throughput, its share of the best, and the time one
@@ -90,16 +80,12 @@ widgets.batch_size_explorer(curve, largest=search.max_batch_size, optimal=optima
 # and resnet-50 in float32 and bfloat16, where the memory limit is the GPU's own.
 
 # %%
-recorded = report.recorded_results().get("batch_search")
-curves = report.recorded_throughput_curves(recorded) if recorded else []
-if not curves:
-    print("No GPU recording is present: data/gpu/batch_search.json is missing or holds no curve "
-          "(run `PYTHONPATH=. python benchmarks/batch_search.py` on a GPU machine).")
-else:
-    label = report.recorded_label(recorded)
-    print(label)
-    for name, gpu_curve, gpu_largest, gpu_optimal in curves:
-        display(plots.throughput_curve(gpu_curve, largest=gpu_largest, optimal=gpu_optimal, title=f"{name}, {label}"))
-    name, gpu_curve, gpu_largest, gpu_optimal = curves[0]
-    print(f"explore {name}:")
+notebook.show(notebook.recorded_figures("batch_search"))
+
+# %% [markdown]
+# Explore every recorded configuration:
+
+# %%
+for label, gpu_curve, gpu_largest, gpu_optimal in recorded_throughput_curves(recording("batch_search").doc):
+    display(notebook.Note(f"**{label}**"))
     display(widgets.batch_size_explorer(gpu_curve, largest=gpu_largest, optimal=gpu_optimal))

@@ -29,23 +29,12 @@
 
 # %%
 # %matplotlib inline
-import tempfile
-from pathlib import Path
+from toolkit import notebook
+from toolkit.paper import paper_figures
 
-from IPython.display import display
-
-from toolkit import report
-
-out = Path(tempfile.mkdtemp(prefix="figures-")) if report.smoke_mode() else report.data_dir() / "figures"
-figures = report.paper_figures(out)
+out = notebook.figures_folder()
+figures = paper_figures(out)
 print(f"{sum(bool(f['paths']) for f in figures)} of {len(figures)} figures written to {out}")
 
 # %%
-for f in figures:
-    source = "drawn from data/routing (no GPU needed)" if f["source"] == "routing" else f["label"] or f"data/{f['source']}"
-    print(f"\n{f['stem']}: {f['caption']}\n  {source}")
-    if f["figure"] is None:
-        print(f"  not drawn: {f['missing']}")
-    else:
-        print("  " + ", ".join(str(p) for p in f["paths"]))
-        display(f["figure"])
+notebook.show(notebook.paper_figure_items(figures))

@@ -1,26 +1,30 @@
 """The main job: orchestration (failures, interrupts, incremental saves), the summary, recorded results, the CLI."""
 
 import json
+import math
 
+import numpy as np
 import pytest
 
-from toolkit import plots, report
+from toolkit import experiments, paper, plots, recorded, report, settings
 from toolkit.__main__ import main
+from toolkit.formatting import fmt, is_missing, pct
 
 
 def _fake_experiments(monkeypatch, fail=None, interrupt=None):
     calls = []
 
     def make(name):
-        def experiment(run):
+        def experiment(settings, device, *, on_update=None, **kw):
             calls.append(name)
             if name == fail:
                 raise RuntimeError(f"{name} broke\nsecond line")
             if name == interrupt:
-                run.save(name, {"experiment": name, "complete": False})
+                on_update({"experiment": name, "complete": False})
                 raise KeyboardInterrupt
-            run.save(name, {"experiment": name, "complete": True})
-            run.figure(name, plots.throughput_curve({1: 1.0, 2: 3.0}), f"{name}_fig", f"{name} caption")
+            fig = experiments.ExperimentFigure(f"{name}_fig", f"{name} caption",
+                                               plots.throughput_curve({1: 1.0, 2: 3.0}))
+            return experiments.ExperimentResult(name, {"experiment": name, "complete": True}, (fig,))
 
         return experiment
 
@@ -75,30 +79,59 @@ def test_recorded_results_are_listed_with_device_and_date(tmp_path):
     (gpu / "timer_agreement.json").write_text(json.dumps(
         {"provenance": {"gpu": "NVIDIA H100 80GB HBM3", "timestamp": "2026-11-27T10:00:00+00:00"}, "complete": True}))
     (gpu / "broken.json").write_text("{not json")
-    rec = report.recorded_results(gpu)
-    assert list(rec) == ["timer_agreement"]
-    assert report.recorded_label(rec["timer_agreement"]) == "recorded on NVIDIA H100 80GB HBM3, 2026-11-27"
-    assert report.recorded_label({}) == "recorded on unknown device, unknown date"
-    assert report.recorded_results(tmp_path / "missing") == {}
-    run = report.Run(tmp_path / "out", "cpu", report.settings_for("cpu"))
+    (gpu / "moe_engine_costs.json").write_text(json.dumps({"version": 1, "models": {}}))  # no provenance
+    (gpu / "moe_decode.json").write_text(json.dumps({"provenance": {"gpu": "NVIDIA H200"}, "status": "running"}))
+    rec = recorded.recorded_results(gpu)
+    assert list(rec) == ["moe_decode", "moe_engine_costs", "timer_agreement"]
+    assert recorded.recorded_label(rec["timer_agreement"]) == "recorded on NVIDIA H100 80GB HBM3, 2026-11-27"
+    assert recorded.recorded_label({}) == "recorded on unknown device, unknown date"
+    assert recorded.recorded_results(tmp_path / "missing") == {}
+    run = report.Run(tmp_path / "out", "cpu", settings.settings_for("cpu"))
     run.out.mkdir()
     text = report.write_summary(run, rec).read_text()
     assert "| `data/gpu/timer_agreement.json` | NVIDIA H100 80GB HBM3 | 2026-11-27 | yes |" in text
+    assert "| `data/gpu/moe_decode.json` | NVIDIA H200 | n/a | no |" in text  # still running when written
+    assert "| `data/gpu/moe_engine_costs.json` | n/a | n/a | yes |" in text
+    empty = report.Run(tmp_path / "out2", "cpu", settings.settings_for("cpu"))
+    empty.out.mkdir()
+    text = report.write_summary(empty, {}).read_text()
+    assert "No recorded GPU results were found in `data/gpu/`" in text and "lead" not in text
 
 
-def test_settings_and_smoke_mode(monkeypatch):
-    assert report.settings_for("cuda:0").latency_model == "resnet-50"
-    assert report.settings_for("cpu", quick=True).batch_max == 64
+def test_settings_smoke_mode_and_the_data_folder(monkeypatch, tmp_path):
+    assert settings.settings_for("cuda:0").latency_model == "resnet-50"
+    assert settings.settings_for("cpu", quick=True).batch_max == 64
     monkeypatch.setenv("TOOLKIT_SMOKE", "1")
-    assert report.smoke_mode()
+    assert settings.smoke_mode()
     monkeypatch.setenv("TOOLKIT_SMOKE", "0")
-    assert not report.smoke_mode()
+    assert not settings.smoke_mode()
+    monkeypatch.delenv("TOOLKIT_DATA_DIR", raising=False)
+    assert (settings.data_dir() / "routing").is_dir()  # the repository's data/
+    monkeypatch.setenv("TOOLKIT_DATA_DIR", str(tmp_path))
+    assert settings.data_dir() == tmp_path  # read at each call, not at import
+
+
+def test_one_formatter_for_missing_values():
+    assert [fmt(x) for x in (None, float("nan"), math.inf, np.float64("nan"))] == ["n/a"] * 4
+    assert fmt(1234.5678) == "1.23e+03" and fmt(0.12345, ".3f") == "0.123" and fmt(np.float32(2.0), ".1f") == "2.0"
+    assert fmt("H100", "s") == "H100" and fmt(None, "s") == "n/a"
+    assert pct(0.254) == "+25%" and pct(-0.9) == "-90%" and pct(None) == "n/a" and pct(float("nan")) == "n/a"
+    assert is_missing(None) and not is_missing(0) and not is_missing(False)
+
+
+def test_moe_settings_map_the_report_settings_onto_the_moe_run_path():
+    s = settings.settings_for("cpu", quick=True)
+    m = experiments.moe_settings(s, "cpu")
+    assert (m.preset, m.layers, m.policy, m.prompt_tokens, m.new_tokens, m.device) == (
+        s.moe_preset, s.moe_layers, s.moe_policy, s.prompt_tokens, s.new_tokens, "cpu")
+    assert experiments.moe_budgets(s, 16) == [0, 8, 16]
+    assert experiments.moe_budgets(settings.Settings(moe_fractions=(0.0, 0.3, 0.3, 1.0)), 8) == [0, 2, 8]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # LatencyWarning: a busy machine is noisy
 def test_the_real_experiments_end_to_end_on_tiny_settings(tmp_path):
     """Every experiment, for real, on the smallest settings: JSON, >= 5 figures (PNG + PDF), the summary."""
-    tiny = report.Settings(audit_time_s=0.2, batch_max_memory=None, batch_max=4, curve_step=4, curve_batches=2,
+    tiny = settings.Settings(audit_time_s=0.2, batch_max_memory=None, batch_max=4, curve_step=4, curve_batches=2,
                            curve_time_s=0.05, moe_layers=1, moe_fractions=(0.0, 1.0), prompt_tokens=4, new_tokens=3,
                            sim_policies=("static-popularity", "lru"), sim_budgets=(0, 64, 256), sim_heatmap_budget=64)
     run = report.run_report(tmp_path, device="cpu", settings=tiny, progress=False, recorded=tmp_path / "none")
@@ -116,6 +149,8 @@ def test_the_real_experiments_end_to_end_on_tiny_settings(tmp_path):
     moe = json.loads((tmp_path / "moe.json").read_text())
     assert [r["gpu_experts"] for r in moe["runs"]] == [0, 8]
     assert moe["runs"][0]["hit_rate"]["decode"] == 0.0 and moe["runs"][1]["hit_rate"]["decode"] == 1.0
+    assert moe["routing"] == "synthetic-mixtral" and moe["runs"][0]["policy"] == "static-popularity"
+    assert moe["profile"]["gpu_experts"] == 8 and moe["profile"]["timeline"]  # one profiled decode step
 
 
 # ---- recorded GPU results: small files in the benchmarks' formats (also used by tests/test_notebooks.py)
@@ -175,39 +210,77 @@ def write_fake_recordings(gpu_dir):
 
 
 def test_recorded_readers_rebuild_frames_from_the_benchmark_files(tmp_path):
-    rec = report.recorded_results(write_fake_recordings(tmp_path))
+    rec = recorded.recorded_results(write_fake_recordings(tmp_path))
     assert sorted(rec) == ["batch_search", "moe_decode", "moe_engine", "profile_cases", "timer_agreement"]
-    audit = report.recorded_pitfalls(rec["timer_agreement"])
+    audit = recorded.recorded_pitfalls(rec["timer_agreement"])
     assert audit.attrs["correct"].median_ms == 2.0 and list(audit["pitfall"])[0] == "copy_in_timed_region"
     assert plots.pitfall_frame(audit)["ratio"].tolist() == pytest.approx([1.5, 10.0, 0.1, 1.1, 200.0 / 1.8])
-    assert report.recorded_latency(rec["timer_agreement"]) == {"steady state (measured)": [2.0, 2.1, 2.0, 2.2, 1.9],
-                                                                "warm-up calls": [40.0, 3.0]}
-    agree = report.recorded_timer_agreement(rec["timer_agreement"])
+    assert recorded.recorded_latency(rec["timer_agreement"]) == {
+        "steady state (measured)": [2.0, 2.1, 2.0, 2.2, 1.9], "warm-up calls": [40.0, 3.0]}
+    agree = recorded.recorded_timer_agreement(rec["timer_agreement"])
     assert agree["timer"].tolist() == ["measure_latency", "torch Timer", "measure_latency, cold L2",
                                        "triton do_bench (cold L2)"]
-    sweep = report.recorded_moe_sweep(rec["moe_engine"])
+    sweep = recorded.recorded_moe_sweep(rec["moe_engine"])
     assert sweep["gpu_experts"].tolist() == [0, 8, 16] and sweep.attrs["total_experts"] == 16  # skipped run left out
-    assert list(report.recorded_decode_samples(rec["moe_engine"])) == ["0/16 GPU experts", "8/16 GPU experts",
-                                                                      "16/16 GPU experts"]
-    tl = report.recorded_timeline(rec["profile_cases"])
+    assert list(recorded.recorded_decode_samples(rec["moe_engine"])) == ["0/16 GPU experts", "8/16 GPU experts",
+                                                                        "16/16 GPU experts"]
+    tl = recorded.recorded_timeline(rec["profile_cases"])
     assert set(tl["name"]) == {"attention", "moe.route", "moe.gpu_experts", "moe.cpu_experts"}
     assert set(zip(tl["row"], tl["lane"])) == {("CPU", 0), ("CPU", 1), ("GPU", 0)}
-    curve, largest, optimal = report.recorded_throughput(rec["batch_search"])  # the failed config is skipped
-    assert (largest, optimal, len(curve)) == (64, 16, 4)
-    assert [c[0] for c in report.recorded_throughput_curves(rec["batch_search"])] == ["resnet-50 bfloat16"]
-    schemes = report.recorded_moe_schemes(rec["moe_decode"])
+    curves = recorded.recorded_throughput_curves(rec["batch_search"])  # the failed config is left out
+    assert [(c[0], c[2], c[3], len(c[1])) for c in curves] == [("resnet-50 bfloat16", 64, 16, 4)]
+    schemes = recorded.recorded_moe_schemes(rec["moe_decode"])
     assert len(schemes) == 6 and schemes["bound_tokens_per_s"].tolist() == [50.0] * 6
     assert plots.scheme_comparison(schemes).axes[1].get_title() == "trace routing"
-    dsweep = report.recorded_moe_decode_sweep(rec["moe_decode"])
+    dsweep = recorded.recorded_moe_decode_sweep(rec["moe_decode"])
     assert dsweep["gpu_experts"].tolist() == [0, 32, 64] and dsweep["prefill_ms"].tolist() == [500.0, 468.0, 436.0]
+    assert dsweep.attrs["total_experts"] == 64
+
+
+READERS = [recorded.recorded_pitfalls, recorded.recorded_latency, recorded.recorded_timer_agreement,
+           recorded.recorded_throughput_curves, recorded.recorded_moe_sweep, recorded.recorded_decode_samples,
+           recorded.recorded_timeline, recorded.recorded_moe_schemes, recorded.recorded_moe_decode_sweep]
+
+
+@pytest.mark.parametrize("reader", READERS, ids=lambda f: f.__name__)
+def test_a_reader_without_data_returns_an_empty_value(reader):
+    for doc in (None, {}, {"provenance": {"gpu": "H100"}, "runs": [{"kind": "sweep", "skipped": "time"}]}):
+        value = reader(doc)
+        assert value is not None and len(value) == 0
+
+
+def test_readers_parse_the_shipped_recordings():
+    """Every reader finds data in the real data/gpu files: no key the benchmarks write was missed."""
+    rec = recorded.recorded_results()
+    assert {"timer_agreement", "batch_search", "moe_decode", "moe_engine", "profile_cases"} <= set(rec)
+    sources = {recorded.recorded_pitfalls: "timer_agreement", recorded.recorded_latency: "timer_agreement",
+               recorded.recorded_timer_agreement: "timer_agreement", recorded.recorded_throughput_curves:
+               "batch_search", recorded.recorded_moe_sweep: "moe_engine", recorded.recorded_decode_samples:
+               "moe_engine", recorded.recorded_timeline: "profile_cases", recorded.recorded_moe_schemes: "moe_decode",
+               recorded.recorded_moe_decode_sweep: "moe_decode"}
+    assert set(sources) == set(READERS)
+    for reader, name in sources.items():
+        assert len(reader(rec[name])) > 0, reader.__name__
+    for name in sources.values():
+        assert recorded.recorded_device(rec[name]).startswith("NVIDIA") and recorded.recorded_complete(rec[name])
+
+
+def test_recording_says_why_a_file_is_missing(tmp_path):
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "gpu" / "broken.json").write_text("{not json")
+    missing = recorded.recording("timer_agreement", tmp_path)
+    assert missing.doc is None and missing.problem == "data/gpu/timer_agreement.json is not present"
+    assert missing.name == "timer_agreement" and missing.label is None
+    broken = recorded.recording("gpu/broken.json", tmp_path)
+    assert broken.doc is None and "broken.json" in broken.problem
 
 
 def test_paper_figures_redraws_every_figure_and_names_what_is_missing(tmp_path):
     data = tmp_path / "data"
     write_fake_recordings(data / "gpu")
     (data / "gpu" / "moe_engine.json").unlink()
-    rows = {r["stem"]: r for r in report.paper_figures(tmp_path / "figs", data=data)}
-    assert list(rows) == [f.stem for f in report.PAPER_FIGURES]
+    rows = {r["stem"]: r for r in paper.paper_figures(tmp_path / "figs", data=data)}
+    assert list(rows) == [f.stem for f in paper.PAPER_FIGURES]
     assert rows["gpu_moe_offload_sweep"]["missing"] == "no recording: data/gpu/moe_engine.json is not present"
     drawn = [s for s, r in rows.items() if r["paths"]]
     assert len(drawn) == len(rows) - 2  # both moe_engine figures are missing
@@ -215,3 +288,9 @@ def test_paper_figures_redraws_every_figure_and_names_what_is_missing(tmp_path):
         assert (tmp_path / "figs" / f"{stem}.pdf").exists() and (tmp_path / "figs" / f"{stem}.png").exists()
     assert rows["gpu_pitfall_errors"]["label"] == "recorded on NVIDIA H100 80GB HBM3, 2026-11-27"
     assert rows["hit_rate_vs_gpu_experts"]["label"] is None  # drawn from data/routing
+    (data / "gpu" / "profile_cases.json").write_text(json.dumps({"provenance": {}, "cases": {}}))
+    row = paper.draw_paper_figure(next(f for f in paper.PAPER_FIGURES if f.stem == "gpu_moe_timeline"), data)
+    assert row["figure"] is None and row["missing"] == "data/gpu/profile_cases.json holds no data for this figure"
+    import toolkit
+
+    assert toolkit.paper_figures is paper.paper_figures and toolkit.run_report is report.run_report

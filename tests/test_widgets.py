@@ -108,3 +108,29 @@ def test_notebook_widget_moves_the_gpu_expert_slider_on_the_real_simulator_and_r
     text = panel.readouts["engine"].value
     assert "tokens/s" in text and "engine: 6 of 8 experts on the GPU" in text, text
     assert panel.figures["decode_over_tokens"].axes[0].lines
+
+
+def test_readouts_show_missing_values_as_n_a():
+    panel = widgets.moe_offload_explorer(lambda policy, k: {"decode": None, "prefill": float("nan")}, 4, ["lru"])
+    assert "decode hit rate: n/a" in panel.readouts["hit_rate"].value
+    assert "prefill hit rate: n/a" in panel.readouts["hit_rate"].value
+    curve = pd.DataFrame({"batch_size": [1, 2], "throughput": [1.0, 2.0], "latency_ms": [1.0, float("nan")]})
+    out = widgets.batch_size_explorer(curve).readouts["throughput"].value
+    assert "batch 2: throughput 2 items/s (100% of best)" in out and "per batch" not in out
+
+
+def test_live_engine_runs_through_one_moe_session_and_reuses_its_model():
+    from toolkit.moe.run import MoERunResult, MoESettings
+
+    engine = widgets.LiveEngine(MoESettings(layers=1, prompt_tokens=4, new_tokens=3, warmup_tokens=2), total=16)
+    assert engine.settings.layers == 1 and engine.total_experts == 8 and engine.gpu_experts_for(8) == 4
+    first = engine("lru", 16)
+    session = engine.session
+    assert isinstance(first["result"], MoERunResult) and first["result"].policy == "lru"
+    assert first["engine_gpu_experts"] == 8 and first["hit_rate"] == 1.0
+    assert len(first["decode_ms"]) == 2  # 3 new tokens: the first comes from the prefill, then 2 decode steps
+    second = engine("static-popularity", 0)
+    assert engine.session is session  # built once, reused
+    assert second["engine_gpu_experts"] == 0 and second["hit_rate"] == 0.0
+    engine.close()
+    assert engine.session is None

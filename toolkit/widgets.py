@@ -22,8 +22,9 @@ import numpy as np
 from IPython.display import Image, clear_output, display
 
 from . import plots
+from .formatting import fmt, is_missing
 
-GPU_EXPERTS_CLASS = "toolkit-gpu-experts"  # DOM classes the browser test (issue 9) looks for
+GPU_EXPERTS_CLASS = "toolkit-gpu-experts"  # DOM classes the browser test looks for (docs/INTERFACES.md)
 HIT_RATE_CLASS = "toolkit-hit-rate"
 
 
@@ -53,10 +54,6 @@ def int_slider(description: str, min: int, max: int, value: int, step: int = 1, 
     return s
 
 
-def _fmt_rate(x) -> str:
-    return "n/a" if x is None or not np.isfinite(x) else f"{x:.3f}"
-
-
 # ---------------------------------------------------------------- 01: latency distributions
 
 
@@ -74,8 +71,8 @@ def latency_explorer(results: Mapping, value: Sequence[str] | None = None) -> Pa
 
     def draw(timers, kind):
         chosen = {k: results[k] for k in timers} or {labels[0]: results[labels[0]]}
-        q = plots._quantiles(plots.latency_frame(chosen))
-        readout.value = " · ".join(f"<b>{k}</b>: median {r['median']:.3g} ms, p99 {r['p99']:.3g} ms"
+        q = plots.latency_quantiles(chosen)
+        readout.value = " · ".join(f"<b>{k}</b>: median {fmt(r['median'])} ms, p99 {fmt(r['p99'])} ms"
                                    for k, r in q.iterrows())
         panel.figure = plots.latency_distribution(chosen, kind=kind)
         show_figure(panel.figure)
@@ -110,7 +107,7 @@ def batch_size_explorer(curve, largest: int | None = None, optimal: int | None =
     def draw(batch_size):
         row = df[df["batch_size"] == batch_size].iloc[0]
         lat = row.get("latency_ms")
-        per_batch = f", {lat:.3g} ms per batch" if lat is not None and np.isfinite(lat) else ""
+        per_batch = "" if is_missing(lat) else f", {fmt(lat)} ms per batch"
         readout.value = (f"batch {batch_size}: throughput {row['throughput']:.4g} items/s "
                          f"({100 * row['throughput'] / best:.0f}% of best){per_batch}")
         panel.figure = plots.throughput_curve(df, largest=largest, optimal=optimal, selected=batch_size)
@@ -158,8 +155,8 @@ def moe_offload_explorer(
         if key not in cache:
             cache[key] = dict(simulate_fn(policy, int(gpu_experts)))
         r = cache[key]
-        hit_rate.value = (f"decode hit rate: {_fmt_rate(r.get('decode'))} · "
-                          f"prefill hit rate: {_fmt_rate(r.get('prefill'))} "
+        hit_rate.value = (f"decode hit rate: {fmt(r.get('decode'), '.3f')} · "
+                          f"prefill hit rate: {fmt(r.get('prefill'), '.3f')} "
                           f"<span style='color:gray'>({policy}, {gpu_experts} of {n_experts} experts on the GPU;"
                           f" simulated)</span>")
         per_layer = r.get("per_layer")
@@ -194,10 +191,10 @@ def moe_offload_explorer(
                     decode = np.asarray(m.get("decode_ms", ()), dtype=float)
                     engine_html.value = (
                         f"<b>live</b> ({policy.value}, {slider.value} GPU experts): "
-                        f"{m.get('tokens_per_s', float('nan')):.3g} tokens/s · prefill "
-                        f"{m.get('prefill_ms', float('nan')):.4g} ms · decode median "
-                        f"{np.median(decode) if decode.size else float('nan'):.4g} ms/token"
-                        + (f" · decode hit rate {_fmt_rate(m['hit_rate'])}" if "hit_rate" in m else "")
+                        f"{fmt(m.get('tokens_per_s'))} tokens/s · prefill "
+                        f"{fmt(m.get('prefill_ms'), '.4g')} ms · decode median "
+                        f"{fmt(np.median(decode) if decode.size else None, '.4g')} ms/token"
+                        + (f" · decode hit rate {fmt(m['hit_rate'], '.3f')}" if "hit_rate" in m else "")
                         + (f" <span style='color:gray'>(engine: {m['engine_gpu_experts']} of "
                            f"{m['engine_total_experts']} experts on the GPU)</span>"
                            if "engine_gpu_experts" in m else ""))
@@ -224,7 +221,7 @@ def moe_offload_explorer(
 def simulated_hit_rates(trace="synthetic-mixtral") -> tuple[Callable[[str, int], dict], int]:
     """A ``simulate_fn`` for ``moe_offload_explorer`` (the simulator on a routing trace) and its expert count."""
     from .moe.simulate import simulate
-    from .moe.traces import load_trace
+    from .moe.trace_catalog import load_trace
 
     tr = load_trace(trace)
 
@@ -240,40 +237,66 @@ class LiveEngine:
     """A ``run_engine`` for ``moe_offload_explorer``: a small MoE model, offloaded and generating for real.
 
     The slider counts experts of the simulated trace (``total`` of them); the
-    engine keeps the same share of its own ``layers x experts`` on the GPU. A
-    Mixtral-shaped preset replays the synthetic Mixtral trace's routing
-    (``toolkit.report.moe_bench``), so its hit rates are comparable with the
-    simulator's. The model is built on the first run and reused.
+    engine keeps the same share of its own ``layers x experts`` on the GPU. It
+    runs through ``toolkit.moe.run.MoESession`` (the path of the CLI and the
+    report): a Mixtral-shaped preset replays the synthetic Mixtral trace's
+    routing, so its hit rates are comparable with the simulator's. The model is
+    built on the first run and reused.
+
+    ``settings``: a ``MoESettings`` (default: its defaults); keyword
+    ``overrides`` replace its fields (preset, layers, device, prompt_tokens,
+    new_tokens, ...). ``session``: an ``MoESession`` already built (a
+    notebook's), used instead of building one from ``settings``.
     """
 
-    def __init__(self, preset: str = "tiny-mixtral", layers: int = 2, device: str = "auto", total: int = 256,
-                 prompt_tokens: int = 16, new_tokens: int = 16):
-        from .env import resolve_device
+    def __init__(self, settings=None, total: int = 256, session=None, **overrides):
+        from .moe.run import MoESettings, resolve_settings
 
-        self.preset, self.layers, self.device = preset, layers, resolve_device(device)
-        self.total, self.prompt_tokens, self.new_tokens = total, prompt_tokens, new_tokens
-        self.bench = None
+        if session is not None:
+            if settings is not None or overrides:
+                from .errors import ToolkitError
+
+                raise ToolkitError("LiveEngine: give a session or settings, not both")
+            settings = session.settings
+        self.settings = resolve_settings(settings or MoESettings(), **overrides)
+        self.total = total
+        self.session = session
+
+    @property
+    def preset(self) -> str:
+        return self.settings.preset
+
+    @property
+    def total_experts(self) -> int:
+        """Experts of the engine's model, over all layers."""
+        from .moe.presets import from_name
+
+        p = from_name(self.settings.preset, self.settings.layers)
+        return p.layers * p.experts
 
     def gpu_experts_for(self, gpu_experts: int) -> int:
         """The engine's expert count for a slider value (the same share of all experts)."""
-        from .moe.presets import from_name
-
-        p = from_name(self.preset, self.layers)
-        return int(round(gpu_experts / max(self.total, 1) * p.layers * p.experts))
+        return int(round(gpu_experts / max(self.total, 1) * self.total_experts))
 
     def __call__(self, policy: str, gpu_experts: int, progress=None) -> dict:
-        from .report import moe_bench, offload_run
+        from .moe.run import MoESession
 
-        if self.bench is None:
-            self.bench = moe_bench(self.preset, self.layers, self.device, self.prompt_tokens)
+        if self.session is None:
+            self.session = MoESession(self.settings)
         k = self.gpu_experts_for(gpu_experts)
         if progress is not None:
-            progress.reset(total=self.new_tokens)
-        r = offload_run(self.bench, k, policy, self.new_tokens,
-                        streamer=_ProgressSink(progress) if progress is not None else None)
+            progress.reset(total=self.settings.new_tokens)
+        r = self.session.run(gpu_experts=k, policy=policy,
+                             streamer=_ProgressSink(progress) if progress is not None else None)
         return {"tokens_per_s": r.decode_tokens_per_s, "prefill_ms": r.prefill_ms,
-                "decode_ms": list(r.decode_samples_ms), "hit_rate": (r.hit_rate or {}).get("decode"),
-                "engine_gpu_experts": k, "engine_total_experts": self.bench.total_experts, "result": r}
+                "decode_ms": list(r.generation.decode_samples_ms), "hit_rate": (r.hit_rate or {}).get("decode"),
+                "engine_gpu_experts": k, "engine_total_experts": self.session.total_experts, "result": r}
+
+    def close(self) -> None:
+        """Free the model (the next run builds it again)."""
+        if self.session is not None:
+            self.session.close()
+            self.session = None
 
 
 class _ProgressSink:
@@ -293,7 +316,8 @@ def moe_offload_widget(trace="synthetic-mixtral", policies: Sequence[str] | None
                        live: bool = True, **engine_kw) -> Panel:
     """The notebook 03 widget: simulated hit rates for the slider, and a live engine run on demand.
 
-    ``engine_kw`` go to ``LiveEngine`` (preset, layers, device, prompt_tokens, new_tokens).
+    ``engine_kw`` go to ``LiveEngine``: ``session`` (an ``MoESession`` to reuse), or ``settings`` (a
+    ``MoESettings``) and/or its fields (preset, layers, device, prompt_tokens, new_tokens, ...).
     """
     from .moe.policies import POLICY_NAMES
 
