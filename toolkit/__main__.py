@@ -15,7 +15,7 @@ import sys
 
 from .errors import ToolkitError
 
-COMMANDS = ["latency", "pitfalls", "throughput", "moe", "calibrate", "simulate", "profile", "report"]
+COMMANDS = ["latency", "pitfalls", "compare", "throughput", "moe", "calibrate", "simulate", "profile", "report", "sweep"]
 
 
 class _Parser(argparse.ArgumentParser):

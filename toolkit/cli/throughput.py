@@ -53,55 +53,16 @@ def _check(args) -> None:
 
 
 def run(args) -> int:
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
-
-    from ..env import resolve_device
-    from ..models import build_model
     from ..results import provenance, save_json
-    from ..throughput import curve_batch_sizes, find_max_batch_size, find_optimal_batch_size, throughput_curve
+    from ..throughput import measure_model_throughput
 
     _check(args)
-    device = resolve_device(args.device)
-    cuda = device.startswith("cuda")
-    dtype = getattr(torch, args.dtype)
-    kw = dict(device=device, max_memory=args.max_memory, min_batch=args.min_batch, max_batch=args.max_batch,
-              verify=args.verify, isolation="fresh" if args.fresh_process else "auto", progress=True)
-    if cuda and not args.fresh_process:  # trials in this process, on this very model
-        model = build_model(args.model, device=device, dtype=dtype)
-        search = find_max_batch_size(model, **kw)
-    elif cuda:  # trials in child processes on the same GPU: our copy must not take memory from them
-        search = find_max_batch_size(args.model, dtype=dtype, **kw)
-        model = build_model(args.model, device=device, dtype=dtype)
-    else:  # CPU trials in child processes: build our copy (for the curve) while we only wait for them
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(build_model, args.model, device=device, dtype=dtype)
-            search = find_max_batch_size(args.model, dtype=dtype, **kw)
-            model = pending.result()
-    # CPU: fewer points, shorter timed regions, one warm-up batch (no autotuning there), and no point just below
-    # the largest (it costs as much and says little): the whole command stays around a minute.
-    step = args.curve_step or (2 if cuda else 4)
-    max_time = args.max_time_s if args.max_time_s is not None else (5.0 if cuda else 0.5)
-    sizes = curve_batch_sizes(search.max_batch_size, args.min_batch, step)
-    if not cuda and args.curve_step is None and len(sizes) > 2 and sizes[-2] * 1.25 > sizes[-1]:
-        sizes.pop(-2)
-    curve = throughput_curve(model, sizes, args.n_batches, device=device, progress=True, max_time_s=max_time,
-                             warmup=3 if cuda else 1)
-    opt = find_optimal_batch_size(curve, args.tolerance)
-    result = {
-        "model": args.model, "device": device, "dtype": args.dtype, "max_memory": search.max_memory,
-        "max_batch_size": search.max_batch_size, "bounded": search.bounded, "verified": search.verified,
-        "optimal_batch_size": opt.optimal_batch_size, "best_batch_size": opt.best_batch_size,
-        "memory_at_baseline": search.memory_at_baseline, "baseline_bytes": search.baseline_bytes,
-        "isolation": search.isolation,
-        "probes": [p.to_dict() for p in search.probes],
-        "throughput": [{"batch_size": int(r.batch_size), "samples_per_s": r.samples_per_s,
-                        "ci95": [r.ci95_low, r.ci95_high], "n_batches": int(r.n_batches), "error": r.error}
-                       for r in curve.itertuples()],
-        "optimal": opt.to_dict(),
-        "env": search.env,
-    }
+    measured = measure_model_throughput(
+        args.model, device=args.device, dtype=args.dtype, max_memory=args.max_memory, min_batch=args.min_batch,
+        max_batch=args.max_batch, n_batches=args.n_batches, max_time_s=args.max_time_s, curve_step=args.curve_step,
+        tolerance=args.tolerance, verify=args.verify, fresh_process=args.fresh_process, progress=True)
+    result = measured.to_dict()
+    device, search, opt = measured.device, measured.search, measured.optimal
     if args.out:
         save_json({**result, "provenance": provenance(device)}, args.out)
     if args.json:
