@@ -1,12 +1,14 @@
-"""GPU evidence for the profiler's verdicts (issue 6): where the time goes in a few typical cases.
+"""GPU evidence for the profiler's verdicts: where the time goes in a few typical cases.
 
 - efficientnet-b0 at batch 1, 64 and a large batch (``--batch``, default 256, e.g. the optimal batch
   from batch_search): small batches leave the GPU idle while Python launches kernels (host-bound);
   the large one keeps it busy (gpu-bound);
 - copy-bound: a half-precision efficientnet-b0 fed fp32 images from pageable host memory in every
   call, and the remedy (pinned memory, non_blocking copy) next to it;
-- one decode step of the offloaded MoE engine on Mixtral-8x7B dimensions (4 layers): per layer,
-  how long the CPU experts ran and whether the GPU was busy meanwhile; its timeline events are kept
+- one decode step of the offloaded MoE engine on Mixtral-8x7B dimensions (4 layers), built and
+  offloaded by ``toolkit.moe.run.MoESession`` with the defaults of every MoE run (our scheme, the
+  synthetic Mixtral routing): per layer, how long the CPU experts ran and whether the GPU was busy
+  meanwhile; its timeline events are kept
   (for the Gantt plot) and its Chrome trace saved gzipped when under 5 MB.
 
   PYTHONPATH=. python benchmarks/profile_cases.py --out data/gpu            # GPU, ~2 min
@@ -41,9 +43,9 @@ def _steps(quick: bool) -> dict:
 
 
 def model_case(name, batch, device, quick, expect):
-    from toolkit.cli.profile import model_step
+    from toolkit.models import forward_step
 
-    fn, args, label = model_step(name, batch, device)
+    fn, args, label = forward_step(name, batch, device)
     r = profile(fn, *args, device=device, **_steps(quick), label=label)
     return r, {"model": name, "batch_size": batch, "expect": expect}
 
@@ -70,13 +72,17 @@ def copy_case(name, batch, device, quick, pinned):
 
 
 def moe_case(preset, layers, gpu_experts, device, quick, out_dir):
-    from toolkit.cli.profile import moe_step
+    """One decode step of the engine, built and offloaded as every MoE run is (``toolkit.moe.run.MoESession``)."""
+    from toolkit.moe.run import MoESession
 
-    fn, args, label, engine = moe_step(preset, gpu_experts, device, layers=layers)
     trace = out_dir / "profile_moe_trace.json.gz"
-    r = profile(fn, *args, device=device, **_steps(quick), trace_path=trace, label=label)
-    extra = {"preset": preset, "layers": layers, "gpu_experts": gpu_experts,
-             "overlap": r.overlap().to_dict("records"), "expert_stats": engine.stats.to_dict(),
+    with MoESession(preset=preset, layers=layers, gpu_experts=gpu_experts, device=device) as session, \
+            session.offload() as engine:
+        fn, args, label = session.decode_step(engine)
+        r = profile(fn, *args, device=device, **_steps(quick), trace_path=trace, label=label)
+        stats = engine.stats.to_dict()
+    extra = {"preset": preset, "layers": layers, "gpu_experts": gpu_experts, "routing": session.routing_name,
+             "scheme": session.settings.scheme, "overlap": r.overlap().to_dict("records"), "expert_stats": stats,
              "events_kept": True}
     size = trace.stat().st_size
     if size > TRACE_LIMIT_BYTES:

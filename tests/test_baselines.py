@@ -10,6 +10,7 @@ from toolkit.moe.baselines import BASELINES, get_baseline
 from toolkit.moe.costs import CostModel
 from toolkit.moe.offload import OffloadedExperts, offload
 from toolkit.moe.presets import build_moe, moe_blocks
+from toolkit.moe.run import cache_keyword, output_cache
 
 # the lent machine's Mixtral expert: a pinned copy (6.4 ms) costs about a CPU expert (7.2 ms): ours splits
 LENT = CostModel.fixed(cpu=(7.2, 0.0), gpu=(0.115, 0.0), copy_ms=6.4)
@@ -25,12 +26,12 @@ def mixtral():
 def prefill_and_decode(model, ids, steps=3, like=None):
     """Logits of a prefill [1, S, V] and ``steps`` batch-1 greedy decode passes [1, 1, V] with the KV cache."""
     out = model(input_ids=ids, use_cache=True)
-    logits, past = [out.logits], out.past_key_values
+    logits, past = [out.logits], output_cache(out)
     for i in range(steps):
         tok = (like or logits)[i][:, -1].argmax(-1, keepdim=True)  # [1, 1]
-        out = model(input_ids=tok, past_key_values=past, use_cache=True)
+        out = model(input_ids=tok, use_cache=True, **{cache_keyword(model): past})
         logits.append(out.logits)
-        past = out.past_key_values
+        past = output_cache(out)
     return logits
 
 
@@ -232,7 +233,8 @@ def test_plan_never_worse_than_whole_experts(tokens):
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "all-gpu"])
 def test_baselines_match_all_gpu_on_cuda(name):
     """One Mixtral layer in bf16 with replayed routing: every scheme within bf16 rounding of all-gpu."""
-    from toolkit.moe.traces import TraceRouter, synthetic_mixtral
+    from toolkit.moe.replay import TraceRouter
+    from toolkit.moe.synthetic import synthetic_mixtral
 
     model = build_moe("mixtral-8x7b", layers=1, device="cuda", expert_device="cpu")
     router = TraceRouter(synthetic_mixtral(n_layers=1, n_sequences=2))

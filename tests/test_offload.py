@@ -8,6 +8,7 @@ from toolkit.errors import ToolkitError
 from toolkit.moe.costs import CostModel
 from toolkit.moe.offload import OffloadedExperts, from_popularity, offload, spread_evenly
 from toolkit.moe.presets import build_moe, moe_blocks
+from toolkit.moe.run import cache_keyword, output_cache
 
 CPU_ALWAYS = CostModel.fixed(cpu=(1.0, 0.0), gpu=(0.01, 0.0), copy_ms=100.0)  # copies never pay
 COPY_ALWAYS = CostModel.fixed(cpu=(100.0, 0.0), gpu=(0.01, 0.0), copy_ms=1.0)  # CPU never pays
@@ -39,14 +40,15 @@ def prefill_and_decode(model, ids, mask, steps=3, like=None):
     """
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    logits, past = [out.logits], out.past_key_values
+    logits, past = [out.logits], output_cache(out)
     for i in range(steps):
         tok = (like or logits)[i][:, -1].argmax(-1, keepdim=True)  # [B, 1]
         mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
         pos = pos[:, -1:] + 1
-        out = model(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+        out = model(input_ids=tok, attention_mask=mask, position_ids=pos, use_cache=True,
+                    **{cache_keyword(model): past})
         logits.append(out.logits)
-        past = out.past_key_values
+        past = output_cache(out)
     return logits
 
 

@@ -8,6 +8,7 @@ from toolkit.errors import ToolkitError
 from toolkit.moe import roofline as R
 from toolkit.moe.costs import CostModel
 from toolkit.moe.presets import from_name, make_config
+from toolkit.moe.run import cache_keyword, output_cache
 
 EXPERT = 3 * 4096 * 14336 * 2  # one Mixtral-8x7B expert in bf16: 352,321,536 bytes
 H200 = R.Ceilings(gpu_gbs=4124.0, host_gbs=90.0, h2d_gbs=55.0)  # ../shared/data/device-ceilings/h200.json
@@ -131,17 +132,17 @@ def test_reads_from_a_trace_under_a_caching_policy():
 def test_reads_from_an_engine_run_match_the_recorded_trace():
     from toolkit.moe.offload import offload
     from toolkit.moe.presets import build_moe
-    from toolkit.moe.traces import record
+    from toolkit.moe.replay import record
 
     model = build_moe("tiny-mixtral")
     off = offload(model, 5, device="cpu", cost_model=CostModel.fixed(copy_ms=100.0))
     try:
         with torch.no_grad(), record(off) as rec:
             out = model(prompt(1, 6), use_cache=True)  # prefill, 6 tokens
-            past = out.past_key_values
+            past = output_cache(out)
             for _ in range(3):  # three decode passes
-                out = model(out.logits[:, -1:].argmax(-1), past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = model(out.logits[:, -1:].argmax(-1), use_cache=True, **{cache_keyword(model): past})
+                past = output_cache(out)
         trace = rec.to_trace()
         for phase in ("prefill", "decode"):
             got = R.reads_from_stats(off.stats, phase)

@@ -177,3 +177,24 @@ def build_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtyp
     bench.module = module.to(device=device, dtype=dtype).eval()
     bench.device, bench.dtype = str(device), dtype
     return bench
+
+
+def forward_step(name: str, batch_size: int, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 host_input: bool = False) -> tuple[Callable, tuple, str]:
+    """(fn, args, label) for one forward pass of a benchmark model at ``batch_size``: what a profiler or timer calls.
+
+    ``fn(*args)`` runs the model (float32 unless ``dtype``). With ``host_input``
+    the input stays in host memory and every call copies it to ``device``
+    first, as a data loader without pinned, prefetched batches does: the copy
+    is then part of the step, which a profile should show.
+    """
+    bench = build_model(name, device=device, dtype=dtype or torch.float32)
+    inputs = bench.make_input(batch_size, device="cpu" if host_input else None)
+    label = f"{name} batch {batch_size}" + (" (host input)" if host_input else "")
+    if not host_input:
+        return bench, inputs, label
+
+    def step(*xs):
+        return bench(*(x.to(device) for x in xs))
+
+    return step, inputs, label

@@ -2,8 +2,9 @@
 
 Every scheme runs on the same model, routing, machine, CPU expert kernel
 (same dtype and threads) and GPU kernels; only placement, how missed experts
-are served and the schedule differ. Each baseline gives ``offload()`` kwargs
-and generation settings:
+are served and the schedule differ. Each baseline gives ``offload()`` kwargs;
+how a run generates (warm-up, EOS, seed) is the run's, the same for every scheme
+(``toolkit.moe.run.MoESettings``):
 
 ==============  ==================  =====================  ==================  ==========  ==========
 name            stands for          placement              missed experts      schedule    copies
@@ -46,7 +47,7 @@ ours            this engine         global popularity      makespan split      o
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -67,7 +68,6 @@ class Baseline:
     split: bool = False
     overlap: bool | None = None  # None: the engine's default (on with CUDA)
     token_cap: int | None = None  # measure decode over at most this many tokens (slow schemes)
-    generation: dict = field(default_factory=lambda: {"ignore_eos": True})  # generate() settings
 
     def placement_for(self, budget: int, n_layers: int, n_experts: int, popularity=None) -> np.ndarray:
         """Initial residency, bool [L, E]."""

@@ -25,11 +25,17 @@ finishes the down projection. The GPU's share of the bytes is (1 + 2k/I) / 3.
 
 Calibrations persist as JSON, one file per machine holding one entry per key
 (host, GPU, dims, dtype, threads), under ``$TOOLKIT_CACHE_DIR`` or
-``~/.cache/toolkit``; an entry present is reused.
+``~/.cache/toolkit``; an entry present is reused. Where that folder cannot be
+written (a read-only home) the cache moves to the temporary folder, with a
+warning: a calibration that cannot be kept must not stop the run that needs
+it. A file whose entries are not valid measurements (negative or NaN times,
+token counts out of order) is rejected when read, never used.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import socket
 import statistics
@@ -68,9 +74,21 @@ def choose_threads(override: int | None = None) -> int:
 
 
 def cache_path() -> Path:
-    """The per-machine calibration file."""
-    root = os.environ.get("TOOLKIT_CACHE_DIR") or Path.home() / ".cache" / "toolkit"
-    return Path(root) / "costs.json"
+    """The per-machine calibration file; in the temporary folder, with a warning, where its folder is not writable."""
+    from ..results import check_writable
+
+    root = Path(os.environ.get("TOOLKIT_CACHE_DIR") or Path.home() / ".cache" / "toolkit")
+    try:
+        check_writable(root, "calibration cache", folder=True)
+    except ToolkitError as e:
+        import tempfile
+        import warnings
+
+        fallback = Path(tempfile.gettempdir()) / f"toolkit-cache-{os.getuid() if hasattr(os, 'getuid') else 0}"
+        warnings.warn(f"{e}; keeping calibrations in {fallback} instead (set TOOLKIT_CACHE_DIR to choose)",
+                      stacklevel=2)
+        root = fallback
+    return root / "costs.json"
 
 
 def _interp(n: np.ndarray, xs: tuple, ys: tuple) -> np.ndarray:
@@ -167,7 +185,12 @@ class CostModel:
         n = np.arange(LUT_TOKENS + 1)
         return self.cpu_time(n).tolist(), self.gpu_time(n).tolist()
 
-    def _times(self, tokens: list[int]) -> tuple[list[float], list[float]]:
+    def times(self, tokens: list[int]) -> tuple[list[float], list[float]]:
+        """(CPU ms, GPU ms) of one expert at each token count in ``tokens``, as lists of Python floats.
+
+        The engine asks this once per layer and pass (decode: a handful of small
+        counts), so counts up to ``LUT_TOKENS`` are list lookups, not numpy calls.
+        """
         if tokens and max(tokens) > LUT_TOKENS:
             return self.cpu_time(tokens).tolist(), self.gpu_time(tokens).tolist()
         cpu, gpu = self._lut
@@ -188,7 +211,7 @@ class CostModel:
         max(GPU, CPU, copy engine, host memory) least; ties go to less work.
         """
         tokens = [int(n) for n in np.asarray(tokens, dtype=np.int64).reshape(-1)]  # [M]
-        return np.array(self._decide(tokens, *self._times(tokens), gpu_busy_ms, copy_busy_ms), dtype=bool)
+        return np.array(self._decide(tokens, *self.times(tokens), gpu_busy_ms, copy_busy_ms), dtype=bool)
 
     def _decide(self, tokens, cpu, gpu, gpu_busy_ms, copy_busy_ms) -> list[bool]:
         # plain Python over M <= E floats: numpy's per-call overhead would dominate for Mixtral's 8 experts
@@ -243,7 +266,7 @@ class CostModel:
         return cache[key]
 
     def _plan(self, tokens, gpu_busy_ms, copy_busy_ms, split) -> LayerPlan:
-        cpu, gpu = self._times(tokens)
+        cpu, gpu = self.times(tokens)
         copy = self._decide(tokens, cpu, gpu, gpu_busy_ms, copy_busy_ms)
         whole = max(self._paths(tokens, cpu, gpu, copy, gpu_busy_ms, copy_busy_ms))
         best = (float("inf"), 0.0, -1, 0.0)  # (makespan, balance, split expert, fraction)
@@ -277,7 +300,7 @@ class CostModel:
     def layer_makespan(self, tokens, copy_mask, gpu_busy_ms: float = 0.0, copy_busy_ms: float = 0.0) -> float:
         """Predicted makespan (ms) of one layer's missed experts under a given split (same accounting as decide)."""
         tokens = [int(n) for n in np.asarray(tokens, dtype=np.int64).reshape(-1)]
-        cpu, gpu = self._times(tokens)
+        cpu, gpu = self.times(tokens)
         copy = [bool(c) for c in np.asarray(copy_mask, dtype=bool).reshape(-1)]
         return max(self._paths(tokens, cpu, gpu, copy, gpu_busy_ms, copy_busy_ms))
 
@@ -299,6 +322,9 @@ class CostModel:
 
     @classmethod
     def from_dict(cls, d: dict) -> CostModel:
+        if not isinstance(d, dict):
+            raise ToolkitError(f"calibration entry must be an object of measured costs, got {type(d).__name__}; "
+                               "delete it and recalibrate")
         try:
             names = {f for f in cls.__dataclass_fields__}
             kw = {k: v for k, v in d.items() if k in names}
@@ -310,8 +336,10 @@ class CostModel:
                 raise ValueError("token and time lists differ in length")
             if model.cpu_dtype not in DTYPES or model.dtype not in DTYPES:
                 raise ValueError(f"unknown dtype {model.cpu_dtype!r}/{model.dtype!r}")
-            float(model.copy_ms)
-        except (KeyError, TypeError, ValueError) as e:
+            for name in ("cpu", "gpu"):
+                _check_points(name, getattr(model, f"{name}_tokens"), getattr(model, f"{name}_ms"))
+            _check_ms("copy_ms", model.copy_ms)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ToolkitError(f"calibration entry is malformed ({type(e).__name__}: {e}); delete it and recalibrate") from None
         return model
 
@@ -321,6 +349,22 @@ class CostModel:
         return (f"CPU expert ({self.cpu_dtype}, {self.cpu_threads} threads): {a:.3f} + {b:.4f}*n ms | "
                 f"GPU expert: {ga:.3f} + {gb:.5f}*n ms | copy: {self.copy_ms:.3f} ms/expert | "
                 f"copy pays from n >= {self.breakeven_tokens:g}")
+
+
+def _check_ms(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"{name} must be a finite time >= 0 ms, got {v!r}")
+
+
+def _check_points(name: str, tokens, ms) -> None:
+    """Measured (tokens, ms) points: whole token counts >= 1 in increasing order, finite times >= 0."""
+    for t in tokens:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+            raise ValueError(f"{name}_tokens must be whole numbers >= 1, got {t!r}")
+    if any(b <= a for a, b in zip(tokens, tokens[1:])):
+        raise ValueError(f"{name}_tokens must increase, got {list(tokens)}")
+    for v in ms:
+        _check_ms(f"{name}_ms", v)
 
 
 def _read_cache(path: Path) -> dict:
@@ -382,19 +426,24 @@ def _median_ms(fn, repeats: int, warmup: int, sync=None, clock=time.perf_counter
     return statistics.median(out)
 
 
-class _threads:
-    """Temporarily set torch's intra-op threads (restored on exit)."""
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block with torch's intra-op thread count at ``n``, restoring the previous count on exit.
 
-    def __init__(self, n: int):
-        self.n, self.old = n, torch.get_num_threads()
-
-    def __enter__(self):
-        if self.n != self.old:  # resizing the OpenMP team is not free: skip it when nothing changes
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        if self.n != self.old:
-            torch.set_num_threads(self.old)
+    Like ``torch.utils.benchmark``'s ``set_torch_threads``: calibration, the
+    ceilings and the engine's inline and serial CPU experts all run with the
+    CPU-expert thread count and must leave the caller's setting as it was. The
+    count is per OS thread; when it already is ``n`` nothing changes, because
+    resizing the OpenMP team is not free and the engine enters this once per layer.
+    """
+    old = torch.get_num_threads()
+    if n != old:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != old:
+            torch.set_num_threads(old)
 
 
 @torch.no_grad()
@@ -408,7 +457,7 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
     warm = 1 if hidden * intermediate > 1e7 else 3
 
     cpu_by_dtype: dict[str, list[float]] = {}
-    with _threads(threads):
+    with torch_threads(threads):
         for dt in dict.fromkeys([dtype, torch.float32, torch.bfloat16]):
             w1, w2 = gu.to(dt), dn.to(dt)
             xs = {n: torch.full((n, hidden), 0.1, dtype=dt) for n in tokens}  # [n, D]
@@ -423,7 +472,7 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
         w1, w2 = gu.to(DTYPES[cpu_dtype]), dn.to(DTYPES[cpu_dtype])
         x1 = torch.ones(1, hidden, dtype=w1.dtype)
         for t in thread_counts:
-            with _threads(t):
+            with torch_threads(t):
                 scaling[int(t)] = _median_ms(lambda w1=w1, w2=w2: expert_forward(x1, w1, w2), repeats, warm, clock=clock)
         del w1, w2
 
@@ -442,7 +491,7 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
         copy_ms = _median_ms(copy, repeats, warm, sync=sync, clock=clock)
         del g1, g2, h1, h2
     else:  # both tiers on the CPU: the "GPU" is the CPU in the model dtype, a "copy" is a memcpy
-        with _threads(threads):
+        with torch_threads(threads):
             gpu_ms = cpu_by_dtype[dtype_name(dtype)]
             s1, s2 = torch.empty_like(gu), torch.empty_like(dn)
             copy_ms = _median_ms(lambda: (s1.copy_(gu), s2.copy_(dn)), repeats, warm, clock=clock)
@@ -450,7 +499,7 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
     host_bw = None
     if cuda:  # host memory read bandwidth with the CPU threads, shared by both paths
         buf = torch.ones(max(64 << 20, 2 * gu.numel() * gu.element_size()) // 4, dtype=torch.float32)
-        with _threads(threads):
+        with torch_threads(threads):
             ms = _median_ms(lambda: buf.sum(), repeats, 1, clock=clock)
         host_bw = buf.numel() * 4 / (ms * 1e-3) / 1e9
     return dict(cpu_by_dtype=cpu_by_dtype, cpu_dtype=cpu_dtype, gpu_ms=gpu_ms, copy_ms=copy_ms,

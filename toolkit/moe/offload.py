@@ -55,10 +55,10 @@ from torch import nn
 from torch.profiler import record_function
 
 from ..errors import ToolkitError
-from .costs import CostModel, _threads, choose_threads, dtype_name, expert_forward
+from .costs import CostModel, choose_threads, dtype_name, expert_forward, torch_threads
+from .phases import PHASES
 from .presets import is_experts_module, moe_blocks
 
-PHASES = ("prefill", "decode")
 DECISIONS = ("makespan", "cpu", "copy", "fiddler")
 # Fiddler's hard-coded costs (efeslab/fiddler, mixtral.py): 7 per token on the CPU, 70 per copied expert
 FIDDLER_CPU_COST, FIDDLER_COPY_COST = 7, 70
@@ -95,6 +95,7 @@ class ExpertStats:
     gpu_expert_calls: int = 0
     cpu_tokens: int = 0  # (token, expert) rows computed on the CPU (split experts included)
     split_expert_calls: int = 0  # experts computed half on the CPU, half on the GPU
+    prefetch_calls: int = 0  # experts a policy loaded before any token needed them (their bytes are in bytes_copied)
     forwards: dict = field(default_factory=dict)  # phase -> MoE layer forwards
     # per (layer, expert): forward passes in which it had >= 1 token, and those in which it was resident.
     # A used expert's weights are read once per pass however many tokens it has: the roofline counts these.
@@ -146,7 +147,7 @@ class ExpertStats:
                 table[p][:] = 0
             self.forwards[p] = 0
         self.bytes_copied = self.cpu_expert_calls = self.copy_expert_calls = self.gpu_expert_calls = 0
-        self.cpu_tokens = self.split_expert_calls = 0
+        self.cpu_tokens = self.split_expert_calls = self.prefetch_calls = 0
 
     def to_dict(self) -> dict:
         return {
@@ -160,6 +161,7 @@ class ExpertStats:
             "gpu_expert_calls": self.gpu_expert_calls,
             "cpu_tokens": self.cpu_tokens,
             "split_expert_calls": self.split_expert_calls,
+            "prefetch_calls": self.prefetch_calls,
             "forwards": dict(self.forwards),
             "passes_used": {p: self.passes_used[p].tolist() for p in PHASES},
             "passes_hit": {p: self.passes_hit[p].tolist() for p in PHASES},
@@ -455,6 +457,7 @@ class OffloadedExperts(nn.Module):
         eng.stats.cpu_expert_calls += len(cpu_experts)
         eng.stats.cpu_tokens += int(counts[cpu_experts].sum()) + (int(counts[split[0]]) if split else 0)
         eng.stats.copy_expert_calls += len(copy_experts)
+        eng.stats.prefetch_calls += len(jobs) - len(copy_experts)
         eng.stats.bytes_copied += len(jobs) * self.expert_bytes
         if split:
             eng.stats.split_expert_calls += 1
@@ -481,7 +484,7 @@ class OffloadedExperts(nn.Module):
             n = counts[free]
             if eng.decision == "makespan":
                 cm = eng.cost_model
-                gpu_busy = float(sum(cm._times(counts[resident_used].tolist())[1]))
+                gpu_busy = float(sum(cm.times(counts[resident_used].tolist())[1]))
                 plan = cm.plan(n, gpu_busy, float(forced.sum()) * cm.copy_ms, split=eng.split)
                 choice = plan.copy.copy()
                 if plan.split >= 0:
@@ -595,7 +598,7 @@ class OffloadedExperts(nn.Module):
             if eng.executor is not None:
                 y, h = job.result()
             else:  # inline: the GPU's work is already queued, so it still overlaps with this
-                with _threads(eng.cpu_threads):
+                with torch_threads(eng.cpu_threads):
                     y, h = self._cpu_job(*job)
             if cpu_idx is not None:
                 out.index_add_(0, cpu_idx, y.to(hidden.device, non_blocking=True))
@@ -622,7 +625,7 @@ class OffloadedExperts(nn.Module):
                     y_e = self._expert(hidden[tok[r]], *weights, wts[r], out.dtype)  # [n, D]
                     out.index_add_(0, tok[r], y_e)
         if len(cpu_experts):
-            with _threads(eng.cpu_threads):  # the same CPU threads as the worker of the overlapped schedule
+            with torch_threads(eng.cpu_threads):  # the same CPU threads as the worker of the overlapped schedule
                 for e in sorted(int(e) for e in cpu_experts):
                     with _label(f"moe.cpu_experts[L{layer}]"):
                         r = p.rows[e]
@@ -651,12 +654,51 @@ class _RoutedGate(nn.Module):
         return logits, weights, index
 
 
-class Offloaded:
-    """An MoE model whose experts are split between the GPU and the CPU (see ``offload``)."""
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine serves missed experts and schedules its work (the switches ``offload()`` exposes).
 
-    def __init__(self, model, blocks, policy, resident, device, cost_model, routing, cpu_threads, cpu_dtype,
-                 copy_slots, overlap, gpu_experts, orig_devices, decision="makespan", serial=False,
-                 pageable_copies=False, split=True):
+    decision: "makespan" (the cost model), "cpu", "copy" or "fiddler".
+    serial: Fiddler's schedule (nothing overlaps). pageable_copies: copy from a
+    pageable clone, blocking. split: let the makespan decision split one expert
+    per layer between copy and CPU (only with decision "makespan", not serial).
+    overlap: CPU experts in a worker thread, concurrently with the GPU (never
+    with serial). copy_slots: GPU staging buffers for copied experts.
+    cpu_threads / cpu_dtype: the CPU experts' intra-op threads and dtype.
+    """
+
+    cpu_threads: int
+    cpu_dtype: torch.dtype
+    decision: str = "makespan"
+    serial: bool = False
+    pageable_copies: bool = False
+    split: bool = True
+    overlap: bool = False
+    copy_slots: int = 2
+
+    @property
+    def splits(self) -> bool:
+        """Whether a layer may really split an expert (the switch, the makespan decision and no serial schedule)."""
+        return self.split and self.decision == "makespan" and not self.serial
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether CPU experts run in a worker thread (the serial schedule never overlaps)."""
+        return self.overlap and not self.serial
+
+
+class Offloaded:
+    """An MoE model whose experts are split between the GPU and the CPU (see ``offload``).
+
+    Built by ``offload()``; a context manager that puts the model back (``restore()``) on exit.
+    ``resident`` is the initial GPU residency, bool [L, E]; ``original_devices`` where each
+    block's experts lived before (restored there).
+    """
+
+    def __init__(self, model, blocks, *, policy, resident: np.ndarray, device: torch.device, cost_model: CostModel,
+                 routing, gpu_experts: int, original_devices: list, options: EngineOptions):
+        cpu_threads, cpu_dtype, copy_slots = options.cpu_threads, options.cpu_dtype, options.copy_slots
+        self.options = options
         self.model = model
         self.device = device
         self.policy = policy
@@ -666,8 +708,8 @@ class Offloaded:
         self.cpu_threads = cpu_threads
         self.cpu_dtype = cpu_dtype
         self.gpu_experts = gpu_experts
-        self.decision, self.serial, self.pageable_copies = decision, serial, pageable_copies
-        self.split = split and decision == "makespan" and not serial
+        self.decision, self.serial, self.pageable_copies = options.decision, options.serial, options.pageable_copies
+        self.split = options.splits
         self.host_buffers = _HostBuffers(pin=device.type == "cuda")
         self._blocks = blocks
         self._originals = [b.experts for b in blocks]
@@ -679,11 +721,11 @@ class Offloaded:
         self._slots: list[_Slot] = []
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.executor = None
-        if overlap and not serial:
+        if options.overlaps:
             self.executor = ThreadPoolExecutor(1, thread_name_prefix="moe-cpu",
                                                initializer=self._init_worker, initargs=(cpu_threads, device))
         self._hooks = []
-        self._orig_param_devices = orig_devices
+        self._orig_param_devices = original_devices
         self.experts: list[OffloadedExperts] = []
         for layer, block in enumerate(blocks):
             orig = block.experts
@@ -973,9 +1015,11 @@ def offload(model, gpu_experts: int | None, device: str = "cuda", placement=None
         torch.cuda.empty_cache()
     if overlap is None:
         overlap = device.type == "cuda"
-    off = Offloaded(model, blocks, policy, resident, device, cost_model, routing, cpu_threads, cpu_dtype,
-                    copy_slots, overlap, gpu_experts, orig_devices, decision, bool(serial), bool(pageable_copies),
-                    bool(split))
+    options = EngineOptions(cpu_threads=cpu_threads, cpu_dtype=cpu_dtype, decision=decision, serial=bool(serial),
+                            pageable_copies=bool(pageable_copies), split=bool(split), overlap=bool(overlap),
+                            copy_slots=int(copy_slots))
+    off = Offloaded(model, blocks, policy=policy, resident=resident, device=device, cost_model=cost_model,
+                    routing=routing, gpu_experts=gpu_experts, original_devices=orig_devices, options=options)
     if any(p.device != device for p in model.parameters()):
         model.to(device)  # the dense part (the experts are no longer parameters of the model)
     return off

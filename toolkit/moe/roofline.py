@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import ToolkitError
+from .phases import PHASES
 
-PHASES = ("prefill", "decode")
 TARGET = 0.7  # bound / measured the issue asks for
 
 
@@ -263,13 +263,13 @@ def measure_ceilings(device: str = "cuda", threads: int | None = None, nbytes: i
     import torch
 
     from ..env import resolve_device
-    from .costs import _threads, choose_threads
+    from .costs import choose_threads, torch_threads
 
     dev = torch.device(resolve_device(device))
     threads = choose_threads(threads)
     n = max(1, int(nbytes) // 4)
     host = torch.ones(n, dtype=torch.float32)  # [n]
-    with _threads(threads):
+    with torch_threads(threads):
         host_s = _median_s(lambda: host.sum(), repeats, lambda: None, clock)
     if dev.type == "cuda":
         sync = torch.cuda.synchronize
@@ -279,7 +279,7 @@ def measure_ceilings(device: str = "cuda", threads: int | None = None, nbytes: i
         h2d_s = _median_s(lambda: gpu.copy_(pinned, non_blocking=True), repeats, sync, clock)
         del gpu, pinned
     else:
-        with _threads(1):
+        with torch_threads(1):
             gpu_s = _median_s(lambda: host.sum(), repeats, lambda: None, clock)
         dst = torch.empty_like(host)
         h2d_s = _median_s(lambda: dst.copy_(host), repeats, lambda: None, clock)

@@ -14,14 +14,27 @@ Two ways in:
 - ``MoESession(settings)``: the built model with its routing, cost model and
   prompt, reused for many runs (budgets, schemes, policies);
   ``session.run(gpu_experts=..., scheme=...)`` is the same single run, and
-  ``with session.offload(...) as engine:`` hands out the engine itself (for
-  profiling one decode step, say) and restores the model on exit.
+  ``with session.offload(...) as engine:`` hands out the engine itself and
+  restores the model on exit. Inside it, ``session.decode_step(engine)`` gives
+  one decode step to profile, ``session.measure_prefill(engine, tokens)`` times
+  a long prompt and ``session.probe_logits(engine)`` gives logits to compare
+  with another configuration (``logits_error``). ``with session.unmodified()
+  as model:`` and ``session.run_unmodified()`` are the reference: the model as
+  transformers computes it, every expert on the device. ``session.with_settings
+  (routing=...)`` is another session on the same built model.
 
-Shapes: B batch, P prompt tokens, L MoE layers, E experts per layer, V vocabulary.
+Benchmarks measure each configuration in several rounds, alternating between
+configurations so that a slow spell of the machine hits all of them alike;
+``round_spread`` summarises one configuration's rounds and flags it anomalous
+when they disagree by more than ``ANOMALY_SPREAD`` of their median.
+
+Shapes: B batch, P prompt tokens, L MoE layers, E experts per layer, V vocabulary, N real prompt tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import math
 import time
@@ -32,8 +45,11 @@ import numpy as np
 from ..errors import ToolkitError
 
 ROUTINGS = ("auto", "model", "uniform")  # besides a trace name or .npz path
+DTYPES = ("float32", "float16", "bfloat16")
 WARMUP_ROUNDS = 5  # at most this many warm-up generations ...
 WARMUP_STEADY = 0.05  # ... stopping once two successive median decode steps agree within 5%
+ANOMALY_SPREAD = 0.10  # rounds of one configuration whose (max - min) / median exceeds this are anomalous
+NO_WARMUP = {"rounds": 0, "median_decode_ms": [], "steady": None}
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,7 @@ class MoESettings:
     (each token picks top-k distinct experts at random, seeded), or a trace
     name / .npz path; a trace also gives the popularity profile for placement.
     policy: a placement or caching policy name overriding the scheme's.
+    dtype: the model's dtype (None: the preset's).
     warmup_tokens: tokens of each warm-up generation (0: no warm-up); warm-up
     repeats until two successive median decode steps agree within 5% (at most
     5 rounds): a cold process, a GPU whose clocks have not ramped, or a CPU
@@ -63,6 +80,7 @@ class MoESettings:
     placement: str | None = None  # placement JSON file (which experts are on the GPU)
     calibration: str | None = None  # cost model file; None: measure once, cached per machine
     threads: int | None = None  # CPU threads for CPU experts; None: chosen for this machine
+    dtype: str | None = None
     prompt_tokens: int = 16
     new_tokens: int = 32
     batch_size: int = 1
@@ -81,6 +99,14 @@ class MoESettings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def generate_kwargs(self, beams: int | None = None) -> dict:
+        """The keyword arguments of ``generate()`` every measured and warm-up generation of a run uses."""
+        kw = dict(num_beams=int(beams or self.beams), do_sample=self.sample, ignore_eos=not self.allow_eos,
+                  seed=self.seed)
+        if self.sample:
+            kw.update({k: v for k, v in (("temperature", self.temperature), ("top_k", self.top_k)) if v is not None})
+        return kw
 
 
 @dataclass(frozen=True)
@@ -101,6 +127,7 @@ class MoERunResult:
     memory_plan: object | None = None  # toolkit.moe.memory.MemoryPlan on a GPU
     prefill_samples_ms: tuple[float, ...] = ()
     warmup: dict = field(default_factory=dict)  # rounds, median decode ms per round, steady
+    stats: object | None = None  # toolkit.moe.offload.ExpertStats of the last repeat (None: unmodified model)
 
     @property
     def total_experts(self) -> int:
@@ -136,27 +163,76 @@ class MoERunResult:
                 f"GPU experts, {self.scheme}, {self.routing} routing: {self.generation!r})")
 
 
+@dataclass(frozen=True)
+class PrefillResult:
+    """A long prompt through the model without a KV cache (``MoESession.measure_prefill``), timed ``repeats`` times."""
+
+    tokens: int
+    samples_ms: tuple[float, ...]
+    stats: object | None = None  # ExpertStats of the last sample (None: unmodified model)
+
+    @property
+    def ms(self) -> float:
+        """The median sample: a prefill is long enough that one slow sample should not move the figure."""
+        return float(np.median(self.samples_ms))
+
+    @property
+    def hit_rate(self) -> float | None:
+        return None if self.stats is None else self.stats.hit_rate("prefill")
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "ms": self.ms, "samples_ms": list(self.samples_ms), "hit_rate": self.hit_rate}
+
+
 def _is_trace(routing: str) -> bool:
     return routing not in ROUTINGS
 
 
+def _is_engine(target) -> bool:
+    """An offloaded engine (``Offloaded``), as opposed to a transformers model."""
+    from .offload import Offloaded
+
+    return isinstance(target, Offloaded)
+
+
+def cache_keyword(model) -> str:
+    """The KV-cache argument of ``model.forward``: ``cache`` in recent transformers 5.x, ``past_key_values`` before.
+
+    Passing the old name to a release that has the new one warns on every call (FutureWarning), and the
+    old name is removed in transformers 5.40, so it is picked by signature, never hard-coded.
+    """
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward returned, under whichever name this transformers uses (the old one logs a warning)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
 # -- checks that need no model ---------------------------------------------------------------------------
+
+def _check_count(name: str, v, low: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < low:
+        raise ToolkitError(f"{name} must be an integer >= {low}, got {v!r}")
+
 
 def resolve_settings(settings: MoESettings | None = None, **overrides) -> MoESettings:
     """Settings with overrides applied and checked (one clear ToolkitError naming the setting)."""
-    s = (settings or MoESettings()).replace(**overrides) if overrides else (settings or MoESettings())
+    s = settings or MoESettings()
+    s = s.replace(**overrides) if overrides else s
     for name in ("prompt_tokens", "new_tokens", "batch_size", "beams", "repeats"):
-        v = getattr(s, name)
-        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
-            raise ToolkitError(f"{name} must be an integer >= 1, got {v!r}")
-    if isinstance(s.warmup_tokens, bool) or not isinstance(s.warmup_tokens, int | np.integer) or s.warmup_tokens < 0:
-        raise ToolkitError(f"warmup_tokens must be an integer >= 0, got {s.warmup_tokens!r}")
+        _check_count(name, getattr(s, name), 1)
+    _check_count("warmup_tokens", s.warmup_tokens, 0)
     if s.temperature is not None and not (math.isfinite(s.temperature) and s.temperature > 0):
         raise ToolkitError(f"temperature must be a finite number > 0, got {s.temperature}")
     if s.top_k is not None and (isinstance(s.top_k, bool) or int(s.top_k) < 0):
         raise ToolkitError(f"top_k must be >= 0, got {s.top_k}")
     if s.threads is not None and (isinstance(s.threads, bool) or int(s.threads) < 1):
         raise ToolkitError(f"threads must be >= 1, got {s.threads}")
+    if s.dtype is not None and s.dtype not in DTYPES:
+        raise ToolkitError(f"dtype must be one of {', '.join(DTYPES)}, got {s.dtype!r}")
     gpu = s.gpu_experts
     if isinstance(gpu, str):
         if gpu.lower() not in ("all", "auto"):
@@ -177,6 +253,46 @@ def resolve_settings(settings: MoESettings | None = None, **overrides) -> MoESet
     return s
 
 
+# -- comparing logits and rounds -------------------------------------------------------------------------
+
+def logits_error(got, ref) -> dict:
+    """How far ``probe_logits`` output ``got`` is from ``ref``: max abs difference per phase, scale, argmax agreement."""
+    import torch
+
+    (gp, gd), (rp, rd) = got, ref  # [N, V], [B, V] each
+    return {
+        "prefill_max_abs_diff": float((gp - rp).abs().max()), "decode_max_abs_diff": float((gd - rd).abs().max()),
+        "max_abs_logit": float(max(rp.abs().max(), rd.abs().max())),
+        "argmax_agreement": float(torch.cat([gp.argmax(-1) == rp.argmax(-1), gd.argmax(-1) == rd.argmax(-1)])
+                                  .float().mean()),
+    }
+
+
+def round_spread(values, tolerance: float = ANOMALY_SPREAD) -> dict:
+    """One configuration's rounds of a measure: values, median, min, max, spread = (max - min) / median, anomalous.
+
+    ``median_round``: the index of the round whose value is the median (the
+    lower middle one for an even count), whose full record stands for the
+    configuration. Anomalous: the rounds disagree by more than ``tolerance`` of
+    their median (torch.utils.benchmark warns at the same 10%, on the IQR): a
+    figure should not draw such a configuration without saying so. Missing
+    (None, NaN) values are left out.
+    """
+    kept = [(i, float(x)) for i, x in enumerate(values) if x is not None and math.isfinite(float(x))]
+    if not kept:
+        return {"values": [], "median": None, "min": None, "max": None, "spread": None, "median_round": None,
+                "anomalous": False}
+    v = [x for _, x in kept]
+    med = float(np.median(v))
+    spread = (max(v) - min(v)) / med if med else math.inf
+    middle = sorted(kept, key=lambda ix: ix[1])[(len(kept) - 1) // 2][0]
+    out = {"values": v, "median": med, "min": min(v), "max": max(v), "spread": spread, "median_round": middle,
+           "anomalous": bool(len(v) > 1 and spread > tolerance)}
+    if out["anomalous"]:
+        out["reason"] = f"rounds differ by {100 * spread:.0f}% of their median (more than {100 * tolerance:.0f}%)"
+    return out
+
+
 # -- the session --------------------------------------------------------------------------------------------
 
 class MoESession:
@@ -185,15 +301,22 @@ class MoESession:
     Built once from ``MoESettings``; ``run()`` measures one configuration
     (GPU experts, scheme, policy) and leaves the model as it found it. Files
     (calibration, trace, placement) are read and checked before the model is
-    built. Use as a context manager, or call ``close()``, to free the model.
+    built. ``model`` / ``cost_model`` reuse ones already built (the model must
+    be this preset, built with this seed); ``with_settings`` makes such a
+    session. Use as a context manager, or call ``close()``, to free the model.
     """
 
-    def __init__(self, settings: MoESettings | None = None, *, model=None, **overrides):
+    def __init__(self, settings: MoESettings | None = None, *, model=None, cost_model=None, **overrides):
         from ..env import resolve_device
         from .presets import from_name
 
         self.settings = s = resolve_settings(settings, **overrides)
-        self.preset = p = from_name(s.preset, s.layers)
+        p = from_name(s.preset, s.layers)
+        if s.dtype is not None:
+            import torch
+
+            p = dataclasses.replace(p, dtype=getattr(torch, s.dtype))
+        self.preset = p
         self.device = resolve_device(s.device)
         self.total_experts = p.layers * p.experts
         if isinstance(s.gpu_experts, int) and s.gpu_experts > self.total_experts:
@@ -201,13 +324,13 @@ class MoESession:
                                f"{p.experts} experts = {self.total_experts}")
         self.trace, self.popularity, self.routing_name = self._load_routing(s.routing)
         self.placement = self._load_placement(s.placement)
-        self.cost_model = None
-        if s.calibration:
+        self.cost_model = cost_model
+        if cost_model is None and s.calibration:
             from .costs import load_cost_model
 
             self.cost_model = load_cost_model(s.calibration)
         self.router = self._router(s.batch_size * s.beams)
-        from .generation import random_prompts, synthetic_tokenizer
+        from .prompts import random_prompts, synthetic_tokenizer
 
         self.tokenizer = synthetic_tokenizer(p.vocab)
         self.ids, self.mask = random_prompts(p.vocab, s.prompt_tokens, s.batch_size, seed=s.seed,
@@ -219,6 +342,15 @@ class MoESession:
             self.cost_model = calibrate(p.hidden, p.intermediate, p.dtype, self.device, threads=s.threads)
         self.cpu_threads = self.cost_model.cpu_threads if s.threads is None else int(s.threads)
 
+    _SHARED = ("preset", "layers", "dtype", "seed", "device", "threads", "calibration")  # what the model and costs fix
+
+    def with_settings(self, **changes) -> MoESession:
+        """A session on the same built model and cost model with other run settings (routing, tokens, ...)."""
+        fixed = sorted(k for k in changes if k in self._SHARED and changes[k] != getattr(self.settings, k))
+        if fixed:
+            raise ToolkitError(f"{', '.join(fixed)} fix the built model or its cost model: start a new MoESession")
+        return MoESession(self.settings.replace(**changes), model=self.model, cost_model=self.cost_model)
+
     # building blocks, each checked before the model exists
     def _load_routing(self, routing: str):
         p = self.preset
@@ -228,11 +360,12 @@ class MoESession:
         if routing == "model":
             return None, None, "model"
         if routing == "uniform":
-            from .traces import uniform_trace
+            from .synthetic import uniform_trace
 
             tr = uniform_trace(self._trace_tokens(), p.layers, p.experts, p.top_k, seed=self.settings.seed)
             return tr, None, "uniform"  # no profile: placement spreads evenly over the layers
-        from .traces import load_trace, synthetic_mixtral
+        from .synthetic import synthetic_mixtral
+        from .trace_catalog import load_trace
 
         if routing in ("synthetic-mixtral", "synthetic-mixtral-instruct") and mixtral_shaped:
             tr = synthetic_mixtral(n_tokens=self._trace_tokens(), n_layers=p.layers,
@@ -265,7 +398,7 @@ class MoESession:
     def _router(self, rows_per_pass: int):
         if self.trace is None:
             return None
-        from .traces import TraceRouter
+        from .replay import TraceRouter
 
         return TraceRouter(self.trace, batch_size=rows_per_pass)
 
@@ -278,38 +411,58 @@ class MoESession:
                          seed=self.settings.seed)
 
     # -- what one run needs ---------------------------------------------------------------------------------
-    def resolve_gpu_experts(self, gpu_experts=None, beams: int | None = None, new_tokens: int | None = None):
-        """(count, memory plan or None) for a requested budget ("auto", "all" or a count)."""
+    def memory_plan(self, gpu_experts=None, *, beams: int | None = None, new_tokens: int | None = None,
+                    mem_info=None):
+        """(expert count, ``MemoryPlan``) for a requested budget ("auto", "all" or a count) on this device.
+
+        A count that does not fit raises ToolkitError with the numbers. ``mem_info``
+        (a callable -> (free, total) bytes) stands in for the device in tests.
+        """
+        from .memory import plan_memory
+
         s = self.settings
-        req = s.gpu_experts if gpu_experts is None else gpu_experts
+        req = self._requested(gpu_experts)
+        plan = plan_memory(self.model, s.prompt_tokens, new_tokens or s.new_tokens, batch=s.batch_size,
+                           beams=beams or s.beams, device=self.device,
+                           gpu_experts=None if req == "auto" else int(req), mem_info=mem_info)
+        return (plan.max_gpu_experts if req == "auto" else int(req)), plan
+
+    def _requested(self, gpu_experts):
+        req = self.settings.gpu_experts if gpu_experts is None else gpu_experts
         if self.placement is not None and req in ("auto", "all"):
             req = int(self.placement.sum())
         if req == "all":
             req = self.total_experts
         if isinstance(req, int | np.integer) and not 0 <= req <= self.total_experts:
             raise ToolkitError(f"gpu_experts must be between 0 and {self.total_experts}, got {req}")
-        if not self.device.startswith("cuda"):
-            return (self.total_experts if req == "auto" else int(req)), None
-        from .memory import plan_memory
+        return req
 
-        plan = plan_memory(self.model, s.prompt_tokens, new_tokens or s.new_tokens, batch=s.batch_size,
-                           beams=beams or s.beams, device=self.device,
-                           gpu_experts=None if req == "auto" else int(req))
-        return (plan.max_gpu_experts if req == "auto" else int(req)), plan
+    def resolve_gpu_experts(self, gpu_experts=None, beams: int | None = None, new_tokens: int | None = None):
+        """(count, memory plan or None) for a requested budget: planned on a GPU; on a CPU "auto" is every expert."""
+        if self.device.startswith("cuda"):
+            return self.memory_plan(gpu_experts, beams=beams, new_tokens=new_tokens)
+        req = self._requested(gpu_experts)
+        return (self.total_experts if req == "auto" else int(req)), None
 
-    def offload(self, gpu_experts=None, *, scheme: str | None = None, policy: str | None = None):
-        """The offloaded engine (an ``Offloaded``, a context manager that restores the model on exit)."""
-        from .baselines import get_baseline
+    def offload(self, gpu_experts=None, *, scheme=None, policy: str | None = None):
+        """The offloaded engine (an ``Offloaded``, a context manager that restores the model on exit).
 
-        k, _ = self.resolve_gpu_experts(gpu_experts)
-        base = get_baseline(scheme or self.settings.scheme)
+        ``scheme``: a baseline name or a ``Baseline`` (an ablation of one, say). Only "auto"
+        asks the memory plan; a count is checked against free memory by ``offload()`` itself.
+        """
+        from .baselines import Baseline, get_baseline
+
+        k = self._requested(gpu_experts)
+        if k == "auto":
+            k, _ = self.resolve_gpu_experts(k)
+        base = scheme if isinstance(scheme, Baseline) else get_baseline(scheme or self.settings.scheme)
         kw = dict(cost_model=self.cost_model, routing=self.router, cpu_threads=self.cpu_threads)
         policy = policy or self.settings.policy
         if policy is not None:
             from .policies import get_policy
 
             kw["policy"] = get_policy(policy, popularity=self.popularity, trace=self.trace)
-            kw["placement"] = self.placement
+            kw["placement"] = self.placement  # the policy places from its profile, not the scheme's residency
         elif self.placement is not None:
             kw["placement"] = self.placement
         return base.offload(self.model, k, device=self.device, popularity=self.popularity, **kw)
@@ -319,94 +472,220 @@ class MoESession:
         if self.router is not None:
             self.router.reset()
 
-    def _generate_kwargs(self, beams: int) -> dict:
-        s = self.settings
-        kw = dict(num_beams=beams, do_sample=s.sample, ignore_eos=not s.allow_eos, seed=s.seed)
-        if s.sample:
-            kw.update({k: v for k, v in (("temperature", s.temperature), ("top_k", s.top_k)) if v is not None})
-        return kw
+    def warm_up(self, target, beams: int | None = None, on_generation=None) -> dict:
+        """Warm-up generations until the median decode step is steady (see ``MoESettings``).
 
-    def warm_up(self, engine, beams: int | None = None) -> dict:
-        """Warm-up generations until the median decode step is steady (see ``MoESettings``)."""
+        ``on_generation("warm-up", rounds done, steady)`` is called after each round (a progress bar's hook).
+        """
         from .generation import generate
 
         s = self.settings
         if not s.warmup_tokens:
-            return {"rounds": 0, "median_decode_ms": [], "steady": None}
-        kw = self._generate_kwargs(beams or s.beams)
+            return dict(NO_WARMUP)
+        kw = s.generate_kwargs(beams)
         medians = []
         for _ in range(WARMUP_ROUNDS):
             self.reset_routing()
-            r = generate(engine, self.ids, self.mask, max_new_tokens=max(2, s.warmup_tokens), **kw)
+            r = generate(target, self.ids, self.mask, max_new_tokens=max(2, s.warmup_tokens), **kw)
             medians.append(r.decode_ms["median"])
-            if len(medians) >= 2 and abs(medians[-1] - medians[-2]) <= WARMUP_STEADY * medians[-2]:
+            if on_generation is not None:
+                on_generation("warm-up", len(medians), _steady(medians))
+            if _steady(medians):
                 break
-        steady = len(medians) >= 2 and abs(medians[-1] - medians[-2]) <= WARMUP_STEADY * medians[-2]
-        return {"rounds": len(medians), "median_decode_ms": medians, "steady": bool(steady)}
+        return {"rounds": len(medians), "median_decode_ms": medians, "steady": _steady(medians)}
 
-    def run(self, gpu_experts=None, *, scheme: str | None = None, policy: str | None = None,
-            new_tokens: int | None = None, beams: int | None = None, streamer=None,
-            warmup: bool = True) -> MoERunResult:
-        """One measured configuration: offload, warm up, replay the routing from its start, generate, restore."""
+    def _generate_measured(self, target, beams: int, new_tokens: int, streamer=None, on_generation=None):
+        """The measured generations of one run -> (last result with every repeat's decode samples, prefills, stats)."""
         from .generation import generate
-        from .generation import GenerationResult
 
+        s = self.settings
+        kw = s.generate_kwargs(beams)
+        results = []
+        for i in range(s.repeats):
+            self.reset_routing()
+            results.append(generate(target, self.ids, self.mask, max_new_tokens=new_tokens,
+                                    streamer=streamer if i == s.repeats - 1 else None, tokenizer=self.tokenizer, **kw))
+            if on_generation is not None:
+                on_generation("measured", i + 1, None)
+        last = results[-1]
+        if len(results) > 1:  # pool the decode samples of every repeat into one distribution
+            last = dataclasses.replace(last, decode_samples_ms=tuple(x for r in results for x in r.decode_samples_ms))
+        stats = copy.deepcopy(target.stats) if _is_engine(target) else None
+        return last, tuple(r.prefill_ms for r in results), stats
+
+    def _with_rows(self, beams: int):
+        """The router for ``beams`` (beams multiply the rows routed per pass); returns the one to put back."""
+        previous = self.router
+        if beams != self.settings.beams:
+            self.router = self._router(self.settings.batch_size * beams)
+        return previous
+
+    def run(self, gpu_experts=None, *, scheme=None, policy: str | None = None, new_tokens: int | None = None,
+            beams: int | None = None, streamer=None, warmup: bool = True, on_generation=None) -> MoERunResult:
+        """One measured configuration: offload, warm up, replay the routing from its start, generate, restore.
+
+        ``on_generation(phase, count, steady)`` is called after every warm-up ("warm-up") and measured
+        ("measured") generation, between generations, never inside a timed one (the CLI's progress bar).
+        """
         s = self.settings
         beams = int(beams or s.beams)
         new_tokens = int(new_tokens or s.new_tokens)
         if streamer is not None and s.batch_size != 1:
             raise ToolkitError("streaming prints one sequence: use batch_size 1")
         k, plan = self.resolve_gpu_experts(gpu_experts, beams=beams, new_tokens=new_tokens)
-        if beams != s.beams:  # beams multiply the rows routed per pass
-            self.router = self._router(s.batch_size * beams)
-        with self.offload(k, scheme=scheme, policy=policy) as engine:
-            warm = self.warm_up(engine, beams) if warmup else {"rounds": 0, "median_decode_ms": [], "steady": None}
-            kw = self._generate_kwargs(beams)
-            results = []
-            for i in range(s.repeats):
-                self.reset_routing()
-                results.append(generate(engine, self.ids, self.mask, max_new_tokens=new_tokens,
-                                        streamer=streamer if i == s.repeats - 1 else None,
-                                        tokenizer=self.tokenizer, **kw))
-            info = {k2: v for k2, v in engine.to_dict().items() if k2 not in ("cost_model", "stats", "placement")}
-            policy_name = getattr(engine.policy, "name", type(engine.policy).__name__)
-        if beams != s.beams:
-            self.router = self._router(s.batch_size * s.beams)
-        last = results[-1]
-        if len(results) > 1:  # pool the decode samples of every repeat into one distribution
-            pooled = tuple(x for r in results for x in r.decode_samples_ms)
-            last = dataclasses.replace(last, decode_samples_ms=pooled)
-        assert isinstance(last, GenerationResult)
+        previous = self._with_rows(beams)
+        try:
+            with self.offload(k, scheme=scheme, policy=policy) as engine:
+                warm = self.warm_up(engine, beams, on_generation) if warmup else dict(NO_WARMUP)
+                last, prefills, stats = self._generate_measured(engine, beams, new_tokens, streamer, on_generation)
+                info = {k2: v for k2, v in engine.to_dict().items() if k2 not in ("cost_model", "stats", "placement")}
+                policy_name = getattr(engine.policy, "name", type(engine.policy).__name__)
+        finally:
+            self.router = previous
+        name = getattr(scheme, "name", None) or scheme or s.scheme
         return MoERunResult(
             generation=last, settings=s, preset=self.preset.name, layers=self.preset.layers,
-            experts_per_layer=self.preset.experts, device=self.device, scheme=scheme or s.scheme,
-            policy=policy_name, routing=self.routing_name, cpu_threads=self.cpu_threads, engine=info,
-            memory_plan=plan,
-            prefill_samples_ms=tuple(r.prefill_ms for r in results), warmup=warm)
+            experts_per_layer=self.preset.experts, device=self.device, scheme=name, policy=policy_name,
+            routing=self.routing_name, cpu_threads=self.cpu_threads, engine=info, memory_plan=plan,
+            prefill_samples_ms=prefills, warmup=warm, stats=stats)
 
-    def decode_step(self, engine, batch_size: int | None = None):
+    @contextlib.contextmanager
+    def unmodified(self):
+        """The model as transformers computes it, every expert on the session's device; put back on exit.
+
+        On a GPU the experts live in pinned host memory (the engine's source);
+        inside this block they are device copies and the pinned tensors are
+        kept, so leaving costs nothing. The unmodified model is the reference a
+        configuration's logits and speed are compared with: use it with
+        routing "model" (it routes with its own router).
+        """
+        import torch
+        from torch import nn
+
+        from .presets import moe_blocks
+
+        dev = torch.device(self.device)
+        moved = [b.experts for b in moe_blocks(self.model)
+                 if any(p.device.type != dev.type for p in b.experts.parameters())]
+        need = sum(p.numel() * p.element_size() for e in moved for p in e.parameters())
+        if need and dev.type == "cuda" and need > torch.cuda.mem_get_info(dev)[0]:
+            raise ToolkitError(f"the unmodified model needs {need / 2**30:.1f} GiB more on {self.device} than is free")
+        saved = [dict(e._parameters) for e in moved]
+        try:
+            for e, params in zip(moved, saved):
+                for name, p in params.items():
+                    e._parameters[name] = nn.Parameter(p.data.to(dev), requires_grad=False)
+            yield self.model
+        finally:
+            for e, params in zip(moved, saved):
+                e._parameters.update(params)
+            if moved and dev.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def run_unmodified(self, *, new_tokens: int | None = None, beams: int | None = None,
+                       warmup: bool = True) -> MoERunResult:
+        """The same measured run on the unmodified model (``unmodified()``): the reference of a sweep."""
+        import torch
+
+        s = self.settings
+        if self.trace is not None:
+            raise ToolkitError("the unmodified model routes with its own router: use routing='model'")
+        beams = int(beams or s.beams)
+        with self.unmodified() as model:
+            warm = self.warm_up(model, beams) if warmup else dict(NO_WARMUP)
+            last, prefills, _ = self._generate_measured(model, beams, int(new_tokens or s.new_tokens))
+        return MoERunResult(
+            generation=last, settings=s, preset=self.preset.name, layers=self.preset.layers,
+            experts_per_layer=self.preset.experts, device=self.device, scheme="unmodified", policy="none",
+            routing=self.routing_name, cpu_threads=torch.get_num_threads(), engine={}, prefill_samples_ms=prefills,
+            warmup=warm)
+
+    # -- measurements inside ``with session.offload(...) as engine`` -------------------------------------------
+    def measure_prefill(self, engine, tokens: int, repeats: int = 3, warm_tokens: int | None = None,
+                        clock=time.perf_counter) -> PrefillResult:
+        """A ``tokens``-long prompt through the model, no KV cache kept, timed ``repeats`` times (routing replayed).
+
+        One untimed pass of ``warm_tokens`` (default ``tokens``) first: kernels for
+        the new shapes, and the pageable clones a pageable-copy scheme makes at
+        its first copy. Each timed pass starts from the routing's first row.
+        """
+        import torch
+
+        from .generation import cuda_synchronizer
+        from .prompts import random_prompts
+
+        _check_count("tokens", tokens, 1)
+        _check_count("repeats", repeats, 1)
+        s = self.settings
+        ids = random_prompts(self.preset.vocab, int(tokens), seed=s.seed + 1)[0].to(self.device)  # [1, tokens]
+        sync = cuda_synchronizer(self.device)
+        offloaded = _is_engine(engine)
+        model = engine.model if offloaded else engine
+
+        @torch.no_grad()
+        def once(x) -> float:
+            self.reset_routing()
+            if offloaded:
+                engine.reset_stats()
+            sync()
+            t0 = clock()
+            model(input_ids=x, use_cache=False, logits_to_keep=1)
+            sync()
+            return (clock() - t0) * 1e3
+
+        once(ids[:, : warm_tokens or tokens])
+        samples = tuple(once(ids) for _ in range(int(repeats)))
+        stats = copy.deepcopy(engine.stats) if offloaded else None
+        return PrefillResult(tokens=int(tokens), samples_ms=samples, stats=stats)
+
+    def probe_logits(self, target):
+        """Logits of a left-padded batch of two prompts, then of one cached decode step, in float32.
+
+        -> (prefill [N, V] at the real prompt positions, decode [2, V]). ``target``:
+        an engine or the unmodified model; the routing is replayed from its start,
+        so two configurations see the same routing (``logits_error`` compares them).
+        """
+        import torch
+
+        from .prompts import random_prompts
+
+        s, V = self.settings, self.preset.vocab
+        lengths = [s.prompt_tokens, max(1, s.prompt_tokens - 5)]
+        ids, mask = random_prompts(V, lengths, seed=s.seed + 1, pad_token_id=self.tokenizer.pad_token_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)  # [2, P]
+        next_ids = torch.randint(3, V, (2,), generator=torch.Generator().manual_seed(s.seed + 2)).to(self.device)
+        model = target.model if _is_engine(target) else target
+        if _is_engine(target):
+            target.set_phase("auto")
+        self.reset_routing()
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+            prefill = out.logits[mask.bool()].float()  # [N, V]
+            mask2 = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # [2, P+1]
+            step = model(input_ids=next_ids[:, None], attention_mask=mask2, use_cache=True,
+                         **{cache_keyword(model): output_cache(out)})
+        return prefill, step.logits[:, -1].float()  # [N, V], [2, V]
+
+    def decode_step(self, engine):
         """fn, args and label for one decode step of ``engine`` after this session's prompt (for profiling).
 
         The KV cache is cropped back to the prompt before each step, so every step decodes the same position.
         """
-        import inspect
-
         import torch
         from transformers import DynamicCache
 
         p, s = self.preset, self.settings
-        B = batch_size or s.batch_size
+        B, P = s.batch_size, s.prompt_tokens
         g = torch.Generator().manual_seed(s.seed)
-        ids = torch.randint(3, p.vocab, (B, s.prompt_tokens + 1), generator=g).to(self.device)  # [B, P+1]
-        # the cache argument is `past_key_values` up to transformers ~5.20, `cache` after
-        cache_kw = "cache" if "cache" in inspect.signature(engine.model.forward).parameters else "past_key_values"
+        ids = torch.randint(3, p.vocab, (B, P + 1), generator=g).to(self.device)  # [B, P+1]
+        cache_kw = cache_keyword(engine.model)
         cache = DynamicCache(config=engine.model.config)
+        self.reset_routing()
         with torch.no_grad():
             engine.set_phase("prefill")
-            engine.model(input_ids=ids[:, :s.prompt_tokens], use_cache=True, **{cache_kw: cache})
+            engine.model(input_ids=ids[:, :P], use_cache=True, **{cache_kw: cache})
         engine.set_phase("decode")
         engine.reset_stats()
-        P = s.prompt_tokens
 
         def step(tok):
             extra = cache.get_seq_length() - P
@@ -414,7 +693,9 @@ class MoESession:
                 cache.crop(-extra)  # a negative count removes tokens in every transformers 5.x
             return engine.model(input_ids=tok, use_cache=True, **{cache_kw: cache}).logits  # [B, 1, V]
 
-        label = f"{p.name} x{p.layers} layers, {engine.gpu_experts} GPU experts, decode step, batch {B}"
+        layers = f"{p.layers} layer" + ("s" if p.layers != 1 else "")
+        label = (f"{p.name}, {layers}, {engine.gpu_experts} of {p.layers * p.experts} experts resident, "
+                 f"decode step, batch {B}")
         return step, (ids[:, P:],), label
 
     def close(self) -> None:
@@ -428,6 +709,10 @@ class MoESession:
         self.close()
 
 
+def _steady(medians: list[float]) -> bool:
+    return len(medians) >= 2 and abs(medians[-1] - medians[-2]) <= WARMUP_STEADY * medians[-2]
+
+
 def run_moe(settings: MoESettings | None = None, *, streamer=None, on_built=None, **overrides) -> MoERunResult:
     """One offloaded run with ``settings`` (or keyword overrides of the defaults): the ``moe`` command's call.
 
@@ -439,7 +724,7 @@ def run_moe(settings: MoESettings | None = None, *, streamer=None, on_built=None
         return session.run(streamer=streamer)
 
 
-def sweep_frame(results) -> "object":
+def sweep_frame(results):
     """{gpu_experts: MoERunResult | GenerationResult} -> a DataFrame, one row per budget."""
     import pandas as pd
 

@@ -1,0 +1,303 @@
+"""One path for "run an offloaded MoE model and measure it": the CLI, ``run_moe``, the benchmarks and the
+report all hand ``MoESettings`` to ``MoESession`` and generate with the same settings.
+
+Spies record what reaches ``MoESession`` (its resolved settings), ``MoESession.run`` (the per-run
+overrides) and ``generate`` (the keyword arguments of every warm-up and measured generation), so the
+tests compare what each entry point really does, not what it says it does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from toolkit.__main__ import main
+from toolkit.errors import ToolkitError
+from toolkit.moe import generation
+from toolkit.moe.costs import CostModel, save_cost_model
+from toolkit.moe.run import MoESession, MoESettings, run_moe
+
+ROOT = Path(__file__).resolve().parents[1]
+# the settings a benchmark may choose itself (model, budget, routing, tokens, machine); the rest are the defaults
+BENCHMARK_CHOICES = {"preset", "layers", "gpu_experts", "routing", "threads", "prompt_tokens", "new_tokens", "device"}
+GENERATION_FIELDS = ("beams", "batch_size", "sample", "temperature", "top_k", "allow_eos", "warmup_tokens",
+                     "repeats", "seed", "scheme", "policy")
+
+
+class Stop(Exception):
+    """Raised by the settings spy to stop an entry point once it has handed over its settings."""
+
+
+class Spy:
+    """Records sessions built, runs asked for and generations made; ``stop`` ends the entry point at the build."""
+
+    def __init__(self, monkeypatch, stop: bool = False):
+        self.sessions: list[MoESettings] = []
+        self.runs: list[dict] = []  # the keyword arguments of each MoESession.run (scheme as its name)
+        self.generations: list[dict] = []  # generate() kwargs, with the scheme of the run they belong to
+        self._scheme = None
+        real_init, real_run, real_generate = MoESession.__init__, MoESession.run, generation.generate
+        spy = self
+
+        def init(session, settings=None, **kw):
+            if stop:
+                from toolkit.moe.run import resolve_settings
+
+                spy.sessions.append(resolve_settings(settings, **{k: v for k, v in kw.items()
+                                                                  if k not in ("model", "cost_model")}))
+                raise Stop
+            real_init(session, settings, **kw)
+            spy.sessions.append(session.settings)
+
+        def run(session, gpu_experts=None, **kw):
+            scheme = kw.get("scheme")
+            spy._scheme = getattr(scheme, "name", scheme) or session.settings.scheme
+            spy.runs.append({"gpu_experts": gpu_experts, **kw, "scheme": spy._scheme})
+            try:
+                return real_run(session, gpu_experts, **kw)
+            finally:
+                spy._scheme = None
+
+        def generate(model, input_ids, attention_mask=None, **kw):
+            spy.generations.append({"scheme": spy._scheme, **{k: v for k, v in kw.items()
+                                                               if k not in ("streamer", "tokenizer")}})
+            return real_generate(model, input_ids, attention_mask, **kw)
+
+        monkeypatch.setattr(MoESession, "__init__", init)
+        monkeypatch.setattr(MoESession, "run", run)
+        monkeypatch.setattr(generation, "generate", generate)
+
+    def generate_settings(self, scheme: str | None = "ours", beams: int = 1) -> set:
+        """The distinct generate() settings of one scheme's runs, the token count left out (it is per run)."""
+        return {tuple(sorted((k, v) for k, v in g.items() if k not in ("max_new_tokens", "scheme")))
+                for g in self.generations if g["scheme"] == scheme and g["num_beams"] == beams}
+
+    def warmup_tokens(self, scheme: str | None = "ours") -> set:
+        return {g["max_new_tokens"] for g in self.generations if g["scheme"] == scheme}
+
+
+def changed(settings: MoESettings) -> set[str]:
+    """The fields of ``settings`` that differ from ``MoESettings()``."""
+    default = MoESettings().to_dict()
+    return {k for k, v in settings.to_dict().items() if v != default[k]}
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def calibration(tmp_path):
+    """A fixed cost model (no measuring): CPU experts cost n ms, a copy 3 ms."""
+    path = tmp_path / "costs.json"
+    save_cost_model(CostModel.fixed(cpu=(0.0, 1.0), gpu=(0.01, 0.0), copy_ms=3.0, key="test"), path)
+    return str(path)
+
+
+# -- the CLI ---------------------------------------------------------------------------------------------
+
+def test_cli_with_no_options_hands_over_exactly_the_defaults(monkeypatch):
+    spy = Spy(monkeypatch, stop=True)
+    with pytest.raises(Stop):
+        main(["moe"])
+    assert spy.sessions == [MoESettings()]
+
+
+def test_cli_options_change_only_their_setting(monkeypatch):
+    spy = Spy(monkeypatch, stop=True)
+    with pytest.raises(Stop):
+        main(["moe", "--new-tokens", "5", "--scheme", "lru-copy", "--routing", "uniform", "--repeats", "2",
+              "--warmup", "0", "--gpu-experts", "3", "--device", "cpu"])
+    assert spy.sessions == [MoESettings(new_tokens=5, scheme="lru-copy", routing="uniform", repeats=2,
+                                        warmup_tokens=0, gpu_experts=3, device="cpu")]
+    with pytest.raises(Stop):
+        main(["moe", "--trace", "synthetic-mixtral", "--gpu-experts", "all"])
+    assert spy.sessions[-1] == MoESettings(routing="synthetic-mixtral", gpu_experts="all")
+
+
+def test_cli_and_run_moe_generate_alike(monkeypatch, capsys, calibration):
+    spy = Spy(monkeypatch)
+    assert main(["moe", "--device", "cpu", "--calibration", calibration, "--new-tokens", "4", "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    cli_generate, cli_tokens = spy.generate_settings(), spy.warmup_tokens()
+    # the session's settings decide: the CLI overrides nothing per run (a streamer or progress hook is no setting)
+    assert [{k: v for k, v in r.items() if k not in ("streamer", "on_generation")} for r in spy.runs] == [
+        {"gpu_experts": None, "scheme": "ours"}]
+    spy.generations.clear()
+    result = run_moe(device="cpu", calibration=calibration, new_tokens=4)
+    assert spy.generate_settings() == cli_generate and spy.warmup_tokens() == cli_tokens == {
+        MoESettings.warmup_tokens, 4}
+    assert dict(next(iter(cli_generate))) == {"num_beams": 1, "do_sample": False, "ignore_eos": True, "seed": 0}
+    assert cli["settings"] == result.settings.to_dict() and cli["warmup"]["rounds"] >= 2
+    assert cli["routing"] == result.routing == "synthetic-mixtral"
+
+
+# -- the benchmarks --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def moe_decode_run(tmp_path_factory):
+    """benchmarks/moe_decode.py --quick --device cpu --rounds 2, with the spies on; (spy, record, seconds)."""
+    import time
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TOOLKIT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    out = tmp_path_factory.mktemp("moe_decode")
+    try:
+        spy = Spy(mp)
+        t = time.perf_counter()
+        assert load_benchmark("moe_decode").main(["--quick", "--device", "cpu", "--out", str(out),
+                                                  "--rounds", "2"]) == 0
+        seconds = time.perf_counter() - t
+    finally:
+        mp.undo()
+    return spy, json.loads((out / "moe_decode.json").read_text()), seconds
+
+
+def test_moe_decode_ours_generates_as_the_cli_does(moe_decode_run):
+    spy, record, seconds = moe_decode_run
+    assert seconds < 45  # quick mode is a smoke test: well under a minute on a CI machine
+    assert spy.sessions and all(changed(s) <= BENCHMARK_CHOICES for s in spy.sessions)
+    assert {s.routing for s in spy.sessions} == {"uniform", "synthetic-mixtral"}
+    for s in spy.sessions:
+        assert all(getattr(s, f) == getattr(MoESettings(), f) for f in GENERATION_FIELDS)
+    assert dict(next(iter(spy.generate_settings("ours")))) == {"num_beams": 1, "do_sample": False,
+                                                                "ignore_eos": True, "seed": 0}
+    assert MoESettings.warmup_tokens in spy.warmup_tokens("ours")  # warmed up like the CLI
+    assert all(r.get("warmup", True) for r in spy.runs)
+    assert record["status"] == "complete"
+
+
+def test_moe_decode_alternates_configurations_and_records_rounds(moe_decode_run):
+    spy, record, _ = moe_decode_run
+    compare = [(r["scheme"], r["gpu_experts"]) for r in spy.runs if r.get("beams") in (None, 1)][:20]
+    assert compare[:10] == compare[10:20]  # round 1 of every compare configuration, then round 2
+    assert len(set(compare[:10])) == 5  # 5 schemes x 2 routings, the same budget per scheme
+    runs = [r for r in record["runs"] if "decode" in r]
+    assert {r["kind"] for r in runs} == {"compare", "sweep", "ablation"}
+    for r in runs:
+        assert r["rounds"] == 2 and isinstance(r["anomalous"], bool) and r["anomalous"] == ("anomaly_reason" in r)
+        d = r["decode"]
+        assert {"tokens_per_s", "median_ms", "p90_ms", "mean_ms", "samples_ms", "bound", "measured_over_bound",
+                "hit_rate"} <= set(d) and "ms" in r["prefill"]
+        spread = d["rounds"]
+        assert len(spread["values"]) == 2 and spread["min"] <= spread["median"] <= spread["max"]
+        assert d["tokens_per_s"] == spread["values"][spread["median_round"]]
+        assert r["check"]["pass"]
+    ours = next(r for r in runs if r["kind"] == "compare" and r["scheme"] == "ours")
+    assert ours["beam"]["steps_per_s"] > 0 and ours["beam"]["rounds"]["median"] > 0
+    assert record["settings"]["total_experts"] == 16 and record["settings"]["rounds"] == 2
+
+
+def test_moe_engine_quick_on_cpu(monkeypatch, tmp_path):
+    spy = Spy(monkeypatch)
+    assert load_benchmark("moe_engine").main(["--quick", "--device", "cpu", "--out", str(tmp_path),
+                                              "--rounds", "2"]) == 0
+    record = json.loads((tmp_path / "moe_engine.json").read_text())
+    (session,) = spy.sessions
+    assert changed(session) <= BENCHMARK_CHOICES and session.routing == "model"  # the reference's own router
+    assert all(getattr(session, f) == getattr(MoESettings(), f) for f in GENERATION_FIELDS)
+    assert record["settings"]["total_experts"] == 16 and record["status"] == "complete"
+    assert [r["gpu_experts"] for r in record["runs"]] == [16, 0, 8]
+    for r in [record["reference"], *record["runs"]]:
+        assert {"decode_tokens_per_s", "prefill_ms", "decode_ms", "hit_rate", "sequences"} <= set(r["greedy"])
+        assert r["rounds"]["done"] == 2 and len(r["rounds"]["greedy"]["values"]) == 2
+    assert all(r["logits"]["pass"] and r["greedy_ids_equal"] for r in record["runs"])  # float32: same ids
+    assert dict(next(iter(spy.generate_settings(None)))) == {"num_beams": 1, "do_sample": False,
+                                                              "ignore_eos": True, "seed": 0}
+
+
+# -- the report ----------------------------------------------------------------------------------------
+
+def test_report_moe_experiment_hands_over_the_defaults(monkeypatch):
+    """The report's MoE experiment (``toolkit.experiments``) builds its session from ``MoESettings`` too."""
+    experiments = pytest.importorskip("toolkit.experiments")
+    from toolkit.settings import settings_for
+
+    spy = Spy(monkeypatch, stop=True)
+    s = settings_for("cpu", quick=True)
+    with pytest.raises(Stop):
+        experiments.moe_experiment(s, device="cpu")
+    (got,) = spy.sessions
+    assert changed(got) <= {"layers", "policy", "prompt_tokens", "new_tokens", "device", "preset"}
+    assert (got.preset, got.layers, got.policy, got.new_tokens) == (s.moe_preset, s.moe_layers, s.moe_policy,
+                                                                     s.new_tokens)
+    assert all(getattr(got, f) == getattr(MoESettings(), f) for f in GENERATION_FIELDS if f != "policy")
+
+
+# -- the measurements the benchmarks take from the session -----------------------------------------------
+
+def test_round_spread_picks_the_median_round_and_flags_disagreement():
+    from toolkit.moe.run import round_spread
+
+    s = round_spread([12.0, 10.0, 11.0])
+    assert (s["median"], s["min"], s["max"], s["median_round"]) == (11.0, 10.0, 12.0, 2)
+    assert s["spread"] == pytest.approx(2 / 11) and s["anomalous"] and "18%" in s["reason"]
+    calm = round_spread([100.0, 104.0, 99.0, 101.0])
+    assert not calm["anomalous"] and "reason" not in calm and calm["median_round"] == 0  # lower middle of 99, 100, 101, 104
+    assert round_spread([5.0, None, float("nan")])["values"] == [5.0]
+    assert not round_spread([5.0])["anomalous"]  # one round cannot disagree with itself
+    assert round_spread([])["median"] is None
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    path = tmp_path_factory.mktemp("costs") / "costs.json"
+    save_cost_model(CostModel.fixed(cpu=(0.0, 1.0), gpu=(0.01, 0.0), copy_ms=3.0, key="test"), path)
+    with MoESession(device="cpu", routing="model", calibration=str(path), prompt_tokens=8, new_tokens=3,
+                    warmup_tokens=2) as s:
+        yield s
+
+
+def test_measure_prefill_times_with_the_injected_clock(session):
+    ticks = iter(range(1000))
+
+    def clock():  # every reading 5 ms after the previous one
+        return 0.005 * next(ticks)
+
+    with session.offload("all") as engine:
+        full = session.measure_prefill(engine, 12, repeats=3, clock=clock)
+    with session.offload(0) as engine:
+        none = session.measure_prefill(engine, 12, repeats=2, warm_tokens=4, clock=clock)
+    assert full.samples_ms == pytest.approx((5.0, 5.0, 5.0)) and full.ms == pytest.approx(5.0)
+    assert full.tokens == 12 and full.hit_rate == 1.0 and none.hit_rate == 0.0
+    assert int(none.stats.activations["prefill"].sum()) == session.preset.layers * 12 * 2  # one sample, top-2
+    assert full.to_dict()["samples_ms"] == list(full.samples_ms)
+
+
+def test_probe_logits_of_the_engine_match_the_unmodified_model(session):
+    from toolkit.moe.run import logits_error
+
+    with session.unmodified() as model:
+        ref = session.probe_logits(model)
+    with session.offload(4) as engine:
+        got = session.probe_logits(engine)
+    assert ref[0].shape == (8 + 3, session.preset.vocab) and ref[1].shape == (2, session.preset.vocab)
+    err = logits_error(got, ref)
+    assert err["argmax_agreement"] == 1.0 and max(err["prefill_max_abs_diff"], err["decode_max_abs_diff"]) < 1e-4
+    assert logits_error(ref, ref)["prefill_max_abs_diff"] == 0.0
+
+
+def test_unmodified_run_and_shared_sessions(session):
+    ref = session.run_unmodified(beams=2)
+    assert ref.scheme == "unmodified" and ref.engine == {} and ref.generation.num_beams == 2
+    assert ref.generation.hit_rate is None and ref.warmup["rounds"] >= 2
+    traced = session.with_settings(routing="uniform")
+    assert traced.model is session.model and traced.cost_model is session.cost_model
+    assert traced.routing_name == "uniform" and session.routing_name == "model"
+    with pytest.raises(ToolkitError, match="own router"):
+        traced.run_unmodified()
+    with pytest.raises(ToolkitError, match="layers fix the built model"):
+        session.with_settings(layers=1)
