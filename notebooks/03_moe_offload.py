@@ -82,9 +82,10 @@ print(plan)
 # instead. Then it profiles one decode step of the middle budget.
 #
 # The figures: tokens/s, prefill time and hit rates against the budget; the per-token decode
-# latency; where the hits come from (decode hit rate per layer and expert for the middle budget,
-# grey where an expert was never routed to; with a static placement an expert either always hits
-# or never); and the profiled step's timeline, what runs where and when.
+# latency; where the decode tokens go for the middle budget (each expert's share of its layer's
+# routed tokens, the GPU-resident experts outlined: with a static placement the hit rate is the
+# share on the outlined cells; grey where an expert was never routed to); and the profiled step's
+# timeline, what runs where and when.
 
 # %%
 moe = moe_experiment(S, nb.device, session=session, progress=True)

@@ -253,3 +253,31 @@ def test_offloaded_generation_on_gpu_equals_unmodified_and_streams():
     assert rec == list(one.sequences[0])
     assert all(r.prefill_ms > 0 and len(r.decode_samples_ms) == 9 for r in got)
     assert got[0].to_dict()["cpu_expert_calls"] > 0 and got[0].to_dict()["bytes_copied"] > 0
+
+
+def test_the_kv_cache_goes_under_the_name_this_transformers_has(model):
+    """``cache`` where the forward has it: the old ``past_key_values`` warns on every call and goes in 5.40."""
+    import inspect
+    import logging
+    import warnings
+
+    from toolkit.moe.run import cache_keyword, output_cache
+
+    has_cache = "cache" in inspect.signature(model.forward).parameters
+    assert cache_keyword(model) == ("cache" if has_cache else "past_key_values")
+    logged = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    hf_logger = logging.getLogger("transformers")  # it does not propagate: pytest's caplog never sees it
+    hf_logger.addHandler(handler)
+    getattr(logging.Logger.warning_once, "cache_clear", lambda: None)()  # logged once per process otherwise
+    ids = torch.randint(3, 256, (1, 4), generator=torch.Generator().manual_seed(0))
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("error", FutureWarning)
+            out = model(input_ids=ids, use_cache=True)
+            step = model(input_ids=ids[:, -1:], use_cache=True, **{cache_keyword(model): output_cache(out)})
+    finally:
+        hf_logger.removeHandler(handler)
+    assert step.logits.shape[:2] == (1, 1)
+    assert not [r.getMessage() for r in logged if "past_key_values" in r.getMessage()]

@@ -79,10 +79,13 @@ def test_recorded_results_are_listed_with_device_and_date(tmp_path):
     (gpu / "timer_agreement.json").write_text(json.dumps(
         {"provenance": {"gpu": "NVIDIA H100 80GB HBM3", "timestamp": "2026-11-27T10:00:00+00:00"}, "complete": True}))
     (gpu / "broken.json").write_text("{not json")
-    (gpu / "moe_engine_costs.json").write_text(json.dumps({"version": 1, "models": {}}))  # no provenance
+    # a calibration cache is not a result: no device or date of its own (its models carry theirs)
+    (gpu / "moe_engine_costs.json").write_text(json.dumps({"version": 1, "models": {"vm|H200": {"copy_ms": 6.6}}}))
     (gpu / "moe_decode.json").write_text(json.dumps({"provenance": {"gpu": "NVIDIA H200"}, "status": "running"}))
     rec = recorded.recorded_results(gpu)
-    assert list(rec) == ["moe_decode", "moe_engine_costs", "timer_agreement"]
+    assert list(rec) == ["moe_decode", "timer_agreement"]
+    assert recorded.is_calibration_cache({"version": 1, "models": {}}) and not recorded.is_calibration_cache(
+        {"provenance": {}, "models": {}})
     assert recorded.recorded_label(rec["timer_agreement"]) == "recorded on NVIDIA H100 80GB HBM3, 2026-11-27"
     assert recorded.recorded_label({}) == "recorded on unknown device, unknown date"
     assert recorded.recorded_results(tmp_path / "missing") == {}
@@ -91,7 +94,7 @@ def test_recorded_results_are_listed_with_device_and_date(tmp_path):
     text = report.write_summary(run, rec).read_text()
     assert "| `data/gpu/timer_agreement.json` | NVIDIA H100 80GB HBM3 | 2026-11-27 | yes |" in text
     assert "| `data/gpu/moe_decode.json` | NVIDIA H200 | n/a | no |" in text  # still running when written
-    assert "| `data/gpu/moe_engine_costs.json` | n/a | n/a | yes |" in text
+    assert "moe_engine_costs" not in text and "| ? |" not in text
     empty = report.Run(tmp_path / "out2", "cpu", settings.settings_for("cpu"))
     empty.out.mkdir()
     text = report.write_summary(empty, {}).read_text()
@@ -234,11 +237,74 @@ def test_recorded_readers_rebuild_frames_from_the_benchmark_files(tmp_path):
     assert plots.scheme_comparison(schemes).axes[1].get_title() == "trace routing"
     dsweep = recorded.recorded_moe_decode_sweep(rec["moe_decode"])
     assert dsweep["gpu_experts"].tolist() == [0, 32, 64] and dsweep["prefill_ms"].tolist() == [500.0, 468.0, 436.0]
-    assert dsweep.attrs["total_experts"] == 64
+    assert dsweep.attrs["total_experts"] == 64 and dsweep.attrs["excluded"] == []
+    diffs = recorded.recorded_timer_differences(rec["timer_agreement"])
+    assert diffs["label"].tolist() == ["matmul"] and diffs["difference"].tolist() == pytest.approx([1.2 / 1.21 - 1])
+    cases = recorded.recorded_throughput_cases(rec["batch_search"])
+    assert cases["throughput"].tolist() == [10.0, 35.0, 80.0, 82.0] and set(cases["optimal"]) == {16}
+
+
+def test_recorded_anomalous_runs_are_flagged_and_never_drawn(tmp_path):
+    """The benchmark's own flag (rounds disagree) or, in older files, a run far below a run with fewer GPU experts."""
+    gpu = write_fake_recordings(tmp_path / "gpu")
+    doc = json.loads((gpu / "moe_decode.json").read_text())
+    for r in doc["runs"]:
+        if r.get("kind") == "sweep" and r["budget"] == 32:
+            r.update(anomalous=True, anomaly_reason="decode tokens_per_s: rounds spread 40% > 10%")
+        if r.get("kind") == "compare" and r["scheme"] == "all-gpu" and r["routing"] == "uniform":
+            r["decode"]["tokens_per_s"] = 10.0  # the other routing ran 60: under a third
+    schemes = recorded.recorded_moe_schemes(doc)
+    odd = schemes[schemes["anomalous"]]
+    assert odd[["scheme", "routing"]].values.tolist() == [["all-gpu", "uniform"]]
+    assert odd["anomaly_reason"].iloc[0] == ("10 tokens/s, under 1/3 of the same scheme with trace routing and "
+                                             "14 GPU experts (60)")
+    fig = plots.scheme_comparison(schemes)
+    assert fig.axes[0].patches[2].get_width() == 0.0  # all-gpu, uniform: no bar
+    sweep = recorded.recorded_moe_decode_sweep(doc)
+    assert sweep["gpu_experts"].tolist() == [0, 64]
+    assert sweep.attrs["excluded"] == ["ours, trace routing, 32 GPU experts: its rounds disagree (decode tokens_per_s:"
+                                       " rounds spread 40% > 10%)"]
+    engine = json.loads((gpu / "moe_engine.json").read_text())
+    engine["runs"][1]["anomalous"] = True  # 8 GPU experts
+    assert recorded.recorded_moe_sweep(engine)["gpu_experts"].tolist() == [0, 16]
+    assert list(recorded.recorded_decode_samples(engine)) == ["0/16 GPU experts", "16/16 GPU experts"]
+    (gpu / "moe_decode.json").write_text(json.dumps(doc))
+    row = paper.draw_paper_figure(next(f for f in paper.PAPER_FIGURES if f.stem == "gpu_moe_decode_sweep"), tmp_path)
+    assert any("excluded ours, trace routing, 32 GPU experts" in t.get_text() for t in row["figure"].texts)
+
+
+def test_the_shipped_moe_decode_recording_excludes_its_anomalous_all_gpu_run():
+    schemes = recorded.recorded_moe_schemes(recorded.recording("moe_decode").doc)
+    assert schemes[schemes["anomalous"]][["scheme", "routing"]].values.tolist() == [["all-gpu", "uniform"]]
+
+
+def _figure_text(fig) -> str:
+    texts = [t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text") and a.get_visible())]
+    return "\n".join(t for t in texts if t)
+
+
+def test_every_paper_figure_names_what_is_measured_the_model_dtype_and_device():
+    """Drawn from the shipped files: a figure read alone says what, on which model, dtype and device."""
+    dtypes = ("float32", "bfloat16", "fp32", "bf16", "no dtype")
+    for f in paper.PAPER_FIGURES:
+        row = paper.draw_paper_figure(f)
+        assert row["figure"] is not None, f.stem
+        text = _figure_text(row["figure"])
+        title = (row["figure"]._suptitle.get_text() if row["figure"]._suptitle else "") + "".join(
+            ax.get_title() for ax in row["figure"].axes)
+        assert len(title.splitlines()) >= 2, f"{f.stem}: a title says what is measured, then the setup"
+        if f.source == paper.ROUTING:
+            assert "no device" in text and "Mixtral-8x7B" in text, f.stem
+        else:
+            doc = recorded.recording(f.source).doc
+            assert recorded.recorded_device(doc) in text and recorded.recorded_date(doc) in text, f.stem
+        assert any(d in text for d in dtypes), f"{f.stem}: no dtype named"
+        assert any(m in text.lower() for m in ("efficientnet", "resnet", "mixtral", "matmul")), f"{f.stem}: no model"
 
 
 READERS = [recorded.recorded_pitfalls, recorded.recorded_latency, recorded.recorded_timer_agreement,
-           recorded.recorded_throughput_curves, recorded.recorded_moe_sweep, recorded.recorded_decode_samples,
+           recorded.recorded_timer_differences, recorded.recorded_throughput_curves,
+           recorded.recorded_throughput_cases, recorded.recorded_moe_sweep, recorded.recorded_decode_samples,
            recorded.recorded_timeline, recorded.recorded_moe_schemes, recorded.recorded_moe_decode_sweep]
 
 
@@ -255,7 +321,9 @@ def test_readers_parse_the_shipped_recordings():
     assert {"timer_agreement", "batch_search", "moe_decode", "moe_engine", "profile_cases"} <= set(rec)
     sources = {recorded.recorded_pitfalls: "timer_agreement", recorded.recorded_latency: "timer_agreement",
                recorded.recorded_timer_agreement: "timer_agreement", recorded.recorded_throughput_curves:
-               "batch_search", recorded.recorded_moe_sweep: "moe_engine", recorded.recorded_decode_samples:
+               "batch_search", recorded.recorded_timer_differences: "timer_agreement",
+               recorded.recorded_throughput_cases: "batch_search",
+               recorded.recorded_moe_sweep: "moe_engine", recorded.recorded_decode_samples:
                "moe_engine", recorded.recorded_timeline: "profile_cases", recorded.recorded_moe_schemes: "moe_decode",
                recorded.recorded_moe_decode_sweep: "moe_decode"}
     assert set(sources) == set(READERS)

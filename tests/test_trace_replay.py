@@ -9,6 +9,7 @@ from toolkit.moe.offload import offload
 from toolkit.moe.policies import get_policy
 from toolkit.moe.presets import build_moe
 from toolkit.moe.replay import TraceRouter, record
+from toolkit.moe.run import cache_keyword, output_cache
 from toolkit.moe.simulate import default_popularity, simulate
 from toolkit.moe.synthetic import synthetic_mixtral
 
@@ -38,10 +39,9 @@ def run_trace(model, trace):
         out = model(input_ids=ids, use_cache=True)
         for _ in range(first + 1, last):
             tok = out.logits[:, -1:].argmax(-1)  # [1, 1]
-            out = model(input_ids=tok, past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=tok, use_cache=True, **{cache_keyword(model): output_cache(out)})
 
 
-@pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")  # newer transformers renames it
 @pytest.mark.parametrize("policy", ["static-popularity", "static-uniform", "lru", "lfu", "belady"])
 @pytest.mark.parametrize("budget", [3, 8])
 def test_engine_replay_matches_simulator(model, trace, policy, budget):

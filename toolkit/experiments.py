@@ -79,6 +79,13 @@ def _update(on_update: OnUpdate, record: dict) -> None:
         on_update(record)
 
 
+def device_name(record: dict, device: str) -> str:
+    """'<GPU or CPU model> (<device>)' from a record's provenance: what a figure's title names as its device."""
+    env = record.get("provenance") or {}
+    name = env.get("gpu") if str(device).startswith("cuda") else env.get("cpu_model")
+    return f"{name} ({device})" if name else str(device)
+
+
 def _bar(progress: bool, **kw):
     from tqdm.auto import tqdm
 
@@ -113,14 +120,20 @@ def timing_experiment(settings: Settings, device: str = "auto", *, progress: boo
     record = new_record("timing", s, device, command, model=s.latency_model, latency=correct.to_dict(),
                         audit=frame.to_dict("records"), distributions=dists, complete=True)
     _update(on_update, record)
+    from .recorded import audit_first_call_ms
+
+    setup = f"{s.latency_model}, batch 1, {str(model.dtype).removeprefix('torch.')} · {device_name(record, device)}"
     figures = (
         ExperimentFigure("latency_distribution",
                          f"Latency of {s.latency_model} (batch 1, {device}): the measured steady state against the "
-                         "warm-up calls a naive timer includes; median (bar) and p99 (triangle) marked.",
-                         plots.latency_distribution(dists, kind="violin")),
+                         "warm-up calls a naive timer includes, and the very first call of the freshly built model; "
+                         "median (bar) and p99 (triangle) marked.",
+                         plots.latency_distribution(dists, kind="violin", first_call_ms=audit_first_call_ms(
+                             frame.to_dict("records")), title=f"Latency per call (ms)\n{setup}")),
         ExperimentFigure("pitfall_errors",
                          f"Each timing mistake's reading relative to the correct timer ({s.latency_model}, "
-                         f"{device}); n/a: GPU-only mistakes on a CPU.", plots.pitfall_errors(frame)),
+                         f"{device}); GPU-only mistakes are marked as not applicable on a CPU.",
+                         plots.pitfall_errors(frame, title=f"Each timing mistake against the correct timer\n{setup}")),
     )
     return ExperimentResult("timing", record, figures, {"audit": frame, "latency": correct, "distributions": dists})
 
@@ -166,7 +179,9 @@ def batch_experiment(settings: Settings, device: str = "auto", *, progress: bool
         f"Throughput of {s.batch_model} on {device} vs batch size, up to the largest batch that fits "
         f"({search.max_batch_size}, {limit}); the optimal batch is the smallest within "
         f"{100 * opt.tolerance:.0f}% of the best.",
-        plots.throughput_curve(curve, largest=search.max_batch_size, optimal=opt.optimal_batch_size))
+        plots.throughput_curve(curve, largest=search.max_batch_size, optimal=opt.optimal_batch_size,
+                               title=f"Throughput vs batch size (samples/s)\n{s.batch_model}, "
+                                     f"{str(model.dtype).removeprefix('torch.')} · {device_name(record, device)}"))
     return ExperimentResult("batch", record, (fig,), {"search": search, "curve": curve, "optimal": opt})
 
 
@@ -192,6 +207,13 @@ def per_expert_hit_rate(result, phase: str = "decode") -> np.ndarray | None:
     if rows is None:
         return None
     return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
+
+
+def per_expert_activations(result, phase: str = "decode") -> np.ndarray | None:
+    """Tokens routed to each layer's experts [L, E] of a MoERunResult or GenerationResult, or None."""
+    generation = getattr(result, "generation", result)
+    rows = ((getattr(generation, "experts", None) or {}).get("activations") or {}).get(phase)
+    return None if rows is None else np.asarray(rows, dtype=float)
 
 
 def moe_experiment(settings: Settings, device: str = "auto", *, session=None, progress: bool = False,
@@ -227,6 +249,8 @@ def moe_experiment(settings: Settings, device: str = "auto", *, session=None, pr
         k_mid = budgets[len(budgets) // 2]
         session.reset_routing()
         with session.offload(k_mid, policy=s.moe_policy) as engine:
+            placement = engine.placement  # [L, E] bool; a static policy keeps it for the whole run
+            static = bool(getattr(engine.policy, "static", False))
             step, args, label = session.decode_step(engine)
             prof = profile(step, *args, device=device, wait=1, warmup=1, active=1, baseline=False, label=label)
     timeline = prof.timeline()
@@ -235,27 +259,43 @@ def moe_experiment(settings: Settings, device: str = "auto", *, session=None, pr
     _update(on_update, record)
 
     where = f"{p.name}, {p.layers} layers x {p.experts} experts, {device}"
+    setup = (f"{p.name}, {p.layers} layers x {p.experts} experts, {str(p.dtype).removeprefix('torch.')}, "
+             f"batch 1 · {device_name(record, device)}")
     sweep = sweep_frame(results)
     figures = [
         ExperimentFigure("moe_offload_sweep",
                          f"Offloaded generation ({where}, {s.moe_policy} placement): decode tokens/s, prefill time "
                          "and decode hit rate vs GPU-resident experts.",
-                         plots.offload_sweep(sweep, total_experts=n_total)),
+                         plots.offload_sweep(sweep, total_experts=n_total,
+                                             title=f"Offloaded generation vs GPU expert budget ({s.moe_policy})"
+                                                   f"\n{setup}")),
         ExperimentFigure("moe_decode_latency", f"Per-token decode latency over the generated tokens ({where}).",
                          plots.decode_latency_over_tokens(
                              {f"{k} GPU experts": results[k].generation.decode_samples_ms
-                              for k in sorted({budgets[0], k_mid, budgets[-1]})})),
+                              for k in sorted({budgets[0], k_mid, budgets[-1]})},
+                             title=f"Per-token decode latency\n{setup}")),
     ]
-    per_expert = per_expert_hit_rate(results[k_mid])
-    if per_expert is not None:
+    acts, per_expert = per_expert_activations(results[k_mid]), per_expert_hit_rate(results[k_mid])
+    if static and acts is not None and acts.shape == placement.shape:
+        # a static placement: the per-expert hit rate would be 0 or 1 (the placement); show where tokens go
         figures.append(ExperimentFigure(
             "moe_hit_rate_heatmap",
-            f"Decode hit rate per layer and expert with {k_mid} GPU experts ({where}); grey: never routed.",
-            plots.hit_rate_heatmap(per_expert, title=f"{k_mid} of {n_total} experts on the GPU")))
+            f"Where the decode tokens went with {int(placement.sum())} GPU experts ({where}, {s.moe_policy} "
+            "placement): each expert's share of its layer's routed tokens, GPU-resident experts outlined; "
+            "grey: never routed.",
+            plots.expert_heatmap(acts, placement, setup=setup)))
+    elif per_expert is not None:
+        figures.append(ExperimentFigure(
+            "moe_hit_rate_heatmap",
+            f"Decode hit rate per layer and expert with {k_mid} GPU experts ({where}, {s.moe_policy}); grey: never "
+            "routed.",
+            plots.hit_rate_heatmap(per_expert, title=f"Decode hit rate per expert, {s.moe_policy} with {k_mid} of "
+                                                     f"{n_total} experts on the GPU\n{setup}")))
     if len(timeline):
         figures.append(ExperimentFigure(
             "moe_timeline", f"One profiled decode step ({where}, {k_mid} GPU experts): what runs where and when.",
-            plots.timeline_gantt(timeline)))
+            plots.timeline_gantt(timeline, title=f"One profiled decode step, {k_mid} GPU experts: what runs where"
+                                                 f"\n{setup}")))
     return ExperimentResult("moe", record, tuple(figures),
                             {"results": results, "sweep": sweep, "profile": prof, "budgets": budgets,
                              "total_experts": n_total})
@@ -293,16 +333,21 @@ def simulation_experiment(settings: Settings, device: str = "cpu", *, progress: 
     _update(on_update, record)
     frame = pd.DataFrame([{"policy": r["policy"], "gpu_experts": r["gpu_experts"],
                            "hit_rate": r["hit_rate"]["decode"]} for r in record["results"]])
+    simulated = (f"simulated, Mixtral-8x7B routing (synthetic trace, {trace.n_tokens:,} tokens) · no device, "
+                 "no dtype")
     figures = [ExperimentFigure(
         "hit_rate_vs_gpu_experts",
         f"Simulated decode hit rate vs GPU-resident experts per policy (synthetic Mixtral-8x7B trace, "
         f"{trace.n_tokens} tokens; belady knows the future: the bound for batch-1 decode).",
-        plots.hit_rate_vs_gpu_experts(frame, total_experts=total, title=None))]
+        plots.hit_rate_vs_gpu_experts(frame, phase="decode", total_experts=total,
+                                      title=f"Decode hit rate per policy vs GPU-resident experts\n{simulated}"))]
     if per_layer:
         figures.append(ExperimentFigure(
             "hit_rate_per_layer",
             f"Simulated decode hit rate per layer and policy with {s.sim_heatmap_budget} of {total} experts on "
-            "the GPU.", plots.hit_rate_heatmap(per_layer, xlabel="policy")))
+            "the GPU.", plots.hit_rate_heatmap(per_layer, xlabel="policy",
+                                               title=f"Decode hit rate per layer, {s.sim_heatmap_budget} of {total} "
+                                                     f"experts on the GPU\n{simulated}")))
     return ExperimentResult("simulation", record, tuple(figures), {"frame": frame, "per_layer": per_layer})
 
 
@@ -313,6 +358,6 @@ EXPERIMENTS: dict[str, Callable[..., ExperimentResult]] = {
     "simulation": simulation_experiment,
 }
 
-__all__ = ["ExperimentFigure", "ExperimentResult", "EXPERIMENTS", "new_record", "timing_experiment",
-           "batch_experiment", "moe_settings", "moe_budgets", "per_expert_hit_rate", "moe_experiment",
-           "simulation_experiment"]
+__all__ = ["ExperimentFigure", "ExperimentResult", "EXPERIMENTS", "new_record", "device_name", "timing_experiment",
+           "batch_experiment", "moe_settings", "moe_budgets", "per_expert_hit_rate", "per_expert_activations",
+           "moe_experiment", "simulation_experiment"]

@@ -20,39 +20,37 @@ import pandas as pd
 from . import plots
 from .recorded import (
     recorded_decode_samples,
+    recorded_first_call_ms,
     recorded_latency,
     recorded_moe_decode_sweep,
     recorded_moe_schemes,
     recorded_moe_sweep,
     recorded_pitfalls,
-    recorded_throughput_curves,
+    recorded_throughput_cases,
     recorded_timeline,
-    recorded_timer_agreement,
+    recorded_timer_differences,
+    recorded_where,
     recording,
 )
 from .settings import data_dir
 
 ROUTING = "routing"  # the source of figures drawn from the shipped routing statistics (no recording needed)
+SIMULATED = "simulated, Mixtral-8x7B routing (synthetic trace) · no device, no dtype"
 
 
 @dataclass(frozen=True)
 class PaperFigure:
-    """A README figure: its file stem, the data it is drawn from, how, and its caption."""
+    """A README figure: its file stem, the data it is drawn from, how, and its caption.
+
+    ``draw(doc)``: the parsed source (None for ROUTING) -> a Figure whose title
+    names what is measured, the model, dtype and device; None when the file
+    holds no data for it.
+    """
 
     stem: str
     source: str  # a file under data/ ("gpu/timer_agreement.json"), or ROUTING
-    draw: Callable  # (parsed source, or None for ROUTING) -> Figure, or None when the file holds no data for it
+    draw: Callable
     caption: str
-
-
-def _from(reader: Callable, figure: Callable) -> Callable:
-    """A ``draw``: read the data with ``reader``, draw it with ``figure``, None when there is nothing to draw."""
-
-    def draw(doc):
-        data = reader(doc)
-        return figure(data) if len(data) else None  # readers return an empty value when there is no data
-
-    return draw
 
 
 @functools.lru_cache(maxsize=1)  # both hit-rate figures draw from one sweep
@@ -62,6 +60,7 @@ def simulated_sweep(budgets: tuple[int, ...] = (0, 32, 64, 96, 128, 160, 192, 22
     """(policy, gpu_experts, hit_rate) frame, per-layer decode hit rates at ``heatmap_budget``, expert count.
 
     The synthetic Mixtral-8x7B trace, fitted to ``data/routing``: no GPU needed.
+    ``frame.attrs``: ``tokens`` of the trace and the ``heatmap_budget``.
     """
     from .moe.simulate import simulate
     from .moe.trace_catalog import named_trace
@@ -70,55 +69,171 @@ def simulated_sweep(budgets: tuple[int, ...] = (0, 32, 64, 96, 128, 160, 192, 22
     results = [simulate(trace, p, b) for p in policies for b in budgets]
     frame = pd.DataFrame([{"policy": r.policy, "gpu_experts": r.gpu_experts, "hit_rate": r.hit_rate("decode")}
                           for r in results])
+    frame.attrs.update(tokens=trace.n_tokens, layers=trace.n_layers, experts=trace.n_experts,
+                       heatmap_budget=heatmap_budget)
     per_layer = {r.policy: r.per_layer("decode") for r in results if r.gpu_experts == heatmap_budget}
     return frame, per_layer, trace.n_layers * trace.n_experts
 
 
+# ---------------------------------------------------------------- what each title names
+
+
+def _audit_setup(doc) -> str:
+    a = (doc or {}).get("pitfall_audit") or {}
+    return f"{a.get('model') or 'model'}, batch {a.get('batch_size') or 1}, float32 · {recorded_where(doc)}"
+
+
+def _moe_setup(doc, layers=None, extra: str = "") -> str:
+    s = (doc or {}).get("settings") or {}
+    return (f"{s.get('preset', 'MoE')} dims, {layers or s.get('layers', '?')} layers, {s.get('dtype', 'bfloat16')}, "
+            f"batch 1{extra} · {recorded_where(doc)}")
+
+
+def _excluded(fig, frame):
+    """Say under ``fig`` which anomalous runs ``frame`` left out (``attrs["excluded"]``)."""
+    plots.annotate_warnings(fig, [f"excluded {x}" for x in frame.attrs.get("excluded") or []])
+    return fig
+
+
+# ---------------------------------------------------------------- the figures
+
+
+def _pitfalls(doc):
+    audit = recorded_pitfalls(doc)
+    if not len(audit):
+        return None
+    return plots.pitfall_errors(audit, title=f"Each timing mistake against the correct timer (median, 95% CI)\n"
+                                             f"{_audit_setup(doc)}")
+
+
+def _latency(doc):
+    series = recorded_latency(doc)
+    if not series:
+        return None
+    return plots.latency_distribution(series, first_call_ms=recorded_first_call_ms(doc),
+                                      title=f"Latency per call: steady state, warm-up, first call\n"
+                                            f"{_audit_setup(doc)}")
+
+
+def _timer_agreement(doc):
+    frame = recorded_timer_differences(doc)
+    if not len(frame):
+        return None
+    rounds = int(frame["rounds"].max()) if frame["rounds"].max() > 0 else 1
+    return plots.timer_agreement(frame, band=AGREEMENT_BAND, timer="measure_latency", reference="do_bench",
+                                 title=f"measure_latency vs triton do_bench, both with a cold L2\n"
+                                       f"medians of {rounds} alternating rounds · {recorded_where(doc)}")
+
+
+def _throughput(doc):
+    frame = recorded_throughput_cases(doc)
+    if not len(frame):
+        return None
+    return plots.throughput_curves(frame, title="Throughput vs batch size, up to the largest batch that fits\n"
+                                                f"CUDA events, after warm-up · {recorded_where(doc)}")
+
+
+def _schemes(doc):
+    frame = recorded_moe_schemes(doc)
+    if not len(frame):
+        return None
+    s = (doc or {}).get("settings") or {}
+    return plots.scheme_comparison(frame, title=f"Decode speed per offload scheme, {s.get('budget', '?')} of "
+                                                f"{s.get('total_experts', '?')} experts on the GPU (all-gpu: every "
+                                                f"expert)\n{_moe_setup(doc)}")
+
+
+def _decode_sweep(doc, routing: str = "trace"):
+    frame = recorded_moe_decode_sweep(doc, routing)
+    if not len(frame):
+        return None
+    fig = plots.offload_sweep(frame, total_experts=frame.attrs["total_experts"],
+                              title=f"Our engine vs GPU expert budget ({routing} routing, greedy decode)\n"
+                                    f"{_moe_setup(doc)}")
+    return _excluded(fig, frame)
+
+
+def _engine_sweep(doc):
+    frame = recorded_moe_sweep(doc)
+    if not len(frame):
+        return None
+    fig = plots.offload_sweep(frame, total_experts=frame.attrs["total_experts"],
+                              title=f"Offloaded generation vs GPU expert budget (greedy decode)\n{_moe_setup(doc)}")
+    return _excluded(fig, frame)
+
+
+def _decode_latency(doc):
+    series = recorded_decode_samples(doc)
+    if not series:
+        return None
+    return plots.decode_latency_over_tokens(series, title=f"Per-token decode latency\n{_moe_setup(doc)}")
+
+
+def _timeline(doc):
+    frame = recorded_timeline(doc)
+    if not len(frame):
+        return None
+    case = ((doc or {}).get("cases") or {}).get("moe_decode") or {}
+    preset = case.get("preset") or "MoE"
+    dtype = _preset_dtype(preset)
+    setup = (f"{preset} dims, {case.get('layers', '?')} layers, {case.get('gpu_experts', '?')} GPU experts, "
+             f"{dtype}, batch 1 · {recorded_where(doc)}")
+    return plots.timeline_gantt(frame, title=f"One profiled decode step: what runs where, and when\n{setup}")
+
+
+def _preset_dtype(preset: str) -> str:
+    """The dtype a MoE preset is built in ('bfloat16'), or '?' for an unknown preset."""
+    from .moe.presets import from_name
+
+    try:
+        return str(from_name(preset).dtype).removeprefix("torch.")
+    except Exception:  # an unknown preset name: the title says so rather than failing the figure
+        return "?"
+
+
 def _simulated_curve(_):
     frame, _, total = simulated_sweep()
-    return plots.hit_rate_vs_gpu_experts(frame, total_experts=total)
+    return plots.hit_rate_vs_gpu_experts(
+        frame, phase="decode", total_experts=total,
+        title=f"Decode hit rate per policy vs GPU-resident experts\n{SIMULATED} ({frame.attrs['tokens']:,} tokens)")
 
 
 def _simulated_layers(_):
-    return plots.hit_rate_heatmap(simulated_sweep()[1], xlabel="policy")
+    frame, per_layer, total = simulated_sweep()
+    return plots.hit_rate_heatmap(per_layer, xlabel="policy",
+                                  title=f"Decode hit rate per layer and policy, {frame.attrs['heatmap_budget']} of "
+                                        f"{total} experts on the GPU\n{SIMULATED}")
 
 
-def _first_curve(curves):
-    _, curve, largest, optimal = curves[0]
-    return plots.throughput_curve(curve, largest=largest, optimal=optimal)
-
-
-def _sweep(frame):
-    return plots.offload_sweep(frame, total_experts=frame.attrs["total_experts"])
-
+AGREEMENT_BAND = 0.03  # benchmarks/timer_agreement.py's criterion: within 3% of do_bench
 
 PAPER_FIGURES = [
-    PaperFigure("gpu_pitfall_errors", "gpu/timer_agreement.json", _from(recorded_pitfalls, plots.pitfall_errors),
+    PaperFigure("gpu_pitfall_errors", "gpu/timer_agreement.json", _pitfalls,
                 "Each classic timing mistake's reading relative to the correct timer (efficientnet-b0, batch 1)."),
-    PaperFigure("gpu_latency_distribution", "gpu/timer_agreement.json",
-                _from(recorded_latency, plots.latency_distribution),
-                "Latency distribution of the correct timer against the warm-up calls a naive timer includes."),
-    PaperFigure("gpu_timer_agreement", "gpu/timer_agreement.json",
-                _from(recorded_timer_agreement, plots.timer_comparison),
-                "measure_latency against torch.utils.benchmark and triton's do_bench, like for like."),
-    PaperFigure("gpu_throughput_vs_batch", "gpu/batch_search.json", _from(recorded_throughput_curves, _first_curve),
-                "Throughput vs batch size up to the largest batch that fits; the optimal batch marked."),
-    PaperFigure("gpu_moe_schemes", "gpu/moe_decode.json", _from(recorded_moe_schemes, plots.scheme_comparison),
+    PaperFigure("gpu_latency_distribution", "gpu/timer_agreement.json", _latency,
+                "Latency distribution of the correct timer against the warm-up calls a naive timer includes, and "
+                "the very first call of the freshly built model past the axis break."),
+    PaperFigure("gpu_timer_agreement", "gpu/timer_agreement.json", _timer_agreement,
+                "measure_latency with an L2 flush against triton's do_bench (also cold L2), like for like: the "
+                "difference of their medians per workload, the range over alternating rounds, a +-3% band."),
+    PaperFigure("gpu_throughput_vs_batch", "gpu/batch_search.json", _throughput,
+                "Throughput vs batch size for every recorded model and dtype, up to the largest batch that fits; "
+                "the optimal batch (the smallest within 3% of the best) starred."),
+    PaperFigure("gpu_moe_schemes", "gpu/moe_decode.json", _schemes,
                 "Decode tokens/s of the offload schemes at the same GPU expert budget (Mixtral-8x7B layers, batch 1),"
-                " with each run's roofline bound."),
-    PaperFigure("gpu_moe_decode_sweep", "gpu/moe_decode.json", _from(recorded_moe_decode_sweep, _sweep),
+                " with each run's roofline bound; anomalous runs are excluded and named under the figure."),
+    PaperFigure("gpu_moe_decode_sweep", "gpu/moe_decode.json", _decode_sweep,
                 "Our engine over GPU expert budgets (Mixtral-8x7B layers, replayed Mixtral routing): decode tokens/s,"
                 " prefill time and decode hit rate."),
-    PaperFigure("gpu_moe_offload_sweep", "gpu/moe_engine.json", _from(recorded_moe_sweep, _sweep),
+    PaperFigure("gpu_moe_offload_sweep", "gpu/moe_engine.json", _engine_sweep,
                 "Offloaded Mixtral-8x7B layers: decode tokens/s, prefill time and hit rate vs GPU-resident experts."),
-    PaperFigure("gpu_moe_decode_latency", "gpu/moe_engine.json",
-                _from(recorded_decode_samples, plots.decode_latency_over_tokens),
+    PaperFigure("gpu_moe_decode_latency", "gpu/moe_engine.json", _decode_latency,
                 "Per-token decode latency of offloaded Mixtral-8x7B layers for a few GPU expert budgets."),
-    PaperFigure("gpu_moe_timeline", "gpu/profile_cases.json", _from(recorded_timeline, plots.timeline_gantt),
+    PaperFigure("gpu_moe_timeline", "gpu/profile_cases.json", _timeline,
                 "One profiled decode step of the offload engine: CPU experts overlapping GPU work."),
     PaperFigure("hit_rate_vs_gpu_experts", ROUTING, _simulated_curve,
                 "Simulated decode hit rate vs GPU-resident experts per policy (synthetic Mixtral-8x7B trace "
-                "fitted to data/routing)."),
+                "fitted to data/routing), and each policy's difference to static-popularity."),
     PaperFigure("hit_rate_per_layer", ROUTING, _simulated_layers,
                 "Simulated decode hit rate per layer and policy with 64 of 256 experts on the GPU."),
 ]
@@ -167,4 +282,5 @@ def paper_figures(out: str | os.PathLike | None = None, data: str | os.PathLike 
     return rows
 
 
-__all__ = ["PaperFigure", "PAPER_FIGURES", "ROUTING", "draw_paper_figure", "paper_figures", "simulated_sweep"]
+__all__ = ["PaperFigure", "PAPER_FIGURES", "ROUTING", "SIMULATED", "AGREEMENT_BAND", "draw_paper_figure",
+           "paper_figures", "simulated_sweep"]

@@ -9,7 +9,11 @@ when there is no file) and returns an *empty* value of its type (a frame with
 no rows, ``{}``, ``[]``) when the file holds no data for it, never None; a
 single value that was not recorded is None in the frame ("n/a" once
 formatted, ``toolkit.formatting``). A run the benchmark skipped or that failed
-is left out.
+is left out, and so is an anomalous one (``flag_anomalies``): figures never
+draw it, they say it was excluded and why.
+
+``recorded_results`` lists result files only: the cost-model calibration
+caches the MoE benchmarks keep next to them (``*_costs.json``) are skipped.
 
 Shapes of the returned frames are given in each reader's docstring.
 """
@@ -65,8 +69,19 @@ def recording(source: str, data: str | os.PathLike | None = None) -> Recording:
     return Recording(source, doc)
 
 
+def is_calibration_cache(doc) -> bool:
+    """True for a cost-model calibration cache (``toolkit.moe.costs``: ``{"version", "models"}``), not a result.
+
+    A benchmark keeps its calibration there so a rerun on the same machine skips
+    it; the measurements it used are already in the benchmark's own result
+    (``cost_model``, with their environment), and one cache may hold several
+    machines' models, so it has no single device or date to list.
+    """
+    return isinstance(doc, dict) and isinstance(doc.get("models"), dict) and set(doc) <= {"version", "models"}
+
+
 def recorded_results(folder: str | os.PathLike | None = None) -> dict[str, dict]:
-    """The recorded results in ``data/gpu/*.json`` (name -> parsed JSON), skipping unreadable files."""
+    """The recorded results in ``data/gpu/*.json`` (name -> parsed JSON), skipping unreadable files and caches."""
     folder = Path(folder) if folder is not None else data_dir() / "gpu"
     out = {}
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
@@ -74,7 +89,7 @@ def recorded_results(folder: str | os.PathLike | None = None) -> dict[str, dict]
             doc = load_json(path)
         except ToolkitError:
             continue
-        if isinstance(doc, dict):
+        if isinstance(doc, dict) and not is_calibration_cache(doc):
             out[path.stem] = doc
     return out
 
@@ -108,7 +123,61 @@ def recorded_complete(doc: dict | None) -> bool:
 
 def recorded_label(doc: dict | None) -> str:
     """'recorded on <GPU or CPU>, <date>' for a recorded result."""
-    return f"recorded on {recorded_device(doc) or 'unknown device'}, {recorded_date(doc) or 'unknown date'}"
+    return f"recorded on {recorded_where(doc)}"
+
+
+def recorded_where(doc: dict | None) -> str:
+    """'<GPU or CPU>, <date>': what a recorded figure's title names as its device."""
+    return f"{recorded_device(doc) or 'unknown device'}, {recorded_date(doc) or 'unknown date'}"
+
+
+# ---------------------------------------------------------------- anomalous runs
+
+ANOMALY_RATIO = 1 / 3  # a run below this share of a run with fewer or as many GPU experts is not believable
+
+
+def flag_anomalies(frame: pd.DataFrame, value: str, ratio: float = ANOMALY_RATIO, unit: str = "") -> pd.DataFrame:
+    """``frame`` with ``anomalous`` (bool) and ``anomaly_reason`` filled in: the runs a figure must not draw.
+
+    ``frame``: one row per run, columns ``scheme``, ``routing``, ``budget`` (GPU
+    experts), ``value``, optional ``anomalous``/``anomaly_reason`` as the
+    benchmark wrote them (its rounds disagreed). A file older than that flag
+    is checked here: more GPU experts never make a scheme slower, so a run
+    below ``ratio`` of the same scheme with fewer or as many GPU experts (any
+    routing: with every expert resident the routing no longer matters much)
+    is anomalous too. ``unit`` names the value's unit in the reason.
+    """
+    from fractions import Fraction
+
+    share = str(Fraction(ratio).limit_denominator(10))
+    df = frame.copy().reset_index(drop=True)
+    flagged = df["anomalous"].fillna(False).astype(bool) if "anomalous" in df.columns else pd.Series(False, df.index)
+    reasons = (df["anomaly_reason"] if "anomaly_reason" in df.columns else pd.Series(None, df.index, dtype=object))
+    reasons = reasons.astype(object).where(flagged, None)
+    reasons = [f"its rounds disagree ({r})" if f and r else "its rounds disagree" if f else None
+               for f, r in zip(flagged, reasons)]
+    vals = pd.to_numeric(df[value], errors="coerce")
+    for i in df.index:
+        if flagged[i] or not vals[i] > 0:
+            continue
+        peers = df[(df["scheme"] == df.at[i, "scheme"]) & (df["budget"] <= df.at[i, "budget"]) & (df.index != i)
+                   & ~flagged]
+        if not len(peers):
+            continue
+        j = vals[peers.index].idxmax()
+        if vals[i] < ratio * vals[j]:
+            flagged[i] = True
+            where = f"{df.at[j, 'routing']} routing and " if df.at[j, "routing"] else ""
+            reasons[i] = (f"{vals[i]:.3g}{' ' + unit if unit else ''}, under {share} of the same scheme with "
+                          f"{where}{df.at[j, 'budget']} GPU experts ({vals[j]:.3g})")
+    df["anomalous"], df["anomaly_reason"] = flagged.astype(bool), reasons
+    return df
+
+
+def run_name(scheme: str | None, routing: str | None, budget) -> str:
+    """'<scheme>, <routing> routing, <budget> GPU experts': how an excluded run is named in a figure's note."""
+    return ", ".join(x for x in (scheme, f"{routing} routing" if routing else None,
+                                 f"{budget} GPU experts" if budget is not None else None) if x)
 
 
 # ---------------------------------------------------------------- timer_agreement.json
@@ -153,6 +222,70 @@ def recorded_timer_agreement(doc: dict | None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["workload", "timer", "median_ms"])
 
 
+def workload_label(key: str, description: str | None = None) -> str:
+    """'efficientnet-b0, batch 1, fp32' from a workload key ('efficientnet-b0@1') and its description's dtype."""
+    import re
+
+    label = key.replace("@", ", batch ")
+    dtype = re.search(r"\b(fp32|fp16|bf16|float32|float16|bfloat16)\b", description or "")
+    short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+    if dtype:
+        d = short.get(dtype.group(1), dtype.group(1))
+        if d not in key:
+            label += f", {d}"
+    return label
+
+
+def recorded_timer_differences(doc: dict | None) -> pd.DataFrame:
+    """(workload, label, difference, low, high, rounds): measure_latency with an L2 flush against triton's do_bench.
+
+    ``difference`` = measure_latency / do_bench - 1 on the medians of their
+    alternating rounds (both flush the L2: like for like); ``low``/``high``:
+    the smallest and largest difference of one round against the same round.
+    """
+    rows = []
+    for workload, rec in ((doc or {}).get("workloads") or {}).items():
+        ml, db = rec.get("measure_latency_l2_flush") or {}, rec.get("do_bench") or {}
+        a = ml.get("median_of_rounds_ms") or ml.get("median_ms")
+        b = db.get("median_of_rounds_ms") or db.get("median_ms")
+        if not (a and b):
+            continue
+        diff = (rec.get("agreement") or {}).get("l2_flush_vs_do_bench")
+        diff = a / b - 1 if diff is None else diff
+        per_round = [x / y - 1 for x, y in zip(ml.get("round_medians_ms") or [], db.get("round_medians_ms") or [])
+                     if x and y]
+        rows.append({"workload": workload, "label": workload_label(workload, rec.get("description")),
+                     "difference": diff, "low": min([diff, *per_round]), "high": max([diff, *per_round]),
+                     "rounds": len(per_round)})
+    return pd.DataFrame(rows, columns=["workload", "label", "difference", "low", "high", "rounds"])
+
+
+def audit_first_call_ms(rows) -> float | None:
+    """The very first call of the freshly built model in a pitfall audit (ms), or None.
+
+    ``rows``: the audit's rows (``pitfalls.audit(...).to_dict("records")``). Its
+    ``no_warmup`` row holds it (``first_call_ms``, or its note: "... the first
+    alone took 511 ms").
+    """
+    import math
+    import re
+
+    for row in rows or []:
+        if row.get("pitfall") != "no_warmup":
+            continue
+        first = row.get("first_call_ms")
+        if first is not None and not (isinstance(first, float) and math.isnan(first)):
+            return float(first)
+        m = re.search(r"first alone took ([0-9.eE+-]+) ms", str(row.get("note") or ""))
+        return float(m.group(1)) if m else None
+    return None
+
+
+def recorded_first_call_ms(doc: dict | None) -> float | None:
+    """The first call of the freshly built model in the recorded pitfall audit (ms), or None."""
+    return audit_first_call_ms(((doc or {}).get("pitfall_audit") or {}).get("rows"))
+
+
 # ---------------------------------------------------------------- batch_search.json
 
 
@@ -167,28 +300,64 @@ def recorded_throughput_curves(doc: dict | None) -> list[tuple[str, pd.DataFrame
     return out
 
 
+THROUGHPUT_COLUMNS = ["model", "dtype", "batch_size", "throughput", "ci95_low", "ci95_high", "largest", "optimal"]
+
+
+def recorded_throughput_cases(doc: dict | None) -> pd.DataFrame:
+    """Every configuration's curve as one long frame (``THROUGHPUT_COLUMNS``; throughput in samples/s)."""
+    frames = []
+    for rec in (doc or {}).get("configs") or []:
+        if not rec.get("curve"):
+            continue
+        c = pd.DataFrame(rec["curve"])
+        tp = c["samples_per_s"] if "samples_per_s" in c.columns else c.get("throughput")
+        frames.append(pd.DataFrame({
+            "model": rec.get("model"), "dtype": rec.get("dtype"), "batch_size": c["batch_size"], "throughput": tp,
+            "ci95_low": c.get("ci95_low"), "ci95_high": c.get("ci95_high"), "largest": rec.get("max_batch_size"),
+            "optimal": (rec.get("optimal") or {}).get("optimal_batch_size")}))
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=THROUGHPUT_COLUMNS)
+    return frame[THROUGHPUT_COLUMNS]
+
+
 # ---------------------------------------------------------------- moe_engine.json
 
 SWEEP_COLUMNS = ["gpu_experts", "decode_tokens_per_s", "prefill_ms", "decode_ms", "hit_rate"]
 
 
+def _engine_runs(doc: dict | None, mode: str) -> tuple[list[dict], list[str]]:
+    """moe_engine.json's runs of ``mode`` that may be drawn, and a note for each anomalous one left out."""
+    runs = [r for r in (doc or {}).get("runs") or [] if r.get(mode)]
+    if not runs:
+        return [], []
+    flags = flag_anomalies(pd.DataFrame(
+        {"scheme": "ours", "routing": None, "budget": [r["gpu_experts"] for r in runs],
+         "tokens_per_s": [r[mode].get("decode_tokens_per_s") for r in runs],
+         "anomalous": [bool(r.get("anomalous")) for r in runs],
+         "anomaly_reason": [r.get("anomaly_reason") for r in runs]}), "tokens_per_s", unit="tokens/s")
+    kept = [r for r, odd in zip(runs, flags["anomalous"]) if not odd]
+    excluded = [f"{run_name(None, None, r['gpu_experts'])}: {why}"
+                for r, odd, why in zip(runs, flags["anomalous"], flags["anomaly_reason"]) if odd]
+    return kept, excluded
+
+
 def recorded_moe_sweep(doc: dict | None, mode: str = "greedy") -> pd.DataFrame:
-    """One row per GPU-expert budget (``SWEEP_COLUMNS``); ``attrs["total_experts"]``."""
-    rows = []
-    for r in (doc or {}).get("runs") or []:
-        g = r.get(mode)
-        if g:
-            rows.append({"gpu_experts": r["gpu_experts"], "decode_tokens_per_s": g.get("decode_tokens_per_s"),
-                         "prefill_ms": g.get("prefill_ms"), "decode_ms": (g.get("decode_ms") or {}).get("median"),
-                         "hit_rate": (g.get("hit_rate") or {}).get("decode")})
+    """One row per GPU-expert budget (``SWEEP_COLUMNS``); ``attrs["total_experts"]``, ``attrs["excluded"]``.
+
+    ``excluded``: one line per anomalous run left out (``flag_anomalies``).
+    """
+    runs, excluded = _engine_runs(doc, mode)
+    rows = [{"gpu_experts": r["gpu_experts"], "decode_tokens_per_s": r[mode].get("decode_tokens_per_s"),
+             "prefill_ms": r[mode].get("prefill_ms"), "decode_ms": (r[mode].get("decode_ms") or {}).get("median"),
+             "hit_rate": (r[mode].get("hit_rate") or {}).get("decode")} for r in runs]
     frame = pd.DataFrame(rows, columns=SWEEP_COLUMNS)
     frame.attrs["total_experts"] = ((doc or {}).get("settings") or {}).get("total_experts")
+    frame.attrs["excluded"] = excluded
     return frame
 
 
 def recorded_decode_samples(doc: dict | None, n: int = 3, mode: str = "greedy") -> dict[str, list[float]]:
-    """Per-token decode latencies of up to ``n`` budgets (fewest, middle, most GPU experts)."""
-    runs = sorted((r for r in (doc or {}).get("runs") or [] if r.get(mode)), key=lambda r: r["gpu_experts"])
+    """Per-token decode latencies of up to ``n`` budgets (fewest, middle, most GPU experts); anomalous runs left out."""
+    runs = sorted(_engine_runs(doc, mode)[0], key=lambda r: r["gpu_experts"])
     if not runs:
         return {}
     pick = sorted({0, len(runs) // 2, len(runs) - 1})[:n]
@@ -213,37 +382,62 @@ def recorded_timeline(doc: dict | None, case: str = "moe_decode") -> pd.DataFram
 # ---------------------------------------------------------------- moe_decode.json
 
 
-def recorded_moe_schemes(doc: dict | None, kind: str = "compare") -> pd.DataFrame:
-    """Decode tokens/s of every offload scheme at the comparison budget, with its roofline bound."""
+SCHEME_COLUMNS = ["routing", "scheme", "budget", "tokens_per_s", "hit_rate", "bound_tokens_per_s", "anomalous",
+                  "anomaly_reason"]
+
+
+def _decode_runs(doc: dict | None) -> pd.DataFrame:
+    """Every measured run of moe_decode.json (compare, sweep, ablation), anomalies flagged (``flag_anomalies``)."""
     rows = []
     for r in (doc or {}).get("runs") or []:
         d = r.get("decode")
-        if r.get("kind") != kind or not d:
+        if not d:
             continue
         bound_ms = (d.get("bound") or {}).get("ms")
-        rows.append({"routing": r.get("routing"), "scheme": r.get("scheme"), "budget": r.get("budget"),
-                     "tokens_per_s": d.get("tokens_per_s"), "hit_rate": d.get("hit_rate"),
-                     "bound_tokens_per_s": 1e3 / bound_ms if bound_ms else None})
-    return pd.DataFrame(rows, columns=["routing", "scheme", "budget", "tokens_per_s", "hit_rate",
-                                       "bound_tokens_per_s"])
+        rows.append({"kind": r.get("kind"), "routing": r.get("routing"), "scheme": r.get("scheme"),
+                     "budget": r.get("budget"), "tokens_per_s": d.get("tokens_per_s"), "hit_rate": d.get("hit_rate"),
+                     "bound_tokens_per_s": 1e3 / bound_ms if bound_ms else None,
+                     "prefill_ms": (r.get("prefill") or {}).get("ms"), "decode_ms": d.get("median_ms"),
+                     "anomalous": bool(r.get("anomalous")), "anomaly_reason": r.get("anomaly_reason")})
+    if not rows:
+        return pd.DataFrame(columns=["kind", *SCHEME_COLUMNS, "prefill_ms", "decode_ms"])
+    return flag_anomalies(pd.DataFrame(rows), "tokens_per_s", unit="tokens/s")
+
+
+def recorded_moe_schemes(doc: dict | None, kind: str = "compare") -> pd.DataFrame:
+    """Decode tokens/s of every offload scheme at the comparison budget, with its roofline bound (``SCHEME_COLUMNS``).
+
+    Anomalous runs stay in the frame with ``anomalous`` True and the reason, so
+    the figure can say what it left out.
+    """
+    runs = _decode_runs(doc)
+    return runs[runs["kind"] == kind][SCHEME_COLUMNS].reset_index(drop=True)
 
 
 def recorded_moe_decode_sweep(doc: dict | None, routing: str = "trace") -> pd.DataFrame:
-    """Our engine's budget sweep (one routing) in ``SWEEP_COLUMNS``, sorted by budget; ``attrs["total_experts"]``."""
-    rows = []
-    for r in (doc or {}).get("runs") or []:
-        d = r.get("decode")
-        if r.get("kind") == "sweep" and r.get("routing") == routing and d:
-            rows.append({"gpu_experts": r["budget"], "decode_tokens_per_s": d.get("tokens_per_s"),
-                         "prefill_ms": (r.get("prefill") or {}).get("ms"), "decode_ms": d.get("median_ms"),
-                         "hit_rate": d.get("hit_rate")})
-    frame = pd.DataFrame(rows, columns=SWEEP_COLUMNS).sort_values("gpu_experts").reset_index(drop=True)
+    """Our engine's budget sweep (one routing) in ``SWEEP_COLUMNS``, sorted by budget, anomalous runs left out.
+
+    ``attrs["total_experts"]``; ``attrs["excluded"]``: one line per run left out.
+    """
+    runs = _decode_runs(doc)
+    runs = runs[(runs["kind"] == "sweep") & (runs["routing"] == routing)]
+    odd = runs["anomalous"].astype(bool)
+    frame = pd.DataFrame({"gpu_experts": runs["budget"], "decode_tokens_per_s": runs["tokens_per_s"],
+                          "prefill_ms": runs["prefill_ms"], "decode_ms": runs["decode_ms"],
+                          "hit_rate": runs["hit_rate"]})[~odd]
+    frame = frame[SWEEP_COLUMNS].sort_values("gpu_experts").reset_index(drop=True)
     frame.attrs["total_experts"] = ((doc or {}).get("settings") or {}).get("total_experts")
+    frame.attrs["excluded"] = [f"{run_name(s, r, b)}: {why}" for s, r, b, why in
+                               zip(runs["scheme"][odd], runs["routing"][odd], runs["budget"][odd],
+                                   runs["anomaly_reason"][odd])]
     return frame
 
 
-__all__ = ["Recording", "recording", "recorded_results", "recorded_env", "recorded_device", "recorded_date",
-           "recorded_complete", "recorded_label", "recorded_pitfalls", "recorded_latency", "TIMER_LABELS",
-           "recorded_timer_agreement", "recorded_throughput_curves", "recorded_moe_sweep",
-           "recorded_decode_samples", "recorded_timeline", "recorded_moe_schemes", "recorded_moe_decode_sweep",
-           "SWEEP_COLUMNS", "PITFALL_COLUMNS"]
+__all__ = ["Recording", "recording", "is_calibration_cache", "recorded_results", "recorded_env", "recorded_device",
+           "recorded_date", "recorded_complete", "recorded_label", "recorded_where", "ANOMALY_RATIO",
+           "flag_anomalies", "run_name", "recorded_pitfalls", "recorded_latency", "audit_first_call_ms",
+           "recorded_first_call_ms",
+           "TIMER_LABELS", "recorded_timer_agreement", "workload_label", "recorded_timer_differences",
+           "recorded_throughput_curves", "THROUGHPUT_COLUMNS", "recorded_throughput_cases", "recorded_moe_sweep",
+           "recorded_decode_samples", "recorded_timeline", "SCHEME_COLUMNS", "recorded_moe_schemes",
+           "recorded_moe_decode_sweep", "SWEEP_COLUMNS", "PITFALL_COLUMNS"]

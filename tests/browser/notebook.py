@@ -33,7 +33,24 @@ _FIGURES_JS = """() => [...document.querySelectorAll('.jp-OutputArea-output img,
 
 _ERROR_RE = re.compile(r"Traceback|\b\w*(Error|Exception)\b")
 
+# A cell draws a figure when its code calls one of these: a toolkit plot, an experiment's figure, the
+# notebooks' show helper, a toolkit widget (each holds a figure) or pyplot's show. Read from the source,
+# so a cell added later is checked too, with no cell index written down anywhere.
+FIGURE_CALL = re.compile(r"(\bplots\.\w+|\.figure|\bnotebook\.show|\bwidgets\.\w+|\bplt\.show)\s*\(")
+
+# What the inline backend prints instead of the picture when it cannot draw one.
+FIGURE_TEXT = re.compile(r"<(matplotlib\.figure\.)?Figure size \d+x\d+ with \d+ Axes>")
+
+# Per cell of the open notebook, in order: (img elements in its outputs, widget outputs included; decoded ones).
+_CELL_IMAGES_JS = """() => [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell')]
+  .map(c => { const imgs = [...c.querySelectorAll('.jp-OutputArea-output img')];
+              return [imgs.length, imgs.filter(e => e.complete && e.naturalWidth > 0).length]; })"""
+
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+# A tqdm progress bar's text ("[00:03<00:10, ...]"): tqdm.auto's notebook bars with leave=False close their
+# widget when done, so the saved view points at a closed model and nothing is rendered, as a user sees it.
+_PROGRESS_RE = re.compile(r"\[\d+:\d\d(<|,)")
 
 # Text a broken widget front end shows instead of the widget.
 WIDGET_FAILURES = ("Error displaying widget", "Error rendering", "Failed to load model class", "Loading widget...")
@@ -129,12 +146,66 @@ def check_ran_cleanly(page, lab, path: str) -> dict:
     assert not unrun, f"{path}: code cells never ran: {unrun}"
     # Without a working widget manager JupyterLab falls back to the text repr ("IntSlider(...)").
     n_widgets = sum(out.get("data", {}).get(WIDGET_MIME) is not None
+                    and not _PROGRESS_RE.search(str(out["data"].get("text/plain", "")))
                     for c in nb["cells"] if c["cell_type"] == "code" for out in c["outputs"])
     wait_until(lambda: page.locator(".jp-OutputArea-output:has(> .jupyter-widgets)").count() >= n_widgets,
                15, f"{path}: {n_widgets} widget outputs saved but fewer rendered as widgets (widget manager?)")
     wait_until(lambda: not widget_failures(page), 15,
                f"{path}: widgets did not render: {widget_failures(page)}")
     return nb
+
+
+def figure_cells(nb: dict) -> list[int]:
+    """Indices (in ``nb["cells"]``) of the code cells whose source draws a figure (``FIGURE_CALL``, comments ignored)."""
+    found = []
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+        code = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("#", "%", "!")))
+        if FIGURE_CALL.search(code):
+            found.append(i)
+    return found
+
+
+def cell_images(page) -> list[tuple[int, int]]:
+    """Per cell of the open notebook: (img elements in its outputs, how many decoded to a real picture)."""
+    return [tuple(x) for x in page.evaluate(_CELL_IMAGES_JS)]
+
+
+def _first_line(nb: dict, i: int) -> str:
+    source = nb["cells"][i]["source"]
+    source = source if isinstance(source, str) else "".join(source)
+    return next((line for line in source.splitlines() if line.strip() and not line.startswith("#")), "")[:80]
+
+
+def check_figure_cells(page, nb: dict, path: str, timeout_s: float = 30) -> list[int]:
+    """Assert that every figure cell (``figure_cells``) shows at least one decoded image, and no figure as text.
+
+    Images are looked up in the page (widget outputs are not saved in the file); the saved notebook must
+    hold no "<Figure size ...>" text, which the inline backend prints when it cannot draw. Returns the
+    figure cells.
+    """
+    cells = figure_cells(nb)
+    assert cells, f"{path}: no cell draws a figure (looked for {FIGURE_CALL.pattern})"
+    as_text = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" for out in c.get("outputs", [])
+               if FIGURE_TEXT.search(str(out.get("data", {}).get("text/plain", "")))
+               and "image/png" not in out.get("data", {})]
+    assert not as_text, f"{path}: figures shown as text, not drawn, in cells {sorted(set(as_text))}"
+
+    def missing():
+        shown = cell_images(page)
+        assert len(shown) == len(nb["cells"]), f"{path}: {len(shown)} cells on the page, {len(nb['cells'])} saved"
+        return [i for i in cells if shown[i][1] == 0]
+
+    deadline = time.monotonic() + timeout_s
+    while (absent := missing()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not absent, (f"{path}: no figure was shown by cell(s) "
+                        + "; ".join(f"{i} ({_first_line(nb, i)!r})" for i in absent))
+    broken = [i for i, (n, ok) in enumerate(cell_images(page)) if ok < n]
+    assert not broken, f"{path}: images that did not decode in cells {broken}"
+    return cells
 
 
 def move_slider(page, slider_selector: str) -> tuple[int, int]:

@@ -2,8 +2,9 @@
 
 An IntSlider (class toolkit-gpu-experts) drives an HTML (class toolkit-hit-rate)
 and a matplotlib figure, plus one plain inline plot as in notebook 01. It lets
-the browser machinery be proven without torch, and with `broken=True` its
-callback raises, which the test must notice.
+the browser machinery be proven without torch: with `broken=True` its
+callback raises, and with `figureless=True` its plot cell calls `plt.show()`
+with nothing to show; the test must notice both.
 """
 
 from __future__ import annotations
@@ -46,13 +47,19 @@ fig, ax = plt.subplots(figsize=(4, 2.5))
 ax.plot([1, 2, 3], [3, 1, 2])
 plt.show()"""
 
+NO_PLOT = """\
+fig, ax = plt.subplots(figsize=(4, 2.5))
+plt.close(fig)  # a figure cell whose figure never reaches the page
+plt.show()"""
 
-def write_standin(path: Path, broken: bool = False) -> Path:
-    """Write the stand-in notebook; `broken` makes the slider callback raise."""
+
+def write_standin(path: Path, broken: bool = False, figureless: bool = False) -> Path:
+    """Write the stand-in notebook; `broken` makes the slider callback raise, `figureless` its plot cell empty."""
     body = 'raise RuntimeError("slider callback broken on purpose")' if broken else 'update(change["new"])'
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(src) for src in (SETUP, WIDGET.replace("{BODY}", body), PLOT)]
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in (SETUP, WIDGET.replace("{BODY}", body),
+                                                           NO_PLOT if figureless else PLOT)]
     path = Path(path)
     nbformat.write(nb, path)
     return path
