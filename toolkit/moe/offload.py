@@ -72,6 +72,17 @@ def _label(name: str):
     return record_function(name) if on else contextlib.nullcontext()
 
 
+def persistent():
+    """Allocate engine state that outlives one forward pass as normal tensors, even under ``inference_mode``.
+
+    A tensor made inside ``torch.inference_mode()`` is an inference tensor: it
+    can never again be written in place outside it, nor take part in autograd.
+    The engine reuses buffers and weights across passes, and a user may time
+    one pass under ``inference_mode`` and then generate under ``no_grad``.
+    """
+    return torch.inference_mode(False)
+
+
 _PRECISION = {torch.float32: 2, torch.bfloat16: 1, torch.float16: 1}
 
 
@@ -287,7 +298,8 @@ class _HostBuffers:
         n = math.prod(shape)
         buf = self._bufs.get((name, dtype))
         if buf is None or buf.numel() < n:
-            buf = torch.empty(max(n, 2 * (0 if buf is None else buf.numel())), dtype=dtype, pin_memory=self.pin)
+            with persistent():
+                buf = torch.empty(max(n, 2 * (0 if buf is None else buf.numel())), dtype=dtype, pin_memory=self.pin)
             self._bufs[(name, dtype)] = buf
         return buf[:n].view(*shape)
 
@@ -379,15 +391,18 @@ class OffloadedExperts(nn.Module):
         if not (eng.pageable_copies and eng.device.type == "cuda"):
             return self.host_gate_up, self.host_down
         if self._pageable is None:
-            self._pageable = (torch.empty(self.host_gate_up.shape, dtype=self.host_gate_up.dtype).copy_(self.host_gate_up),
-                              torch.empty(self.host_down.shape, dtype=self.host_down.dtype).copy_(self.host_down))
+            with persistent():
+                self._pageable = (
+                    torch.empty(self.host_gate_up.shape, dtype=self.host_gate_up.dtype).copy_(self.host_gate_up),
+                    torch.empty(self.host_down.shape, dtype=self.host_down.dtype).copy_(self.host_down))
         return self._pageable
 
     def _to_device(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.engine.device
         if dev.type == "cpu":  # both tiers on the CPU: the "GPU" copy is the host tensor itself
             return self.host_gate_up[e], self.host_down[e]
-        return self.host_gate_up[e].to(dev), self.host_down[e].to(dev)
+        with persistent():
+            return self.host_gate_up[e].to(dev), self.host_down[e].to(dev)
 
     # the per-expert compute: x [n, D] rows of this expert, w [n] their routing weights -> [n, D] in out dtype
     def _expert(self, x, gate_up, down, w, out_dtype):
@@ -738,8 +753,9 @@ class Offloaded:
         # staging slots are allocated once, up front: a buffer the side stream writes must never be memory
         # that the main stream's allocator has just recycled from a kernel still in flight
         first = self.experts[0]
-        self._slots = [_Slot(torch.empty_like(first.host_gate_up[0], device=device),
-                             torch.empty_like(first.host_down[0], device=device)) for _ in range(copy_slots)]
+        with persistent():
+            self._slots = [_Slot(torch.empty_like(first.host_gate_up[0], device=device),
+                                 torch.empty_like(first.host_down[0], device=device)) for _ in range(copy_slots)]
         self._install_hooks()
 
     @staticmethod
@@ -777,8 +793,9 @@ class Offloaded:
     # -- copies -------------------------------------------------------------------------------
     def new_weights(self, mod: OffloadedExperts, e: int):
         """Fresh device tensors for an expert the policy keeps resident."""
-        return (torch.empty_like(mod.host_gate_up[e], device=self.device),
-                torch.empty_like(mod.host_down[e], device=self.device))
+        with persistent():
+            return (torch.empty_like(mod.host_gate_up[e], device=self.device),
+                    torch.empty_like(mod.host_down[e], device=self.device))
 
     def slot_available(self) -> bool:
         return any(not s.busy for s in self._slots)
