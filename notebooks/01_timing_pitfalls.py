@@ -34,30 +34,28 @@
 
 # %%
 # %matplotlib inline
-from IPython.display import display
-
-from toolkit import pitfalls, plots, report, widgets
-from toolkit.env import resolve_device
+from toolkit import notebook, plots, widgets
+from toolkit.experiments import timing_experiment
 from toolkit.models import build_model
+from toolkit.timing import compare
 
-device = resolve_device("auto")
-S = report.settings_for(device, quick=report.smoke_mode())
-print(f"device: {device}, model: {S.latency_model}, smoke mode: {report.smoke_mode()}")
+nb = notebook.setup()
+S = nb.settings
+print(f"{nb}, model: {S.latency_model}")
 
 # %% [markdown]
 # ## Every mistake against the correct timer
 #
-# `pitfalls.audit` runs the no-warm-up timer first, while the freshly built model is still cold,
-# then `measure_latency`: it warms up until the last few calls are steady, synchronises the device
-# around every sample (CUDA events on a GPU) and samples until the 95% confidence interval of the
-# median is tight (or its time budget runs out). Each naive timer makes exactly one mistake, so
-# its error is that mistake's error.
+# `timing_experiment` is what `python -m toolkit report` runs first, with the same settings. It
+# builds the model and calls `pitfalls.audit`, which runs the no-warm-up timer first, while the
+# freshly built model is still cold, then `measure_latency`: it warms up until the last few calls
+# are steady, synchronises the device around every sample (CUDA events on a GPU) and samples
+# until the 95% confidence interval of the median is tight (or its time budget runs out). Each
+# naive timer makes exactly one mistake, so its error is that mistake's error.
 
 # %%
-model = build_model(S.latency_model, device=device)
-x = model.make_input(1)
-audit = pitfalls.audit(model, x, device, max_time_s=S.audit_time_s)
-correct = audit.attrs["correct"]
+timing = timing_experiment(S, nb.device)
+audit, correct = timing.values["audit"], timing.values["latency"]
 audit[["pitfall", "naive_ms", "correct_ms", "relative_error", "note"]]
 
 # %% [markdown]
@@ -68,21 +66,20 @@ audit[["pitfall", "naive_ms", "correct_ms", "relative_error", "note"]]
 print(correct)
 
 # %%
-plots.pitfall_errors(audit, title=f"{S.latency_model}, batch 1, {device} (live)")
+timing.figure("pitfall_errors")
 
 # %% [markdown]
 # ## Latency is a distribution
 #
 # Report the **median** with its confidence interval, and a tail percentile such as **p99**, not a
 # mean: a few slow calls (interrupts, other processes, a cold cache) drag the mean and are exactly
-# what a single sample may catch. The warm-up calls are a different distribution altogether.
+# what a single sample may catch. The warm-up calls are a different distribution altogether. On a
+# GPU the experiment also times the GPU-only mistakes (a copy in the timed region, a host clock
+# without synchronisation) as distributions of their own.
 
 # %%
-dists = {"steady state (measured)": correct.samples_ms, "warm-up calls": correct.warmup_ms}
-if device.startswith("cuda"):  # the GPU-only mistakes, as distributions of their own
-    dists["copy in timed region"] = pitfalls.time_copy_in_timed_region(model, tuple(t.cpu() for t in x), device)
-    dists["host clock, no sync"] = pitfalls.time_host_clock_no_sync(model, x, device)
-plots.latency_distribution(dists, kind="violin")
+dists = timing.values["distributions"]
+timing.figure("latency_distribution")
 
 # %%
 plots.latency_distribution(dists, kind="ecdf")
@@ -102,19 +99,39 @@ widgets.latency_explorer(dists)
 # the date it was recorded on.
 
 # %%
-recorded = report.recorded_results().get("timer_agreement")
-if recorded is None:
-    print("No GPU recording is present: data/gpu/timer_agreement.json is missing "
-          "(run `PYTHONPATH=. python benchmarks/timer_agreement.py` on a GPU machine).")
-else:
-    label = report.recorded_label(recorded)
-    print(label)
-    gpu_audit = report.recorded_pitfalls(recorded)
-    if gpu_audit is not None:
-        display(gpu_audit[["pitfall", "naive_ms", "correct_ms", "relative_error", "note"]])
-        display(plots.pitfall_errors(gpu_audit, title=label))
-    if report.recorded_latency(recorded):
-        display(plots.latency_distribution(report.recorded_latency(recorded), title=label))
-    agreement = report.recorded_timer_agreement(recorded)
-    if len(agreement):
-        display(plots.timer_comparison(agreement, title=label))
+notebook.show(notebook.recorded_figures("timer_agreement"))
+
+# %% [markdown]
+# ## Is my speed-up real?
+#
+# Two timings of the *same* code differ by a few percent from run to run (clocks, temperature,
+# other work), so "B is 3% faster" needs evidence. `compare(a, b)` times A and B in interleaved
+# rounds (A-B, then B-A, ...) so that a drift of the machine hits both, estimates the ratio B/A
+# with a distribution-free confidence interval (Hodges-Lehmann: the interval that goes with the
+# Mann-Whitney rank test) and gives a verdict: **faster**, **slower**, **same** (the whole
+# interval within ±2%) or **inconclusive** (measure more rounds). Its warnings (other work on the
+# machine, a throttled GPU) travel with it and are printed under its figure.
+#
+# Here B is the same model on a batch of 2 instead of 1: is the second input nearly free?
+
+# %%
+model = build_model(S.latency_model, device=nb.device)
+budget = dict(rounds=4, round_time_s=0.02) if nb.smoke else {}
+batch = compare(model, model, args_a=model.make_input(1), args_b=model.make_input(2),
+                label_a="batch 1", label_b="batch 2", **budget)
+print(batch)
+
+# %%
+plots.comparison(batch, title=f"{S.latency_model} on {nb.device}")
+
+# %% [markdown]
+# The same call against itself is the control: a sound comparison says "same" (or, on a noisy
+# machine, "inconclusive"), and "faster" or "slower" in at most 5% of such comparisons
+# (`tests/test_compare.py` checks this by simulation, and that a true 3% difference is found in
+# at least 95% of comparisons).
+
+# %%
+control = compare(model, model, args_a=model.make_input(1), args_b=model.make_input(1),
+                  label_a="batch 1", label_b="batch 1 again", **budget)
+print(control.summary)
+plots.comparison(control)

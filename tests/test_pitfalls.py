@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import toolkit.pitfalls as pitfalls_module
 from toolkit.models import build_model
 from toolkit.pitfalls import (
     CPU_NA,
@@ -29,7 +30,7 @@ def cpu_audit():
 
 def test_table_columns_and_rows(cpu_audit):
     df = cpu_audit
-    assert list(df.columns) == ["pitfall", "naive_ms", "correct_ms", "relative_error", "note"]
+    assert list(df.columns) == ["pitfall", "naive_ms", "correct_ms", "relative_error", "note", "reliable"]
     assert tuple(df.pitfall) == PITFALLS
     assert {"copy_in_timed_region", "no_warmup", "host_clock_no_sync", "single_sample"} <= set(PITFALLS)
     assert isinstance(df.attrs["correct"], LatencyResult) and df.attrs["device"] == "cpu"
@@ -84,3 +85,57 @@ def test_audit_on_gpu():
     df = audit(m, m.make_input(8), "cuda", max_time_s=1.0).set_index("pitfall")
     assert df.naive_ms.notna().all() and df.correct_ms.notna().all()
     assert df.loc["copy_in_timed_region", "naive_ms"] > 0
+
+
+def _contended(samples):
+    """A LatencyResult measured while other work kept 1.8 of 2 cores busy (as on a shared CI machine)."""
+    state = {"wall_s": 2.0, "cpus": 2, "load_1m": 3.6, "others_busy_cores": 1.8, "process_cores": 1.0,
+             "thread_share": 0.45}
+    return LatencyResult(samples_ms=tuple(samples), options={"threads": 1}, cpu_state=state, label="correct")
+
+
+def test_an_unreliable_correct_measurement_flags_the_audit(monkeypatch):
+    seen = {}
+
+    def fake_measure(model, *inputs, threads=None, **kw):
+        seen["threads"] = threads
+        return _contended([2422.0, 80.0, 5000.0, 300.0, 2500.0] * 4)
+
+    monkeypatch.setattr(pitfalls_module, "measure_latency", fake_measure)
+    monkeypatch.setattr(pitfalls_module, "auto_threads", lambda: 1)
+    before = torch.get_num_threads()
+    df = audit(lambda x: x + 1, torch.ones(3), "cpu", n=3)
+    assert seen["threads"] == 1 and df.attrs["threads"] == 1 and torch.get_num_threads() == before
+    assert not df.set_index("pitfall").loc["no_warmup", "reliable"]
+    assert df.loc[df.pitfall == "no_warmup", "relative_error"].iloc[0] < 0  # the absurd negative error ...
+    head = df.attrs["warnings"][0]  # ... is announced as untrustworthy, not presented as a finding
+    assert head.startswith("the correct measurement is unreliable (other work is using the CPU")
+    assert "not trustworthy" in head
+    assert any(w.startswith("correct timer: the timing thread ran only 45%") for w in df.attrs["warnings"])
+
+
+def test_reliable_column_follows_the_correct_measurement(cpu_audit):
+    correct = cpu_audit.attrs["correct"]
+    assert cpu_audit.reliable.all() == (not correct.unreliable)  # this machine may be busy: either is right
+    flagged = [w for w in cpu_audit.attrs["warnings"] if "measurement is unreliable" in w]
+    assert bool(flagged) == bool(correct.unreliable)
+
+
+def test_cli_prints_the_warnings_next_to_the_numbers(monkeypatch, capsys):
+    import pandas as pd
+
+    from toolkit.__main__ import main
+
+    def fake_audit(model, inputs, device, **kw):
+        frame = pd.DataFrame([dict(pitfall="no_warmup", naive_ms=30.0, correct_ms=2422.0, relative_error=-0.99,
+                                   note="", reliable=False)])
+        correct = _contended([2422.0, 80.0, 5000.0] * 4)
+        frame.attrs.update(correct=correct, threads=2, warnings=pitfalls_module.audit_warnings(correct))
+        return frame
+
+    monkeypatch.setattr(pitfalls_module, "audit", fake_audit)
+    assert main(["pitfalls", "--model", "tiny-resnet", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "correct median 2422 ms" in out[0] and "UNRELIABLE" in out[0]
+    assert out[1].startswith("WARNING: the correct measurement is unreliable (other work is using the CPU")
+    assert any(line.startswith("WARNING: correct timer:") for line in out)

@@ -1,14 +1,37 @@
-"""measure_latency with a scripted clock: exact statistics, warm-up detection, the stopping rule."""
+"""measure_latency with a scripted clock: exact statistics, warm-up, the stopping rule, the machine's state."""
 
 import math
+import sys
+import time
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from toolkit.errors import ToolkitError
-from toolkit.timing import LatencyResult, LatencyWarning, _median_ci_ranks, find_transfers, measure_latency, median_ci
+from toolkit.machine_state import (
+    CpuSnapshot,
+    GpuMonitor,
+    GpuReading,
+    Nvml,
+    auto_threads,
+    cpu_usage,
+    cpu_warnings,
+    decode_reasons,
+)
+from toolkit.timing import (
+    MIN_TIME_S,
+    LatencyResult,
+    LatencyWarning,
+    _median_ci_ranks,
+    find_transfers,
+    measure_latency,
+    median_ci,
+    rel_ci_halfwidth,
+    warning_lines,
+)
 
 
 class Scripted:
@@ -32,13 +55,59 @@ class Scripted:
         self.calls += 1
 
 
+class FakeCpu:
+    """CPU counters that advance with a clock: other processes keep ``others`` cores busy, we use ``process``."""
+
+    def __init__(self, now_s, others=0.0, process=1.0, thread_share=1.0, cpus=2, load=0.5, waiting=0.0):
+        self.now_s, self.others, self.process, self.share, self.cpus, self.load, self.waiting = (
+            now_s, others, process, thread_share, cpus, load, waiting)
+
+    def __call__(self) -> CpuSnapshot:
+        t = self.now_s()
+        return CpuSnapshot(wall_s=t, process_s=t * self.process, thread_s=t * self.share,
+                           busy_s=t * (self.others + self.process), cpus=self.cpus, load_1m=self.load,
+                           wait_s=t * self.waiting)
+
+
+class FakeNvml:
+    """NVML answers scripted as a function of the timer's clock (ns): ``schedule(t) -> GpuReading``."""
+
+    def __init__(self, clock, schedule, others=()):
+        self.clock, self.schedule, self.others, self.reads = clock, schedule, list(others), 0
+
+    def read(self) -> GpuReading:
+        self.reads += 1
+        return self.schedule(self.clock())
+
+    def other_processes(self):
+        return self.others
+
+
+def gpu(sm=1980, top=1980, reasons=()):
+    return GpuReading(sm_clock_mhz=sm, max_sm_clock_mhz=top, mem_clock_mhz=3201, temperature_c=40, power_w=300.0,
+                      reasons=tuple(reasons))
+
+
 def run(durations, **kw):
     s = Scripted(durations)
-    opts = dict(device="cpu", clock=s.clock, synchronizer=lambda: None, detect_sync=False)
+    opts = dict(device="cpu", clock=s.clock, synchronizer=lambda: None, detect_sync=False, min_time_s=0.0,
+                threads=1, cpu_snapshot=FakeCpu(lambda: s.now / 1e9))
     opts.update(kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LatencyWarning)
         return measure_latency(s.fn, **opts), s
+
+
+def gpu_run(durations, schedule, others=(), **kw):
+    """measure_latency as on a GPU (CUDA device faked: scripted clock, fake NVML)."""
+    s = Scripted(durations)
+    nvml = FakeNvml(s.clock, schedule, others)
+    kw.setdefault("min_time_s", 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LatencyWarning)
+        r = measure_latency(s.fn, device="cpu", clock=s.clock, synchronizer=lambda: None, detect_sync=False,
+                            threads=1, cpu_snapshot=FakeCpu(lambda: s.now / 1e9), nvml=nvml, **kw)
+    return r, s, nvml
 
 
 # --- statistics
@@ -72,7 +141,7 @@ def test_median_ci_ranks_match_textbook_values():
 
 
 def test_median_ci_is_exact_binomial():
-    stats = pytest.importorskip("scipy.stats")
+    from scipy import stats  # a dependency (pyproject.toml): this test must run, never skip
     # [x_(lo), x_(n-1-lo)] (0-based) misses the median with probability 2 * P(B <= lo), B ~ Bin(n, 1/2)
     for n in [6, 7, 10, 31, 64, 257, 1000]:
         lo, hi = _median_ci_ranks(n, 0.95)
@@ -147,7 +216,7 @@ def test_synchronizer_runs_before_each_clock_read():
     log = []
     s = Scripted([1.0] * 30, log=log)
     measure_latency(s.fn, device="cpu", clock=s.clock, synchronizer=lambda: log.append("sync"),
-                    detect_sync=False, min_samples=10)
+                    detect_sync=False, min_samples=10, min_time_s=0.0, threads=1)
     assert log[:5] == ["sync", "clock", "fn", "sync", "clock"]
     for i, entry in enumerate(log):
         if entry == "clock":
@@ -197,7 +266,7 @@ def test_high_spread_warns():
     s = Scripted([10.0] * 10 + spread)
     with pytest.warns(LatencyWarning, match="high spread"):
         r = measure_latency(s.fn, device="cpu", clock=s.clock, synchronizer=lambda: None, target_rel_ci=0.0,
-                            max_samples=20)
+                            max_samples=20, min_time_s=0.0, threads=1)
     assert any("high spread" in w for w in r.warnings) and "WARNING: high spread" in repr(r)
     quiet, _ = run([10.0] * 30)
     assert not any("high spread" in w for w in quiet.warnings)
@@ -241,6 +310,32 @@ def test_gpu_events_flush_and_graph():
 
 
 @pytest.mark.gpu
+def test_gpu_state_is_read_through_nvml():
+    pytest.importorskip("pynvml")
+    a = torch.randn(2048, 2048, device="cuda")
+    r = measure_latency(torch.mm, a, a, max_time_s=1.0)
+    g = r.gpu_state
+    assert g is not None and g["polls"] >= 10  # 0.5 s of sampling, polled every 10 ms
+    assert g["before"]["sm_clock_mhz"] > 0 and g["after"]["temperature_c"] > 0 and g["max_sm_clock_mhz"] > 0
+    assert r.options["min_time_s"] == MIN_TIME_S and r.n_samples + r.n_throttled >= 10
+    assert isinstance(g["other_processes"], list)
+
+
+@pytest.mark.gpu
+def test_gpu_hide_launch_times_the_gpu_work_alone():
+    x = torch.zeros(1, device="cuda")
+
+    def many_tiny():  # 50 launches of a one-element kernel: launch-bound
+        for _ in range(50):
+            x.add_(1)
+
+    plain = measure_latency(many_tiny, max_time_s=1.0)
+    hidden = measure_latency(many_tiny, max_time_s=1.0, hide_launch=True)
+    assert hidden.options["hide_launch"] and not plain.options["hide_launch"]
+    assert hidden.median_ms < 0.7 * plain.median_ms  # the host's ~5 us a launch is no longer timed
+
+
+@pytest.mark.gpu
 def test_gpu_detects_item_and_host_copy():
     a = torch.randn(256, device="cuda")
     with pytest.warns(LatencyWarning, match=r"_local_scalar_dense|\.item\(\)"):
@@ -258,3 +353,226 @@ def test_transfer_scan_works_inside_inference_mode():
     with torch.inference_mode():
         found = scan_transfers(lambda: host.to("meta") * 2)
     assert found == ["aten::_to_copy cpu->meta [4]"]
+
+
+# --- the minimum-time rule
+
+
+def test_min_time_keeps_sampling_after_the_ci_is_tight():
+    r, _ = run([10.0] * 80, min_time_s=0.2)
+    # 10 ms a call: the CI is exact from the 10th sample, but sampling lasts 200 ms
+    assert r.n_samples == 20 and r.stop_reason == "ci" and r.options["min_time_s"] == 0.2
+
+
+def test_min_time_defaults_to_half_a_second_and_is_capped_by_max_time():
+    assert MIN_TIME_S == 0.5
+    r, _ = run([10.0] * 100, min_time_s=None)
+    assert r.n_samples == 50 and r.options["min_time_s"] == 0.5
+    r, _ = run([10.0] * 100, min_time_s=None, max_time_s=0.1)
+    assert r.n_samples == 10 and r.options["min_time_s"] == 0.1
+
+
+def test_rel_ci_halfwidth_matches_median_ci():
+    rng = np.random.default_rng(1)
+    for n in [7, 20, 101, 1500]:
+        xs = rng.lognormal(0, 0.1, size=n)
+        lo, hi = median_ci(xs)
+        assert rel_ci_halfwidth(xs) == pytest.approx((hi - lo) / 2 / np.median(xs))
+
+
+# --- the GPU's state (NVML faked)
+
+
+def test_throttled_samples_are_flagged_and_left_out():
+    # 1 ms calls; sampling starts at 10 ms and the GPU is polled every 10 ms; it is throttled
+    # (SM clock 1200 of 1980 MHz) from 105 to 135 ms
+    def schedule(t):
+        return gpu(sm=1200) if 105e6 <= t < 135e6 else gpu()
+
+    r, _, nvml = gpu_run([1.0] * 210, schedule, min_samples=200, max_samples=200)
+    # the polls at 110, 120 and 130 ms saw a throttled GPU: the 40 samples between the polls at 100 and
+    # 140 ms are left out (the poll at 140 is fine, but the GPU was throttled 10 ms before)
+    assert r.n_throttled == 40 and r.n_samples == 160
+    assert r.gpu_state["throttled_polls"] == 3 and r.gpu_state["sm_clock_min_mhz"] == 1200
+    assert any("40 of 200 samples were taken while the GPU was throttled" in w for w in r.warnings)
+    d = r.to_dict()
+    assert d["n_throttled"] == 40 and len(d["throttled_ms"]) == 40
+    back = LatencyResult.from_json(r.to_json())
+    assert back.throttled_ms == r.throttled_ms and back.gpu_state == r.gpu_state and back.warnings == r.warnings
+    assert "+40 throttled, left out" in repr(r)
+    assert (r.to_dataframe(samples=True).phase == "throttled").sum() == 40
+
+
+def test_throttled_samples_do_not_move_the_median():
+    # the throttled stretch is slow (3 ms a call); left out, the median is the unthrottled 1 ms
+    durations = [1.0] * 100 + [3.0] * 10 + [1.0] * 100
+    def schedule(t):
+        return gpu(sm=1000) if 95e6 < t < 125e6 else gpu()
+
+    r, _, _ = gpu_run(durations, schedule, min_samples=200, max_samples=200)
+    assert set(r.throttled_ms) >= {3.0} and 3.0 not in r.samples_ms and r.median_ms == 1.0
+
+
+def test_throttled_throughout_keeps_the_samples_with_a_note():
+    r, _, _ = gpu_run([1.0] * 60, lambda t: gpu(sm=900), max_warmup=5, min_samples=40, max_samples=40)
+    assert r.n_throttled == 0 and r.n_samples == 40
+    assert any("throttled for 40 of 40 samples" in n for n in r.notes)
+
+
+def test_thermal_slowdown_counts_as_throttled():
+    assert gpu(reasons=("hw_thermal_slowdown",)).throttled()
+    assert not gpu(reasons=("sw_power_cap",)).throttled()  # a steady state under load, not a slowdown
+    assert gpu(sm=1400).throttled() and not gpu(sm=1500).throttled()  # 75% of 1980 is 1485
+    assert decode_reasons(0x1 | 0x40) == ("gpu_idle", "hw_thermal_slowdown")
+
+
+def test_clock_moved_warning():
+    r, _, _ = gpu_run([1.0] * 300, lambda t: gpu(sm=1980 if t < 150e6 else 1755), min_samples=200,
+                      max_samples=200)
+    assert r.n_throttled == 0  # 1755 MHz is above the throttle threshold: kept
+    assert any("SM clock moved between 1755 and 1980 MHz" in w for w in r.warnings)
+    steady, _, _ = gpu_run([1.0] * 300, lambda t: gpu(sm=1980 if t < 150e6 else 1965), min_samples=200,
+                           max_samples=200)
+    assert not any("clock moved" in w for w in steady.warnings)
+
+
+def test_warm_up_waits_for_the_clocks():
+    # steady latencies from the start, but the clock is low for the first 40 ms
+    r, _, _ = gpu_run([1.0] * 200, lambda t: gpu(sm=600 if t < 40e6 else 1980), max_samples=20)
+    assert r.warmup_count == 40 and r.n_throttled == 0
+
+
+def test_gpu_polls_are_rate_limited():
+    r, _, nvml = gpu_run([0.1] * 1200, lambda t: gpu(), min_samples=1000, max_samples=1000)
+    # 1000 samples of 0.1 ms = 100 ms of sampling: 10 polls (+ start, stop, the warm-up's clock check)
+    assert r.gpu_state["polls"] == 11 and nvml.reads <= 14
+
+
+def test_no_nvml_no_gpu_fields_and_no_crash(monkeypatch):
+    r, _ = run([10.0] * 30)
+    assert r.gpu_state is None and r.to_dict()["gpu_state"] is None
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml fails
+    assert Nvml.open(0) is None
+    assert GpuMonitor.for_device("cuda", nvml=False) is None and GpuMonitor.for_device("cpu") is None
+
+
+def test_nvml_wrapper_reads_and_tolerates_unsupported_queries():
+    class FakePynvml:
+        NVML_CLOCK_SM, NVML_CLOCK_MEM, NVML_TEMPERATURE_GPU = 1, 2, 0
+
+        def nvmlDeviceGetMaxClockInfo(self, h, kind):
+            return 1980
+
+        def nvmlDeviceGetClockInfo(self, h, kind):
+            return {1: 1755, 2: 3201}[kind]
+
+        def nvmlDeviceGetTemperature(self, h, kind):
+            return 61
+
+        def nvmlDeviceGetPowerUsage(self, h):
+            raise RuntimeError("not supported")
+
+        def nvmlDeviceGetCurrentClocksEventReasons(self, h):
+            return 0x4
+
+        def nvmlDeviceGetComputeRunningProcesses(self, h):
+            class P:
+                def __init__(self, pid):
+                    self.pid, self.usedGpuMemory = pid, 2**30
+            return [P(12345), P(23456)]  # neither is us (a container): one is taken to be this process
+
+    nv = Nvml(FakePynvml(), handle=object())
+    reading = nv.read()
+    assert reading == GpuReading(1755, 1980, 3201, 61, None, ("sw_power_cap",))
+    assert nv.other_processes() == [{"pid": 23456, "used_bytes": 2**30}]
+
+
+def test_other_gpu_processes_warn():
+    r, _, _ = gpu_run([1.0] * 100, lambda t: gpu(), others=[{"pid": 4242, "used_bytes": 1}], max_samples=20)
+    w = [w for w in r.warnings if "other work is using the GPU" in w]
+    assert w and "pid 4242" in w[0] and "idle GPU" in w[0]
+    assert r.unreliable and "other work is using the GPU" in r.unreliable[0]
+
+
+# --- the CPU's state
+
+
+def test_cpu_contention_warns_with_the_remedy():
+    s = Scripted([10.0] * 200)
+    busy = FakeCpu(lambda: s.now / 1e9, others=1.1, process=2.0, load=3.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LatencyWarning)
+        r = measure_latency(s.fn, device="cpu", clock=s.clock, synchronizer=lambda: None, threads=2,
+                            cpu_snapshot=busy, min_time_s=0.5)
+    w = [w for w in r.warnings if w.startswith("other work is using the CPU")]
+    assert w == ["other work is using the CPU: 1.1 of 2 cores busy with other processes, load 3.1 on 2 cores, "
+                 "while 2 threads timed; re-run with --threads 1 (threads=1) or on an idle machine"]
+    assert r.cpu_state["others_busy_cores"] == pytest.approx(1.1) and r.unreliable
+    assert warning_lines(r) == r.warnings and warning_lines(r.to_dict()) == r.warnings
+
+
+def test_one_thread_beside_one_busy_core_is_fine_but_a_descheduled_thread_is_not():
+    calm = cpu_usage(CpuSnapshot(0, 0, 0, 0.0, 2, 2.0), CpuSnapshot(1.0, 1.0, 1.0, 2.0, 2, 2.0))
+    assert calm["others_busy_cores"] == pytest.approx(1.0) and calm["thread_share"] == 1.0
+    assert cpu_warnings(calm, threads=1, cpu_device=True) == []
+    assert cpu_warnings(calm, threads=2, cpu_device=True)
+    starved = cpu_usage(CpuSnapshot(0, 0, 0, 0.0, 2), CpuSnapshot(1.0, 0.5, 0.5, 2.0, 2))
+    assert starved["thread_share"] == 0.5
+    assert any("ran only 50% of the wall time" in w for w in cpu_warnings(starved, threads=1, cpu_device=True))
+    assert not any("ran only" in w for w in cpu_warnings(starved, threads=1, cpu_device=False))  # GPU: waits
+    short = cpu_usage(CpuSnapshot(0, 0, 0, 0.0, 2), CpuSnapshot(0.1, 0.1, 0.1, 0.2, 2))
+    assert short["others_busy_cores"] is None  # 10 ms ticks: too short a window to judge
+
+
+def test_threads_waiting_for_a_core_reveal_a_saturated_cpu():
+    # we hold both cores (others' busy time is invisible), but our threads waited 30% of the time for one
+    saturated = cpu_usage(CpuSnapshot(0, 0, 0, 0.0, 2, 4.0, wait_s=0.0), CpuSnapshot(1.0, 1.4, 0.7, 2.0, 2, 4.0, 0.6))
+    assert saturated["others_busy_cores"] == pytest.approx(0.6) and saturated["waiting_cores"] == pytest.approx(0.6)
+    (w,) = [w for w in cpu_warnings(saturated, threads=2, cpu_device=True) if w.startswith("other work")]
+    assert "our threads waited for a core 30% of the time" in w and "--threads 1" in w
+    calm = cpu_usage(CpuSnapshot(0, 0, 0, 0.0, 2, wait_s=0.0), CpuSnapshot(1.0, 1.0, 1.0, 1.0, 2, wait_s=0.004))
+    assert cpu_warnings(calm, threads=1, cpu_device=True) == []
+
+
+def test_auto_threads_rule():
+    assert auto_threads(physical=2, cpus=2, others=0.0) == 2
+    assert auto_threads(physical=2, cpus=2, others=0.2) == 2
+    assert auto_threads(physical=2, cpus=2, others=0.3) == 1  # more than a quarter core taken: leave it
+    assert auto_threads(physical=2, cpus=2, others=1.9) == 1  # never fewer than one
+    assert auto_threads(physical=8, cpus=16, others=2.0) == 8  # never more than the physical cores
+
+
+def test_default_threads_on_cpu_follow_the_load():
+    s = Scripted([10.0] * 60)
+    busy = FakeCpu(time.perf_counter, others=1.2)  # the pre-measurement look uses real time
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LatencyWarning)
+        r = measure_latency(s.fn, device="cpu", clock=s.clock, synchronizer=lambda: None, cpu_snapshot=busy,
+                            min_time_s=0.0)
+    assert r.options["threads"] == 1 and r.options["threads_choice"].startswith("auto")
+
+
+def test_warning_lines_from_every_kind_of_result():
+    r = LatencyResult(samples_ms=(10.0, 20.0) * 10)
+    assert warning_lines(r) == r.warnings and warning_lines(r)[0].startswith("high spread")
+    assert warning_lines(None) == [] and warning_lines({"warnings": ["x"]}) == ["x"]
+    frame = pd.DataFrame({"a": [1]})
+    frame.attrs["warnings"] = ["y"]
+    assert warning_lines(frame) == ["y"]
+
+
+def test_cli_latency_prints_the_warnings_with_the_number(monkeypatch, capsys):
+    import toolkit.timing as timing
+    from toolkit.__main__ import main
+
+    state = {"wall_s": 3.0, "cpus": 2, "load_1m": 3.1, "others_busy_cores": 1.6, "process_cores": 1.0,
+             "thread_share": 0.5, "waiting_cores": 0.5}
+    busy = LatencyResult(samples_ms=(98.0, 324.0, 862.0) * 4, label="efficientnet-b0", options={"threads": 2},
+                         cpu_state=state)
+    monkeypatch.setattr(timing, "measure_model_latency", lambda *a, **kw: busy)
+    assert main(["latency", "--model", "efficientnet-b0", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    median_line = next(line for line in out.splitlines() if "median 324 ms" in line)
+    assert "UNRELIABLE" in median_line
+    assert "WARNING: other work is using the CPU: our threads waited for a core 25% of the time" in out
+    assert "--threads 1" in out

@@ -14,6 +14,12 @@ mistake's error on your hardware:
 
 On a CPU, the GPU-only mistakes are reported as NaN with "not applicable on CPU":
 there is nothing to copy, nothing asynchronous and no cuDNN.
+
+Every error is relative to the correct timer's median, so it is only as good as
+that median. When the correct measurement is unreliable (other work on the CPU
+or GPU, a huge spread: ``LatencyResult.unreliable``), the audit says so in its
+``reliable`` column and in ``frame.attrs["warnings"]``, instead of presenting a
+negative or absurd error as a finding.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .machine_state import auto_threads
 from .timing import LatencyResult, measure_latency
 
 CPU_NA = "not applicable on CPU"
@@ -104,18 +111,32 @@ def time_cudnn_benchmark_first_call(model: Callable, inputs: tuple, device: str)
 # ---------------------------------------------------------------------------- the audit
 
 
-def _row(pitfall, naive, correct, note):
+def _row(pitfall, naive, correct, note, reliable=True):
     rel = (naive - correct) / correct if (correct and not math.isnan(naive) and not math.isnan(correct)) else math.nan
-    return dict(pitfall=pitfall, naive_ms=naive, correct_ms=correct, relative_error=rel, note=note)
+    return dict(pitfall=pitfall, naive_ms=naive, correct_ms=correct, relative_error=rel, note=note,
+                reliable=bool(reliable))
+
+
+def audit_warnings(correct: LatencyResult, tuned: LatencyResult | None = None) -> list[str]:
+    """The audit-level warnings: whether its errors can be trusted, then the correct timer's own warnings."""
+    out = []
+    for name, res in (("correct", correct), ("cudnn.benchmark steady-state", tuned)):
+        if res is not None and res.unreliable:
+            out.append(f"the {name} measurement is unreliable ({'; '.join(res.unreliable)}): the relative errors "
+                       "measured against it are not trustworthy")
+    return out + [f"correct timer: {w}" for w in correct.warnings]
 
 
 def audit(model: Callable, example_input, device: str, n: int = 20, max_time_s: float | None = None,
           threads: int | None = None):
     """Time ``model(*example_input)`` with each naive timer and with ``measure_latency``; one row per pitfall.
 
-    Columns: pitfall, naive_ms, correct_ms, relative_error ((naive - correct) / correct), note.
+    Columns: pitfall, naive_ms, correct_ms, relative_error ((naive - correct) / correct), note, reliable
+    (False when the measurement the row is compared with is unreliable: see the module docstring).
     Call it on a freshly built model: the ``no_warmup`` row times the very first calls.
-    The correct ``LatencyResult`` is kept in ``frame.attrs["correct"]``.
+    The correct ``LatencyResult`` is kept in ``frame.attrs["correct"]`` and the audit's warnings in
+    ``frame.attrs["warnings"]``. Every timer runs with the same thread count: ``threads``, or on a CPU
+    the one ``machine_state.auto_threads`` picks for the current load.
     """
     import pandas as pd
 
@@ -126,43 +147,49 @@ def audit(model: Callable, example_input, device: str, n: int = 20, max_time_s: 
     host_inputs = tuple(x.cpu() for x in _as_tuple(example_input))  # pageable host memory, as a naive user has
     inputs = tuple(x.to(device) for x in host_inputs)
     old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    if not threads:  # one count for every timer, naive or not: like is compared with like
+        threads = old_threads if gpu else auto_threads()
+    torch.set_num_threads(threads)
     old_cudnn = torch.backends.cudnn.benchmark
     rows = {name: _row(name, math.nan, math.nan, CPU_NA) for name in GPU_ONLY}
+    tuned = None
     try:
         torch.backends.cudnn.benchmark = False
         cold = time_no_warmup(model, inputs, device, n=5)  # first: the model must still be cold
         correct = measure_latency(model, *inputs, device=device, max_time_s=max_time_s, threads=threads,
                                   label="correct")
         med = correct.median_ms
+        ok = not correct.unreliable
 
         rows["no_warmup"] = _row("no_warmup", statistics.mean(cold), med,
-                                 f"mean of the first {len(cold)} calls; the first alone took {cold[0]:.3g} ms")
+                                 f"mean of the first {len(cold)} calls; the first alone took {cold[0]:.3g} ms", ok)
         worst, _ = single_sample_error(correct)
         rows["single_sample"] = _row(
             "single_sample", worst, med,
             f"worst of {correct.n_samples} single shots (range {correct.min_ms:.3g}-{correct.max_ms:.3g} ms,"
-            f" p5-p95 {np.percentile(correct.samples_ms, 5):.3g}-{correct.p95_ms:.3g} ms)")
+            f" p5-p95 {np.percentile(correct.samples_ms, 5):.3g}-{correct.p95_ms:.3g} ms)", ok)
         if gpu:
             copy = statistics.median(time_copy_in_timed_region(model, host_inputs, device, n))
             rows["copy_in_timed_region"] = _row("copy_in_timed_region", copy, med,
-                                                f"median of {n} calls with the input's .to({device!r}) timed")
+                                                f"median of {n} calls with the input's .to({device!r}) timed", ok)
             launch = statistics.median(time_host_clock_no_sync(model, inputs, device, n))
             rows["host_clock_no_sync"] = _row("host_clock_no_sync", launch, med,
-                                              f"median of {n} calls; times the kernel launches, not the GPU work")
+                                              f"median of {n} calls; times the kernel launches, not the GPU work", ok)
             torch.backends.cudnn.benchmark = True
             first = time_cudnn_benchmark_first_call(model, inputs, device)
             tuned = measure_latency(model, *inputs, device=device, max_time_s=max_time_s / 2, threads=threads,
                                     detect_sync=False, label="cudnn.benchmark steady")
             rows["cudnn_benchmark"] = _row("cudnn_benchmark", first, tuned.median_ms,
-                                           "first call with cudnn.benchmark=True (autotuning) vs its steady state")
+                                           "first call with cudnn.benchmark=True (autotuning) vs its steady state",
+                                           not tuned.unreliable)
     finally:
         torch.backends.cudnn.benchmark = old_cudnn
         torch.set_num_threads(old_threads)
-    columns = ["pitfall", "naive_ms", "correct_ms", "relative_error", "note"]
+    columns = ["pitfall", "naive_ms", "correct_ms", "relative_error", "note", "reliable"]
     frame = pd.DataFrame([rows[name] for name in PITFALLS], columns=columns)
     frame.attrs["correct"] = correct
     frame.attrs["device"] = device
+    frame.attrs["threads"] = threads
+    frame.attrs["warnings"] = audit_warnings(correct, tuned)
     return frame
 

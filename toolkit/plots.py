@@ -40,6 +40,15 @@ _SPAN_COLORS = {
     "other": "#A0A0A0",
 }
 
+SPAN_LABELS = {  # the profiler labels in plain words, for legends
+    "attention": "attention",
+    "moe.route": "routing",
+    "moe.gpu_experts": "experts on the GPU",
+    "moe.cpu_experts": "experts on the CPU",
+    "moe.copy_experts": "expert weights copied to the GPU",
+    "other": "other",
+}
+
 
 def paper_rc() -> dict:
     """rcParams of the paper style: seaborn 'paper' context, ticks, colour-blind palette, TrueType fonts."""
@@ -93,12 +102,41 @@ def _figure(figsize=FIG_SIZE, ncols: int = 1, **kw) -> tuple[Figure, object]:
     return fig, axes
 
 
+def set_title(fig: Figure, title: str | None, ax=None) -> None:
+    """Title ``ax`` (or the whole figure when None), each line wrapped to the figure's width.
+
+    Paper figures name what is measured, the model, dtype and device in their
+    title, which makes long lines; unwrapped, a title wider than its figure
+    would widen the saved PNG and PDF instead. A long line breaks at its " · "
+    (what · where) before anywhere else.
+    """
+    import textwrap
+
+    if not title:
+        return
+    chars = max(30, int(fig.get_figwidth() * 19))  # ~19 characters per inch at the 'small' title size
+    lines = []
+    for line in str(title).splitlines():
+        parts = line.split(" · ") if len(line) > chars else [line]
+        lines += [wrapped for part in parts for wrapped in textwrap.wrap(part, chars) or [""]]
+    text = "\n".join(lines)
+    if ax is None:
+        fig.suptitle(text, fontsize="small")
+    else:
+        ax.set_title(text, fontsize="small")
+
+
 def save(fig: Figure, path: str | os.PathLike, formats: Sequence[str] = ("pdf", "png"), dpi: int = DPI) -> list[Path]:
-    """Write ``fig`` as ``path.pdf`` and ``path.png`` (suffix of ``path`` ignored); return the paths."""
+    """Write ``fig`` as ``path.pdf`` and ``path.png`` (suffix of ``path`` ignored); return the paths.
+
+    Each file is written atomically (``results.atomic_write``): an interrupted
+    run leaves the previous figure or the new one, never a truncated file.
+    """
+    from .results import atomic_write
+
     path = Path(path)
     if path.suffix.lower() in (".pdf", ".png", ".svg"):
         path = path.with_suffix("")
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "pdf": {"CreationDate": None, "ModDate": None, "Creator": _META, "Producer": _META},
         "png": {"Software": _META},
@@ -108,7 +146,8 @@ def save(fig: Figure, path: str | os.PathLike, formats: Sequence[str] = ("pdf", 
     with paper_style():
         for fmt in formats:
             p = path.with_name(path.name + "." + fmt)
-            fig.savefig(p, format=fmt, dpi=dpi, metadata=metadata.get(fmt))
+            with atomic_write(p, "wb") as f:
+                fig.savefig(f, format=fmt, dpi=dpi, metadata=metadata.get(fmt))
             out.append(p)
     return out
 
@@ -160,7 +199,12 @@ def latency_frame(results) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def _quantiles(df: pd.DataFrame) -> pd.DataFrame:
+def latency_quantiles(results) -> pd.DataFrame:
+    """Median and p99 (ms) per label, in the labels' order: what the latency figures mark and widgets read out.
+
+    ``results``: anything ``latency_frame`` accepts.
+    """
+    df = latency_frame(results)
     g = df.groupby("label", sort=False)["latency_ms"]
     return pd.DataFrame({"median": g.median(), "p99": g.quantile(0.99)})
 
@@ -168,19 +212,65 @@ def _quantiles(df: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- figures
 
 
-def latency_distribution(results, kind: str = "violin", log: bool | None = None, title: str | None = None) -> Figure:
-    """Latency distribution per label as a violin or ECDF, median and p99 marked."""
+def _warnings_of(results) -> list[str]:
+    """The warnings of the results a figure draws (LatencyResult / to_dict() dicts / {label: result}), labelled."""
+    from .timing import warning_lines
+
+    if hasattr(results, "samples_ms") or (isinstance(results, Mapping) and "samples_ms" in results):
+        return warning_lines(results)
+    if isinstance(results, pd.DataFrame):
+        return warning_lines(results) if "warnings" in results.attrs else []
+    items = list(results.items()) if isinstance(results, Mapping) else [
+        (getattr(r, "label", None) or (r.get("label") if isinstance(r, Mapping) else None) or f"#{i}", r)
+        for i, r in enumerate(results)]
+    return [f"{label}: {w}" for label, r in items for w in warning_lines(r if not isinstance(r, (list, tuple)) else None)]
+
+
+def annotate_warnings(fig: Figure, lines: Sequence[str], max_lines: int = 4) -> None:
+    """Print ``lines`` (a result's warnings) in red under the figure, so they travel with the numbers drawn.
+
+    Placed below the axes, outside the layout; figures are saved with a tight bounding box, which includes it.
+    """
+    import textwrap
+
+    lines = list(dict.fromkeys(lines))
+    if not lines:
+        return
+    width = max(40, int(fig.get_figwidth() * 19))
+    shown = ["warning: " + w for w in lines[:max_lines]]
+    if len(lines) > max_lines:
+        shown.append(f"(+{len(lines) - max_lines} more warnings)")
+    text = "\n".join(textwrap.fill(w, width, subsequent_indent="  ") for w in shown)
+    fig.text(0.0, 0.0, text, ha="left", va="top", fontsize="x-small", color="#C44E52")
+
+
+def latency_distribution(results, kind: str = "violin", log: bool | None = None, title: str | None = None,
+                         first_call_ms: float | None = None) -> Figure:
+    """Latency distribution per label as a violin or ECDF, median and p99 marked.
+
+    ``first_call_ms``: the very first call of a freshly built model (lazy
+    initialisation, often 10-100x the rest). The violin gives it a row of its
+    own, past a break of the latency axis when it is far out, and the ECDF
+    names it in a corner: shown, without squashing every distribution.
+    """
     df = latency_frame(results)
-    q = _quantiles(df)
+    q = latency_quantiles(df)
     labels = list(q.index)
     if log is None:  # a wide range (pitfalls span orders of magnitude) reads better on a log axis
         lo, hi = df["latency_ms"].min(), df["latency_ms"].max()
         log = bool(lo > 0 and hi / lo > 30)
+    first = first_call_ms is not None and bool(np.isfinite(first_call_ms))
+    n_rows = len(labels) + (kind == "violin" and first)
+    broken = first and kind == "violin" and first_call_ms > 1.5 * float(df["latency_ms"].max())
     with paper_style():
         import seaborn as sns
 
-        height = max(FIG_SIZE[1], 0.45 * len(labels) + 0.9) if kind == "violin" else FIG_SIZE[1]
-        fig, ax = _figure((COLUMN_WIDTH, height))
+        height = max(FIG_SIZE[1], 0.45 * n_rows + 0.9) if kind == "violin" else FIG_SIZE[1]
+        if broken:  # a narrow second axis past a break holds the far-out first call
+            fig = Figure(figsize=(COLUMN_WIDTH, height), layout="constrained")
+            ax, bax = fig.subplots(1, 2, sharey=True, width_ratios=[5, 1])
+        else:
+            fig, ax = _figure((COLUMN_WIDTH, height))
         if kind == "violin":
             sns.violinplot(data=df, x="latency_ms", y="label", hue="label", order=labels, cut=0, inner=None,
                            density_norm="width", linewidth=0.6, ax=ax, log_scale=log, legend=False)
@@ -188,6 +278,13 @@ def latency_distribution(results, kind: str = "violin", log: bool | None = None,
             ax.scatter(q["median"], y, marker="|", s=120, color="black", zorder=3, label="median")
             ax.scatter(q["p99"], y, marker="v", s=22, color="#C44E52", zorder=3, label="p99")
             ax.set_ylabel("")
+            if first:
+                where = bax if broken else ax
+                where.scatter([first_call_ms], [len(labels)], marker="D", s=16, color="#C44E52", zorder=3)
+                where.annotate(f"{first_call_ms:.3g} ms", (first_call_ms, len(labels)), xytext=(0, 5),
+                               textcoords="offset points", ha="center", va="bottom", fontsize="x-small")
+                ax.set_yticks(range(n_rows), [*labels, "first call,\nfresh model"])
+            ax.set_ylim(n_rows - 0.5, -1.15)  # headroom above the first row: the legend goes there
         elif kind == "ecdf":
             sns.ecdfplot(data=df, x="latency_ms", hue="label", hue_order=labels, ax=ax, log_scale=log)
             colors = dict(zip(labels, sns.color_palette("colorblind", len(labels))))
@@ -204,10 +301,25 @@ def latency_distribution(results, kind: str = "violin", log: bool | None = None,
         ax.set_xlabel("latency (ms)")
         if log:
             _plain_log_ticks(ax.xaxis, float(df["latency_ms"].min()), float(df["latency_ms"].max()))
-        if kind == "violin":
-            ax.legend(loc="best", fontsize="x-small")
-        if title:
-            ax.set_title(title)
+        if kind == "ecdf" and first:
+            off = first_call_ms > ax.get_xlim()[1]
+            if not off:
+                ax.axvline(first_call_ms, color="#C44E52", lw=0.8, ls="--")
+            ax.text(0.98, 0.04, f"first call of the fresh model: {first_call_ms:.3g} ms{' (off scale)' if off else ''}",
+                    transform=ax.transAxes, ha="right", va="bottom", fontsize="x-small", color="#C44E52")
+        if broken:
+            bax.set_xlim(first_call_ms / 1.3, first_call_ms * 1.3)
+            bax.set_xticks([first_call_ms], [f"{first_call_ms:.3g}"])
+            bax.spines["left"].set_visible(False)
+            bax.tick_params(axis="y", left=False)
+            bax.grid(False, axis="y")
+            for a, x in ((ax, 1.0), (bax, 0.0)):  # the break: two slashes on the latency axis
+                a.plot([x], [0.0], transform=a.transAxes, marker=[(-1, -1.6), (1, 1.6)], markersize=7,
+                       linestyle="none", color="black", mec="black", mew=0.8, clip_on=False)
+        if kind == "violin":  # in the headroom above the first row, where it covers no data
+            ax.legend(loc="upper right", ncols=2, fontsize="x-small", handletextpad=0.3, columnspacing=1.0)
+        set_title(fig, title, None if broken else ax)
+    annotate_warnings(fig, _warnings_of(results))
     return fig
 
 
@@ -275,8 +387,9 @@ def pitfall_errors(audit, title: str | None = None) -> Figure:
     """Each timing mistake's reading relative to the correct timer, 95% CI as error bars.
 
     The axis is a log ratio: a timer that reads 10x too low and one that reads
-    10x too high are equally wrong. Mistakes that do not apply (GPU-only ones
-    on a CPU) are listed as "n/a".
+    10x too high are equally wrong. A mistake that does not apply (a GPU-only
+    one on a CPU) keeps its row, which says why it is empty: its note ("not
+    applicable on CPU"), or "n/a".
     """
     df = pitfall_frame(audit)
     lo = df["low_ms"] / df["ref_high_ms"]  # widest ratio interval from both CIs
@@ -296,10 +409,11 @@ def pitfall_errors(audit, title: str | None = None) -> Figure:
         ax.set_yticks(y, df["method"])
         ax.set_ylim(len(df) - 0.5, -0.5)
         ax.set_xlabel("measured / correct latency")
-        for yi, good, e, r, r_lo, r_hi in zip(y, ok, df["error_pct"], df["ratio"], lo, hi):
-            if not good:
-                ax.annotate("n/a", (1.0, yi), xytext=(4, 0), textcoords="offset points", va="center",
-                            fontsize="x-small", color="gray")
+        for yi, good, e, r, r_lo, r_hi, note in zip(y, ok, df["error_pct"], df["ratio"], lo, hi, df["note"]):
+            if not good:  # the audit's note says why a row is empty
+                why = note if isinstance(note, str) and 0 < len(note) <= 40 else "n/a"
+                ax.annotate(why, (1.0, yi), xytext=(4, 0), textcoords="offset points", va="center",
+                            fontsize="x-small", color="gray", style="italic")
                 continue
             text = f"{e:+.0f}%" if abs(e) >= 10 else f"{e:+.1f}%"
             low = r < 1 and e <= -5  # label outside the bar, on the side it points to
@@ -309,47 +423,128 @@ def pitfall_errors(audit, title: str | None = None) -> Figure:
         hi_all = float(max(hi[ok].max(), 1.0)) if ok.any() else 1.0
         ax.set_xlim(lo_all / (2.5 if lo_all < 0.95 else 1.3), hi_all * 2.0)  # room for the labels
         _plain_log_ticks(ax.xaxis, *ax.get_xlim())
-        if title:
-            ax.set_title(title)
+        set_title(fig, title, ax)
+    annotate_warnings(fig, _audit_warnings(audit))
     return fig
 
 
-def timer_comparison(frame, title: str | None = None) -> Figure:
-    """Median latency of each workload under several timers (grouped bars, log axis): do they agree?
+def _audit_warnings(audit) -> list[str]:
+    """An audit's warnings: its own (``attrs["warnings"]``), else those of its correct timer's result."""
+    from .timing import warning_lines
 
-    ``frame``: columns ``workload``, ``timer``, ``median_ms``.
+    attrs = getattr(audit, "attrs", {})
+    if "warnings" in attrs:
+        return warning_lines(audit)
+    if attrs.get("correct") is None:
+        return []
+    from .pitfalls import audit_warnings
+
+    return audit_warnings(attrs["correct"])
+
+
+def comparison(cmp, title: str | None = None, log: bool | None = None) -> Figure:
+    """An A/B comparison (``timing.compare``): both latency distributions (ECDF), and the ratio B/A with its CI.
+
+    The lower panel shades the equivalence band (+-margin) around 1; the verdict is
+    the title of that panel. ``cmp``: a ``Comparison`` or its ``to_dict()``.
     """
-    df = pd.DataFrame(frame).dropna(subset=["median_ms"])
-    workloads = list(dict.fromkeys(df["workload"]))
-    timers = list(dict.fromkeys(df["timer"]))
-    with paper_style():
-        import seaborn as sns
+    import seaborn as sns
 
-        fig, ax = _figure((COLUMN_WIDTH, max(FIG_SIZE[1], 0.5 * len(workloads) + 1.0)))
-        colors = sns.color_palette("colorblind", len(timers))
-        height = 0.8 / max(len(timers), 1)
-        for j, timer in enumerate(timers):
-            sub = df[df["timer"] == timer].set_index("workload")
-            y = [i - 0.4 + height * (j + 0.5) for i, w in enumerate(workloads) if w in sub.index]
-            ax.barh(y, [sub.loc[w, "median_ms"] for w in workloads if w in sub.index], height=height,
-                    color=colors[j], label=timer)
-        ax.set_xscale("log")
-        ax.set_yticks(range(len(workloads)), workloads)
-        ax.set_ylim(len(workloads) - 0.5, -0.5)
-        ax.set_xlabel("median latency (ms)")
-        lo, hi = float(df["median_ms"].min()), float(df["median_ms"].max())
-        _plain_log_ticks(ax.xaxis, lo, hi)
-        ax.legend(fontsize="x-small", loc="best")
+    from .timing import Comparison
+
+    if isinstance(cmp, Mapping):
+        cmp = Comparison.from_dict(cmp)
+    labels = [f"A: {cmp.label_a}", f"B: {cmp.label_b}"]
+    df = latency_frame({labels[0]: cmp.a.samples_ms, labels[1]: cmp.b.samples_ms})
+    if log is None:
+        lo, hi = df["latency_ms"].min(), df["latency_ms"].max()
+        log = bool(lo > 0 and hi / lo > 30)
+    ratio, (r_lo, r_hi) = cmp.ratio, cmp.ci
+    band_lo, band_hi = cmp.band
+    with paper_style():
+        fig = Figure(figsize=(COLUMN_WIDTH, 3.3), layout="constrained")
+        ax, rax = fig.subplots(2, 1, height_ratios=[2.3, 1])
+        colors = sns.color_palette("colorblind", 2)
+        sns.ecdfplot(data=df, x="latency_ms", hue="label", hue_order=labels, palette=colors, ax=ax, log_scale=log)
+        for res, color in zip((cmp.a, cmp.b), colors):
+            ax.plot([res.median_ms], [0.5], "o", ms=3.5, color=color)
+        ax.axhline(0.5, lw=0.5, ls=":", color="gray")
+        ax.set_xlabel("latency (ms)")
+        ax.set_ylabel("fraction of samples")
+        if log:
+            _plain_log_ticks(ax.xaxis, float(df["latency_ms"].min()), float(df["latency_ms"].max()))
+        legend = ax.get_legend()
+        if legend is not None:
+            legend.set_title(None)
         if title:
             ax.set_title(title)
+        color = {"faster": "#55A868", "slower": "#C44E52", "same": "#4C72B0"}.get(cmp.verdict, "gray")
+        rax.axvspan(band_lo, band_hi, color="#4C72B0", alpha=0.12, lw=0, label=f"+-{100 * cmp.margin:g}%")
+        rax.axvline(1.0, color="black", lw=0.8)
+        if np.isfinite(ratio):
+            rax.errorbar([ratio], [0], xerr=[[max(ratio - r_lo, 0)], [max(r_hi - ratio, 0)]], fmt="o", ms=4,
+                         color=color, ecolor=color, elinewidth=1.5, capsize=3)
+            rax.annotate(f"{ratio:.3f} [{r_lo:.3f}, {r_hi:.3f}]", (ratio, 0), xytext=(0, 6),
+                         textcoords="offset points", ha="center", fontsize="x-small")
+        finite = [v for v in (r_lo, r_hi, band_lo, band_hi) if np.isfinite(v)]
+        span = max(finite) - min(finite)
+        rax.set_xlim(min(finite) - 0.25 * span, max(finite) + 0.25 * span)
+        rax.set_ylim(-1, 1.2)
+        rax.set_yticks([])
+        rax.grid(False, axis="y")
+        rax.set_xlabel(f"B / A latency ({100 * cmp.confidence:g}% CI)")
+        verdict = {"faster": f"{cmp.label_b} is faster than {cmp.label_a}",
+                   "slower": f"{cmp.label_b} is slower than {cmp.label_a}",
+                   "same": f"same within +-{100 * cmp.margin:g}%"}.get(cmp.verdict, "inconclusive: measure more")
+        rax.set_title(f"verdict: {verdict}", fontsize="small", color=color)
+        rax.legend(loc="lower left", fontsize="x-small")
+    annotate_warnings(fig, cmp.warnings)
+    return fig
+
+
+def timer_agreement(frame, band: float = 0.03, timer: str = "measure_latency", reference: str = "do_bench",
+                    title: str | None = None) -> Figure:
+    """Does a timer agree with a reference timer? The relative difference of their medians per workload (dots).
+
+    ``frame``: columns ``label`` (or ``workload``) and ``difference``
+    ((timer - reference) / reference), optional ``low``/``high``: the range
+    over repeated rounds, drawn as a bar. The band +-``band`` is shaded; a dot
+    inside it agrees. Differences, not absolute times: workloads of 0.05 ms
+    and of 8 ms are compared on one linear axis.
+    """
+    df = pd.DataFrame(frame).dropna(subset=["difference"]).reset_index(drop=True)
+    labels = df["label"] if "label" in df.columns else df["workload"]
+    d = 100.0 * df["difference"].astype(float)
+    lo = 100.0 * (df["low"] if "low" in df.columns else df["difference"]).astype(float)
+    hi = 100.0 * (df["high"] if "high" in df.columns else df["difference"]).astype(float)
+    y = np.arange(len(df))
+    with paper_style():
+        fig, ax = _figure((COLUMN_WIDTH, max(FIG_SIZE[1], 0.3 * len(df) + 1.4)))
+        ax.axvspan(-100 * band, 100 * band, color="#55A868", alpha=0.15, lw=0, label=f"within +-{100 * band:g}%")
+        ax.axvline(0.0, color="black", lw=0.8)
+        if (hi - lo).abs().max() > 0:
+            ax.hlines(y, lo, hi, color="gray", lw=2.0, alpha=0.6, label="range over the rounds")
+        inside = d.abs() <= 100 * band
+        ax.scatter(d, y, s=22, zorder=3, color=np.where(inside, "#4C72B0", "#C44E52"), label="median of the rounds")
+        for yi, v, h in zip(y, d, hi):
+            ax.annotate(f"{v:+.1f}%", (max(v, h), yi), xytext=(4, 0), textcoords="offset points", va="center",
+                        fontsize="x-small")
+        ax.set_yticks(y, labels)
+        ax.set_ylim(len(df) - 0.5, -0.5)
+        span = float(max(lo.abs().max(), hi.abs().max(), 100 * band)) if len(df) else 100 * band
+        ax.set_xlim(-1.3 * span, 1.6 * span)  # room on the right for the labels
+        ax.set_xlabel(f"{timer} vs {reference}:\ndifference of the medians (%)")
+        ax.grid(False, axis="y")
+        fig.legend(loc="outside lower center", ncols=3, fontsize="x-small", handlelength=1.2, columnspacing=1.0)
+        set_title(fig, title, ax)
     return fig
 
 
 def throughput_curve(curve, largest: int | None = None, optimal: int | None = None, selected: int | None = None,
                      title: str | None = None) -> Figure:
-    """Throughput (items/s) vs batch size; the largest batch that fits and the optimal one marked.
+    """Throughput (samples/s) vs batch size; the largest batch that fits and the optimal one marked.
 
-    ``curve``: frame with ``batch_size`` and ``throughput`` (items/s; also
+    ``curve``: frame with ``batch_size`` and ``throughput`` (samples/s; also
     accepted: ``samples_per_s`` as from ``toolkit.throughput.throughput_curve``,
     ``items_per_s``), optional ``latency_ms`` / ``batch_ms_median``, optional
     ``ci95_low``/``ci95_high`` (drawn as error bars);
@@ -365,8 +560,10 @@ def throughput_curve(curve, largest: int | None = None, optimal: int | None = No
             ax.errorbar(df["batch_size"], df["throughput"], yerr=[lo, hi], fmt="none", ecolor="#4C72B0",
                         elinewidth=0.8, capsize=2)
         ax.set_xscale("log", base=2)
+        if len(df):
+            _plain_base2_ticks(ax.xaxis, float(df["batch_size"].min()), float(df["batch_size"].max()))
         ax.set_xlabel("batch size")
-        ax.set_ylabel("throughput (items/s)")
+        ax.set_ylabel("throughput (samples/s)")
         ax.set_ylim(bottom=0)
         tp = dict(zip(df["batch_size"], df["throughput"]))
         if optimal is None and len(df):
@@ -381,8 +578,7 @@ def throughput_curve(curve, largest: int | None = None, optimal: int | None = No
         if selected is not None:
             ax.axvline(selected, color="gray", lw=0.8, ls="--")
         ax.legend(loc="lower right", fontsize="x-small")
-        if title:
-            ax.set_title(title)
+        set_title(fig, title, ax)
     return fig
 
 
@@ -409,31 +605,136 @@ def throughput_frame(curve) -> pd.DataFrame:
     return df
 
 
+def _plain_base2_ticks(axis, lo: float | None = None, hi: float | None = None) -> None:
+    """A log2 batch-size axis labelled in plain numbers (1, 4, 16, ... not 2^k), at most about six labels."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    if lo is None or hi is None:
+        lo, hi = axis.get_view_interval()
+    octaves = math.log2(max(hi, 2.0) / max(lo, 1.0)) if hi > 0 else 1.0
+    step = max(2, math.ceil(octaves / 6))  # octaves between labels
+    axis.set_major_locator(LogLocator(base=2.0 ** step, numticks=20))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def throughput_curves(frame, title: str | None = None) -> Figure:
+    """Throughput (samples/s) vs batch size for several cases: one panel per model, one line per dtype.
+
+    ``frame``: long, one row per measured point: ``model``, ``dtype``,
+    ``batch_size``, ``throughput`` (samples/s), optional ``ci95_low``/``ci95_high``,
+    ``largest`` (the largest batch that fits) and ``optimal`` (the optimal
+    batch), e.g. ``toolkit.recorded.recorded_throughput_cases``. The optimal
+    batch is a star, the largest that fits an open square, on each line.
+    """
+    from matplotlib.lines import Line2D
+
+    df = pd.DataFrame(frame).dropna(subset=["throughput"])
+    models = list(dict.fromkeys(df["model"]))
+    dtypes = list(dict.fromkeys(df["dtype"]))
+    with paper_style():
+        import seaborn as sns
+
+        colors = dict(zip(dtypes, sns.color_palette("colorblind", len(dtypes))))
+        styles = dict(zip(dtypes, [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":")] * 3))
+        width = COLUMN_WIDTH if len(models) == 1 else min(7.0, COLUMN_WIDTH * len(models))
+        fig, axes = _figure((width, FIG_SIZE[1] + 0.3), ncols=max(len(models), 1))
+        axes = np.atleast_1d(axes)
+        for ax, model in zip(axes, models):
+            for dtype in dtypes:
+                g = df[(df["model"] == model) & (df["dtype"] == dtype)].sort_values("batch_size")
+                if not len(g):
+                    continue
+                c, (marker, ls) = colors[dtype], styles[dtype]
+                ax.plot(g["batch_size"], g["throughput"], marker=marker, ls=ls, ms=2.5, lw=1.0, color=c,
+                        label=str(dtype))
+                if {"ci95_low", "ci95_high"} <= set(g.columns) and g["ci95_low"].notna().any():
+                    err = [(g["throughput"] - g["ci95_low"]).clip(lower=0).fillna(0),
+                           (g["ci95_high"] - g["throughput"]).clip(lower=0).fillna(0).replace(np.inf, 0)]
+                    ax.errorbar(g["batch_size"], g["throughput"], yerr=err, fmt="none", ecolor=c, elinewidth=0.6,
+                                capsize=1.5)
+                tp = dict(zip(g["batch_size"], g["throughput"]))
+                for col, mark in (("largest", dict(marker="s", ms=6, mfc="none", mec=c, mew=1.1)),
+                                  ("optimal", dict(marker="*", ms=9, color=c, mec="black", mew=0.4))):
+                    b = g[col].dropna().iloc[0] if col in g.columns and g[col].notna().any() else None
+                    if b is not None and b in tp:
+                        ax.plot([b], [tp[b]], ls="none", zorder=4, **mark)
+            ax.set_xscale("log", base=2)
+            _plain_base2_ticks(ax.xaxis, float(df["batch_size"].min()), float(df["batch_size"].max()))
+            ax.set_ylim(bottom=0)
+            ax.set_xlabel("batch size")
+            ax.set_title(str(model), fontsize="small")
+        axes[0].set_ylabel("throughput (samples/s)")
+        handles = [Line2D([], [], color=colors[d], marker=styles[d][0], ls=styles[d][1], ms=3, label=str(d))
+                   for d in dtypes]
+        handles += [Line2D([], [], ls="none", marker="*", ms=8, color="gray", mec="black", mew=0.4,
+                           label="optimal batch"),
+                    Line2D([], [], ls="none", marker="s", ms=5, mfc="none", mec="gray", label="largest that fits")]
+        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="x-small",
+                   handlelength=1.8, columnspacing=1.2)
+        set_title(fig, title)
+    return fig
+
+
 def hit_rate_vs_gpu_experts(frame, phase: str | None = None, total_experts: int | None = None,
-                            title: str | None = None) -> Figure:
-    """Hit rate vs number of GPU-resident experts, one line per policy.
+                            title: str | None = None, reference: str | None = None, bound: str = "belady") -> Figure:
+    """Hit rate vs number of GPU-resident experts, one line per policy; below, each policy minus ``reference``.
 
     ``frame``: columns ``policy``, ``gpu_experts``, ``hit_rate`` (optional
     ``phase``: filtered to ``phase`` when given), or ``toolkit.moe.simulate.Sweep``'s
     frame, whose ``hit_rate_<phase>`` column is used for ``phase``.
+    Realistic policies lie within a few points of each other, on top of each
+    other at this scale: the lower panel shows their difference to
+    ``reference`` (default: static-popularity when present, else the first
+    policy) in percentage points. ``bound`` (Belady's, which knows the future)
+    is far above them and only drawn in the upper panel.
     """
     df = pd.DataFrame(frame.to_dataframe() if hasattr(frame, "to_dataframe") else frame)
     if phase is not None and "phase" in df.columns:
         df = df[df["phase"] == phase]
     elif phase is not None and f"hit_rate_{phase}" in df.columns:
         df = df.assign(hit_rate=df[f"hit_rate_{phase}"])
+    policies = list(dict.fromkeys(df["policy"]))
+    if reference is None:
+        reference = "static-popularity" if "static-popularity" in policies else (policies[0] if policies else None)
+    compared = [p for p in policies if p not in (reference, bound)]
+    table = df.pivot_table(index="gpu_experts", columns="policy", values="hit_rate", sort=True)
+    xlabel = "GPU-resident experts" + (f" (of {total_experts})" if total_experts else "")
     with paper_style():
         import seaborn as sns
 
-        fig, ax = _figure()
-        sns.lineplot(data=df, x="gpu_experts", y="hit_rate", hue="policy", style="policy", markers=True,
-                     dashes=False, ms=4, ax=ax)
+        colors = dict(zip(policies, sns.color_palette("colorblind", len(policies))))
+        markers = dict(zip(policies, ("o", "s", "^", "D", "v", "P", "X", "<", ">") * 2))
+        dashes = dict(zip(policies, ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))) * 3))
+        two = reference in table.columns and bool(compared)
+        if two:
+            fig = Figure(figsize=(COLUMN_WIDTH, 3.7), layout="constrained")
+            ax, dax = fig.subplots(2, 1, sharex=True, height_ratios=[2.0, 1.1])
+        else:
+            fig, ax = _figure()
+            dax = None
+        for p in policies:
+            ax.plot(table.index, table[p], marker=markers[p], ls=dashes[p], color=colors[p], ms=3.5, lw=1.1, label=p)
         ax.set_ylim(0, 1.02)
-        ax.set_xlabel("GPU-resident experts" + (f" (of {total_experts})" if total_experts else ""))
         ax.set_ylabel(f"{phase} hit rate" if phase else "hit rate")
-        ax.legend(fontsize="x-small", title=None)
-        if title:
-            ax.set_title(title)
+        ax.legend(fontsize="x-small", title=None, loc="lower right", handlelength=2.6)
+        if dax is None:
+            ax.set_xlabel(xlabel)
+        else:
+            dax.axhline(0.0, color=colors[reference], lw=1.0, ls=dashes[reference])
+            for p in compared:
+                dax.plot(table.index, 100 * (table[p] - table[reference]), marker=markers[p], ls=dashes[p],
+                         color=colors[p], ms=3.5, lw=1.1)
+            dax.set_ylabel(f"vs {reference}\n(percentage points)", fontsize="x-small")
+            dax.set_xlabel(xlabel)
+            if bound in table.columns:
+                lo_, hi_ = dax.get_ylim()
+                dax.set_ylim(lo_, hi_ + 0.35 * (hi_ - lo_))  # headroom for the note
+                dax.text(0.99, 0.97, f"{bound} (the bound): far above, not drawn here", transform=dax.transAxes,
+                         fontsize="x-small", color="gray", ha="right", va="top")
+        set_title(fig, title, ax)
     return fig
 
 
@@ -454,44 +755,71 @@ def offload_sweep(frame, total_experts: int | None = None, title: str | None = N
             ax.set_ylim(0, 1.02 if col == "hit_rate" else None)
             if col != "hit_rate":
                 ax.set_ylim(bottom=0)
-        if title:
-            fig.suptitle(title)
+        set_title(fig, title)
     return fig
 
 
 def scheme_comparison(frame, value: str = "tokens_per_s", label: str = "decode tokens/s",
                       title: str | None = None) -> Figure:
-    """Offload schemes side by side (bars, one panel per routing), with their roofline bound marked (|).
+    """Offload schemes side by side (bars on a linear axis, one panel per routing), each run's roofline bound (|).
 
     ``frame``: columns ``scheme``, ``routing``, ``value`` (default ``tokens_per_s``), optional
-    ``bound_<value>``: the best the hardware allows for what that run read.
+    ``bound_<value>``: the best the hardware allows for what that run read; optional ``anomalous`` /
+    ``anomaly_reason`` (``toolkit.recorded.flag_anomalies``). An anomalous run is never drawn: "excluded"
+    stands in its place and a note under the figure says why. A bound far past every measurement (every
+    expert on the GPU: no host traffic) is written at the axis' end instead of stretching the axis.
     """
-    df = pd.DataFrame(frame)
+    df = pd.DataFrame(frame).reset_index(drop=True)
+    odd = df["anomalous"].fillna(False).astype(bool) if "anomalous" in df.columns else pd.Series(False, df.index)
+    bcol = f"bound_{value}"
     routings = list(dict.fromkeys(df["routing"])) or [""]
     schemes = list(dict.fromkeys(df["scheme"]))
+    shown = df.loc[~odd, value].astype(float)
+    top = float(shown.max()) if len(shown) and shown.notna().any() else 1.0
+    bounds = df.loc[~odd, bcol].astype(float) if bcol in df.columns else pd.Series(dtype=float)
+    near = bounds[bounds <= 2.0 * top]  # bounds close to the measurements set the axis; the rest are written
+    far = bool((bounds > 2.0 * top).any())  # room at the right end for "bound N >"
+    xmax = (1.5 if far else 1.18) * max(top, float(near.max()) if len(near) else 0.0)
+    notes = [f"excluded {s}, {r} routing: {why}" if r else f"excluded {s}: {why}"
+             for s, r, why in zip(df["scheme"][odd], df["routing"][odd],
+                                  df["anomaly_reason"][odd] if "anomaly_reason" in df.columns else [""] * odd.sum())]
     with paper_style():
         fig, axes = _figure((COLUMN_WIDTH * (1 if len(routings) == 1 else 2),
-                             max(FIG_SIZE[1], 0.3 * len(schemes) + 1.0)), ncols=len(routings), sharey=True)
+                             max(FIG_SIZE[1], 0.3 * len(schemes) + 1.3)), ncols=len(routings), sharey=True,
+                            sharex=True)
         axes = np.atleast_1d(axes)
         for ax, routing in zip(axes, routings):
-            sub = df[df["routing"] == routing].set_index("scheme").reindex(schemes)
+            sub = df[df["routing"] == routing].copy()
+            sub["_odd"] = odd[sub.index]
+            sub = sub.set_index("scheme").reindex(schemes)
             y = np.arange(len(schemes))
-            ax.barh(y, sub[value], color="#4C72B0", alpha=0.85, label="measured")
-            if f"bound_{value}" in sub.columns:
-                ax.scatter(sub[f"bound_{value}"], y, marker="|", s=160, color="#C44E52", zorder=3,
+            vals = sub[value].astype(float).where(~sub["_odd"].fillna(False).astype(bool))
+            ax.barh(y, vals.fillna(0.0), color="#4C72B0", alpha=0.85, label="measured")
+            b = (sub[bcol].astype(float).where(~sub["_odd"].fillna(False).astype(bool)) if bcol in sub.columns
+                 else pd.Series(np.nan, sub.index))
+            inside = b <= xmax
+            for yi, v, excluded, bv, ins in zip(y, vals, sub["_odd"].fillna(False).astype(bool), b, inside):
+                if excluded:
+                    ax.text(0.01 * xmax, yi, "excluded: anomalous run", va="center", fontsize="x-small",
+                            color="#C44E52", style="italic")
+                elif np.isfinite(v):  # the value right of its bar and of its bound tick, whichever ends later
+                    ax.annotate(f"{v:.3g}", (max(v, bv) if ins else v, yi), xytext=(4, 0), textcoords="offset points",
+                                va="center", fontsize="x-small")
+            if bcol in sub.columns:
+                ax.scatter(b[inside], y[inside.to_numpy()], marker="|", s=160, color="#C44E52", zorder=3,
                            label="roofline bound")
+                for yi, bv in zip(y[(~inside & b.notna()).to_numpy()], b[~inside & b.notna()]):
+                    ax.annotate(f"bound {bv:.0f} >", (xmax, yi), xytext=(-2, 0), textcoords="offset points",
+                                ha="right", va="center", fontsize="x-small", color="#C44E52")
             ax.set_yticks(y, schemes)
             ax.set_ylim(len(schemes) - 0.5, -0.5)
+            ax.set_xlim(0, xmax)
             ax.set_xlabel(label)
+            ax.grid(False, axis="y")
             ax.set_title(f"{routing} routing" if routing else None, fontsize="small")
-            vals = pd.concat([df[c] for c in (value, f"bound_{value}") if c in df.columns]).astype(float)
-            vals = vals[vals > 0]
-            if len(vals) and vals.max() / vals.min() > 20:  # a bound far above the measurement: log axis
-                ax.set_xscale("log")
-                _plain_log_ticks(ax.xaxis, float(vals.min()), float(vals.max()))
-        axes[0].legend(fontsize="x-small", loc="lower right")
-        if title:
-            fig.suptitle(title)
+        axes[0].legend(loc="best", fontsize="x-small")  # inside: the note on excluded runs goes under the figure
+        set_title(fig, title)
+    annotate_warnings(fig, notes)
     return fig
 
 
@@ -556,8 +884,72 @@ def hit_rate_heatmap(rates, activations=None, xlabel: str = "expert", title: str
                 if np.isfinite(v):
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5,
                             color="white" if v < 0.6 else "black")
-        if title:
-            ax.set_title(title)
+        set_title(fig, title, ax)
+    return fig
+
+
+def expert_heatmap(activations, resident=None, setup: str | None = None, annotate: bool | None = None) -> Figure:
+    """Where routed tokens go: each expert's share of its layer's activations [L, E], GPU-resident experts outlined.
+
+    ``activations``: [L, E] counts (tokens routed to each expert), ``resident``:
+    [L, E] bool, the experts on the GPU. With a static placement a per-expert
+    hit rate is 1 on every resident expert and 0 elsewhere: it shows the
+    placement, not how much traffic the placement catches. The routed share
+    shows both: the hit rate is the share summed over the outlined cells.
+    Grey: never routed; outlined grey: on the GPU but never routed. The title
+    counts the outlined cells and gives the hit rate they make, from the
+    arrays drawn; ``setup`` (model, dtype, device) is a second title line.
+    """
+    from matplotlib.patches import Rectangle
+
+    act = np.asarray(activations, dtype=float)
+    if act.ndim == 1:
+        act = act[None, :]
+    n_layers, n_experts = act.shape
+    res = np.zeros_like(act, dtype=bool) if resident is None else np.asarray(resident, dtype=bool)
+    if res.shape != act.shape:
+        raise ValueError(f"resident has shape {res.shape}, activations {act.shape}")
+    per_layer = act.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(act > 0, act / np.maximum(per_layer, 1), np.nan)  # [L, E]
+    if annotate is None:
+        annotate = n_layers * n_experts <= 64
+    hit = float(act[res].sum() / act.sum()) if act.sum() > 0 else float("nan")
+    title = (f"{int(res.sum())} of {res.size} experts on the GPU (outlined): "
+             f"{'n/a' if not np.isfinite(hit) else f'{hit:.0%}'} of routed tokens"
+             + (f"\n{setup}" if setup else ""))
+    edge = "#DD8452"
+    with paper_style():
+        w = min(7.0, max(COLUMN_WIDTH, 0.3 * n_experts + 1.8))
+        h = min(6.0, max(1.6, 0.25 * n_layers + 1.5))
+        fig, ax = _figure((w, h))
+        cmap = matplotlib.colormaps["Blues"].with_extremes(bad="#D9D9D9")
+        vmax = float(np.nanmax(share)) if np.isfinite(share).any() else 1.0
+        im = ax.imshow(np.ma.masked_invalid(share), cmap=cmap, vmin=0, vmax=vmax, aspect="auto",
+                       interpolation="nearest")
+        ax.grid(False)
+        fig.colorbar(im, ax=ax, label="share of the layer's\nrouted tokens", fraction=0.05, pad=0.02)
+        for i, j in zip(*np.nonzero(res)):
+            ax.add_patch(Rectangle((j - 0.45, i - 0.45), 0.9, 0.9, fill=False, edgecolor=edge, lw=1.6))
+        if annotate:
+            for (i, j), v in np.ndenumerate(share):
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5,
+                            color="white" if v > 0.6 * vmax else "black")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+        if n_experts <= 16:
+            ax.set_xticks(range(n_experts))
+        if n_layers <= 16:
+            ax.set_yticks(range(n_layers))
+        handles = [Patch(facecolor="none", edgecolor=edge, lw=1.6, label="on the GPU"),
+                   Patch(facecolor="#D9D9D9", edgecolor="none", label="never routed")]
+        idle = int((res & ~(act > 0)).sum())
+        if idle:
+            handles.append(Patch(facecolor="#D9D9D9", edgecolor=edge, lw=1.6,
+                                 label=f"on the GPU, never routed ({idle})"))
+        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="x-small")
+        set_title(fig, title, ax)
     return fig
 
 
@@ -577,9 +969,9 @@ def decode_latency_over_tokens(latencies, prefill_ms: float | None = None, title
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("decode latency (ms)")
         ax.set_ylim(bottom=0)
-        ax.legend(fontsize="x-small", loc="best")
-        if title:
-            ax.set_title(title)
+        # under the axes: noisy series leave no free corner inside
+        fig.legend(fontsize="x-small", loc="outside lower center", ncols=1 if len(series) > 2 else len(series))
+        set_title(fig, title, ax)
     return fig
 
 
@@ -588,24 +980,46 @@ def _span_kind(name: str) -> str:
     return base if base in _SPAN_COLORS else "other"
 
 
-def _lane_name(row: str, lane: int, n: int) -> str:
+def _lane_name(row: str, lane: int, n: int, kinds: set | None = None) -> str:
     if n == 1:
         return row
     if row == "CPU":  # lane 0 runs the steps; others are worker threads (the engine's CPU experts)
-        return "CPU main" if lane == 0 else f"CPU worker {lane}" if n > 2 else "CPU worker"
-    return f"{row} stream {lane}"
+        return "CPU main thread" if lane == 0 else f"CPU worker thread {lane}" if n > 2 else "CPU worker thread"
+    if kinds and kinds <= {"h2d", "d2h", "d2d", "memset"}:
+        return "GPU copy stream"
+    return "GPU compute stream" if kinds else f"{row} stream {lane}"
+
+
+
+def _merged_spans(starts, ends, min_width: float) -> list[tuple[float, float]]:
+    """(start, width) bars: spans closer than ``min_width`` merged, each at least ``min_width`` wide.
+
+    A decode step's GPU kernels last microseconds in a window of tens of
+    milliseconds: drawn as they are, they would be invisible hairlines.
+    """
+    bars: list[list[float]] = []
+    for s, e in sorted(zip(starts, ends)):
+        if bars and s - bars[-1][1] <= min_width:
+            bars[-1][1] = max(bars[-1][1], e)
+        else:
+            bars.append([s, e])
+    return [(s, max(e - s, min_width)) for s, e in bars]
 
 
 def timeline_gantt(timeline: pd.DataFrame, step: int | None = 0, title: str | None = None,
-                   max_ms: float | None = None) -> Figure:
+                   max_ms: float | None = None, min_width: float = 0.004) -> Figure:
     """CPU/GPU Gantt chart of one MoE decode step from ``ProfileResult.timeline()``.
 
     ``timeline``: columns row ('CPU'|'GPU'), name, start_ms, end_ms, layer
     (optional ``lane``: host thread or GPU stream, one bar row each; optional
+    ``kind``: a GPU lane of copies only is the copy stream; optional
     ``step``: only that profiled step is drawn, None = all). Times are
     shifted to start at 0. Spans are coloured by profiler label (attention,
-    moe.route, moe.gpu_experts, moe.cpu_experts, moe.copy_experts); overlap of
-    the CPU and GPU rows is the point of Fiddler-style offloading.
+    routing, experts on the GPU, on the CPU, weight copies); overlap of the
+    CPU and GPU rows is the point of Fiddler-style offloading. Spans shorter
+    than ``min_width`` of the window are widened to it (and merged with their
+    neighbours), so microsecond kernels stay visible. Each layer's start is
+    marked along the top.
     """
     df = timeline.copy()
     if step is not None and "step" in df.columns and (df["step"] == step).any():
@@ -622,23 +1036,83 @@ def timeline_gantt(timeline: pd.DataFrame, step: int | None = 0, title: str | No
     order = {"GPU": 0, "CPU": 1}
     lanes = sorted({(r, int(lane)) for r, lane in zip(df["row"], df["lane"])}, key=lambda x: (order.get(x[0], 2), x))
     n_lanes = {r: sum(1 for x in lanes if x[0] == r) for r, _ in lanes}
-    rows = [_lane_name(r, lane, n_lanes[r]) for r, lane in lanes]
+    kinds = {key: set(g["kind"].dropna()) for key, g in df.groupby(["row", "lane"])} if "kind" in df.columns else {}
+    rows = [_lane_name(r, lane, n_lanes[r], kinds.get((r, lane))) for r, lane in lanes]
+    width = min_width * (float(df["end_ms"].max()) if len(df) else 1.0)
     with paper_style():
-        fig, ax = _figure((min(7.0, 2 * COLUMN_WIDTH), 0.45 * max(len(rows), 1) + 1.1))
+        fig, ax = _figure((min(7.0, 2 * COLUMN_WIDTH), 0.45 * max(len(rows), 1) + 1.3))
         for i, (row, lane) in enumerate(lanes):
             sub = df[(df["row"] == row) & (df["lane"] == lane)]
             for span, g in sub.groupby("_span", sort=True):
-                spans = list(zip(g["start_ms"], (g["end_ms"] - g["start_ms"]).clip(lower=1e-4)))
+                spans = _merged_spans(g["start_ms"], g["end_ms"], width)
                 ax.broken_barh(spans, (i - 0.38, 0.76), facecolors=_SPAN_COLORS[span], edgecolor="white",
                                linewidth=0.2)
         ax.set_yticks(range(len(rows)), rows)
         ax.set_ylim(len(rows) - 0.5, -0.5)
-        ax.set_xlabel("time (ms)")
+        ax.set_xlabel("time since the step started (ms)")
         ax.grid(axis="y", visible=False)
+        if "layer" in df.columns and df["layer"].notna().any():
+            starts = df.dropna(subset=["layer"]).groupby("layer")["start_ms"].min().sort_index()
+            for layer, x in starts.items():
+                if x > 0:
+                    ax.axvline(x, color="gray", lw=0.6, ls=":", zorder=0)
+                ax.text(x, 1.0, f" layer {int(layer)}", transform=ax.get_xaxis_transform(), ha="left",
+                        va="bottom", fontsize="x-small", color="dimgray")
         present = [k for k in _SPAN_COLORS if k in set(df["_span"])]
-        handles = [Patch(color=_SPAN_COLORS[k], label=k.removeprefix("moe.")) for k in present]
+        handles = [Patch(color=_SPAN_COLORS[k], label=SPAN_LABELS.get(k, k)) for k in present]
         if handles:
-            fig.legend(handles=handles, fontsize="x-small", ncols=min(len(handles), 6), loc="outside lower center")
+            fig.legend(handles=handles, fontsize="x-small", ncols=min(len(handles), 3), loc="outside lower center")
+        set_title(fig, title)
+    return fig
+
+
+# ---------------------------------------------------------------- sweeps
+
+
+def sweep_lines(frame, x: str, y: str, hue: str | None = None, where: Mapping | None = None, logx: bool = False,
+                ylabel: str | None = None, title: str | None = None) -> Figure:
+    """A sweep's metric ``y`` against its axis ``x``, one line per value of the axis ``hue``.
+
+    ``frame``: ``toolkit.sweep.load_sweep(out_dir)``; only finished points are
+    drawn. Every other axis that varies must be pinned with ``where``
+    ({axis: value}), so that each line is one curve and not an average that
+    hides an axis. A non-numeric ``x`` (model names, 'auto') is drawn as
+    categories in grid order.
+    """
+    from .errors import ToolkitError
+
+    df = pd.DataFrame(frame)
+    for k, v in (where or {}).items():
+        if k not in df.columns:
+            raise ToolkitError(f"where: {k!r} is not a column of the sweep frame")
+        df = df[df[k] == v]
+    for col in (x, y, hue):
+        if col is not None and col not in df.columns:
+            raise ToolkitError(f"{col!r} is not a column of the sweep frame; columns: {', '.join(df.columns)}")
+    if "status" in df.columns:
+        df = df[df["status"] == "ok"]
+    axes = list(getattr(frame, "attrs", {}).get("axes") or [])
+    free = [a for a in axes if a not in (x, hue, *(where or {})) and a in df.columns and df[a].nunique() > 1]
+    if free:
+        raise ToolkitError(f"axes {', '.join(free)} also vary: pin them with where={{...}} or use one as hue")
+    numeric = pd.api.types.is_numeric_dtype(df[x])
+    order = list(dict.fromkeys(df[x]))  # grid order
+    groups = list(df.groupby(hue, sort=False)) if hue else [(None, df)]
+    with paper_style():
+        fig, ax = _figure()
+        for value, g in groups:
+            g = g.sort_values(x) if numeric else g.assign(_pos=g[x].map(order.index)).sort_values("_pos")
+            xs = g[x].astype(float) if numeric else g["_pos"]
+            ax.plot(xs, g[y].astype(float), "o-", ms=3, label=None if hue is None else f"{value}")
+        if not numeric:
+            ax.set_xticks(range(len(order)), [str(v) for v in order])
+        if logx and numeric:
+            ax.set_xscale("log")
+            _plain_log_ticks(ax.xaxis)
+        ax.set_xlabel(x.replace("_", " "))
+        ax.set_ylabel(ylabel or y.replace("_", " "))
+        if hue:
+            ax.legend(fontsize="x-small", title=hue.replace("_", " "), title_fontsize="x-small")
         if title:
             ax.set_title(title)
     return fig
