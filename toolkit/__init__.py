@@ -18,6 +18,10 @@ _EXPORTS = {
     "load_json": "results",
     "measure_latency": "timing",
     "LatencyResult": "timing",
+    "compare": "timing",
+    "Comparison": "timing",
+    "warning_lines": "timing",
+    "infer_device": "env",
     "audit": "pitfalls",
     "build_model": "models",
     "find_max_batch_size": "throughput",
@@ -33,7 +37,12 @@ _EXPORTS = {
     "generate": "moe.generation",
     "simulate": "moe.simulate",
     "run_report": "report",
-    "paper_figures": "report",
+    "paper_figures": "paper",
+    "run_moe": "moe.run",
+    "MoESettings": "moe.run",
+    "MoESession": "moe.run",
+    "run_sweep": "sweep",
+    "load_sweep": "sweep",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -111,14 +111,18 @@ def timing_experiment(settings: Settings, device: str = "auto", *, progress: boo
     x = model.make_input(1)
     frame = pitfalls.audit(model, x, device, max_time_s=s.audit_time_s)  # first: the model is still cold
     correct = frame.attrs["correct"]
-    dists = {"steady state (measured)": list(correct.samples_ms), "warm-up calls": list(correct.warmup_ms)}
+    steady = "steady state (UNRELIABLE)" if correct.unreliable else "steady state (measured)"
+    dists = {steady: list(correct.samples_ms), "warm-up calls": list(correct.warmup_ms)}
     if device.startswith("cuda"):  # the GPU-only mistakes, as distributions
         host = tuple(t.cpu() for t in x)
         dists["copy in timed region"] = pitfalls.time_copy_in_timed_region(model, host, device)
         dists["host clock, no sync"] = pitfalls.time_host_clock_no_sync(model, x, device)
     dists = {k: list(v) for k, v in dists.items() if len(v)}
+    from .timing import warning_lines
+
     record = new_record("timing", s, device, command, model=s.latency_model, latency=correct.to_dict(),
-                        audit=frame.to_dict("records"), distributions=dists, complete=True)
+                        audit=frame.to_dict("records"), audit_warnings=warning_lines(frame),
+                        distributions=dists, complete=True)
     _update(on_update, record)
     from .recorded import audit_first_call_ms
 
@@ -128,7 +132,7 @@ def timing_experiment(settings: Settings, device: str = "auto", *, progress: boo
                          f"Latency of {s.latency_model} (batch 1, {device}): the measured steady state against the "
                          "warm-up calls a naive timer includes, and the very first call of the freshly built model; "
                          "median (bar) and p99 (triangle) marked.",
-                         plots.latency_distribution(dists, kind="violin", first_call_ms=audit_first_call_ms(
+                         plots.latency_distribution({**dists, steady: correct}, kind="violin", first_call_ms=audit_first_call_ms(
                              frame.to_dict("records")), title=f"Latency per call (ms)\n{setup}")),
         ExperimentFigure("pitfall_errors",
                          f"Each timing mistake's reading relative to the correct timer ({s.latency_model}, "

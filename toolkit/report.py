@@ -25,8 +25,9 @@ from . import plots
 from .errors import ToolkitError
 from .experiments import EXPERIMENTS, ExperimentResult
 from .formatting import fmt, pct
+from .interrupts import caused_by_interrupt
 from .recorded import recorded_complete, recorded_date, recorded_device, recorded_results
-from .results import save_json
+from .results import atomic_write, check_writable, save_json
 from .settings import Settings, settings_for
 
 
@@ -85,21 +86,30 @@ def run_report(out: str | os.PathLike = "report", device: str = "auto", quick: b
     """
     from .env import resolve_device
 
-    device = resolve_device(device)
-    names = list(EXPERIMENTS) if not experiments else list(experiments)
+    names = list(EXPERIMENTS) if experiments is None else list(experiments)
+    if not names:
+        raise ToolkitError(f"no experiment named; choose from {', '.join(EXPERIMENTS)} (or None for all)")
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         raise ToolkitError(f"unknown experiment(s) {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")
+    check_writable(out, "report folder", folder=True)  # before minutes of measuring, not after
+    device = resolve_device(device)
     run = Run(Path(out), device, settings or settings_for(device, quick), progress, command)
-    run.out.mkdir(parents=True, exist_ok=True)
+    try:
+        run.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ToolkitError(f"cannot make the report folder {run.out}: {e.strerror or e}") from None
     try:
         for name in run.bar(iterable=names, desc="report", unit="experiment"):
             t0 = time.perf_counter()
             try:
                 run_experiment(run, name)
             except Exception as e:  # keep going: one broken experiment should not lose the others
+                if caused_by_interrupt(e):  # Ctrl-C inside compiled code: stop, do not record a failure
+                    raise KeyboardInterrupt from None
                 run.errors[name] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                (run.out / f"{name}.error.txt").write_text(traceback.format_exc())
+                with atomic_write(run.out / f"{name}.error.txt") as f:
+                    f.write(traceback.format_exc())
             finally:
                 run.seconds[name] = time.perf_counter() - t0
     finally:  # also on Ctrl-C: the summary of what was measured
@@ -140,9 +150,12 @@ def _timing_lines(t: dict) -> list[str]:
     lines = [f"**{t['model']}**, batch 1: median **{fmt(lat['median_ms'])} ms** (95% CI {fmt(lo)}-{fmt(hi)}"
              f" ms, {lat['n_samples']} samples, p99 {fmt(lat['p99_ms'])} ms); warm-up took "
              f"{lat['warmup']['count']} calls, the first {fmt(lat['warmup']['first_call_ms'])} ms.", ""]
+    warned = list(dict.fromkeys([*(lat.get("warnings") or []), *(t.get("audit_warnings") or [])]))
+    lines += [f"> **warning:** {w}" for w in warned] + ([""] if warned else [])
     return lines + _table([{"mistake": plots.PITFALL_LABELS.get(r["pitfall"], r["pitfall"]),
                             "naive (ms)": fmt(r["naive_ms"]), "correct (ms)": fmt(r["correct_ms"]),
-                            "error": pct(r["relative_error"])} for r in t["audit"]])
+                            "error": pct(r["relative_error"]) + (" (unreliable)" if r.get("reliable") is False
+                                                                 else "")} for r in t["audit"]])
 
 
 def _batch_lines(b: dict) -> list[str]:
@@ -224,9 +237,8 @@ def write_summary(run: Run, recorded: dict[str, dict] | None = None) -> Path:
         lines += [f"Not run: {', '.join(missing)}.", ""]
     lines += ["## Recorded GPU results", "", *_recorded_lines(recorded or {})]
     path = run.out / "summary.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write("\n".join(lines))
     return path
 
 
