@@ -458,6 +458,77 @@ def test_verification_steps_down_from_a_boundary_that_fits_only_sometimes():
     assert [(p.phase, p.batch_size, p.fits) for p in r.probes] == [
         ("grow", 1, True), ("grow", 2, True), ("grow", 4, True), ("grow", 8, False),
         ("bisect", 6, True), ("bisect", 7, False),
-        ("check", 6, False), ("check", 6, True),  # 6 is not reliable: step down
-        ("check", 5, True), ("check", 5, True), ("check", 6, False)]
-    assert r.max_batch_size == 5 and r.verified is True
+        ("check", 6, False),  # 6 is not reliable: step down
+        ("check", 5, True), ("check", 5, True)]
+    assert r.max_batch_size == 5 and r.verified is False  # the boundary moved: a range, not one number
+    assert r.highest_fit == 6 and r.boundary == (5, 6)
+
+
+def test_verification_steps_down_by_bisection_not_one_at_a_time():
+    """A boundary that moves between trials (9558 always fits, up to 9580 only the first time): few check probes."""
+    tried: dict[int, int] = {}
+
+    def trial(b):
+        tried[b] = tried.get(b, 0) + 1
+        return Probe(batch_size=b, fits=b <= 9558 or (b <= 9580 and tried[b] == 1))
+
+    r = search_batch_size(trial, min_batch=8192, verify=2)
+    assert r.max_batch_size == 9558 and r.verified is False
+    assert r.boundary == (9558, 9580)
+    assert r.count("check") <= 20  # about 2 x verify x log2(22); stepping down one at a time: over 40
+    assert r.to_dict()["highest_fit"] == 9580
+
+
+# --------------------------------------------------------------------------------------------- time budget
+
+
+def test_time_budget_stops_the_search_and_reports_bounds():
+    asked = []
+
+    def stop(batch_size):  # the budget runs out before the 9th probe
+        asked.append(batch_size)
+        return len(asked) > 7
+
+    r = search_batch_size(fake_trial(37), verify=2, stop=stop)
+    assert [p.batch_size for p in r.probes] == [1, 2, 4, 8, 16, 32, 64, 48]
+    assert asked == [2, 4, 8, 16, 32, 64, 48, 40]  # asked with the batch it would try next
+    assert r.budget_spent and not r.exact and not r.bounded and r.verified is None  # no check probes
+    assert r.max_batch_size == 32 and r.upper_bound == 48
+    assert r.to_dict()["exact"] is False and "time budget spent" in repr(r)
+    grown = search_batch_size(fake_trial(37), stop=lambda b: True)  # out of time during growth
+    assert grown.max_batch_size == 1 and grown.upper_bound is None and grown.budget_spent
+
+
+@pytest.mark.parametrize("reserve, largest", [(0.0, 128), (1.0, 64)])
+def test_time_budget_starts_no_probe_that_would_overrun(reserve, largest):
+    now = [0.0]
+
+    def fn(x):  # a forward pass "takes" 0.1 s per sample on the fake clock; 1000 samples do not fit
+        now[0] += 0.1 * x.shape[0]
+        if x.shape[0] > 1000:
+            raise torch.OutOfMemoryError("fake OOM")
+        return x
+
+    r = find_max_batch_size(fn, lambda b: torch.zeros(b, 4), "cpu", isolation="none", max_memory=2**40,
+                            time_budget_s=30, reserve=reserve, clock=lambda: now[0])
+    # 1 + 2 + ... + 64 samples take 12.7 s; 128 more would end at 25.5 s (with as much again reserved: 38 s)
+    assert r.budget_spent and r.time_budget_s == 30 and r.max_batch_size == largest
+    assert now[0] <= 30 and [p.fits for p in r.probes] == [True] * len(r.probes)
+    with pytest.raises(ToolkitError, match="time_budget_s must be positive"):
+        find_max_batch_size(fn, lambda b: torch.zeros(b, 4), "cpu", isolation="none", time_budget_s=0)
+
+
+@pytest.mark.parametrize("limit, verify, max_batch", [(37, 0, None), (1000, 3, None), (5, 1, None),
+                                                       (12345, 2, None), (1000, 2, 100), (70, 0, 100)])
+def test_expected_probes_predicts_the_search_from_linear_memory(limit, verify, max_batch):
+    from toolkit.throughput import expected_probes
+
+    def trial(b):  # 1000 bytes of runtime plus 100 per sample; the limit sits between limit and limit + 1
+        return Probe(b, b <= limit, peak_bytes=1000 + 100 * b if b <= limit else None)
+
+    seen, estimates = [], []
+    r = search_batch_size(trial, max_batch=max_batch, verify=verify,
+                          on_probe=lambda p: (seen.append(p), estimates.append(
+                              expected_probes(seen, 1000 + 100 * limit + 50, max_batch, verify))))
+    assert estimates[0] is None  # one probe: nothing predicts the limit yet
+    assert all(0 <= e - len(r.probes) <= 1 for e in estimates[1:])  # a bisection's count is its upper bound

@@ -3,15 +3,21 @@
 Each command lives in ``toolkit/cli/<command>.py`` and exposes
 ``register(subparsers)``, which adds its parser and sets ``func(args) -> int``.
 A ``ToolkitError`` (bad input, impossible request) becomes one line on stderr
-and exit code 2; an interrupted run exits 130 after the command has saved
-what it measured.
+and exit code 2; a warning is one line too (``warning: ...``). Ctrl-C anywhere
+exits 130 with one line, ``interrupted``: a command saves what it measured
+before the interrupt reaches here (``toolkit.interrupts`` makes sure it
+does reach here), and the process then ends at once, without waiting for
+helper threads.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import warnings
 
 from .errors import ToolkitError
 
@@ -35,11 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the CLI: ``warning: <message>`` on one line, without the source file and line."""
+    from tqdm.auto import tqdm
+
+    text = " ".join(str(message).split()) or category.__name__  # a multi-line message joined, not cut
+    tqdm.write(f"warning: {text}", file=file or sys.stderr)  # on its own line, above any progress bar
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    from .interrupts import unraisable_interrupts
+
     try:
-        return int(args.func(args) or 0)
+        with unraisable_interrupts(), warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            args = build_parser().parse_args(argv)
+            return int(args.func(args) or 0)
     except ToolkitError as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
@@ -48,5 +65,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _exit(code: int) -> None:
+    """Leave the process: on an interrupt at once (helper threads and exit hooks could hold it for seconds)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the command is over: a late Ctrl-C must not become a traceback
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        _exit(main())
+    except KeyboardInterrupt:  # between the command's end and _exit
+        os._exit(130)

@@ -1,12 +1,16 @@
 """Result values on disk: JSON conversion, provenance and atomic saving.
 
-Every measurement is written with ``save_json``, which writes to a temporary
-file and renames it, so an interrupted run never leaves a half-written file
-(and never destroys the previous one).
+Every result file (JSON, figures, summaries, traces) is written through
+``atomic_write``: to a temporary file in the same folder, then renamed, so an
+interrupted run never leaves a half-written file (and never destroys the
+previous one). ``check_writable`` says, before a long run starts, that its
+output could not be saved: a finished measurement must not be lost to a
+folder that cannot be written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -49,24 +53,70 @@ def provenance(device: str | None = None, command: str | None = None) -> dict:
     return rec
 
 
-def save_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as indented JSON atomically (temp file + rename)."""
+def check_writable(path: str | os.PathLike, what: str = "output", folder: bool = False) -> Path:
+    """``path`` as a Path, or a ToolkitError naming ``what`` when it could not be written.
+
+    ``folder``: ``path`` is a folder to write into (else a file). Checked by
+    writing a temporary file into the nearest folder that exists (permission
+    bits alone do not say it: root, read-only mounts); missing folders below
+    it are made when the result is saved.
+    """
+    from .errors import ToolkitError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if not folder and path.is_dir():
+        raise ToolkitError(f"{what} {path} is a folder; give a file name")
+    if folder and path.exists() and not path.is_dir():
+        raise ToolkitError(f"{what} {path} is a file, not a folder")
+    here = path if folder else path.parent
+    here = Path(os.path.abspath(here))
+    while not here.exists():
+        here = here.parent
+    if not here.is_dir():
+        raise ToolkitError(f"{what} {path} cannot be written: {here} is a file, not a folder")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(to_jsonable(obj), f, indent=1, sort_keys=False)
-            f.write("\n")
+        fd, tmp = tempfile.mkstemp(dir=here, prefix=".toolkit-write-test.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ToolkitError(f"{what} {path} cannot be written: no write access to {here} ({e.strerror})") from None
+    return path
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w"):
+    """Open a temporary file next to ``path`` for writing; on success rename it to ``path`` (0644), else remove it.
+
+    The rename is atomic: readers see the old file or the new one, never half
+    of one, also when the run is interrupted. A failure to write is a
+    ToolkitError naming the file.
+    """
+    from .errors import ToolkitError
+
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, mode) as f:
+            yield f
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+        tmp = None
+    except OSError as e:
+        raise ToolkitError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON atomically (``atomic_write``); an unwritable path is a ToolkitError."""
+    text = json.dumps(to_jsonable(obj), indent=1, sort_keys=False) + "\n"  # fails before the file is touched
+    with atomic_write(path) as f:
+        f.write(text)
+    return Path(path)
 
 
 def load_json(path: str | os.PathLike) -> Any:
@@ -79,6 +129,10 @@ def load_json(path: str | os.PathLike) -> Any:
             return json.load(f)
     except FileNotFoundError:
         raise ToolkitError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise ToolkitError(f"{path} is a folder, not a JSON file") from None
+    except OSError as e:
+        raise ToolkitError(f"cannot read {path}: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ToolkitError(f"{path} is not valid JSON ({e})") from None
 

@@ -15,7 +15,10 @@ Design decisions, and the mistakes of other batch finders they avoid:
   ``except`` block, check memory is back at its baseline, run CPU trials in a
   memory-limited child process) is ``toolkit.trials``'s docstring.
 - On GPU the caching allocator's history shifts the boundary a little;
-  ``isolation="fresh"`` runs every trial in a new process.
+  ``isolation="fresh"`` runs every trial in a new process. On CPU it can move
+  by a fraction of a percent between trials too; ``verify`` re-runs the
+  answer, steps down by bisection to a batch that fits every time, and
+  reports the boundary as the range it moved in, with the probes as evidence.
 
 Throughput is timed with CUDA events recorded between back-to-back batches
 (no synchronisation inside the timed region, so launches overlap as in a real
@@ -63,7 +66,7 @@ class BatchSearchResult:
     max_batch_size: int
     probes: tuple[Probe, ...]
     bounded: bool = False  # stopped at the user's max_batch: the true limit may be higher
-    verified: bool | None = None  # the "check" probes agreed (max fits every time, max + 1 does not)
+    verified: bool | None = None  # the "check" probes agreed (max fits every time, max + 1 does not); see boundary
     model: str | None = None
     device: str | None = None
     dtype: str | None = None
@@ -72,6 +75,24 @@ class BatchSearchResult:
     isolation: str = "none"
     baseline_bytes: int | None = None
     env: dict = field(default_factory=dict, compare=False)
+    upper_bound: int | None = None  # the smallest batch seen not to fit (None: every probe fitted)
+    budget_spent: bool = False  # the time budget ran out: the answer is a bound, not the exact largest batch
+    time_budget_s: float | None = None
+
+    @property
+    def exact(self) -> bool:
+        """The search finished: ``max_batch_size`` is the exact largest batch (or the user's bound)."""
+        return not self.budget_spent
+
+    @property
+    def highest_fit(self) -> int:
+        """The largest batch that fitted in any probe: above ``max_batch_size`` when the boundary moved between trials."""
+        return max((p.batch_size for p in self.probes if p.fits), default=self.max_batch_size)
+
+    @property
+    def boundary(self) -> tuple[int, int]:
+        """(``max_batch_size``, ``highest_fit``): one number when every trial agreed, else the range it moved in."""
+        return self.max_batch_size, max(self.highest_fit, self.max_batch_size)
 
     @property
     def memory_at_baseline(self) -> bool | None:
@@ -86,6 +107,8 @@ class BatchSearchResult:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["probes"] = [p.to_dict() for p in self.probes]
         d["memory_at_baseline"] = self.memory_at_baseline
+        d["exact"] = self.exact
+        d["highest_fit"] = self.highest_fit
         return d
 
     @classmethod
@@ -103,6 +126,9 @@ class BatchSearchResult:
     def __repr__(self) -> str:
         fits = "".join("+" if p.fits else "x" for p in self.probes)
         bound = " (user bound)" if self.bounded else ""
+        if self.budget_spent:
+            bound = (" (time budget spent: a lower bound, " + (f"{self.upper_bound} does not fit)"
+                                                                if self.upper_bound else "no batch failed yet)"))
         return (f"BatchSearchResult({self.model or 'model'} on {self.device}: max_batch_size={self.max_batch_size}"
                 f"{bound}, {len(self.probes)} probes [{fits}], memory_at_baseline={self.memory_at_baseline})")
 
@@ -112,7 +138,8 @@ class BatchSearchResult:
 
 
 def search_batch_size(trial: Callable[[int], Probe], min_batch: int = 1, max_batch: int | None = None,
-                      verify: int = 0, on_probe: Callable[[Probe], None] | None = None) -> BatchSearchResult:
+                      verify: int = 0, on_probe: Callable[[Probe], None] | None = None,
+                      stop: Callable[[int], bool] | None = None) -> BatchSearchResult:
     """Grow min_batch, 2x, 4x, ... until a trial does not fit, then bisect to the exact largest batch.
 
     ``trial(batch_size) -> Probe`` runs one attempt. Beyond the growth phase
@@ -120,7 +147,19 @@ def search_batch_size(trial: Callable[[int], Probe], min_batch: int = 1, max_bat
     optional user bound (there is no built-in one). ``verify`` > 0 re-runs the
     answer that many times and tries answer + 1 once ("check" probes); if a
     re-run of the answer fails (the boundary is not reproducible), the answer
-    steps down until its re-runs all fit.
+    steps down, 1, 2, 4, ... below it and then by bisection, to the largest
+    batch whose re-runs all fit (each re-run series stops at its first
+    failure). The boundary is then a range, ``boundary``: ``max_batch_size``
+    (fits every time) to ``highest_fit`` (fitted at least once), and the
+    probes are its evidence. ``verified``: the boundary reproduced (the first
+    answer fitted in all its re-runs and the batch above it did not fit);
+    False after a step-down.
+
+    ``stop(batch_size) -> True`` (asked before every probe after the first,
+    with the batch it would try; a time budget, say) ends the search early: the result then has
+    ``budget_spent=True``, ``max_batch_size`` the largest batch seen to fit and
+    ``upper_bound`` the smallest seen not to fit (None if none failed yet), and
+    the check probes are skipped. A probe already running is never cut short.
     """
     if min_batch < 1:
         raise ToolkitError(f"the smallest batch must be >= 1, got {min_batch}")
@@ -139,31 +178,106 @@ def search_batch_size(trial: Callable[[int], Probe], min_batch: int = 1, max_bat
         why = f" ({probes[0].error})" if probes[0].error else ""
         raise ToolkitError(f"a batch of {min_batch} does not fit{why}")
     lo, hi = min_batch, None  # lo fits; hi (once known) does not
+    spent = False
+
+    def out_of_time(batch_size: int) -> bool:
+        nonlocal spent
+        spent = spent or (stop is not None and bool(stop(batch_size)))
+        return spent
+
     while hi is None and lo != max_batch:
         nxt = 2 * lo if max_batch is None else min(2 * lo, max_batch)
+        if out_of_time(nxt):
+            break
         if run(nxt, "grow"):
             lo = nxt
         else:
             hi = nxt
-    bounded = hi is None
+    bounded = hi is None and not spent
     while hi is not None and hi - lo > 1:
         mid = (lo + hi) // 2
+        if out_of_time(mid):
+            break
         if run(mid, "bisect"):
             lo = mid
         else:
             hi = mid
     verified = None
-    if verify > 0:
-        ok = [run(lo, "check") for _ in range(verify)]
-        while not all(ok) and lo > min_batch:
-            # near the limit, allocator and library workspaces vary from run to run: a batch that fits only
-            # sometimes is not one a user can rely on, so step down until the re-runs all fit
-            lo -= 1
-            ok = [run(lo, "check") for _ in range(verify)]
-        if not bounded:
-            ok.append(not run(lo + 1, "check"))
-        verified = all(ok)
-    return BatchSearchResult(max_batch_size=lo, probes=tuple(probes), bounded=bounded, verified=verified)
+    if verify > 0 and not spent:
+
+        def reliable(b: int) -> bool:  # fits in every one of ``verify`` re-runs (stops at the first failure)
+            return all(run(b, "check") for _ in range(verify))
+
+        verified = reliable(lo)
+        if not verified:
+            # Near the limit, allocator and library workspaces vary from run to run: a batch that fits only
+            # sometimes is not one a user can rely on. Step down 1, 2, 4, ... until a batch fits every time,
+            # then bisect between it and the last one that did not: O(log gap) steps, not the gap itself.
+            bad, step, good = lo, 1, None
+            while good is None and bad > min_batch:
+                b = max(min_batch, bad - step)
+                if reliable(b):
+                    good = b
+                else:
+                    bad, step = b, 2 * step
+            while good is not None and bad - good > 1:
+                mid = (good + bad) // 2
+                if reliable(mid):
+                    good = mid
+                else:
+                    bad = mid
+            lo = min_batch if good is None else good
+        elif not bounded:
+            verified = not run(lo + 1, "check")
+    return BatchSearchResult(max_batch_size=lo, probes=tuple(probes), bounded=bounded, verified=verified,
+                             upper_bound=hi, budget_spent=spent)
+
+
+def expected_probes(probes: Iterable[Probe], max_memory: int | None = None, max_batch: int | None = None,
+                    verify: int = 0) -> int | None:
+    """An estimate of how many probes the whole search will take, from the probes so far (a progress bar's total).
+
+    Once a batch has failed, the bisection's remaining steps are exact. Before
+    that, the memory per sample (the peak's growth between the two largest
+    batches that fitted) and ``max_memory`` predict where the limit lies,
+    hence how many more doublings and bisection steps it takes (the
+    bisection's count is its upper bound, so the estimate can be one high).
+    None while nothing predicts it (one probe so far, no limit, no growth in
+    the peak).
+    """
+    probes = list(probes)
+    if not probes:
+        return None
+    n = sum(p.phase != "check" for p in probes) if any(p.phase for p in probes) else len(probes)
+    total = _expected_probes(probes, n, max_memory, max_batch, verify)
+    return None if total is None else max(total, len(probes))
+
+
+def _expected_probes(probes, n, max_memory, max_batch, verify):
+    fitting = sorted((p.batch_size, p.peak_bytes) for p in probes if p.fits)
+    failing = sorted(p.batch_size for p in probes if not p.fits)
+    checks = verify + (1 if verify else 0)  # the re-runs of the answer, then answer + 1
+    if not fitting:
+        return n
+    lo = fitting[-1][0]
+    hi = next((b for b in failing if b > lo), None)
+    if hi is None and max_batch is not None and lo >= max_batch:
+        return n + verify  # at the user's bound: no answer + 1 check
+    grow = 0
+    if hi is None:
+        known = [(b, m) for b, m in fitting if m is not None]
+        if max_memory is None or len(known) < 2 or known[-1][1] <= known[-2][1]:
+            return None
+        (b1, m1), (b2, m2) = known[-2], known[-1]
+        limit = b2 + max(0.0, (max_memory - m2) / ((m2 - m1) / (b2 - b1)))  # peak memory linear in the batch
+        if max_batch is not None and limit >= max_batch:
+            return n + math.ceil(math.log2(max_batch / lo)) + verify
+        while lo * 2 ** grow <= limit:  # doublings until one does not fit
+            grow += 1
+        lo, hi = lo * 2 ** (grow - 1), lo * 2 ** grow
+        if max_batch is not None:
+            hi = min(hi, max_batch)
+    return n + grow + max(0, math.ceil(math.log2(hi - lo))) + checks
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,7 +305,9 @@ def find_max_batch_size(model, make_input: Callable | None = None, device: str |
                         dtype: torch.dtype | None = None, max_memory: int | None = None,
                         headroom: int | None = None, min_batch: int = 1,
                         max_batch: int | None = None, isolation: str = "auto", passes: int | None = None,
-                        verify: int = 0, threads: int | None = None, progress: bool = False) -> BatchSearchResult:
+                        verify: int = 0, threads: int | None = None, progress: bool = False,
+                        time_budget_s: float | None = None, on_probe: Callable[[Probe], None] | None = None,
+                        reserve: float = 0.0, clock: Callable[[], float] = time.monotonic) -> BatchSearchResult:
     """The exact largest batch whose forward pass fits in memory, and the probes tried.
 
     ``model``: a registered model name, a ``BenchModel``, or any callable with
@@ -209,11 +325,28 @@ def find_max_batch_size(model, make_input: Callable | None = None, device: str |
     ``passes``: forward passes per trial (default 2 on GPU: the first also picks
     kernels and workspaces; 1 on CPU, which has no caching allocator); more run
     while the peak still grows. ``threads``: CPU threads in CPU trial processes
-    (default 1: the boundary is then exactly reproducible, while with more
-    threads it can move by a sample or two between runs; per-thread buffers are
-    small next to a batch's activations).
+    (default 1; per-thread buffers are small next to a batch's activations,
+    and with more threads the boundary moves further between runs).
+    Reproducibility on CPU: the trials of one search are forks of one process,
+    so they start from the same state, yet the boundary can still move by a
+    fraction of a percent between trials and between runs (the heap and the
+    kernel's memory accounting are not exactly repeatable). ``verify`` > 0
+    measures that: the answer is then the largest batch that fitted in every
+    re-run, and ``BatchSearchResult.boundary`` the range the limit moved in.
+    ``time_budget_s``: no probe starts that would end more than this many
+    seconds after the call (a probe's time is predicted from the largest
+    batch that fitted so far, linear in the batch size; ``reserve`` x that
+    time is kept free for work after the search, such as the throughput
+    curve); the result then holds bounds, not the exact answer
+    (``BatchSearchResult.exact`` is False). ``progress``
+    shows a bar on stderr whose total (hence its ETA) is ``expected_probes``;
+    ``on_probe(probe)`` is called after every probe. ``clock`` is injectable.
     """
     from .env import environment
+
+    start = clock()
+    if time_budget_s is not None and not time_budget_s > 0:
+        raise ToolkitError(f"time_budget_s must be positive, got {time_budget_s!r}")
 
     if isinstance(model, str):  # a child process builds it by name; build here only for in-process trials
         name, device = model, str(device or "cpu")
@@ -237,8 +370,11 @@ def find_max_batch_size(model, make_input: Callable | None = None, device: str |
 
         available = int(psutil.virtual_memory().available)
         max_memory, headroom = (None, available) if isolation == "none" else (available, None)
-    if (max_memory is not None and max_memory <= 0) or (headroom is not None and headroom <= 0):
-        raise ToolkitError(f"memory limits must be positive, got {max_memory or headroom}")
+    for limit_name, v in (("max_memory", max_memory), ("headroom", headroom)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 2**60):
+            raise ToolkitError(f"{limit_name} must be a positive number of bytes below 2**60, got {v!r}")
+    max_memory = None if max_memory is None else int(max_memory)
+    headroom = None if headroom is None else int(headroom)
     if cuda and max_memory is not None:
         total = torch.cuda.get_device_properties(device).total_memory
         if max_memory > total:
@@ -249,30 +385,49 @@ def find_max_batch_size(model, make_input: Callable | None = None, device: str |
         from tqdm.auto import tqdm
 
         bar = tqdm(desc=f"batch search {name or ''}".strip(), unit="trial", file=sys.stderr, leave=False)
+    limit = max_memory
+    if limit is None and cuda:
+        limit = torch.cuda.get_device_properties(device).total_memory
+    seen: list[Probe] = []
 
-    def on_probe(p: Probe) -> None:
-        if bar is not None:
+    def stop(batch_size: int) -> bool:
+        """Would a probe of ``batch_size``, and the reserve after it, end past the budget?"""
+        if time_budget_s is None:
+            return False
+        largest = max((p for p in seen if p.fits and p.seconds), key=lambda p: p.batch_size, default=None)
+        predicted = largest.seconds * batch_size / largest.batch_size if largest else 0.0
+        return clock() - start + (1 + reserve) * predicted > time_budget_s
+
+    def probed(p: Probe) -> None:
+        seen.append(p)
+        if on_probe is not None:
+            on_probe(p)
+        if bar is not None:  # between trials, never inside one
+            total = expected_probes(seen, limit if headroom is None else None, max_batch, verify)
+            bar.total = max(total, len(seen)) if total is not None else None
+            budget = f", {clock() - start:.0f}/{time_budget_s:g} s of the budget" if time_budget_s else ""
+            bar.set_postfix_str(f"{p.phase} {p.batch_size}: {'fits' if p.fits else 'no'}{budget}", refresh=False)
             bar.update(1)
-            bar.set_postfix_str(f"{p.phase} {p.batch_size}: {'fits' if p.fits else 'no'}")
 
     try:
         if isolation == "none":
             res, baseline = _search_here(model, make_input, device, max_memory, headroom, min_batch, max_batch,
-                                         passes, verify, on_probe)
+                                         passes, verify, probed, stop, clock)
         else:
             ref = dict(model=name, device=device, dtype=dtype_name, passes=passes, max_memory=max_memory,
                        headroom=headroom,
                        threads=threads or (torch.get_num_threads() if cuda else 1))
-            res, baseline = _search_in_child(ref, isolation == "fresh", min_batch, max_batch, verify, on_probe)
+            res, baseline = _search_in_child(ref, isolation == "fresh", min_batch, max_batch, verify, probed, stop)
     finally:
         if bar is not None:
             bar.close()
     return dataclasses.replace(res, model=name, device=device, dtype=dtype_name, max_memory=max_memory,
-                               headroom=headroom,
-                               isolation=isolation, baseline_bytes=baseline, env=environment(device))
+                               headroom=headroom, isolation=isolation, baseline_bytes=baseline,
+                               env=environment(device), time_budget_s=time_budget_s)
 
 
-def _search_here(model, make_input, device, max_memory, headroom, min_batch, max_batch, passes, verify, on_probe):
+def _search_here(model, make_input, device, max_memory, headroom, min_batch, max_batch, passes, verify, on_probe,
+                 stop, clock):
     baseline, warm = warm_up(model, make_input, device)
     max_memory = trial_limit(max_memory, headroom, baseline)
     failed = preflight(warm, baseline, max_memory)
@@ -280,12 +435,12 @@ def _search_here(model, make_input, device, max_memory, headroom, min_batch, max
         raise ToolkitError(f"a batch of 1 does not fit ({failed.error})")
     exact = baseline if is_cuda(device) else None  # CPU: oneDNN and glibc keep caches, no exact baseline
     with memory_limit(device, max_memory):
-        res = search_batch_size(lambda b: run_trial(model, make_input, b, device, passes=passes, baseline=exact),
-                                min_batch, max_batch, verify, on_probe)
+        res = search_batch_size(lambda b: run_trial(model, make_input, b, device, passes=passes, baseline=exact,
+                                                    clock=clock), min_batch, max_batch, verify, on_probe, stop)
     return res, baseline
 
 
-def _search_in_child(ref, fresh, min_batch, max_batch, verify, on_probe):
+def _search_in_child(ref, fresh, min_batch, max_batch, verify, on_probe, stop):
     state: dict[str, Any] = {"worker": None, "baseline": None}
 
     def trial(batch_size: int) -> Probe:
@@ -300,12 +455,16 @@ def _search_in_child(ref, fresh, min_batch, max_batch, verify, on_probe):
         return probe
 
     try:
-        res = search_batch_size(trial, min_batch, max_batch, verify, on_probe)
+        res = search_batch_size(trial, min_batch, max_batch, verify, on_probe, stop)
     except ToolkitError as e:
         limit = ref.get("max_memory")
         if limit and state["baseline"] and "does not fit" in str(e) and "before any batch" not in str(e):
             raise ToolkitError(f"{e}; the limit is {limit / 2**20:,.0f} MiB and the model's process alone uses "
                                f"{state['baseline'] / 2**20:,.0f} MiB") from None
+        raise
+    except BaseException:  # Ctrl-C: stop the running trial now rather than wait for it to end
+        if state["worker"] is not None:
+            state["worker"].kill()
         raise
     finally:
         if state["worker"] is not None:
@@ -456,6 +615,9 @@ def curve_batch_sizes(max_batch: int, min_batch: int = 1, step: int = 2) -> list
     return sizes + [max_batch]
 
 
+CURVE_COLUMNS = ["batch_size", "samples_per_s", "ci95_low", "ci95_high", "n_batches", "batch_ms_median", "error"]
+
+
 def throughput_curve(model, batch_sizes: Iterable[int], n_batches: int = 100, *, make_input: Callable | None = None,
                      device: str | None = None, progress: bool = False, on_point: Callable | None = None,
                      **kwargs):
@@ -503,8 +665,7 @@ def throughput_curve(model, batch_sizes: Iterable[int], n_batches: int = 100, *,
     finally:
         if bar is not None:
             bar.close()
-    return pd.DataFrame(rows, columns=["batch_size", "samples_per_s", "ci95_low", "ci95_high", "n_batches",
-                                       "batch_ms_median", "error"])
+    return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -564,28 +725,41 @@ class ModelThroughput:
     dtype: str
     search: BatchSearchResult
     curve: Any = field(compare=False)  # the throughput_curve DataFrame
-    optimal: OptimalBatch
+    optimal: OptimalBatch | None  # None: no curve point measured yet (a partial result)
+    complete: bool = True  # False: measured so far, the curve still running
 
     def to_dict(self) -> dict:
         """The ``throughput`` command's JSON record."""
         s, opt = self.search, self.optimal
+        if opt is None:
+            return {"model": self.model, "device": self.device, "dtype": self.dtype, "complete": self.complete,
+                    "max_memory": s.max_memory, "max_batch_size": s.max_batch_size, "bounded": s.bounded,
+                    "verified": s.verified, "exact": s.exact, "highest_fit": s.highest_fit,
+                    "upper_bound": s.upper_bound, "probes": [p.to_dict() for p in s.probes],
+                    "throughput": self._points(), "optimal": None, "env": s.env}
         return {
+            "complete": self.complete,
             "model": self.model, "device": self.device, "dtype": self.dtype, "max_memory": s.max_memory,
             "max_batch_size": s.max_batch_size, "bounded": s.bounded, "verified": s.verified,
+            "exact": s.exact, "upper_bound": s.upper_bound, "time_budget_s": s.time_budget_s,
             "optimal_batch_size": opt.optimal_batch_size, "best_batch_size": opt.best_batch_size,
             "memory_at_baseline": s.memory_at_baseline, "baseline_bytes": s.baseline_bytes,
             "isolation": s.isolation,
             "probes": [p.to_dict() for p in s.probes],
-            "throughput": [{"batch_size": int(r.batch_size), "samples_per_s": r.samples_per_s,
-                            "ci95": [r.ci95_low, r.ci95_high], "n_batches": int(r.n_batches), "error": r.error}
-                           for r in self.curve.itertuples()],
+            "highest_fit": s.highest_fit,
+            "throughput": self._points(),
             "optimal": opt.to_dict(),
             "env": s.env,
         }
 
+    def _points(self) -> list[dict]:
+        return [{"batch_size": int(r.batch_size), "samples_per_s": r.samples_per_s, "ci95": [r.ci95_low, r.ci95_high],
+                 "n_batches": int(r.n_batches), "error": r.error} for r in self.curve.itertuples()]
+
 
 def check_model_throughput(model: str, dtype: str, min_batch: int, max_batch: int | None, n_batches: int,
-                           max_time_s: float | None, curve_step: int | None, tolerance: float, verify: int) -> None:
+                           max_time_s: float | None, curve_step: int | None, tolerance: float, verify: int,
+                           time_budget_s: float | None = None) -> None:
     """A ToolkitError naming the argument ``measure_model_throughput`` would reject; builds nothing.
 
     Separate so that a sweep can check every point before it submits one.
@@ -614,13 +788,16 @@ def check_model_throughput(model: str, dtype: str, min_batch: int, max_batch: in
         count("curve_step", curve_step, 2)
     if not 0 <= tolerance < 1:
         raise ToolkitError(f"tolerance must be in [0, 1), got {tolerance}")
+    if time_budget_s is not None and not time_budget_s > 0:
+        raise ToolkitError(f"time_budget_s must be positive, got {time_budget_s!r}")
 
 
 def measure_model_throughput(model: str = "resnet-50", *, device: str = "auto", dtype: str = "float32",
                              max_memory: int | None = None, min_batch: int = 1, max_batch: int | None = None,
                              n_batches: int = 100, max_time_s: float | None = None, curve_step: int | None = None,
                              tolerance: float = 0.03, verify: int = 0, fresh_process: bool = False,
-                             progress: bool = False) -> ModelThroughput:
+                             time_budget_s: float | None = None, progress: bool = False,
+                             on_update: Callable[[ModelThroughput], None] | None = None) -> ModelThroughput:
     """The largest batch of a named model that fits, its throughput curve and the optimal batch: the CLI's call.
 
     ``max_memory`` (bytes) None: on a CPU the memory available now, for the whole
@@ -629,19 +806,32 @@ def measure_model_throughput(model: str = "resnet-50", *, device: str = "auto", 
     the whole call stays around a minute: fewer points (step 4 instead of 2),
     0.5 s timed regions instead of 5 s, one warm-up batch (no autotuning
     there), and no point just below the largest (it costs as much and says
-    little).
+    little). ``time_budget_s`` bounds the whole call: the batch search stops
+    before a probe that would not leave the curve its time (see
+    ``find_max_batch_size``), and the curve then runs up to the largest batch
+    seen to fit. ``on_update(partial)`` is called with what is measured so
+    far (``complete=False``: the search, then each curve point), so that a
+    caller can save it before a Ctrl-C or a crash loses minutes of trials.
     """
     from concurrent.futures import ThreadPoolExecutor
+
+    import pandas as pd
 
     from .env import resolve_device
     from .models import build_model
 
-    check_model_throughput(model, dtype, min_batch, max_batch, n_batches, max_time_s, curve_step, tolerance, verify)
+    check_model_throughput(model, dtype, min_batch, max_batch, n_batches, max_time_s, curve_step, tolerance, verify,
+                           time_budget_s)
     device = resolve_device(device)
     cuda = device.startswith("cuda")
     torch_dtype = getattr(torch, dtype)
+    step, warmup = curve_step or (2 if cuda else 4), 3 if cuda else 1
+    # the curve costs about (warm-up + 3 timed batches) x one batch at each point, the points shrinking by
+    # ``step``: that much of a budget stays free for it
+    reserve = (warmup + 3) * step / (step - 1)
     kw = dict(device=device, max_memory=max_memory, min_batch=min_batch, max_batch=max_batch, verify=verify,
-              isolation="fresh" if fresh_process else "auto", progress=progress)
+              isolation="fresh" if fresh_process else "auto", progress=progress, time_budget_s=time_budget_s,
+              reserve=reserve)
     if cuda and not fresh_process:  # trials in this process, on this very model
         bench = build_model(model, device=device, dtype=torch_dtype)
         search = find_max_batch_size(bench, **kw)
@@ -649,16 +839,34 @@ def measure_model_throughput(model: str = "resnet-50", *, device: str = "auto", 
         search = find_max_batch_size(model, dtype=torch_dtype, **kw)
         bench = build_model(model, device=device, dtype=torch_dtype)
     else:  # CPU trials in child processes: build our copy (for the curve) while we only wait for them
-        with ThreadPoolExecutor(1) as pool:
+        pool = ThreadPoolExecutor(1)
+        try:
             pending = pool.submit(build_model, model, device=device, dtype=torch_dtype)
             search = find_max_batch_size(model, dtype=torch_dtype, **kw)
             bench = pending.result()
-    step = curve_step or (2 if cuda else 4)
+        except BaseException:  # Ctrl-C or a failed search: do not wait for the build
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
     sizes = curve_batch_sizes(search.max_batch_size, min_batch, step)
     if not cuda and curve_step is None and len(sizes) > 2 and sizes[-2] * 1.25 > sizes[-1]:
         sizes.pop(-2)
+    rows: list[dict] = []
+
+    def partial(row: dict | None = None) -> None:  # what is measured so far, for a caller to save
+        if on_update is None:
+            return
+        if row is not None:
+            rows.append(row)
+        curve = pd.DataFrame(rows, columns=CURVE_COLUMNS)
+        finite = curve["samples_per_s"].notna().any()
+        on_update(ModelThroughput(model=model, device=device, dtype=dtype, search=search, curve=curve,
+                                  optimal=find_optimal_batch_size(curve, tolerance) if finite else None,
+                                  complete=False))
+
+    partial()
     curve = throughput_curve(bench, sizes, n_batches, device=device, progress=progress,
                              max_time_s=max_time_s if max_time_s is not None else (5.0 if cuda else 0.5),
-                             warmup=3 if cuda else 1)
+                             warmup=warmup, on_point=lambda r, row: partial(row))
     return ModelThroughput(model=model, device=device, dtype=dtype, search=search, curve=curve,
                            optimal=find_optimal_batch_size(curve, tolerance))

@@ -14,6 +14,10 @@
   not fit". The child builds the model once and forks a fresh copy of itself
   per trial: a failed allocation leaves oneDNN and glibc state behind, and
   without the fork the boundary would depend on the probes before it.
+- Ctrl-C: trial processes run in their own process group and ignore SIGINT,
+  so the terminal's interrupt reaches only the parent, which kills them at
+  once (a trial can take seconds; waiting for it would delay the exit) and
+  reports the interrupt once, with no traceback from a child.
 
 ``toolkit.throughput`` drives these trials in its search with the public
 pieces: ``run_trial`` (one trial here), ``warm_up``, ``trial_limit``,
@@ -390,13 +394,21 @@ class TrialProcess:
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.abspath(toolkit.__file__)))  # this very toolkit
         env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-        code = "import sys; from toolkit.trials import _worker_entry; _worker_entry(int(sys.argv[1]), sys.argv[2])"
+        env["PYTHONHASHSEED"] = "0"  # the same dict and set layouts, so the same heap, in every run
+        # SIGINT ignored before anything is imported; its own process group: the terminal's Ctrl-C goes to us only
+        code = ("from toolkit.interrupts import ignore_interrupts; ignore_interrupts(); import sys; "
+                "from toolkit.trials import _worker_entry; _worker_entry(int(sys.argv[1]), sys.argv[2])")
         self.proc = subprocess.Popen([sys.executable, "-c", code, str(theirs.fileno()), json.dumps(ref)],
                                      pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
-                                     stdout=2)  # stdout -> our stderr: CLI JSON on stdout stays clean
+                                     stdout=2,  # stdout -> our stderr: CLI JSON on stdout stays clean
+                                     **({"process_group": 0} if os.name == "posix" else {}))
         theirs.close()  # so that recv() sees EOF when the child dies
         self.conn = Connection(ours.detach())
-        kind, info = self._recv()
+        try:
+            kind, info = self._recv()
+        except BaseException:  # Ctrl-C while it starts
+            self.kill()
+            raise
         if kind != "ready":
             self.close()
             raise ToolkitError(f"the trial process could not start: {info}")
@@ -455,8 +467,19 @@ class TrialProcess:
                 self.conn.send(None)
                 self.proc.wait(timeout=10)
             except Exception:
+                self.kill()
+        self.conn.close()
+
+    def kill(self) -> None:
+        """Stop the process and the trial copy it forked now (Ctrl-C: no waiting for the trial to end)."""
+        import signal
+
+        if self.alive:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its group: the process and its forked trial copies
+            except (AttributeError, OSError):
                 self.proc.kill()
-                self.proc.wait()
+        self.proc.wait()
         self.conn.close()
 
 

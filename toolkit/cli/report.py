@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_device_argument
+from .common import HelpFormatter, add_device_argument
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("report", help="the main job: default experiments -> JSON, figures, summary.md",
-                              description=__doc__.split(": ", 1)[1])
+                              description=__doc__.split(": ", 1)[1], formatter_class=HelpFormatter)
     add_device_argument(p)
-    p.add_argument("--out", default="report", help="output folder (default: report)")
+    p.add_argument("--out", default="report", help="output folder")
     p.add_argument("--quick", action="store_true", help="smallest settings (CI): about a minute on a CPU")
     p.add_argument("--only", default=None,
                    help="comma-separated experiments to run (timing, batch, moe, simulation; default all)")
@@ -21,9 +21,14 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from ..errors import ToolkitError
     from ..report import run_report
+    from ..results import check_writable
 
-    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    only = None if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
+    if only == []:
+        raise ToolkitError(f"--only names no experiment ({args.only!r}); give e.g. --only timing,simulation")
+    check_writable(args.out, "--out", folder=True)
     command = " ".join(["python -m toolkit", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith(
         ("__main__.py", "toolkit")) else None
     result = run_report(args.out, device=args.device, quick=args.quick, experiments=only,

@@ -5,18 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import nonnegative_int, print_json
+from .common import HelpFormatter, nonnegative_int, plural, print_json
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("simulate", help="hit rate of a placement/caching policy on a routing trace (no GPU)",
-                              description=__doc__.split(": ", 1)[1])
+                              description=__doc__.split(": ", 1)[1], formatter_class=HelpFormatter)
     p.add_argument("--trace", default="synthetic-mixtral",
                    help="trace name (synthetic-mixtral, synthetic-mixtral-instruct) or .npz path")
     p.add_argument("--policy", default="lru",
                    help="static-popularity, static-uniform, lru, lfu, belady; comma-separated or 'all' with --sweep")
-    p.add_argument("--gpu-experts", type=nonnegative_int, default=64, help="GPU expert budget over all layers")
-    p.add_argument("--sweep", action="store_true", help="every budget from 0 to layers x experts in steps of layers")
+    p.add_argument("--gpu-experts", type=nonnegative_int, default=64, help="GPU expert budget over all layers (ignored with --sweep)")
+    p.add_argument("--sweep", action="store_true", help="every budget from 0 to layers x experts in steps of layers (or those of --budgets)")
     p.add_argument("--budgets", type=_int_list, help="explicit budgets for --sweep, e.g. 0,32,64,128")
     p.add_argument("--per-layer", action="store_true", help="also print per-layer hit rates")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -37,7 +37,7 @@ def run(args) -> int:
     from ..errors import ToolkitError
     from ..moe.policies import POLICY_NAMES
     from ..moe.simulate import simulate, sweep
-    from ..moe.traces import load_trace
+    from ..moe.trace_catalog import load_trace
 
     trace = load_trace(args.trace)
     policies = list(POLICY_NAMES) if args.policy == "all" else [p.strip() for p in args.policy.split(",") if p.strip()]
@@ -56,8 +56,9 @@ def run(args) -> int:
         return 0
     out = sys.stdout
     n_pre = int((trace.phase == 0).sum())
-    out.write(f"trace {args.trace}: {trace.n_tokens} tokens ({n_pre} prefill) in {trace.n_steps} forward passes, "
-              f"{trace.n_layers} layers x {trace.n_experts} experts, top-{trace.top_k}\n")
+    out.write(f"trace {args.trace}: {plural(trace.n_tokens, 'token')} ({n_pre} prefill) in "
+              f"{plural(trace.n_steps, 'forward pass', 'forward passes')}, {plural(trace.n_layers, 'layer')} x "
+              f"{plural(trace.n_experts, 'expert')}, top-{trace.top_k}\n")
     out.write(f"{'policy':<18} {'gpu_experts':>11} {'prefill':>8} {'decode':>8} {'total':>8} "
               f"{'copies':>9} {'GB copied':>10}\n")
     for r in results:

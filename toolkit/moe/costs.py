@@ -329,6 +329,8 @@ class CostModel:
             names = {f for f in cls.__dataclass_fields__}
             kw = {k: v for k, v in d.items() if k in names}
             for k in ("cpu_tokens", "cpu_ms", "gpu_tokens", "gpu_ms"):
+                if not isinstance(kw[k], list | tuple):
+                    raise ValueError(f"{k} must be a list of measured points, got {kw[k]!r}")
                 kw[k] = tuple(kw[k])
             kw["thread_scaling"] = {int(k): float(v) for k, v in kw.get("thread_scaling", {}).items()}
             model = cls(**kw)

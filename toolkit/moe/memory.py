@@ -151,6 +151,50 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+def host_memory_needed(preset, device: str = "cpu", dtype: torch.dtype | None = None) -> dict:
+    """Bytes a preset's model takes when built (``build_moe`` as ``MoESession`` calls it), per memory.
+
+    ``{"host": ..., "gpu": ..., "experts": ..., "dense": ...}``: on a CPU the
+    whole model is in host memory; with a CUDA device the experts are in
+    pinned host memory (which cannot be swapped out) and the dense part on
+    the GPU. Counted from the preset, before anything is allocated.
+    """
+    from .presets import from_name, parameter_counts
+
+    preset = from_name(preset)
+    dense, experts = parameter_counts(preset)
+    elsize = torch.empty((), dtype=dtype or preset.dtype).element_size()
+    dense_b, experts_b = dense * elsize, experts * elsize
+    cuda = str(device).startswith("cuda")
+    return {"host": experts_b if cuda else experts_b + dense_b, "gpu": dense_b if cuda else 0,
+            "experts": experts_b, "dense": dense_b}
+
+
+def check_host_memory(preset, device: str = "cpu", dtype: torch.dtype | None = None,
+                      available: int | None = None) -> dict:
+    """A ToolkitError with the numbers when a preset's model would not fit in host memory; else its needs.
+
+    ``available`` (bytes, tests): default psutil's available memory. Checked
+    before building, because a model larger than memory does not fail
+    cleanly: the process swaps or is killed by the OS, long after it started.
+    """
+    from .presets import from_name
+
+    preset = from_name(preset)
+    need = host_memory_needed(preset, device, dtype)
+    if available is None:
+        import psutil
+
+        available = int(psutil.virtual_memory().available)
+    where = "pinned host memory for the experts" if str(device).startswith("cuda") else "host memory"
+    if need["host"] > available:
+        raise ToolkitError(
+            f"{preset.name} with {preset.layers} layers needs {need['host'] / GiB:.1f} GiB of {where} "
+            f"(experts {need['experts'] / GiB:.1f} GiB, dense part {need['dense'] / GiB:.1f} GiB) but "
+            f"{available / GiB:.1f} GiB is available: use fewer layers (--layers)")
+    return need
+
+
 def _mem_info(device: torch.device) -> tuple[int, int]:
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)

@@ -175,7 +175,7 @@ def uniform_placement(budget: int, n_layers: int, n_experts: int) -> np.ndarray:
 
 def popularity_placement(budget: int, popularity: np.ndarray) -> np.ndarray:
     """Fiddler: the global top-``budget`` experts by popularity (ties: lower layer, then expert)."""
-    pop = _check_popularity(popularity, *np.shape(popularity))
+    pop = check_popularity(popularity, *np.shape(popularity))
     split_budget(budget, *pop.shape)  # range check
     order = np.argsort(-pop.ravel(), kind="stable")[: int(budget)]
     resident = np.zeros(pop.size, dtype=bool)
@@ -191,13 +191,17 @@ def _per_layer_top(cap: np.ndarray, popularity: np.ndarray) -> np.ndarray:
     return resident
 
 
-def _check_popularity(popularity, n_layers: int, n_experts: int) -> np.ndarray:
-    pop = np.asarray(popularity, dtype=np.float64)
+def check_popularity(popularity, n_layers: int, n_experts: int, name: str = "popularity") -> np.ndarray:
+    """A popularity profile as float64 [L, E], or a ToolkitError naming ``name``: NaN would rank arbitrarily."""
+    try:
+        pop = np.asarray(popularity, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ToolkitError(f"{name} must be numbers per (layer, expert), got {popularity!r:.60}") from None
     if pop.shape != (n_layers, n_experts):
-        raise ToolkitError(f"popularity must have shape [layers, experts] = ({n_layers}, {n_experts}), "
+        raise ToolkitError(f"{name} must have shape [layers, experts] = ({n_layers}, {n_experts}), "
                            f"got {pop.shape}")
     if not np.all(np.isfinite(pop)) or np.any(pop < 0):
-        raise ToolkitError("popularity must be finite and non-negative")
+        raise ToolkitError(f"{name} must be finite and non-negative (a popularity profile)")
     return pop
 
 
@@ -246,7 +250,7 @@ class StaticPopularity(Policy):
         if pop is None:
             raise ToolkitError("static-popularity needs a popularity profile [layers, experts] "
                                "(from a trace or toolkit.moe.synthetic.real_popularity())")
-        pop = _check_popularity(pop, n_layers, n_experts)
+        pop = check_popularity(pop, n_layers, n_experts)
         self.budget = int(budget)
         self._resident = popularity_placement(budget, pop)
         return self._resident.copy()
@@ -273,7 +277,7 @@ class _Cache(Policy):
         self.budget = int(budget)
         self.cap = split_budget(budget, n_layers, n_experts)
         if popularity is not None:
-            self._resident = _per_layer_top(self.cap, _check_popularity(popularity, n_layers, n_experts))
+            self._resident = _per_layer_top(self.cap, check_popularity(popularity, n_layers, n_experts))
         else:
             self._resident = uniform_placement(budget, n_layers, n_experts)
         self._last = np.full((n_layers, n_experts), -1, dtype=np.int64)
@@ -355,7 +359,10 @@ def next_uses(trace):
     """Belady's look-ahead tables for a ``toolkit.moe.traces.Trace`` (cached on it): ``next_uses_kernel``'s four."""
     cached = trace.__dict__.get("_next_uses")
     if cached is None:
-        cached = next_uses_kernel(trace.experts, trace.step_starts(), trace.n_experts)
+        from ..interrupts import surface_interrupt
+
+        with surface_interrupt():  # Ctrl-C inside compiled code comes back as a SystemError
+            cached = next_uses_kernel(trace.experts, trace.step_starts(), trace.n_experts)
         trace.__dict__["_next_uses"] = cached
     return cached
 

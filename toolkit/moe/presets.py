@@ -169,6 +169,31 @@ def _fill_(t: torch.Tensor, std: float, gen_device: torch.device, gen: torch.Gen
         c.copy_(tmp)
 
 
+_PER_LAYER_PARAMS: dict[str, tuple[int, int, int, int]] = {}
+
+
+def parameter_counts(preset: str | MoEPreset, layers: int | None = None) -> tuple[int, int]:
+    """(dense, experts): parameters of a preset's model, counted without building it (any number of layers).
+
+    Models of 1 and 2 layers are constructed on the ``meta`` device (no memory)
+    and the count extrapolated linearly: constructing the real layer count
+    would itself take the time and memory a too-large request must not.
+    """
+    preset = from_name(preset, layers)
+    key = repr(replace(preset, name="", layers=1))
+    if key not in _PER_LAYER_PARAMS:
+        counts = []
+        for n in (1, 2):
+            with _no_hf_init(), torch.device("meta"):
+                model = _model_class(preset.family)(make_config(replace(preset, layers=n)))
+            experts = sum(p.numel() for b in moe_blocks(model) for p in b.experts.parameters())
+            counts += [sum(p.numel() for p in model.parameters()) - experts, experts]
+        _PER_LAYER_PARAMS[key] = tuple(counts)
+    d1, e1, d2, e2 = _PER_LAYER_PARAMS[key]
+    extra = preset.layers - 1
+    return d1 + extra * (d2 - d1), e1 + extra * (e2 - e1)
+
+
 @torch.no_grad()
 def build_moe(preset: str | MoEPreset, layers: int | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
               seed: int = 0, expert_device: str | None = None):

@@ -9,7 +9,9 @@ whose ``cache_step`` the compiled kernel calls, so ``simulate`` and an engine ru
 same policy object agree exactly. Static policies need no loop: a lookup per activation.
 
 Speed: the kernels are compiled with numba (``cache=True``: the first call of a fresh install
-compiles for a few seconds); a routing decision is one (token, layer) pair.
+compiles for a few seconds); a routing decision is one (token, layer) pair. Compiled code does
+not see Ctrl-C until it returns, and then reports it as a ``SystemError``: ``simulate`` raises
+it as the ``KeyboardInterrupt`` it is.
 ``fast=False`` drives the Policy objects pass by pass exactly as the engine does (slow; the
 reference the tests compare against).
 """
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ToolkitError
+from ..interrupts import surface_interrupt
 from .phases import PHASES
 from .policies import (
     BELADY_KIND,
@@ -238,8 +241,9 @@ def simulate(trace, policy, gpu_experts: int, popularity: np.ndarray | None = No
         else:
             nxt_tab = cnt_tab = np.zeros((1, 1, 1), dtype=np.int32)  # unused: LRU/LFU ignore next uses
             nxt = ncnt = np.zeros((n_layers, n_experts), dtype=np.int64)
-        hits, acts, loads = KERNELS[kind](trace.experts, trace.phase, trace.step_starts(), nxt_tab, cnt_tab,
-                                          resident.copy(), nxt, ncnt, pol.cap)
+        with surface_interrupt():  # Ctrl-C inside the compiled kernel comes back as a SystemError
+            hits, acts, loads = KERNELS[kind](trace.experts, trace.phase, trace.step_starts(), nxt_tab, cnt_tab,
+                                              resident.copy(), nxt, ncnt, pol.cap)
     else:  # a user's own Policy subclass: drive it like the engine does
         hits, acts, loads = _drive(trace, pol)
     return SimResult(pol.name, int(gpu_experts), hits, acts, loads, bpe, name)

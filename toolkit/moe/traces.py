@@ -2,7 +2,7 @@
 
 Shapes: N tokens (trace rows), L layers, E experts per layer, K experts per token (top-k).
 
-A trace row is one token: ``experts[N, L, K]`` (int16, first = largest routing weight),
+A trace row is one token: ``experts[N, L, K]`` (int16, so at most 32768 experts per layer; first = largest routing weight),
 ``weights[N, L, K]`` (float16/32), ``step[N]`` (int32, the forward-pass index: all prompt tokens
 of a sequence share their prefill step; non-decreasing), ``phase[N]`` (uint8, 0 prefill,
 1 decode; one phase per step) and optionally ``seq[N]`` (int32 sequence id, for locality
@@ -27,8 +27,6 @@ into it, and ``toolkit.moe.trace_catalog.load_trace`` finds one by name or path.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,14 +34,16 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ToolkitError
+from ..settings import data_dir
 from .phases import DECODE, PREFILL, phase_code
 
 FORMAT, VERSION = "toolkit-trace", 1
 
 # the repository's data folder: measured routing statistics (routing/) and trace files (traces/)
-DATA_DIR = Path(os.environ.get("TOOLKIT_DATA_DIR", Path(__file__).resolve().parents[2] / "data"))
+DATA_DIR = data_dir()
 
 _HEADER_SHAPE_KEYS = ("format", "version", "n_tokens", "n_layers", "top_k")
+MAX_EXPERTS = int(np.iinfo(np.int16).max) + 1  # expert ids are stored as int16
 
 
 @dataclass
@@ -62,9 +62,17 @@ class Trace:
         if ex.ndim != 3 or ex.shape[0] == 0:
             raise ToolkitError(f"trace experts must be a non-empty [tokens, layers, top_k] array, got {ex.shape}")
         n, n_layers, k = ex.shape
+        if n_layers < 1 or k < 1:
+            raise ToolkitError(f"a trace needs >= 1 layer and top_k >= 1, got {n_layers} layers and top_k {k}")
         if not np.issubdtype(ex.dtype, np.integer):
             raise ToolkitError(f"trace experts must be integers, got {ex.dtype}")
-        n_experts = int(self.meta.get("n_experts", int(ex.max()) + 1))
+        n_experts = self.meta.get("n_experts", int(ex.max()) + 1)
+        if isinstance(n_experts, bool) or not isinstance(n_experts, int | np.integer) or n_experts < 1:
+            raise ToolkitError(f"trace n_experts must be an integer >= 1, got {n_experts!r}")
+        n_experts = int(n_experts)
+        if n_experts > MAX_EXPERTS:
+            raise ToolkitError(f"trace n_experts is {n_experts}; the format stores expert ids as int16, so at most "
+                               f"{MAX_EXPERTS} experts per layer")
         if ex.min() < 0 or ex.max() >= n_experts:
             raise ToolkitError(f"trace experts must lie in [0, {n_experts}), found [{ex.min()}, {ex.max()}]")
         if k > 1 and np.any(np.diff(np.sort(ex, axis=-1), axis=-1) == 0):
@@ -73,22 +81,19 @@ class Trace:
         w = np.asarray(self.weights)
         if w.shape != ex.shape:
             raise ToolkitError(f"trace weights {w.shape} do not match experts {ex.shape}")
+        if not (np.issubdtype(w.dtype, np.floating) or np.issubdtype(w.dtype, np.integer)):
+            raise ToolkitError(f"trace weights must be numbers, got {w.dtype}")
         self.weights = w if w.dtype in (np.float16, np.float32) else w.astype(np.float32)
-        self.step = np.asarray(self.step).astype(np.int32).reshape(-1)
-        self.phase = np.asarray(self.phase).astype(np.uint8).reshape(-1)
-        if self.step.shape != (n,) or self.phase.shape != (n,):
-            raise ToolkitError(f"trace step {self.step.shape} and phase {self.phase.shape} must have {n} rows")
+        self.step = _int_rows("step", self.step, n, 0, np.iinfo(np.int32).max).astype(np.int32)
+        self.phase = _int_rows("phase", self.phase, n, PREFILL, DECODE, "be 0 (prefill) or 1 (decode)").astype(np.uint8)
         if np.any(np.diff(self.step) < 0):
             raise ToolkitError("trace steps must be non-decreasing (rows in forward-pass order)")
-        if self.phase.max() > DECODE:
-            raise ToolkitError("trace phase must be 0 (prefill) or 1 (decode)")
         starts = self.step_starts()
         if np.any(np.maximum.reduceat(self.phase, starts[:-1]) != np.minimum.reduceat(self.phase, starts[:-1])):
             raise ToolkitError("every forward pass (step) of a trace must have a single phase")
         if self.seq is not None:
-            self.seq = np.asarray(self.seq).astype(np.int32).reshape(-1)
-            if self.seq.shape != (n,):
-                raise ToolkitError(f"trace seq {self.seq.shape} must have {n} rows")
+            info = np.iinfo(np.int32)
+            self.seq = _int_rows("seq", self.seq, n, info.min, info.max).astype(np.int32)
         self.meta = dict(self.meta)
         self.meta["n_experts"] = n_experts
 
@@ -148,6 +153,22 @@ class Trace:
                 f"L={self.n_layers}, E={self.n_experts}, K={self.top_k}, source={self.meta.get('source')!r})")
 
 
+def _int_rows(name: str, values, n: int, low: int, high: int, allowed: str | None = None) -> np.ndarray:
+    """``values`` as an integer array of ``n`` rows within [low, high], or a ToolkitError naming the field."""
+    a = np.asarray(values).reshape(-1)
+    if a.dtype == np.bool_:
+        a = a.astype(np.int64)
+    if np.issubdtype(a.dtype, np.floating) and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
+        a = a.astype(np.int64)  # whole numbers stored as floats (np.ones, say)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise ToolkitError(f"trace {name} must be whole numbers, got {a.dtype}")
+    if a.shape != (n,):
+        raise ToolkitError(f"trace {name} {a.shape} must have {n} rows")
+    if a.min() < low or a.max() > high:
+        raise ToolkitError(f"trace {name} must {allowed or f'lie in [{low}, {high}]'}, found [{a.min()}, {a.max()}]")
+    return a
+
+
 def locality(experts: np.ndarray, seq: np.ndarray | None = None) -> dict:
     """Same-first-expert and shared-expert rates per layer for consecutive rows (of one sequence)."""
     a, b = experts[:-1], experts[1:]  # [N-1, L, K]
@@ -172,15 +193,10 @@ def save_trace(trace: Trace, path) -> Path:
               "experts": trace.experts, "weights": trace.weights, "step": trace.step, "phase": trace.phase}
     if trace.seq is not None:
         arrays["seq"] = trace.seq
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from ..results import atomic_write
+
+    with atomic_write(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
     return path
 
 
