@@ -12,16 +12,29 @@ OUT/moe_decode.json after every measurement so an interruption keeps what was me
    random, seeded) and ``trace`` (``routing="synthetic-mixtral"``: real Mixtral popularity and
    locality; placement from the trace's routing counts, as Fiddler profiles offline);
 3. configurations, in three groups: at the 22% budget (14 of 64 experts) every scheme of
-   ``toolkit.moe.baselines`` under both routings (``compare``); a budget sweep of ours (0, 8, 24, 32, 48,
-   64; ``sweep``; with ``--quick`` only the ends, under the trace); ours without the split and without
-   the worker thread (``ablation``);
+   ``toolkit.moe.baselines`` and ``hf-eager`` (transformers' eager ``generate`` on the unmodified model,
+   every expert on the GPU, the same routing replayed: ``session.run_unmodified``) under both routings
+   (``compare``); a budget sweep of ours (0, 8, 24, 32, 48, 64; ``sweep``; with ``--quick`` only the
+   ends, under the trace); ours with its schedule fixed rather than measured: no split (``ours-nosplit``,
+   the worker thread on a GPU) and inline, no worker thread (``ours-inline``) (``ablation``);
 4. each configuration is measured ``--rounds`` times (default 3), round-robin within its group (round
    1 of every configuration, then round 2, ...), so a slow spell of the machine hits all alike. A round
    is ``session.run`` for batch-1 decode of 64 tokens after a 16-token prompt (copy-on-demand: 16),
    a 512-token prefill (``session.measure_prefill``), and beam width 4 (compare: ours, fiddler-serial,
-   all-gpu); each ``session.run`` warms up until decode steps are steady and replays the routing.
+   all-gpu, hf-eager); each ``session.run`` warms up until decode steps are steady and replays the routing.
    Round 1 also checks the logits against all-gpu (``session.probe_logits``). Per run the roofline
-   bound from the experts the run really read, and measured / bound.
+   bound from the experts the run really read, and measured / bound;
+5. the schedule of ours (worker thread or inline, split or not) is chosen by ``session.run`` as in the
+   CLI: round 1 measures the candidates during its warm-up (``toolkit.moe.schedule``), later rounds,
+   its prefill and its beam run the schedule round 1 picked. Each configuration's record holds round
+   1's ``schedule`` (picked, the candidates' ms per step) and each round's decode the schedule it ran;
+6. a scheme that copies from pageable memory clones the experts it copies in host memory: it is
+   skipped, with the numbers in its record, when host memory cannot hold a clone of every expert.
+
+``--full-model``: Mixtral-8x7B with all 32 layers, 56 of 256 experts on the GPU (``--budget
+56/256``), decode only (the compare group under the trace routing, 32 tokens), written to
+OUT/moe_decode_full.json. The experts take ~90 GB of pinned host memory: the host memory is checked
+before building, and a host without it gets a record saying so (status "skipped") instead of a run.
 
 A configuration's record holds its median round (decode tokens/s decides which) and, per measure,
 the rounds' median, min, max and spread; ``"anomalous": true`` (with ``anomaly_reason``) when the
@@ -30,7 +43,8 @@ rounds disagree by more than 10% of their median, so figures can leave it out.
 Prints a table and whether each target is met (ratios from this one run).
 
   PYTHONPATH=. python benchmarks/moe_decode.py --out data/gpu                    # GPU
-  PYTHONPATH=. python benchmarks/moe_decode.py --quick --device cpu --out /tmp/x  # CPU smoke test, < 1 min
+  PYTHONPATH=. python benchmarks/moe_decode.py --full-model --out data/gpu       # GPU, all 32 layers
+  PYTHONPATH=. python benchmarks/moe_decode.py --quick --device cpu --out /tmp/x  # CPU smoke test, ~30 s
 """
 
 from __future__ import annotations
@@ -48,20 +62,29 @@ import torch
 from toolkit.env import resolve_device
 from toolkit.errors import ToolkitError
 from toolkit.moe import roofline as R
-from toolkit.moe.baselines import get_baseline
+from toolkit.moe.baselines import Baseline, get_baseline
 from toolkit.moe.costs import calibrate
+from toolkit.moe.memory import check_host_memory, host_memory_needed
 from toolkit.moe.presets import from_name
 from toolkit.moe.run import ANOMALY_SPREAD, MoESession, MoESettings, logits_error, round_spread
+from toolkit.moe.schedule import SCHEDULED_SCHEMES
 from toolkit.results import provenance, save_json
 
 BUDGET_S = 450.0
-SCHEMES = ("all-gpu", "ours", "fiddler-serial", "lru-copy", "copy-on-demand")  # most important first
-BEAM_SCHEMES = ("all-gpu", "ours", "fiddler-serial")
+SCHEMES = ("all-gpu", "hf-eager", "ours", "fiddler-serial", "lru-copy", "copy-on-demand")  # most important first
+BEAM_SCHEMES = ("all-gpu", "hf-eager", "ours", "fiddler-serial")
+# transformers' eager generate on the unmodified model, every expert on the GPU (session.run_unmodified); the
+# Baseline only names and places it: it runs no engine
+HF_EAGER = Baseline("hf-eager", "transformers eager generate on the unmodified model, every expert on the GPU",
+                    "all", "makespan")
 ROUTINGS = {"uniform": "uniform", "trace": "synthetic-mixtral"}  # record label -> MoESettings.routing
+# --full-model: Mixtral-8x7B whole, 56 of its 256 experts on the GPU, decode only
+FULL_MODEL = {"preset": "mixtral-8x7b", "layers": 32, "budget": "56/256", "new_tokens": 32, "groups": "compare",
+              "routings": "trace"}
 # seconds one round of a configuration may take on the GPU (conservative): skipped when less than this is left;
-# later rounds use the configuration's own first round instead
-EST_S = {"all-gpu": 15, "ours": 20, "fiddler-serial": 40, "lru-copy": 20, "copy-on-demand": 45, "sweep": 12,
-         "ablation": 15}
+# later rounds use the configuration's own first round instead. Round 1 of ours measures its candidate schedules.
+EST_S = {"all-gpu": 15, "hf-eager": 15, "ours": 60, "fiddler-serial": 40, "lru-copy": 20, "copy-on-demand": 45,
+         "sweep": 40, "ablation": 15}
 
 
 @dataclasses.dataclass
@@ -74,6 +97,7 @@ class Config:
     budget: int
     est_s: float
     beam: bool = False
+    schedule: str | None = None  # ours: the schedule round 1 picked, run by later rounds (None: choose it)
 
     @property
     def label(self) -> str:
@@ -94,30 +118,57 @@ class Bench:
         return R.dense_bytes(self.model.config, self.dtype_bytes, kv_tokens, sequences)
 
     def decode(self, session, cfg: Config, tokens: int, beams: int = 1) -> dict:
-        """``session.run``: warm-up, then batch-1 generation of ``tokens`` (beam width ``beams``); timings and the bound."""
-        r = session.run(cfg.budget, scheme=cfg.scheme, new_tokens=tokens, beams=beams)
-        g = r.generation
-        reads = R.reads_from_stats(r.stats, "decode")
-        bound = R.decode_bound(reads, self.expert_bytes, self.ceilings,
-                               self.dense(self.args.prompt_tokens + tokens // 2, beams))
-        d = g.decode_ms
-        return {"tokens": tokens, "beams": beams, "steps_per_s": 1e3 / d["mean"] if d["mean"] else math.nan,
-                "tokens_per_s": g.decode_tokens_per_s, "mean_ms": d["mean"], "median_ms": d["median"],
-                "p90_ms": d["p90"], "samples_ms": d["samples"], "prefill_ms": r.prefill_ms,
-                "hit_rate": r.stats.hit_rate("decode"), "reads": reads.to_dict(), "bound": bound.to_dict(),
-                "measured_over_bound": bound.ratio(d["mean"]), "stats": _stats(r.stats), "warmup": r.warmup,
-                "engine": r.engine, "sequences": [list(s) for s in g.sequences]}
+        """``session.run``: warm-up, then batch-1 generation of ``tokens`` (beam width ``beams``); timings and the bound.
 
-    def prefill(self, session, engine, slow: bool) -> dict:
+        hf-eager: ``session.run_unmodified`` (no engine, so no expert counters and no bound).
+        """
+        if cfg.scheme.name == HF_EAGER.name:
+            r = session.run_unmodified(new_tokens=tokens, beams=beams)
+        else:
+            r = session.run(cfg.budget, scheme=cfg.scheme, new_tokens=tokens, beams=beams, schedule=cfg.schedule)
+        g = r.generation
+        d = g.decode_ms
+        out = {"tokens": tokens, "beams": beams, "steps_per_s": 1e3 / d["mean"] if d["mean"] else math.nan,
+               "tokens_per_s": g.decode_tokens_per_s, "mean_ms": d["mean"], "median_ms": d["median"],
+               "p90_ms": d["p90"], "samples_ms": d["samples"], "prefill_ms": r.prefill_ms,
+               "hit_rate": 1.0, "reads": None, "bound": None, "measured_over_bound": None, "stats": None,
+               "warmup": r.warmup, "schedule": r.schedule, "engine": r.engine,
+               "sequences": [list(s) for s in g.sequences]}
+        if r.stats is not None:
+            reads = R.reads_from_stats(r.stats, "decode")
+            bound = R.decode_bound(reads, self.expert_bytes, self.ceilings,
+                                   self.dense(self.args.prompt_tokens + tokens // 2, beams))
+            out.update(hit_rate=r.stats.hit_rate("decode"), reads=reads.to_dict(), bound=bound.to_dict(),
+                       measured_over_bound=bound.ratio(d["mean"]), stats=_stats(r.stats))
+        return out
+
+    def prefill(self, session, target, slow: bool) -> dict:
         """``session.measure_prefill``: a ``prefill_tokens`` prompt, no KV cache kept; ms, hits and the bound."""
         a = self.args
         repeats = 1 if slow or a.quick else 3
         warm = min(64, a.prefill_tokens) if slow else a.prefill_tokens  # the pageable clones, not a whole prefill
-        p = session.measure_prefill(engine, a.prefill_tokens, repeats=repeats, warm_tokens=warm)
+        p = session.measure_prefill(target, a.prefill_tokens, repeats=repeats, warm_tokens=warm)
+        if p.stats is None:  # the unmodified model: every expert on the device, no counters
+            return {**p.to_dict(), "hit_rate": 1.0, "reads": None, "bound": None, "measured_over_bound": None,
+                    "stats": None}
         reads = R.reads_from_stats(p.stats, "prefill")
         bound = R.prefill_bound(reads, self.expert_bytes, self.ceilings, self.dense(a.prefill_tokens))
         return {**p.to_dict(), "reads": reads.to_dict(), "bound": bound.to_dict(),
                 "measured_over_bound": bound.ratio(p.ms), "stats": _stats(p.stats)}
+
+    def cannot_run(self, cfg: Config) -> str | None:
+        """Why a configuration cannot run on this host, or None: a pageable-copy scheme clones the experts it
+        copies into ordinary host memory, next to the pinned ones; it needs room for a clone of every expert."""
+        if not (self.cuda and cfg.scheme.pageable_copies):
+            return None
+        import psutil
+
+        need = host_memory_needed(self.preset, "cuda")["experts"]
+        available = psutil.virtual_memory().available
+        if need <= 0.9 * available:
+            return None
+        return (f"host memory: {cfg.scheme.name} copies from pageable memory and may clone all experts, "
+                f"{need / 1e9:.1f} GB, but {available / 1e9:.1f} GB is available")
 
 
 def _stats(s) -> dict:
@@ -142,13 +193,18 @@ def measure_round(bench: Bench, cfg: Config, first: bool, refs: dict, tol_rel: f
     out = {}
     n = a.new_tokens if a.quick else min(a.new_tokens, scheme.token_cap or a.new_tokens)
     out["decode"] = bench.decode(session, cfg, n)
-    with session.offload(cfg.budget, scheme=scheme) as engine:
+    if scheme.name in SCHEDULED_SCHEMES and cfg.schedule is None:  # later rounds, prefill, beam: round 1's pick
+        cfg.schedule = out["decode"]["schedule"]["picked"]
+    unmodified = scheme.name == HF_EAGER.name
+    place = session.unmodified() if unmodified else session.offload(cfg.budget, scheme=scheme, schedule=cfg.schedule)
+    with place as target:
         if first:
-            logits = session.probe_logits(engine)
+            logits = session.probe_logits(target)
             if scheme.name == "all-gpu":
                 refs[cfg.routing] = logits
             out["check"] = check(logits, refs.get(cfg.routing), tol_rel)
-        out["prefill"] = bench.prefill(session, engine, slow=scheme.serial or scheme.pageable_copies)
+        if not bench.args.no_prefill:
+            out["prefill"] = bench.prefill(session, target, slow=scheme.serial or scheme.pageable_copies)
     if cfg.beam:
         out["beam"] = bench.decode(session, cfg, a.beam_tokens, beams=a.beams)
     return out
@@ -184,6 +240,13 @@ def run_group(configs: list[Config], bench: Bench, record: dict, save, log, dead
             entry = entries.get(id(cfg))
             if entry is not None and ("error" in entry or "skipped" in entry):
                 continue
+            why = bench.cannot_run(cfg) if entry is None else None
+            if why:
+                entry = entries[id(cfg)] = {**_entry(cfg), "skipped": why}
+                record["runs"].append(entry)
+                save()
+                log(f"{cfg.label}: skipped, {why}")
+                continue
             est = cfg.est_s if id(cfg) not in seconds else 1.1 * seconds[id(cfg)]
             left = deadline()
             if left < (1 if a.quick else est):
@@ -214,6 +277,9 @@ def run_group(configs: list[Config], bench: Bench, record: dict, save, log, dead
             if "check" in r:
                 entry["check"] = r.pop("check")
             entry["engine"] = r["decode"].pop("engine")
+            schedule = r["decode"]["schedule"]
+            entry.setdefault("schedule", schedule)  # round 1's choice: picked, and the candidates' ms per step
+            r["decode"]["schedule"] = schedule["picked"]
             rounds[id(cfg)].append(r)
             summarize(entry, rounds[id(cfg)])
             entry["seconds"] = entry.get("seconds", 0.0) + seconds[id(cfg)]
@@ -233,24 +299,71 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="tiny model, few tokens: a smoke test")
     ap.add_argument("--preset", default=None, help="default mixtral-8x7b (tiny-mixtral with --quick)")
-    ap.add_argument("--layers", type=int, default=None, help="default 8 (2 with --quick)")
-    ap.add_argument("--budget", type=float, default=0.22, help="GPU expert budget for the comparison (fraction)")
+    ap.add_argument("--layers", type=int, default=None, help="default 8 (2 with --quick, 32 with --full-model)")
+    ap.add_argument("--budget", type=budget_arg, default=None,
+                    help="GPU expert budget for the comparison: a fraction of all experts, or K/N for K of the "
+                         "model's N experts (default 0.22; 56/256 with --full-model)")
+    ap.add_argument("--full-model", action="store_true",
+                    help="Mixtral-8x7B with all 32 layers, 56 of 256 experts on the GPU, decode only, written to "
+                         "moe_decode_full.json (~90 GB of pinned host memory, checked before building)")
     ap.add_argument("--prompt-tokens", type=int, default=MoESettings.prompt_tokens)
-    ap.add_argument("--new-tokens", type=int, default=None, help="decode tokens (default 64, 8 with --quick)")
+    ap.add_argument("--new-tokens", type=int, default=None,
+                    help="decode tokens (default 64, 8 with --quick, 32 with --full-model)")
     ap.add_argument("--prefill-tokens", type=int, default=None, help="default 512 (32 with --quick)")
     ap.add_argument("--beams", type=int, default=4)
     ap.add_argument("--beam-tokens", type=int, default=None, help="default 16 (3 with --quick)")
     ap.add_argument("--threads", type=int, default=None, help="CPU expert threads (default: physical cores - 1)")
     ap.add_argument("--rounds", type=int, default=3, help="measurements of each configuration, round-robin")
     ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="hard time budget of the whole run")
+    ap.add_argument("--schemes", default=",".join(SCHEMES),
+                    help="comma-separated schemes of the comparison group (default: all)")
+    ap.add_argument("--routings", default=None,
+                    help="comma-separated routings: uniform, trace (default both; trace with --full-model)")
+    ap.add_argument("--groups", default=None,
+                    help="comma-separated groups to run: compare, sweep, ablation (default all; compare with "
+                         "--full-model)")
+    ap.add_argument("--no-prefill", action="store_true", help="skip the long-prompt prefill measurement")
+    ap.add_argument("--no-beam", action="store_true", help="skip the beam-search measurement")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     q = args.quick
+    if args.full_model:
+        if q:
+            ap.error("--full-model and --quick exclude each other")
+        for key, value in FULL_MODEL.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        args.no_prefill = args.no_beam = True  # decode only
+    args.budget = args.budget or "0.22"
+    args.routings = args.routings or "uniform,trace"
+    args.groups = args.groups or "compare,sweep,ablation"
     args.new_tokens = args.new_tokens or (8 if q else 64)
     args.prefill_tokens = args.prefill_tokens or (32 if q else 512)
     args.beam_tokens = args.beam_tokens or (3 if q else 16)
     return args
+
+
+def budget_arg(text: str) -> str:
+    """--budget: a fraction in [0, 1] ("0.22") or K/N ("56/256"); checked against the model in ``resolve_budget``."""
+    try:
+        parts = [float(x) for x in str(text).split("/")]
+    except ValueError:
+        parts = []
+    if not (len(parts) == 1 and 0 <= parts[0] <= 1 or len(parts) == 2 and 0 <= parts[0] <= parts[1]
+            and all(x.is_integer() for x in parts)):
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1] or K/N experts, got {text!r}")
+    return str(text)
+
+
+def resolve_budget(text: str, total: int) -> int:
+    """The comparison's GPU expert count: a fraction of ``total``, or K of K/N (N must be ``total``)."""
+    if "/" in text:
+        k, n = (int(float(x)) for x in text.split("/"))
+        if n != total:
+            raise SystemExit(f"moe_decode: --budget {text}: the model has {total} experts, not {n}")
+        return k
+    return int(round(float(text) * total))
 
 
 def main(argv=None) -> int:
@@ -264,16 +377,18 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
         args.threads = args.threads or 1
     total = preset.layers * preset.experts
-    budget = int(round(args.budget * total))
+    budget = resolve_budget(args.budget, total)
     fractions = (0, 1.0) if quick else (0, 0.125, 0.375, 0.5, 0.75, 1.0)  # quick: the ends of the curve
     sweep = sorted({min(total, int(round(f * total))) for f in fractions} - {budget})
 
     out_dir = Path(args.out)
-    path = out_dir / "moe_decode.json"
+    path = out_dir / ("moe_decode_full.json" if args.full_model else "moe_decode.json")
     record = {
         "benchmark": "moe_decode", "status": "running", "provenance": provenance(device),
         "settings": {"preset": preset.name, "layers": preset.layers, "experts_per_layer": preset.experts,
-                     "total_experts": total, "budget": budget, "budget_fraction": args.budget, "sweep": sweep,
+                     "total_experts": total, "budget": budget, "budget_fraction": budget / total, "sweep": sweep,
+                     "full_model": args.full_model, "groups": args.groups, "routings": args.routings,
+                     "prefill": not args.no_prefill, "beam": not args.no_beam,
                      "dtype": str(preset.dtype).removeprefix("torch."), "expert_bytes": preset.expert_bytes(),
                      "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                      "prefill_tokens": args.prefill_tokens, "beams": args.beams, "beam_tokens": args.beam_tokens,
@@ -296,6 +411,14 @@ def main(argv=None) -> int:
         save(status)
 
     save()
+    try:  # the experts in (pinned) host memory: a model that cannot fit is a record, not a swapping host
+        record["settings"]["host_memory"] = check_host_memory(preset, device)
+    except ToolkitError as e:
+        record["skipped"] = str(e)
+        log(f"skipped: {e}")
+        finish("skipped: host memory")
+        print_summary(record)
+        return 0
     try:
         cm = calibrate(preset.hidden, preset.intermediate, preset.dtype, device, threads=args.threads,
                        path=out_dir / "moe_decode_costs.json", repeats=3 if quick else 5)
@@ -311,6 +434,7 @@ def main(argv=None) -> int:
         else:
             record["routings"]["trace"] = f"synthetic Mixtral trace needs 8 experts, top-2 ({preset.name} has " \
                                           f"{preset.experts})"
+        sessions = {k: v for k, v in sessions.items() if k in args.routings.split(",")}
         for label, s in sessions.items():
             record["routings"][label] = s.trace.meta.get("source", s.routing_name)
         record["settings"]["build_s"] = time.perf_counter() - t_start
@@ -326,15 +450,20 @@ def main(argv=None) -> int:
         tol_rel = 1e-4 if preset.dtype == torch.float32 else 0.02
         ours = get_baseline("ours")
         groups = [
-            [Config("compare", get_baseline(name), routing, total if name == "all-gpu" else budget, EST_S[name],
-                    beam=name in BEAM_SCHEMES) for routing in sessions for name in SCHEMES],
+            [Config("compare", HF_EAGER if name == HF_EAGER.name else get_baseline(name), routing,
+                    total if name in ("all-gpu", HF_EAGER.name) else budget, EST_S[name],
+                    beam=name in BEAM_SCHEMES and not args.no_beam)
+             for routing in sessions for name in SCHEMES if name in args.schemes.split(",")],
             [Config("sweep", ours, routing, k, EST_S["sweep"]) for routing in list(sessions)[-1 if quick else 0:]
              for k in sweep],
-            [Config("ablation", dataclasses.replace(ours, name=variant, **change), "uniform", budget,
+            [Config("ablation", dataclasses.replace(ours, name=variant, **change),
+                    "uniform" if "uniform" in sessions else next(iter(sessions)), budget,
                     EST_S["ablation"])
              for variant, change in (("ours-nosplit", {"split": False}), ("ours-inline", {"overlap": False}))],
         ]
         deadline = lambda: args.budget_s - (time.perf_counter() - t_start)  # noqa: E731
+        wanted = args.groups.split(",")
+        groups = [g for name, g in zip(("compare", "sweep", "ablation"), groups) if name in wanted]
         for configs in groups:
             run_group(configs, bench, record, save, log, deadline, refs, tol_rel)
         finish("complete")
@@ -448,15 +577,27 @@ def _line(e) -> str:
     return (f"{e['kind']} {e['scheme']} {e['routing']} k={e['budget']}: decode {_f(d.get('tokens_per_s'))} tok/s "
             f"(x{_f(d.get('measured_over_bound'))} bound, spread {_spread(d)}), prefill {_f(p.get('ms'), '.0f')} ms "
             f"(x{_f(p.get('measured_over_bound'))}), beam {_f(b.get('steps_per_s'))} steps/s, "
-            f"check {'-' if not e.get('check') else ('ok' if e['check']['pass'] else 'FAIL')}"
-            f"{', ANOMALOUS' if e.get('anomalous') else ''} ({e.get('seconds', 0):.0f} s)")
+            f"check {'-' if not e.get('check') else ('ok' if e['check']['pass'] else 'FAIL')}, "
+            f"schedule {_schedule(e)}{', ANOMALOUS' if e.get('anomalous') else ''} ({e.get('seconds', 0):.0f} s)")
+
+
+def _schedule(e) -> str:
+    """The schedule a configuration ran, with the candidates round 1 measured: 'inline (overlap 70.4 ...)'."""
+    s = e.get("schedule") or {}
+    cands = s.get("candidates") or {}
+    others = ", ".join(f"{k} {v:.1f}" for k, v in sorted(cands.items(), key=lambda kv: kv[1]))
+    return f"{s.get('picked', '-')}" + (f" ({others} ms/step)" if others else "")
 
 
 def print_summary(record: dict) -> None:
     s = record["settings"]
     print(f"\n{s['preset']} x{s['layers']} layers, {s['total_experts']} experts, {s['dtype']}, budget {s['budget']} "
-          f"GPU experts; decode {s['new_tokens']} tokens after {s['prompt_tokens']}, prefill {s['prefill_tokens']}, "
-          f"beam {s['beams']}; {s['rounds']} rounds each; status {record['status']}")
+          f"GPU experts; decode {s['new_tokens']} tokens after {s['prompt_tokens']}, prefill "
+          f"{s['prefill_tokens'] if s.get('prefill', True) else 'off'}, beam {s['beams'] if s.get('beam', True) else 'off'}"
+          f"; {s['rounds']} rounds each; status {record['status']}")
+    if record.get("skipped"):
+        print(f"skipped: {record['skipped']}")
+        return
     if record.get("cost_model_summary"):
         print(record["cost_model_summary"])
     c = record.get("ceilings")
@@ -464,7 +605,7 @@ def print_summary(record: dict) -> None:
         print(f"ceilings: GPU {c['gpu_gbs']:.0f} GB/s, host {c['host_gbs']:.1f} GB/s, H2D {c['h2d_gbs']:.1f} GB/s")
     head = (f"{'kind':<8} {'routing':<8} {'scheme':<15} {'k':>3} {'hit':>5} {'tok/s':>7} {'spread':>6} {'p50 ms':>7} "
             f"{'p90 ms':>7} {'bound':>6} {'x bnd':>5} {'vs cod':>6} {'vs fid':>6} {'prefill':>8} {'bound':>6} "
-            f"{'x bnd':>5} {'beam st/s':>9} {'check':>5}")
+            f"{'x bnd':>5} {'beam st/s':>9} {'check':>5}  schedule")
     print(head)
     for e in record["runs"]:
         if "skipped" in e or "error" in e or "decode" not in e:
@@ -479,7 +620,7 @@ def print_summary(record: dict) -> None:
               f"{_f(_ratio(record, e, 'copy-on-demand')):>6} {_f(_ratio(record, e, 'fiddler-serial')):>6} "
               f"{_f(p.get('ms'), '.1f'):>8} {_f((p.get('bound') or {}).get('ms'), '.1f'):>6} "
               f"{_f(p.get('measured_over_bound')):>5} {_f(b.get('steps_per_s')):>9} "
-              f"{'-' if not ck else ('ok' if ck['pass'] else 'FAIL'):>5}"
+              f"{'-' if not ck else ('ok' if ck['pass'] else 'FAIL'):>5}  {_schedule(e)}"
               f"{'  anomalous: ' + e['anomaly_reason'] if e.get('anomalous') else ''}")
     for routing, t in (record.get("targets") or {}).items():
         print(f"targets ({routing} routing):")

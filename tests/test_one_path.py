@@ -19,6 +19,7 @@ from toolkit.__main__ import main
 from toolkit.errors import ToolkitError
 from toolkit.moe import generation
 from toolkit.moe.costs import CostModel, save_cost_model
+from toolkit.moe.presets import moe_blocks
 from toolkit.moe.run import MoESession, MoESettings, run_moe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ class Spy:
                 from toolkit.moe.run import resolve_settings
 
                 spy.sessions.append(resolve_settings(settings, **{k: v for k, v in kw.items()
-                                                                  if k not in ("model", "cost_model")}))
+                                                                  if k not in ("model", "cost_model", "on_build")}))
                 raise Stop
             real_init(session, settings, **kw)
             spy.sessions.append(session.settings)
@@ -76,8 +77,9 @@ class Spy:
         return {tuple(sorted((k, v) for k, v in g.items() if k not in ("max_new_tokens", "scheme")))
                 for g in self.generations if g["scheme"] == scheme and g["num_beams"] == beams}
 
-    def warmup_tokens(self, scheme: str | None = "ours") -> set:
-        return {g["max_new_tokens"] for g in self.generations if g["scheme"] == scheme}
+    def warmup_tokens(self, scheme: str | None = "ours", beams: int = 1) -> set:
+        """The token counts of one scheme's generations (warm-up and measured) at one beam width."""
+        return {g["max_new_tokens"] for g in self.generations if g["scheme"] == scheme and g["num_beams"] == beams}
 
 
 def changed(settings: MoESettings) -> set[str]:
@@ -138,8 +140,7 @@ def test_cli_and_run_moe_generate_alike(monkeypatch, capsys, calibration):
         {"gpu_experts": None, "scheme": "ours"}]
     spy.generations.clear()
     result = run_moe(device="cpu", calibration=calibration, new_tokens=4)
-    assert spy.generate_settings() == cli_generate and spy.warmup_tokens() == cli_tokens == {
-        MoESettings.warmup_tokens, 4}
+    assert spy.generate_settings() == cli_generate and spy.warmup_tokens() == cli_tokens == {4}
     assert dict(next(iter(cli_generate))) == {"num_beams": 1, "do_sample": False, "ignore_eos": True, "seed": 0}
     assert cli["settings"] == result.settings.to_dict() and cli["warmup"]["rounds"] >= 2
     assert cli["routing"] == result.routing == "synthetic-mixtral"
@@ -175,7 +176,9 @@ def test_moe_decode_ours_generates_as_the_cli_does(moe_decode_run):
         assert all(getattr(s, f) == getattr(MoESettings(), f) for f in GENERATION_FIELDS)
     assert dict(next(iter(spy.generate_settings("ours")))) == {"num_beams": 1, "do_sample": False,
                                                                 "ignore_eos": True, "seed": 0}
-    assert MoESettings.warmup_tokens in spy.warmup_tokens("ours")  # warmed up like the CLI
+    # warmed up like the CLI: warm-up generations as long as the measured ones
+    assert spy.warmup_tokens("ours") == {record["settings"]["new_tokens"]}
+    assert spy.warmup_tokens("ours", beams=record["settings"]["beams"]) == {record["settings"]["beam_tokens"]}
     assert all(r.get("warmup", True) for r in spy.runs)
     assert record["status"] == "complete"
 
@@ -198,6 +201,15 @@ def test_moe_decode_alternates_configurations_and_records_rounds(moe_decode_run)
         assert r["check"]["pass"]
     ours = next(r for r in runs if r["kind"] == "compare" and r["scheme"] == "ours")
     assert ours["beam"]["steps_per_s"] > 0 and ours["beam"]["rounds"]["median"] > 0
+    # the schedule of every run: round 1's choice (on a CPU: the engine's default, unmeasured), each round's
+    for r in runs:
+        assert {"picked", "candidates", "measured", "reason"} <= set(r["schedule"])
+        assert r["decode"]["schedule"] == r["schedule"]["picked"]
+    assert ours["schedule"]["picked"] == "inline" and "cpu device" in ours["schedule"]["reason"]
+    # transformers' eager generate on the unmodified model, under the same replayed routings
+    eager = [r for r in runs if r["scheme"] == "hf-eager"]
+    assert {r["routing"] for r in eager} == {"uniform", "trace"} and all(r["budget"] == 16 for r in eager)
+    assert all(r["schedule"]["picked"] == "unmodified" and r["decode"]["bound"] is None for r in eager)
     assert record["settings"]["total_experts"] == 16 and record["settings"]["rounds"] == 2
 
 
@@ -291,13 +303,24 @@ def test_probe_logits_of_the_engine_match_the_unmodified_model(session):
 
 
 def test_unmodified_run_and_shared_sessions(session):
+    from toolkit.moe.run import logits_error
+
     ref = session.run_unmodified(beams=2)
     assert ref.scheme == "unmodified" and ref.engine == {} and ref.generation.num_beams == 2
     assert ref.generation.hit_rate is None and ref.warmup["rounds"] >= 2
+    assert ref.schedule["picked"] == "unmodified" and not ref.schedule["measured"]
     traced = session.with_settings(routing="uniform")
     assert traced.model is session.model and traced.cost_model is session.cost_model
     assert traced.routing_name == "uniform" and session.routing_name == "model"
-    with pytest.raises(ToolkitError, match="own router"):
-        traced.run_unmodified()
+    # the unmodified model replays the same routing as the engine: same logits, same greedy tokens
+    gates = [b.gate for b in moe_blocks(traced.model)]
+    with traced.unmodified() as model:
+        assert all(type(b.gate).__name__ == "RoutedGate" for b in moe_blocks(model))
+        want = traced.probe_logits(model)
+    assert [b.gate for b in moe_blocks(traced.model)] == gates  # its own routers are back
+    with traced.offload(4) as engine:
+        err = logits_error(traced.probe_logits(engine), want)
+    assert err["argmax_agreement"] == 1.0 and max(err["prefill_max_abs_diff"], err["decode_max_abs_diff"]) < 1e-4
+    assert traced.run_unmodified().generation.sequences == traced.run("all").generation.sequences
     with pytest.raises(ToolkitError, match="layers fix the built model"):
         session.with_settings(layers=1)

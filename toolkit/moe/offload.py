@@ -22,7 +22,10 @@ and layer:
    copies its down projection and first k gate/up rows, the CPU computes the
    other gate/up rows and sends back those activations (a few KB);
 4. CPU experts run in a worker thread (torch releases the GIL) concurrently
-   with the GPU's work; their activations go through reused pinned buffers;
+   with the GPU's work, or inline once the GPU's work is queued
+   (``Offloaded.set_schedule``; which is faster depends on the host, so a run
+   measures it: ``toolkit.moe.schedule``); their activations go through reused
+   pinned buffers;
    copied experts stream from pinned host memory into a small ring of reused
    GPU staging buffers on a side stream, pipelined with their compute;
 5. experts with no tokens cost nothing.
@@ -225,6 +228,24 @@ class StaticPlacement:
         return self._resident[layer]
 
 
+def _budget(gpu_experts, n_layers: int, n_experts: int) -> int | None:
+    """``gpu_experts`` as a whole count ("all": every expert; None stays None), or a ToolkitError naming it.
+
+    2.9 must not become 2 resident experts reported as 2.9.
+    """
+    total = n_layers * n_experts
+    if gpu_experts is None:
+        return None
+    if isinstance(gpu_experts, str):
+        if gpu_experts.lower() == "all":
+            return total
+        raise ToolkitError(f"gpu_experts must be a whole number or 'all', got {gpu_experts!r}")
+    if isinstance(gpu_experts, bool) or not isinstance(gpu_experts, int | float | np.integer | np.floating) \
+            or not math.isfinite(gpu_experts) or not float(gpu_experts).is_integer():
+        raise ToolkitError(f"gpu_experts must be a whole number or 'all', got {gpu_experts!r}")
+    return int(gpu_experts)
+
+
 def _initial_residency(placement, policy, gpu_experts, n_layers, n_experts):
     """-> (policy, resident [L, E]) from the user's placement / policy / budget."""
     total = n_layers * n_experts
@@ -237,8 +258,10 @@ def _initial_residency(placement, policy, gpu_experts, n_layers, n_experts):
         placement = np.asarray(placement)
         if placement.shape != (n_layers, n_experts):
             raise ToolkitError(f"placement has shape {placement.shape}, the model has [L, E] = [{n_layers}, {n_experts}]")
-        if placement.dtype != bool:
-            popularity = placement.astype(np.float64)  # a popularity profile: counts per (layer, expert)
+        if placement.dtype != bool:  # a popularity profile: counts per (layer, expert)
+            from .policies import check_popularity
+
+            popularity = check_popularity(placement, n_layers, n_experts, name="placement")
     if gpu_experts is None:
         if placement is None or popularity is not None:
             raise ToolkitError("gpu_experts is required unless a boolean placement is given")
@@ -651,18 +674,24 @@ class OffloadedExperts(nn.Module):
         return out
 
 
-class _RoutedGate(nn.Module):
-    """Replaces a router by ``routing.route(layer, hidden [T, D], phase) -> (top_k_index [T, K], top_k_weights [T, K])``."""
+class RoutedGate(nn.Module):
+    """Replaces a router by ``routing.route(layer, hidden [T, D], phase) -> (top_k_index [T, K], top_k_weights [T, K])``.
 
-    def __init__(self, gate: nn.Module, layer: int, engine: Offloaded, n_experts: int):
+    ``phase()`` says the phase of the current pass (the engine's; None where
+    nobody tracks it, as for the unmodified model of ``MoESession.unmodified``,
+    whose trace replay does not need it). Public so that the unmodified model
+    can replay exactly the routing an engine replays.
+    """
+
+    def __init__(self, gate: nn.Module, layer: int, routing, n_experts: int, phase=lambda: None):
         super().__init__()
         self.original = gate
         self.layer, self.n_experts = layer, n_experts
-        self.__dict__["engine"] = engine
+        self.__dict__["routing"], self.__dict__["phase"] = routing, phase  # plain attributes, never submodules
 
     def forward(self, hidden_states):
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, D]
-        index, weights = self.engine.routing.route(self.layer, hidden, self.engine.phase)
+        index, weights = self.routing.route(self.layer, hidden, self.phase())
         index = torch.as_tensor(index).to(hidden.device, torch.long)  # [T, K]
         weights = torch.as_tensor(weights).to(hidden.device)  # [T, K]
         logits = torch.zeros(hidden.shape[0], self.n_experts, device=hidden.device, dtype=hidden.dtype)  # aux loss only
@@ -735,10 +764,7 @@ class Offloaded:
         self.copy_slots = copy_slots
         self._slots: list[_Slot] = []
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.executor = None
-        if options.overlaps:
-            self.executor = ThreadPoolExecutor(1, thread_name_prefix="moe-cpu",
-                                               initializer=self._init_worker, initargs=(cpu_threads, device))
+        self.executor = self._start_worker() if options.overlaps else None
         self._hooks = []
         self._orig_param_devices = original_devices
         self.experts: list[OffloadedExperts] = []
@@ -749,7 +775,7 @@ class Offloaded:
             self.experts.append(mod)
             block.experts = mod
             if routing is not None:
-                block.gate = _RoutedGate(block.gate, layer, self, n_experts)
+                block.gate = RoutedGate(block.gate, layer, routing, n_experts, phase=lambda: self.phase)
         # staging slots are allocated once, up front: a buffer the side stream writes must never be memory
         # that the main stream's allocator has just recycled from a kernel still in flight
         first = self.experts[0]
@@ -757,6 +783,11 @@ class Offloaded:
             self._slots = [_Slot(torch.empty_like(first.host_gate_up[0], device=device),
                                  torch.empty_like(first.host_down[0], device=device)) for _ in range(copy_slots)]
         self._install_hooks()
+
+    def _start_worker(self) -> ThreadPoolExecutor:
+        """The worker thread of the overlapped schedule (one: the CPU experts of a layer are one job)."""
+        return ThreadPoolExecutor(1, thread_name_prefix="moe-cpu", initializer=self._init_worker,
+                                  initargs=(self.cpu_threads, self.device))
 
     @staticmethod
     def _init_worker(threads, device):
@@ -862,6 +893,34 @@ class Offloaded:
     def phase(self) -> str:
         return self._phase
 
+    @property
+    def schedule(self) -> dict:
+        """How CPU experts are scheduled now: ``{"overlap": worker thread, "split": a layer may split an expert}``."""
+        return {"overlap": self.executor is not None, "split": self.split}
+
+    def set_schedule(self, overlap: bool, split: bool) -> None:
+        """Switch the schedule without offloading again: CPU experts in a worker thread or inline, split or not.
+
+        Why: which schedule is fastest depends on the machine (on a host whose
+        CPU experts and pinned copies share the memory bandwidth, the worker
+        thread can cost more than the overlap buys), so a run measures the
+        candidates on the offloaded model (``toolkit.moe.schedule``); offloading
+        again per candidate would copy every resident expert again. ``overlap``
+        starts the worker thread (or stops it, after its last job). ``split``
+        takes effect only with the makespan decision; the serial schedule never
+        overlaps nor splits. Call it between forward passes, not during one.
+        """
+        if not self._slots:
+            raise ToolkitError("this engine has been restored: offload the model again to change its schedule")
+        options = dataclasses.replace(self.options, overlap=bool(overlap), split=bool(split))
+        if options.overlaps and self.executor is None:
+            self.executor = self._start_worker()
+        elif not options.overlaps and self.executor is not None:
+            self.executor.shutdown(wait=True)
+            self.executor = None
+        self.options = options
+        self.split = options.splits
+
     def set_phase(self, phase: str) -> None:
         """'prefill' or 'decode' (fixed), or 'auto' (from the input length of each forward: > 1 token is prefill)."""
         if phase not in (*PHASES, "auto"):
@@ -895,10 +954,21 @@ class Offloaded:
     def n_experts(self) -> int:
         return self.stats.n_experts
 
+    @property
+    def active(self) -> bool:
+        """True until ``restore()``: the model runs through this engine (afterwards its experts are not here)."""
+        return not getattr(self, "_restored", False)
+
+    def _check_active(self) -> None:
+        if not self.active:
+            raise ToolkitError("this offloaded engine was restored: run the model itself, or offload it again")
+
     def reset_stats(self) -> None:
+        self._check_active()  # generate() starts here: a restored engine would report experts it no longer has
         self.stats.reset()
 
     def __call__(self, *args, **kwargs):
+        self._check_active()
         return self.model(*args, **kwargs)
 
     def to_dict(self) -> dict:
@@ -920,6 +990,7 @@ class Offloaded:
 
     def restore(self):
         """Put the original experts modules and routers back; return the model (a second call does nothing)."""
+        self._restored = True
         for mod in self.experts:  # free the GPU tier first: the experts may be moving back to the GPU
             mod.gpu.clear()
             mod._pageable = None  # drop pageable clones
@@ -955,11 +1026,11 @@ def _check_fits(n_resident: int, copy_slots: int, expert_bytes: int, device: tor
 
 
 @torch.no_grad()
-def offload(model, gpu_experts: int | None, device: str = "cuda", placement=None, policy=None,
+def offload(model, gpu_experts: int | str | None, device: str = "cuda", placement=None, policy=None,
             cost_model: CostModel | str | os.PathLike | None = None, routing=None, cpu_threads: int | None = None,
             copy_slots: int = 2, overlap: bool | None = None, *, decision: str = "makespan", serial: bool = False,
             pageable_copies: bool = False, split: bool = True) -> Offloaded:
-    """Split the experts of ``model`` between the GPU (``gpu_experts`` of them in total) and the CPU.
+    """Split the experts of ``model`` between the GPU (``gpu_experts`` of them in total, or "all") and the CPU.
 
     placement: bool [L, E] (which experts), numeric [L, E] (a popularity
     profile: the top ``gpu_experts``), a placement JSON path, or None (spread
@@ -998,6 +1069,7 @@ def offload(model, gpu_experts: int | None, device: str = "cuda", placement=None
         raise ToolkitError(f"copy_slots must be >= 1, got {copy_slots}")
     if decision not in DECISIONS:
         raise ToolkitError(f"decision must be one of {', '.join(DECISIONS)}, got {decision!r}")
+    gpu_experts = _budget(gpu_experts, n_layers, n_experts)
     policy, resident = _initial_residency(placement, policy, gpu_experts, n_layers, n_experts)
     if gpu_experts is None:
         gpu_experts = int(resident.sum())

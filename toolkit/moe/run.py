@@ -3,9 +3,10 @@
 The recipe is always the same: check the inputs (files, budgets) before the
 model is built -> build the preset with random weights (experts in pinned host
 memory on a GPU) -> calibrate or load the cost model -> offload with a scheme
--> warm up until decode steps are steady -> replay the same routing from its
-start -> generate with per-step timing -> restore the model. ``MoESettings``
-holds every default of that recipe, once.
+-> choose the schedule of the CPU experts by measuring the candidates
+(``toolkit.moe.schedule``) -> warm up until decode steps are steady -> replay
+the same routing from its start -> generate with per-step timing -> restore
+the model. ``MoESettings`` holds every default of that recipe, once.
 
 Two ways in:
 
@@ -64,11 +65,19 @@ class MoESettings:
     (each token picks top-k distinct experts at random, seeded), or a trace
     name / .npz path; a trace also gives the popularity profile for placement.
     policy: a placement or caching policy name overriding the scheme's.
+    schedule: how scheme "ours" runs its CPU experts: "auto" (measure the
+    candidates of ``toolkit.moe.schedule`` during warm-up, keep the fastest;
+    on a CPU device the engine's default, unmeasured), or "overlap", "inline",
+    "overlap-nosplit", "inline-nosplit"; the peer schemes keep their own.
     dtype: the model's dtype (None: the preset's).
-    warmup_tokens: tokens of each warm-up generation (0: no warm-up); warm-up
-    repeats until two successive median decode steps agree within 5% (at most
-    5 rounds): a cold process, a GPU whose clocks have not ramped, or a CPU
-    thread pool not yet spun up is slower for a while.
+    warmup_tokens: tokens of each warm-up generation (0: no warm-up; None, the
+    default: as many as the measured generation); warm-up repeats until two
+    successive median decode steps agree within 5% (at most 5 rounds). A
+    warm-up shorter than the measured generation is not enough: on an H200,
+    after 8-token warm-ups the 8th and later steps of the first 64-token
+    generation took ~110 ms against ~65 ms for the same steps one generation
+    later (first use of each new KV-cache length), so a fresh process
+    measured half the tokens/s of a warm one.
     """
 
     preset: str = "tiny-mixtral"
@@ -80,6 +89,7 @@ class MoESettings:
     placement: str | None = None  # placement JSON file (which experts are on the GPU)
     calibration: str | None = None  # cost model file; None: measure once, cached per machine
     threads: int | None = None  # CPU threads for CPU experts; None: chosen for this machine
+    schedule: str = "auto"  # worker thread or inline, split or not: measured per run (toolkit.moe.schedule)
     dtype: str | None = None
     prompt_tokens: int = 16
     new_tokens: int = 32
@@ -89,10 +99,16 @@ class MoESettings:
     temperature: float | None = None
     top_k: int | None = None
     allow_eos: bool = False  # False: generate exactly new_tokens (what timing needs)
-    warmup_tokens: int = 8
+    warmup_tokens: int | None = None  # None: as many as the measured generation
     repeats: int = 1  # measured generations per run (their samples pooled; each run's prefill kept)
     seed: int = 0
     device: str = "auto"
+
+    def warmup_length(self, new_tokens: int | None = None) -> int:
+        """Tokens of each warm-up generation: ``warmup_tokens``, or as many as the measured generation."""
+        if self.warmup_tokens is not None:
+            return int(self.warmup_tokens)
+        return int(new_tokens or self.new_tokens)
 
     def replace(self, **changes) -> MoESettings:
         return dataclasses.replace(self, **changes)
@@ -127,6 +143,7 @@ class MoERunResult:
     memory_plan: object | None = None  # toolkit.moe.memory.MemoryPlan on a GPU
     prefill_samples_ms: tuple[float, ...] = ()
     warmup: dict = field(default_factory=dict)  # rounds, median decode ms per round, steady
+    schedule: dict = field(default_factory=dict)  # ScheduleChoice.to_dict(): picked, candidates {name: ms/step}, ...
     stats: object | None = None  # toolkit.moe.offload.ExpertStats of the last repeat (None: unmodified model)
 
     @property
@@ -156,7 +173,7 @@ class MoERunResult:
                 "prefill_ms": self.prefill_ms, "prefill_samples_ms": list(self.prefill_samples_ms),
                 "engine": self.engine,
                 "memory_plan": None if self.memory_plan is None else self.memory_plan.to_dict(), "warmup": self.warmup,
-                "settings": self.settings.to_dict()}
+                "schedule": self.schedule, "settings": self.settings.to_dict()}
 
     def __repr__(self) -> str:
         return (f"MoERunResult({self.preset} x{self.layers}, {self.generation.gpu_experts}/{self.total_experts} "
@@ -224,7 +241,11 @@ def resolve_settings(settings: MoESettings | None = None, **overrides) -> MoESet
     s = s.replace(**overrides) if overrides else s
     for name in ("prompt_tokens", "new_tokens", "batch_size", "beams", "repeats"):
         _check_count(name, getattr(s, name), 1)
-    _check_count("warmup_tokens", s.warmup_tokens, 0)
+    if s.warmup_tokens is not None:
+        _check_count("warmup_tokens", s.warmup_tokens, 0)
+    _check_count("seed", s.seed, 0)
+    if s.seed >= 2**63:  # torch generators take 64 bits; the run also seeds with seed + 1 and seed + 2
+        raise ToolkitError(f"seed must be below 2**63, got {s.seed}")
     if s.temperature is not None and not (math.isfinite(s.temperature) and s.temperature > 0):
         raise ToolkitError(f"temperature must be a finite number > 0, got {s.temperature}")
     if s.top_k is not None and (isinstance(s.top_k, bool) or int(s.top_k) < 0):
@@ -243,8 +264,10 @@ def resolve_settings(settings: MoESettings | None = None, **overrides) -> MoESet
     else:
         s = s.replace(gpu_experts=int(gpu))
     from .baselines import get_baseline
+    from .schedule import check_schedule
 
     get_baseline(s.scheme)
+    check_schedule(s.schedule, s.scheme)
     if s.policy is not None:
         from .policies import POLICY_NAMES
 
@@ -304,9 +327,12 @@ class MoESession:
     built. ``model`` / ``cost_model`` reuse ones already built (the model must
     be this preset, built with this seed); ``with_settings`` makes such a
     session. Use as a context manager, or call ``close()``, to free the model.
+    ``on_build(session)`` is called once every input is checked, just before
+    the model is built (the CLI says there what the build will take).
     """
 
-    def __init__(self, settings: MoESettings | None = None, *, model=None, cost_model=None, **overrides):
+    def __init__(self, settings: MoESettings | None = None, *, model=None, cost_model=None, on_build=None,
+                 **overrides):
         from ..env import resolve_device
         from .presets import from_name
 
@@ -319,6 +345,10 @@ class MoESession:
         self.preset = p
         self.device = resolve_device(s.device)
         self.total_experts = p.layers * p.experts
+        if model is None:
+            from .memory import check_host_memory
+
+            check_host_memory(p, self.device)  # a ToolkitError naming needed and available bytes, before anything
         if isinstance(s.gpu_experts, int) and s.gpu_experts > self.total_experts:
             raise ToolkitError(f"gpu_experts {s.gpu_experts} is more than the model has: {p.layers} layers x "
                                f"{p.experts} experts = {self.total_experts}")
@@ -335,7 +365,10 @@ class MoESession:
         self.tokenizer = synthetic_tokenizer(p.vocab)
         self.ids, self.mask = random_prompts(p.vocab, s.prompt_tokens, s.batch_size, seed=s.seed,
                                              pad_token_id=self.tokenizer.pad_token_id)  # [B, P]
+        if model is None and on_build is not None:
+            on_build(self)
         self.model = model if model is not None else self._build()
+        self.built_at = time.perf_counter()  # warm-up rounds are timed from here (the record shows when)
         if self.cost_model is None:
             from .costs import calibrate
 
@@ -380,7 +413,7 @@ class MoESession:
     def _trace_tokens(self) -> int:
         """Enough routing rows for warm-up and measured generations of every sequence, with room to spare."""
         s = self.settings
-        per_run = s.prompt_tokens + s.new_tokens + max(s.warmup_tokens, 1)
+        per_run = s.prompt_tokens + s.new_tokens + max(s.warmup_length(), 1)
         return max(512, 4 * per_run * s.batch_size * s.beams)
 
     def _load_placement(self, path):
@@ -444,19 +477,25 @@ class MoESession:
         req = self._requested(gpu_experts)
         return (self.total_experts if req == "auto" else int(req)), None
 
-    def offload(self, gpu_experts=None, *, scheme=None, policy: str | None = None):
+    def offload(self, gpu_experts=None, *, scheme=None, policy: str | None = None, schedule: str | None = None):
         """The offloaded engine (an ``Offloaded``, a context manager that restores the model on exit).
 
         ``scheme``: a baseline name or a ``Baseline`` (an ablation of one, say). Only "auto"
         asks the memory plan; a count is checked against free memory by ``offload()`` itself.
+        ``schedule`` (default: the settings'): a ``toolkit.moe.schedule.SCHEDULES`` name for
+        scheme "ours", or "auto": the engine's default (``run()`` measures the candidates).
         """
         from .baselines import Baseline, get_baseline
+        from .schedule import SCHEDULES, check_schedule
 
         k = self._requested(gpu_experts)
         if k == "auto":
             k, _ = self.resolve_gpu_experts(k)
         base = scheme if isinstance(scheme, Baseline) else get_baseline(scheme or self.settings.scheme)
         kw = dict(cost_model=self.cost_model, routing=self.router, cpu_threads=self.cpu_threads)
+        schedule = check_schedule(schedule or self.settings.schedule, base.name)
+        if schedule != "auto":
+            kw["overlap"], kw["split"] = SCHEDULES[schedule]
         policy = policy or self.settings.policy
         if policy is not None:
             from .policies import get_policy
@@ -472,27 +511,83 @@ class MoESession:
         if self.router is not None:
             self.router.reset()
 
-    def warm_up(self, target, beams: int | None = None, on_generation=None) -> dict:
+    def warm_up(self, target, beams: int | None = None, on_generation=None, new_tokens: int | None = None,
+                prior=()) -> dict:
         """Warm-up generations until the median decode step is steady (see ``MoESettings``).
 
         ``on_generation("warm-up", rounds done, steady)`` is called after each round (a progress bar's hook).
+        ``prior``: median decode steps of this target's earlier warm-up generations (the picked
+        schedule's rounds, ``choose_schedule``): at least one more is made, steady when it agrees with
+        the last of them; the record counts only the generations made here.
         """
         from .generation import generate
 
         s = self.settings
-        if not s.warmup_tokens:
+        n = s.warmup_length(new_tokens)
+        if not n:
             return dict(NO_WARMUP)
         kw = s.generate_kwargs(beams)
-        medians = []
-        for _ in range(WARMUP_ROUNDS):
+        prior = [float(x) for x in prior]
+        medians, at = [], []
+        for _ in range(max(1, WARMUP_ROUNDS - len(prior))):
             self.reset_routing()
-            r = generate(target, self.ids, self.mask, max_new_tokens=max(2, s.warmup_tokens), **kw)
+            r = generate(target, self.ids, self.mask, max_new_tokens=max(2, n), **kw)
             medians.append(r.decode_ms["median"])
+            at.append(time.perf_counter() - self.built_at)
             if on_generation is not None:
-                on_generation("warm-up", len(medians), _steady(medians))
-            if _steady(medians):
+                on_generation("warm-up", len(medians), _steady(prior + medians))
+            if _steady(prior + medians):
                 break
-        return {"rounds": len(medians), "median_decode_ms": medians, "steady": _steady(medians)}
+        return {"rounds": len(medians), "median_decode_ms": medians, "seconds_after_build": at,
+                "steady": _steady(prior + medians), "after_schedule_rounds": len(prior)}
+
+    def choose_schedule(self, engine, scheme: str | None = None, *, schedule: str | None = None,
+                        beams: int | None = None, new_tokens: int | None = None, on_generation=None):
+        """Measure the schedules ``engine`` may run and leave it on the fastest -> ``ScheduleChoice``.
+
+        ``schedule`` (default: the settings'): "auto" measures the candidates of
+        ``toolkit.moe.schedule.schedule_candidates`` (scheme "ours" on a GPU with
+        experts off it), each in warm-up generations of the measured length,
+        alternating; a set name, a peer scheme, a CPU device or no warm-up keep the
+        engine's schedule unmeasured, and the record says why. ``scheme``: the
+        engine's scheme name (default: the settings'). ``on_generation("warm-up",
+        generations done, False)`` after each measured generation.
+        """
+        from .generation import generate
+        from .schedule import (
+            SCHEDULES,
+            ScheduleChoice,
+            check_schedule,
+            choose_schedule,
+            schedule_candidates,
+            schedule_name,
+        )
+
+        s = self.settings
+        scheme = scheme or s.scheme
+        requested = check_schedule(schedule or s.schedule, scheme)
+        current = schedule_name(engine.options)
+        if requested != "auto":
+            return ScheduleChoice.fixed(current, f"set by schedule={requested!r}")
+        all_resident = engine.gpu_experts >= engine.n_layers * engine.n_experts
+        candidates, reason = schedule_candidates(scheme, engine.options, engine.device.type, all_resident)
+        n = s.warmup_length(new_tokens)
+        if not candidates or not n:
+            return ScheduleChoice.fixed(current, reason or "not measured: no warm-up (warmup_tokens=0)")
+        kw, done = s.generate_kwargs(beams), []
+
+        def measure(name: str) -> float:
+            engine.set_schedule(*SCHEDULES[name])
+            self.reset_routing()
+            r = generate(engine, self.ids, self.mask, max_new_tokens=max(2, n), **kw)
+            done.append(name)
+            if on_generation is not None:
+                on_generation("warm-up", len(done), False)
+            return r.decode_ms["median"]
+
+        choice = choose_schedule(candidates, measure, rounds=WARMUP_ROUNDS, steady_within=WARMUP_STEADY)
+        engine.set_schedule(*SCHEDULES[choice.picked])
+        return choice
 
     def _generate_measured(self, target, beams: int, new_tokens: int, streamer=None, on_generation=None):
         """The measured generations of one run -> (last result with every repeat's decode samples, prefills, stats)."""
@@ -521,33 +616,47 @@ class MoESession:
         return previous
 
     def run(self, gpu_experts=None, *, scheme=None, policy: str | None = None, new_tokens: int | None = None,
-            beams: int | None = None, streamer=None, warmup: bool = True, on_generation=None) -> MoERunResult:
-        """One measured configuration: offload, warm up, replay the routing from its start, generate, restore.
+            beams: int | None = None, streamer=None, warmup: bool = True, on_generation=None,
+            schedule: str | None = None) -> MoERunResult:
+        """One measured configuration: offload, choose the schedule, warm up, replay the routing, generate, restore.
 
+        ``schedule`` (default: the settings'): "auto" measures the candidate schedules during warm-up and
+        keeps the fastest (``choose_schedule``; the record's ``schedule`` says what was picked and the
+        alternatives' ms per step); a ``toolkit.moe.schedule.SCHEDULES`` name sets it (scheme "ours").
         ``on_generation(phase, count, steady)`` is called after every warm-up ("warm-up") and measured
         ("measured") generation, between generations, never inside a timed one (the CLI's progress bar).
         """
+        from .schedule import ScheduleChoice, check_schedule, schedule_name
+
         s = self.settings
         beams = int(beams or s.beams)
         new_tokens = int(new_tokens or s.new_tokens)
+        name = getattr(scheme, "name", None) or scheme or s.scheme
+        schedule = check_schedule(schedule or s.schedule, name)
         if streamer is not None and s.batch_size != 1:
             raise ToolkitError("streaming prints one sequence: use batch_size 1")
         k, plan = self.resolve_gpu_experts(gpu_experts, beams=beams, new_tokens=new_tokens)
         previous = self._with_rows(beams)
         try:
-            with self.offload(k, scheme=scheme, policy=policy) as engine:
-                warm = self.warm_up(engine, beams, on_generation) if warmup else dict(NO_WARMUP)
+            with self.offload(k, scheme=scheme, policy=policy, schedule=schedule) as engine:
+                if warmup:
+                    choice = self.choose_schedule(engine, name, schedule=schedule, beams=beams, new_tokens=new_tokens,
+                                                  on_generation=on_generation)
+                    warm = self.warm_up(engine, beams, on_generation, new_tokens,
+                                        prior=choice.rounds.get(choice.picked, ()))
+                else:
+                    choice = ScheduleChoice.fixed(schedule_name(engine.options), "not measured: no warm-up")
+                    warm = dict(NO_WARMUP)
                 last, prefills, stats = self._generate_measured(engine, beams, new_tokens, streamer, on_generation)
                 info = {k2: v for k2, v in engine.to_dict().items() if k2 not in ("cost_model", "stats", "placement")}
                 policy_name = getattr(engine.policy, "name", type(engine.policy).__name__)
         finally:
             self.router = previous
-        name = getattr(scheme, "name", None) or scheme or s.scheme
         return MoERunResult(
             generation=last, settings=s, preset=self.preset.name, layers=self.preset.layers,
             experts_per_layer=self.preset.experts, device=self.device, scheme=name, policy=policy_name,
             routing=self.routing_name, cpu_threads=self.cpu_threads, engine=info, memory_plan=plan,
-            prefill_samples_ms=prefills, warmup=warm, stats=stats)
+            prefill_samples_ms=prefills, warmup=warm, schedule=choice.to_dict(), stats=stats)
 
     @contextlib.contextmanager
     def unmodified(self):
@@ -556,27 +665,36 @@ class MoESession:
         On a GPU the experts live in pinned host memory (the engine's source);
         inside this block they are device copies and the pinned tensors are
         kept, so leaving costs nothing. The unmodified model is the reference a
-        configuration's logits and speed are compared with: use it with
-        routing "model" (it routes with its own router).
+        configuration's logits and speed are compared with. With routing "model"
+        it routes with its own router; with a replayed routing (a trace,
+        "uniform") its routers are swapped for the replay the engine uses
+        (``RoutedGate``), so both compute the same tokens' routing.
         """
         import torch
         from torch import nn
 
+        from .offload import RoutedGate
         from .presets import moe_blocks
 
         dev = torch.device(self.device)
-        moved = [b.experts for b in moe_blocks(self.model)
-                 if any(p.device.type != dev.type for p in b.experts.parameters())]
+        blocks = moe_blocks(self.model)
+        moved = [b.experts for b in blocks if any(p.device.type != dev.type for p in b.experts.parameters())]
         need = sum(p.numel() * p.element_size() for e in moved for p in e.parameters())
         if need and dev.type == "cuda" and need > torch.cuda.mem_get_info(dev)[0]:
             raise ToolkitError(f"the unmodified model needs {need / 2**30:.1f} GiB more on {self.device} than is free")
         saved = [dict(e._parameters) for e in moved]
+        gates = [b.gate for b in blocks]
         try:
             for e, params in zip(moved, saved):
                 for name, p in params.items():
                     e._parameters[name] = nn.Parameter(p.data.to(dev), requires_grad=False)
+            if self.router is not None:
+                for layer, b in enumerate(blocks):
+                    b.gate = RoutedGate(b.gate, layer, self.router, self.preset.experts)
             yield self.model
         finally:
+            for b, gate in zip(blocks, gates):
+                b.gate = gate
             for e, params in zip(moved, saved):
                 e._parameters.update(params)
             if moved and dev.type == "cuda":
@@ -584,21 +702,28 @@ class MoESession:
 
     def run_unmodified(self, *, new_tokens: int | None = None, beams: int | None = None,
                        warmup: bool = True) -> MoERunResult:
-        """The same measured run on the unmodified model (``unmodified()``): the reference of a sweep."""
+        """The same measured run on the unmodified model (``unmodified()``, transformers' eager ``generate``
+        with every expert on the device, the session's routing replayed): the reference of a sweep."""
         import torch
 
+        from .schedule import ScheduleChoice
+
         s = self.settings
-        if self.trace is not None:
-            raise ToolkitError("the unmodified model routes with its own router: use routing='model'")
         beams = int(beams or s.beams)
-        with self.unmodified() as model:
-            warm = self.warm_up(model, beams) if warmup else dict(NO_WARMUP)
-            last, prefills, _ = self._generate_measured(model, beams, int(new_tokens or s.new_tokens))
+        new_tokens = int(new_tokens or s.new_tokens)
+        previous = self._with_rows(beams)
+        try:
+            with self.unmodified() as model:
+                warm = self.warm_up(model, beams, new_tokens=new_tokens) if warmup else dict(NO_WARMUP)
+                last, prefills, _ = self._generate_measured(model, beams, new_tokens)
+        finally:
+            self.router = previous
+        schedule = ScheduleChoice.fixed("unmodified", "transformers' own experts forward, no CPU experts")
         return MoERunResult(
             generation=last, settings=s, preset=self.preset.name, layers=self.preset.layers,
             experts_per_layer=self.preset.experts, device=self.device, scheme="unmodified", policy="none",
             routing=self.routing_name, cpu_threads=torch.get_num_threads(), engine={}, prefill_samples_ms=prefills,
-            warmup=warm)
+            warmup=warm, schedule=schedule.to_dict())
 
     # -- measurements inside ``with session.offload(...) as engine`` -------------------------------------------
     def measure_prefill(self, engine, tokens: int, repeats: int = 3, warm_tokens: int | None = None,
@@ -710,7 +835,9 @@ class MoESession:
 
 
 def _steady(medians: list[float]) -> bool:
-    return len(medians) >= 2 and abs(medians[-1] - medians[-2]) <= WARMUP_STEADY * medians[-2]
+    from .schedule import is_steady
+
+    return is_steady(medians, WARMUP_STEADY)
 
 
 def run_moe(settings: MoESettings | None = None, *, streamer=None, on_built=None, **overrides) -> MoERunResult:
