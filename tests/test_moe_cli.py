@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from toolkit.__main__ import main
-from toolkit.moe import generation as G
+from toolkit.moe import streaming
 from toolkit.moe.costs import CostModel, save_cost_model
 from toolkit.moe.policies import save_placement
 
@@ -55,14 +55,14 @@ def test_hit_rate_extremes(capsys, calibration, n, rate):
 
 def test_beam_stream_prints_progressively_and_matches(capsys, calibration, monkeypatch):
     printers = []
-    real = G.TextPrinter
+    real = streaming.TextPrinter
 
     class Spy(real):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             printers.append(self)
 
-    monkeypatch.setattr(G, "TextPrinter", Spy)
+    monkeypatch.setattr(streaming, "TextPrinter", Spy)
     args = ["--gpu-experts", "5", "--new-tokens", "16", "--beams", "4", "--calibration", calibration]
     streamed, err = run_json(capsys, *args, "--stream")
     plain, _ = run_json(capsys, *args)
@@ -131,24 +131,43 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path, args, message):
     assert len(err.strip().splitlines()) == 1 and message in err, err
 
 
-def test_memory_plan_resolves_auto_and_rejects_too_many(monkeypatch):
-    """The GPU path's planning step, run on the CPU with a fake amount of free memory."""
-    from argparse import Namespace
-
-    from toolkit.cli import moe as cli
+def test_memory_plan_resolves_auto_and_rejects_too_many(calibration, monkeypatch):
+    """The GPU path's planning step (``MoESession.memory_plan``), run on the CPU with a fake amount of free memory."""
     from toolkit.errors import ToolkitError
     from toolkit.moe import memory
-    from toolkit.moe.presets import build_moe
+    from toolkit.moe.run import MoESession
 
-    model = build_moe("tiny-mixtral")
+    session = MoESession(device="cpu", prompt_tokens=8, new_tokens=8, beams=2, calibration=calibration)
     one = 3 * 64 * 128 * 4  # bytes of one tiny expert
-    args = Namespace(prompt_tokens=8, new_tokens=8, batch_size=1, beams=2)
-    base = memory.plan_memory(model, 8, 8, beams=2, device="cpu", mem_info=lambda: (0, 1 << 40), safety_bytes=0)
+    base = memory.plan_memory(session.model, 8, 8, beams=2, device="cpu", mem_info=lambda: (0, 1 << 40),
+                              safety_bytes=0)
     overhead = base.kv_cache_bytes + base.activation_bytes + base.staging_bytes
     monkeypatch.setattr(memory, "default_safety_bytes", lambda total: 0)
-    monkeypatch.setattr(memory, "_mem_info", lambda device: (overhead + 5 * one + one // 2, 1 << 40))
-    plan, n = cli._plan(args, model, "cpu", "auto")
+
+    def free():
+        return overhead + 5 * one + one // 2, 1 << 40
+
+    n, plan = session.memory_plan("auto", mem_info=free)
     assert n == plan.max_gpu_experts == 5
-    assert cli._plan(args, model, "cpu", 4)[1] == 4
+    assert session.memory_plan(4, mem_info=free)[0] == 4
     with pytest.raises(ToolkitError, match="at most 5 fit"):
-        cli._plan(args, model, "cpu", 6)
+        session.memory_plan(6, mem_info=free)
+    assert session.resolve_gpu_experts("auto") == (16, None)  # on a CPU both tiers are host memory: all "fit"
+
+
+@pytest.mark.parametrize("scheme", ["fiddler-serial", "lru-copy"])
+def test_scheme_routing_and_repeats(capsys, calibration, scheme):
+    r, _ = run_json(capsys, "--gpu-experts", "4", "--new-tokens", "4", "--scheme", scheme, "--routing", "uniform",
+                    "--repeats", "2", "--calibration", calibration)
+    assert r["scheme"] == scheme and r["routing"] == "uniform" and r["trace"] is None
+    assert r["engine"]["decision"] == {"fiddler-serial": "fiddler", "lru-copy": "copy"}[scheme]
+    assert len(r["decode_ms"]["samples"]) == 2 * 3 and len(r["prefill_samples_ms"]) == 2  # repeats pooled
+    assert r["settings"]["repeats"] == 2
+
+
+def test_default_routing_is_the_synthetic_mixtral_trace(capsys, calibration):
+    r, _ = run_json(capsys, "--gpu-experts", "4", "--new-tokens", "2", "--calibration", calibration)
+    assert r["routing"] == r["trace"] == "synthetic-mixtral"
+    r, _ = run_json(capsys, "--gpu-experts", "4", "--new-tokens", "2", "--routing", "model",
+                    "--calibration", calibration)
+    assert r["routing"] == "model" and r["trace"] is None

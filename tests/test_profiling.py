@@ -373,3 +373,19 @@ def test_gpu_plain_model_has_no_user_syncs():
     m = torch.nn.Linear(512, 512).cuda()
     r = profile(m, torch.randn(64, 512, device="cuda"), baseline=False)
     assert r.device.startswith("cuda") and r.split.sync_count == 0 and r.verdict != "cpu"
+
+
+def test_profile_progress_hook_stays_out_of_the_recorded_steps():
+    calls, seen = [], []
+    lin = torch.nn.Linear(8, 8)
+
+    def fn(x):
+        calls.append(1)
+        return lin(x)
+
+    r = profile(fn, torch.randn(2, 8), device="cpu", wait=1, warmup=2, active=3, baseline=1e9,
+                on_progress=lambda stage, done, total: seen.append((stage, done, total, len(calls))))
+    # before each skipped or warm-up step, then once after the last recorded step; never among those
+    assert seen == [("step", 0, 6, 0), ("step", 1, 6, 1), ("step", 2, 6, 2), ("done", 6, 6, 6)]
+    assert r.overhead < 0 and "within noise" in r.summary()  # a profiled step faster than the baseline is noise
+    assert not any("slower" in w for w in r.warnings)

@@ -76,9 +76,9 @@ def test_batch_size_explorer_reads_out_the_selected_batch():
     panel = widgets.batch_size_explorer(curve, largest=8)
     slider, out = panel.controls["batch_size"], panel.readouts["throughput"]
     assert slider.value == 4 and slider.continuous_update is False  # starts at the optimum
-    assert "batch 4: throughput 40 items/s (100% of best), 100 ms per batch" in out.value
+    assert "batch 4: throughput 40 samples/s (100% of best), 100 ms per batch" in out.value
     slider.value = 2
-    assert "batch 2: throughput 18 items/s (45% of best)" in out.value
+    assert "batch 2: throughput 18 samples/s (45% of best)" in out.value
     assert any(list(line.get_xdata()) == [2, 2] for line in panel.figure.axes[0].lines)
 
 
@@ -116,7 +116,7 @@ def test_readouts_show_missing_values_as_n_a():
     assert "prefill hit rate: n/a" in panel.readouts["hit_rate"].value
     curve = pd.DataFrame({"batch_size": [1, 2], "throughput": [1.0, 2.0], "latency_ms": [1.0, float("nan")]})
     out = widgets.batch_size_explorer(curve).readouts["throughput"].value
-    assert "batch 2: throughput 2 items/s (100% of best)" in out and "per batch" not in out
+    assert "batch 2: throughput 2 samples/s (100% of best)" in out and "per batch" not in out
 
 
 def test_live_engine_runs_through_one_moe_session_and_reuses_its_model():

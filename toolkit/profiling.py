@@ -529,12 +529,16 @@ class ProfileResult:
                             (f"host blocked in {s.sync_count} sync(s)", s.sync_ms)]:
                 lines.append(f"  {name:<28} {v:10.3f} ms  {100 * s.share(v):5.1f}%")
         if self.profiled_step_ms is not None:
-            lat = (f", measure_latency median {self.latency_ms:.3f} ms (profiler overhead {100 * self.overhead:+.0f}%)"
-                   if self.latency_ms else "")
+            lat = ""
+            if self.overhead is not None:
+                over = f"{100 * self.overhead:+.0f}%" if self.overhead > 0 else "within noise"
+                lat = f", measure_latency median {self.latency_ms:.3f} ms (profiler overhead {over})"
             lines.append(f"profiled step (median) {self.profiled_step_ms:.3f} ms{lat}")
         ops = self.top_ops(top)
         if "shapes" in ops and not ops["shapes"].astype(bool).any():
             ops = ops.drop(columns=["shapes"])
+        if not s.has_gpu:  # no GPU in the profile: its columns would be zeros
+            ops = ops.drop(columns=[c for c in ("self_cuda_ms", "cuda_total_ms") if c in ops])
         lines += ["", "top operators (totals over the active steps):", ops.to_string(index=False, float_format="%.3f")]
         lines += [""] + [f"warning: {w}" for w in self.warnings]
         if self.trace_path:
@@ -618,7 +622,8 @@ def _copy_trace(src: Path, dst: Path) -> None:
 def profile(fn: Callable, *args: Any, device: str | None = None, wait: int = 1, warmup: int = 2, active: int = 3,
             record_shapes: bool = False, profile_memory: bool = False, with_stack: bool = False,
             trace_path: str | os.PathLike | None = None, tensorboard_dir: str | os.PathLike | None = None,
-            baseline: bool | float = True, baseline_s: float = 3.0, label: str | None = None) -> ProfileResult:
+            baseline: bool | float = True, baseline_s: float = 3.0, label: str | None = None,
+            on_progress: Callable[[str, int, int], None] | None = None) -> ProfileResult:
     """Profile ``fn(*args)`` for ``active`` steps after ``wait`` skipped and ``warmup`` discarded ones.
 
     Each call runs under ``torch.inference_mode()`` (as in ``measure_latency``) and, on CUDA, is
@@ -629,6 +634,9 @@ def profile(fn: Callable, *args: Any, device: str | None = None, wait: int = 1, 
     - ``tensorboard_dir``: also write the trace with ``torch.profiler.tensorboard_trace_handler``.
     - ``baseline``: True times fn with ``measure_latency`` (up to ``baseline_s`` s) to report the profiler's
       overhead; a float is a known latency in ms; False skips it.
+    - ``on_progress(stage, done, total)`` (a progress bar's hook): "baseline" before the baseline timing,
+      "step" before each skipped or warm-up step, "done" at the end; ``done`` counts the baseline and the
+      steps finished. Never called inside the active (recorded) steps.
     """
     from .env import environment, infer_device, resolve_device
 
@@ -646,8 +654,15 @@ def profile(fn: Callable, *args: Any, device: str | None = None, wait: int = 1, 
     if warmup == 0:
         warnings.append("warmup=0: the first profiled step carries start-up and profiler start cost")
 
+    total = (1 if baseline is True else 0) + wait + warmup + active
+
+    def tell(stage: str, done: int) -> None:
+        if on_progress is not None:
+            on_progress(stage, done, total)
+
     latency_ms = None
     if baseline is True:
+        tell("baseline", 0)
         latency_ms = _baseline_ms(fn, args, device, baseline_s)
     elif baseline is not False and baseline is not None:
         latency_ms = float(baseline)
@@ -672,7 +687,9 @@ def profile(fn: Callable, *args: Any, device: str | None = None, wait: int = 1, 
             on_trace_ready=handler, record_shapes=record_shapes, profile_memory=profile_memory,
             with_stack=with_stack, experimental_config=all_threads,
         ) as prof:
-            for _ in range(wait + warmup + active):
+            for i in range(wait + warmup + active):
+                if i < wait + warmup:  # the active steps are recorded: no callbacks among them
+                    tell("step", total - (wait + warmup + active) + i)
                 with torch.inference_mode():  # as in measure_latency, so the overhead compares like with like
                     fn(*args)
                 if cuda:  # the step ends when the GPU is done, as in measure_latency
@@ -689,6 +706,7 @@ def profile(fn: Callable, *args: Any, device: str | None = None, wait: int = 1, 
         events = tuple(events_from_trace(load_trace(path)))
         kept = str(trace_path) if trace_path is not None else str(path) if handler is not None else None
     ops = _ops_frame(prof, record_shapes, profile_memory)
+    tell("done", total)
 
     diag = diagnose(events)
     if cuda and not diag.split.has_gpu:
@@ -697,7 +715,7 @@ def profile(fn: Callable, *args: Any, device: str | None = None, wait: int = 1, 
     result = ProfileResult(ops=ops, events=events, diagnosis=diag, step_ms=step_ms, latency_ms=latency_ms,
                            device=device, trace_path=kept,
                            warnings=tuple(warnings), env=environment(device), label=label)
-    if result.overhead is not None:
+    if result.overhead is not None and result.overhead > 0:  # a negative "overhead" is noise, no finding
         result = replace(result, warnings=result.warnings + (
             f"the profiler made each step {100 * result.overhead:+.0f}% slower "
             f"({result.profiled_step_ms:.3f} ms profiled vs {latency_ms:.3f} ms measure_latency median)",))

@@ -108,7 +108,7 @@ def batch_size_explorer(curve, largest: int | None = None, optimal: int | None =
         row = df[df["batch_size"] == batch_size].iloc[0]
         lat = row.get("latency_ms")
         per_batch = "" if is_missing(lat) else f", {fmt(lat)} ms per batch"
-        readout.value = (f"batch {batch_size}: throughput {row['throughput']:.4g} items/s "
+        readout.value = (f"batch {batch_size}: throughput {row['throughput']:.4g} samples/s "
                          f"({100 * row['throughput'] / best:.0f}% of best){per_batch}")
         panel.figure = plots.throughput_curve(df, largest=largest, optimal=optimal, selected=batch_size)
         show_figure(panel.figure)

@@ -23,6 +23,8 @@ def parse_bytes(text: str) -> int:
     value = float(m.group(1)) * _UNITS[unit]
     if value <= 0:
         raise argparse.ArgumentTypeError(f"memory size must be positive, got {text!r}")
+    if not value < 2**60:  # also infinity ('1e999'): no machine has an exabyte, and rlimits end at 2^63
+        raise argparse.ArgumentTypeError(f"memory size {text!r} is too large (at most 1 EiB)")
     return int(value)
 
 
@@ -46,9 +48,54 @@ positive_int = int_at_least(1)  # counts: batch sizes, layers, repeats, threads
 nonnegative_int = int_at_least(0)  # counts that may be zero: warm-up steps, GPU experts
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every command's help: descriptions as written, and each option's default shown as "(default: X)".
+
+    The default is added unless the help text already says what it is (it
+    mentions "default", as when it depends on the device) or there is nothing
+    to show (no default, an on/off flag, an empty list).
+    """
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default in ([], "", argparse.SUPPRESS)
+        if "default" in text.lower() or nothing:
+            return text
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """'1 layer', '2 layers' (``many``: the irregular plural)."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
+def text_table(header: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    """Rows of strings as aligned columns under ``header``; columns whose index is in ``right`` align right."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells) -> str:
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(header), *(line(r) for r in rows)])
+
+
+def progress_bar(**kwargs):
+    """A tqdm bar on stderr (stdout stays clean for --json); it is gone when the command finishes.
+
+    Callers update it between measurements, never inside a timed region.
+    """
+    from tqdm.auto import tqdm
+
+    return tqdm(file=sys.stderr, leave=False, dynamic_ncols=True, **kwargs)
+
+
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """``--device``: the one spelling every command accepts (``env.resolve_device`` reads it)."""
-    parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
+    parser.add_argument("--device", default="auto",
+                        help="auto (default: the GPU if there is one, else the CPU), cpu or cuda[:N]")
 
 
 def print_json(obj) -> None:

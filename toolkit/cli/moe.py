@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 
-from .common import add_device_argument, nonnegative_int, positive_int, print_json
+from .common import HelpFormatter, add_device_argument, nonnegative_int, plural, positive_int, print_json
 
 
 def gpu_experts_arg(text: str):
@@ -16,44 +16,56 @@ def gpu_experts_arg(text: str):
 
 
 def register(subparsers) -> None:
+    from ..moe.presets import PRESETS
     from ..moe.run import MoESettings
 
     p = subparsers.add_parser(
         "moe", help="generate with an offloaded MoE model (random weights) and report latency and hit rates",
-        description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="tiny-mixtral", help="model preset (tiny-mixtral, mixtral-8x7b, ...)")
-    p.add_argument("--layers", type=positive_int, default=None, help="override the preset's number of layers")
-    p.add_argument("--gpu-experts", type=gpu_experts_arg, default="auto",
-                   help="experts resident on the GPU across all layers: a number, 'all', or 'auto' "
-                        "(default: as many as fit on a GPU, all on the CPU)")
-    p.add_argument("--prompt-tokens", type=positive_int, default=16)
-    p.add_argument("--new-tokens", type=positive_int, default=32)
-    p.add_argument("--batch-size", type=positive_int, default=1)
-    p.add_argument("--beams", type=positive_int, default=1, help="beam search with this many beams")
+        description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p.add_argument("--preset", default=MoESettings.preset, help=f"model preset: {', '.join(PRESETS)}")
+    p.add_argument("--layers", type=positive_int, default=None,
+                   help="use this many layers instead of the preset's (default: the preset's)")
+    p.add_argument("--gpu-experts", type=gpu_experts_arg, default=MoESettings.gpu_experts,
+                   help="experts resident on the GPU across all layers: a number, 'all', or 'auto' (default: auto, "
+                        "as many as the memory plan fits on the GPU; on a CPU both tiers are host memory: auto keeps "
+                        "every expert resident, give a number to exercise the offload path)")
+    p.add_argument("--prompt-tokens", type=positive_int, default=MoESettings.prompt_tokens,
+                   help="tokens in each (random) prompt")
+    p.add_argument("--new-tokens", type=positive_int, default=MoESettings.new_tokens,
+                   help="tokens generated after the prompt")
+    p.add_argument("--batch-size", type=positive_int, default=MoESettings.batch_size,
+                   help="prompts generated together")
+    p.add_argument("--beams", type=positive_int, default=MoESettings.beams, help="beam search with this many beams")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy/beam argmax")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=nonnegative_int, default=None)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="with --sample: sampling temperature (default: transformers' 1.0)")
+    p.add_argument("--top-k", type=nonnegative_int, default=None,
+                   help="with --sample: sample among the k most likely tokens (default: transformers' 50)")
     p.add_argument("--stream", action="store_true",
                    help="print text as it becomes final (also for beam search); to stderr with --json")
     p.add_argument("--allow-eos", action="store_true",
                    help="stop at EOS (default: generate exactly --new-tokens, as benchmarks need)")
     p.add_argument("--scheme", default=MoESettings.scheme,
-                   help="how missed experts are served: ours (default), fiddler-serial, lru-copy, copy-on-demand, "
+                   help="how missed experts are served (default: ours): ours, fiddler-serial, lru-copy, copy-on-demand, "
                         "all-gpu (toolkit.moe.baselines)")
     p.add_argument("--routing", default=MoESettings.routing,
                    help="auto (default: the synthetic Mixtral trace for Mixtral-shaped presets, else the model's "
                         "router), model, uniform, or a trace name / .npz file")
     p.add_argument("--repeats", type=positive_int, default=MoESettings.repeats,
                    help="measured generations (decode samples pooled, prefill median)")
-    p.add_argument("--policy", default=None, help="static-popularity, static-uniform, lru, lfu, belady")
-    p.add_argument("--placement", default=None, help="placement JSON file (which experts are on the GPU)")
-    p.add_argument("--trace", default=None, help="replay routing from a trace (name or .npz file; same as --routing)")
+    p.add_argument("--policy", default=None, help="placement or caching policy: static-popularity, static-uniform, "
+                   "lru, lfu, belady (default: the scheme's)")
+    p.add_argument("--placement", default=None,
+                   help="placement JSON file: which experts are on the GPU (default: the policy places them)")
+    p.add_argument("--trace", default=None, help="replay routing from a trace (name or .npz file; same as --routing; "
+                                                 "default: as --routing says)")
     p.add_argument("--calibration", default=None, help="cost model calibration JSON (default: measure once, cached)")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for CPU experts")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for CPU experts (default: chosen for this machine by the calibration)")
     p.add_argument("--warmup", type=nonnegative_int, default=MoESettings.warmup_tokens,
                    help="tokens of each untimed warm-up generation, repeated until decode steps are steady "
-                        "(0: none)")
-    p.add_argument("--seed", type=int, default=0)
+                        "(0: none; default: as many as --new-tokens)")
+    p.add_argument("--seed", type=int, default=MoESettings.seed, help="seed of the random weights, prompts, routing and sampling")
     add_device_argument(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--out", default=None, help="also save the JSON result (with provenance) to this file")
@@ -70,40 +82,101 @@ def settings_from_args(args):
         calibration=args.calibration, threads=args.threads, prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens, batch_size=args.batch_size, beams=args.beams, sample=args.sample,
         temperature=args.temperature, top_k=args.top_k, allow_eos=args.allow_eos, warmup_tokens=args.warmup,
+
         repeats=args.repeats, seed=args.seed, device=args.device)
+
+
+def building_line(session) -> str:
+    """What is about to be built and how much memory it takes, said before it starts (big presets take minutes)."""
+    import psutil
+
+    from ..moe.memory import host_memory_needed
+
+    preset, s = session.preset, session.settings
+    need = host_memory_needed(preset, session.device)["host"]
+    where = "host memory" + (" (pinned for the experts)" if session.device.startswith("cuda") else "")
+    size = f"{need / 1e9:.1f} GB" if need >= 1e8 else f"{need / 1e6:.1f} MB"
+    free = f" ({psutil.virtual_memory().available / 1e9:.1f} GB available)" if need >= 1e8 else ""
+    return (f"building {preset.name} ({plural(preset.layers, 'layer')}, random weights): {size} of {where}{free}; "
+            f"then {'warm-up and ' if s.warmup_length() else ''}{plural(s.repeats, 'measured generation')}")
+
+
+class GenerationBar:
+    """A progress bar over the run's generated tokens, advanced between generations (``MoESession.run``'s hook).
+
+    Warm-up repeats until decode steps are steady (2 to ``WARMUP_ROUNDS`` rounds): the total assumes the
+    fewest rounds still possible and grows when another is needed, so the ETA is a lower bound.
+    """
+
+    def __init__(self, settings):
+        from .common import progress_bar
+
+        self.warm = max(2, settings.warmup_length()) if settings.warmup_length() else 0
+        self.new_tokens = settings.new_tokens
+        self.measured = settings.new_tokens * settings.repeats
+        self.bar = progress_bar(total=(2 * self.warm) + self.measured, desc="moe generate", unit="token")
+
+    def __call__(self, phase: str, count: int, steady) -> None:
+        from ..moe.run import WARMUP_ROUNDS
+
+        if phase == "warm-up":
+            rounds_left = 0 if steady or count >= WARMUP_ROUNDS else max(1, 2 - count)
+            self.bar.total = self.bar.n + self.warm * (1 + rounds_left) + self.measured
+            self.bar.set_postfix_str(f"warm-up round {count}", refresh=False)
+            self.bar.update(self.warm)
+        else:
+            self.bar.set_postfix_str(f"measured generation {count}", refresh=False)
+            self.bar.update(self.new_tokens)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def run(args) -> int:
     from ..errors import ToolkitError
-    from ..moe.generation import TextPrinter
     from ..moe.run import MoESession
+    from ..moe.streaming import TextPrinter
 
     settings = settings_from_args(args)
     if args.stream and args.batch_size != 1:
         raise ToolkitError("--stream prints one sequence: use --batch-size 1")
+    if args.out:
+        from ..results import check_writable
+
+        check_writable(args.out, "--out")  # before the model is built and run, not after
     out = sys.stderr if args.json else sys.stdout
-    with MoESession(settings) as session:
+    announce = None if args.stream and args.json else (lambda session: sys.stderr.write(building_line(session) + "\n"))
+    with MoESession(settings, on_build=announce) as session:
         streamer = None
         if args.stream:
             streamer = TextPrinter(session.tokenizer, write=lambda s: (out.write(s), out.flush()))
-        result = session.run(streamer=streamer)
+        bar = None if args.stream else GenerationBar(settings)  # a stream shows its own progress
+        try:
+            result = session.run(streamer=streamer, on_generation=bar)
+        finally:
+            if bar is not None:
+                bar.close()
     if args.stream:
         out.write("\n")
         out.flush()
     record = result.to_dict()
-    if args.json:
-        print_json(record)
-    else:
-        if not args.stream:
-            for i, text in enumerate(record.get("text") or ()):
-                print(f"[{i}] {text}" if len(record["text"]) > 1 else text)
-        if result.memory_plan is not None:
-            print(result.memory_plan)
-        print(format_table(record))
-    if args.out:
-        from ..results import provenance, save_json
+    if result.stats is not None:  # what the bytes copied count besides whole-expert copies
+        record.update(prefetch_calls=result.stats.prefetch_calls, split_expert_calls=result.stats.split_expert_calls)
+    try:  # printed first, then saved (atomically): also when Ctrl-C hits the printing
+        if args.json:
+            print_json(record)
+        else:
+            if not args.stream:
+                for i, text in enumerate(record.get("text") or ()):
+                    print(f"[{i}] {text}" if len(record["text"]) > 1 else text)
+            if result.memory_plan is not None:
+                print(result.memory_plan)
+            print(format_table(record))
+    finally:
+        if args.out:
+            from ..results import provenance, save_json
 
-        save_json({**record, "provenance": provenance(record["device"])}, args.out)
+            save_json({**record, "provenance": provenance(record["device"])}, args.out)
     return 0
 
 
@@ -116,23 +189,48 @@ def format_table(r: dict) -> str:
     mode = r["mode"] + (f" x{r['num_beams']}" if r["num_beams"] > 1 else "")
     d, hr = r["decode_ms"], r.get("hit_rate") or {}
     per_layer = (hr.get("per_layer") or {}).get("decode") or []
+    cuda = str(r["device"]).startswith("cuda")
+    auto_on_cpu = not cuda and (r.get("settings") or {}).get("gpu_experts") == "auto"
+    where = "on the GPU" if cuda else "resident" + ("" if auto_on_cpu else " (no GPU: both tiers are host memory)")
     lines = [
-        f"{r['preset']} ({r['layers']} layers) on {r['device']}: {r['gpu_experts']}/{r['total_experts']} experts on "
-        f"the GPU, scheme {r['scheme']}, policy {r['policy']}, {r['routing']} routing, {r['cpu_threads']} CPU threads",
-        f"{mode}, batch {r['batch_size']}, prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens",
+        f"{r['preset']} ({plural(r['layers'], 'layer')}) on {r['device']}: {r['gpu_experts']}/{r['total_experts']} "
+        f"experts {where}, scheme {r['scheme']}, policy {r['policy']}, {r['routing']} routing, "
+        f"{plural(r['cpu_threads'], 'CPU thread')}",
+        f"{mode}, batch {r['batch_size']}, prompt {plural(r['prompt_tokens'], 'token')}, "
+        f"{plural(r['new_tokens'], 'new token')}",
         f"  prefill (time to first token)  {_f(r['prefill_ms'], '.2f')} ms",
         f"  decode step                    median {_f(d['median'], '.2f')} ms, p90 {_f(d['p90'], '.2f')} ms",
         f"  decode throughput              {_f(r['decode_tokens_per_s'], '.1f')} tokens/s",
         f"  end to end                     {_f(r['end_to_end_ms'], '.1f')} ms",
         f"  hit rate                       prefill {_f(hr.get('prefill'))}, decode {_f(hr.get('decode'))}",
         f"  decode hit rate per layer      {' '.join(_f(x, '.2f') for x in per_layer)}",
-        f"  copied / CPU experts           {r['copy_expert_calls']} copies ({(r['bytes_copied'] or 0) / 1e6:.1f} MB), "
-        f"{r['cpu_expert_calls']} CPU expert calls",
+        f"  copied / CPU experts           {_copied(r)}, {plural(r['cpu_expert_calls'] or 0, 'CPU expert call')}",
     ]
+    from ..moe.schedule import schedule_line
+
+    sched = schedule_line(r.get("schedule"))
+    if sched:
+        lines.append(f"  schedule: {sched}")
+    if auto_on_cpu:
+        lines.insert(2, "  (on a CPU both tiers are host memory: --gpu-experts auto keeps every expert resident; "
+                        "give a number to exercise the offload path)")
     cm = r.get("cost_model") or {}
     if cm:
         a, b = cm.get("cpu_fit_ms", {}).get("a"), cm.get("cpu_fit_ms", {}).get("b")
+        n = cm.get("breakeven_tokens")
+        pays = (f"a copy pays from n >= {n:g} tokens" if n is not None and math.isfinite(n) else
+                "a copy never beats the CPU for one expert on this machine's cost model (copies happen only to run "
+                "an expert alongside the CPU's)")
         lines.append(f"  cost model                     CPU expert {_f(a)} + {_f(b, '.4f')}*n ms, "
-                     f"copy {_f(cm.get('copy_ms'))} ms, copy pays from n >= {_f(cm.get('breakeven_tokens'), 'g')}")
+                     f"copy {_f(cm.get('copy_ms'))} ms; {pays}")
     return "\n".join(lines)
+
+
+def _copied(r: dict) -> str:
+    """'copied 5,571 MB (2 whole-expert copies, 14 prefetches/split parts)': the bytes count all three."""
+    whole = r.get("copy_expert_calls") or 0
+    parts = (r.get("prefetch_calls") or 0) + (r.get("split_expert_calls") or 0)
+    extra = f", {plural(parts, 'prefetch/split part', 'prefetches/split parts')}" if parts else ""
+    return (f"copied {(r.get('bytes_copied') or 0) / 1e6:,.1f} MB "
+            f"({plural(whole, 'whole-expert copy', 'whole-expert copies')}{extra})")
 

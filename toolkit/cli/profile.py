@@ -59,6 +59,12 @@ def run(args) -> int:
         raise ToolkitError("--moe needs --gpu-experts N (experts resident on the GPU, over all layers)")
     if not args.moe and (args.gpu_experts is not None or args.layers is not None):
         raise ToolkitError("--gpu-experts and --layers apply only with --moe")
+    from ..results import check_writable
+
+    if args.trace:  # before the model is built and profiled, not after
+        check_writable(args.trace, "--trace")
+    if args.tensorboard:
+        check_writable(args.tensorboard, "--tensorboard", folder=True)
     device = resolve_device(args.device)
     if args.moe:
         return _report(args, device, *_profile_moe(args, device))
@@ -119,7 +125,7 @@ def _report(args, device, result, label, overlap) -> int:
         return 0
     print(f"{label} on {device}")
     print(result.summary(top=args.top))
-    if overlap is not None and len(overlap):
+    if overlap is not None and len(overlap) and device.startswith("cuda"):  # no GPU: nothing to overlap with
         print("\nCPU experts vs GPU activity per layer (totals over the active steps):")
         print(overlap.to_string(index=False, float_format="%.3f"))
     return 0

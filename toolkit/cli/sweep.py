@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import positive_int, print_json
+from .common import HelpFormatter, positive_int, print_json
 
 
 def _key_value(text: str) -> tuple[str, object]:
@@ -27,7 +27,7 @@ def register(subparsers) -> None:
     from ..sweep import EXECUTORS, KINDS
 
     p = subparsers.add_parser("sweep", help="a grid of latency/throughput/moe/simulate runs, one job per point",
-                              description=__doc__.split(": ", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__.split(": ", 1)[1], formatter_class=HelpFormatter)
     p.add_argument("kind", nargs="?", choices=KINDS, help="the measurement each point runs")
     p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,...",
                    help="an axis: the measurement's argument NAME takes each value (repeat for more axes)")
@@ -45,11 +45,11 @@ def register(subparsers) -> None:
     p.add_argument("--gpus", default=None, metavar="0,1,...",
                    help="local: the GPUs to use, one point per GPU at a time (default: every visible GPU)")
     p.add_argument("--no-pin", action="store_true", help="local: do not give concurrent points disjoint CPU cores")
-    p.add_argument("--slurm-partition", default=None)
-    p.add_argument("--slurm-time", type=positive_int, default=60, metavar="MIN", help="time limit of one point")
+    p.add_argument("--slurm-partition", default=None, help="Slurm partition to submit to (default: the cluster's)")
+    p.add_argument("--slurm-time", type=positive_int, default=60, metavar="MIN", help="Slurm: time limit of one point in minutes")
     p.add_argument("--gpus-per-job", type=int, default=None,
                    help="GPUs per Slurm job (default 1 when the points use a GPU, else 0)")
-    p.add_argument("--cpus-per-job", type=positive_int, default=None, help="CPUs per Slurm job")
+    p.add_argument("--cpus-per-job", type=positive_int, default=None, help="CPUs per Slurm job (default: Slurm's)")
     p.add_argument("--array-parallelism", type=positive_int, default=None,
                    help="Slurm: at most this many points running at once")
     p.add_argument("--slurm-param", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
