@@ -92,6 +92,12 @@ def progress_bar(**kwargs):
     return tqdm(file=sys.stderr, leave=False, dynamic_ncols=True, **kwargs)
 
 
+def status(message: str) -> None:
+    """One line on stderr saying what runs now and how long it may take (before a measurement, never inside one)."""
+    sys.stderr.write(message.rstrip() + "\n")
+    sys.stderr.flush()
+
+
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """``--device``: the one spelling every command accepts (``env.resolve_device`` reads it)."""
     parser.add_argument("--device", default="auto",

@@ -114,6 +114,11 @@ def run(args) -> int:
             models[cfg.model, cfg.dtype] = build_model(cfg.model, device=device, dtype=getattr(torch, cfg.dtype))
     model_a, model_b = models[a.model, a.dtype], models[b.model, b.dtype]
     extra = {} if args.max_time_s is None else {"max_time_s": args.max_time_s}
+    from .common import status
+
+    status(f"comparing {a.label} with {b.label} on {device}: warm-up, then {args.rounds} interleaved rounds of each "
+           f"(at least {args.round_time_s:g} s of calls per side and round, so at least "
+           f"{2 * args.rounds * args.round_time_s:.0f} s)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LatencyWarning)  # reported below, with the verdict
         result = compare(model_a, model_b, args_a=model_a.make_input(a.batch_size),

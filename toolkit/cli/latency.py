@@ -65,6 +65,14 @@ def run(args) -> int:
     from ..timing import LatencyWarning, measure_model_latency
 
     check_args(args)
+    from ..env import resolve_device
+    from .common import status
+
+    resolve_device(args.device)  # a bad --device is one error line, before the status line
+
+    cap = "10 s on a GPU, 3 s on a CPU" if args.max_time_s is None else f"{args.max_time_s:g} s"
+    status(f"measuring {args.model}, batch {args.batch_size}: build, then warm-up and sampling "
+           f"(at least 0.5 s of samples; each phase at most {cap})")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LatencyWarning)  # reported below, one line each
         result = measure_model_latency(args.model, args.batch_size, device=args.device, dtype=args.dtype,

@@ -22,6 +22,10 @@ def run(args) -> int:
     from ..timing import LatencyWarning, warning_lines
 
     model, inputs, device = build(args)
+    from .common import status
+
+    status(f"auditing the timing mistakes on {args.model} ({device}): the correct timer, then each naive one "
+           f"(about half a minute on a CPU, less on a GPU)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LatencyWarning)  # reported below, next to the numbers
         frame = audit(model, inputs, device, max_time_s=args.max_time_s, threads=args.threads)
