@@ -25,6 +25,16 @@ def one_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture
+def calibration(tmp_path):
+    """A fixed cost model file (no measuring in tests): CPU experts cost n ms, a copy 3 ms."""
+    from toolkit.moe.costs import CostModel, save_cost_model
+
+    path = tmp_path / "costs.json"
+    save_cost_model(CostModel.fixed(cpu=(0.0, 1.0), gpu=(0.01, 0.0), copy_ms=3.0, key="test"), path)
+    return str(path)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

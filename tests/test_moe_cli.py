@@ -7,7 +7,6 @@ import pytest
 
 from toolkit.__main__ import main
 from toolkit.moe import streaming
-from toolkit.moe.costs import CostModel, save_cost_model
 from toolkit.moe.policies import save_placement
 
 BASE = ["moe", "--preset", "tiny-mixtral", "--device", "cpu", "--prompt-tokens", "8", "--warmup", "0"]
@@ -16,14 +15,6 @@ BASE = ["moe", "--preset", "tiny-mixtral", "--device", "cpu", "--prompt-tokens",
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def calibration(tmp_path):
-    """A fixed cost model (no measuring in tests): CPU experts cost n ms, a copy 3 ms."""
-    path = tmp_path / "costs.json"
-    save_cost_model(CostModel.fixed(cpu=(0.0, 1.0), gpu=(0.01, 0.0), copy_ms=3.0, key="test"), path)
-    return str(path)
 
 
 def run_json(capsys, *args):

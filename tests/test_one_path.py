@@ -101,14 +101,6 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(tmp_path / "cache"))
 
 
-@pytest.fixture
-def calibration(tmp_path):
-    """A fixed cost model (no measuring): CPU experts cost n ms, a copy 3 ms."""
-    path = tmp_path / "costs.json"
-    save_cost_model(CostModel.fixed(cpu=(0.0, 1.0), gpu=(0.01, 0.0), copy_ms=3.0, key="test"), path)
-    return str(path)
-
-
 # -- the CLI ---------------------------------------------------------------------------------------------
 
 def test_cli_with_no_options_hands_over_exactly_the_defaults(monkeypatch):
