@@ -38,3 +38,29 @@ print(f"{sum(bool(f['paths']) for f in figures)} of {len(figures)} figures writt
 
 # %%
 notebook.show(notebook.paper_figure_items(figures))
+
+# %% [markdown]
+# ## A figure from a sweep
+#
+# A paper figure is often a grid: GPU expert budgets x policies, models x batch sizes. `toolkit.sweep`
+# runs one measurement per point of a grid (here the offloaded MoE engine, through the same
+# `toolkit.moe.run` path as `python -m toolkit moe`), one result file per point, and reads the points
+# back as one frame. The small example grid below (tiny-mixtral, 2 layers) runs in this process in
+# seconds; `python -m toolkit sweep moe ... --executor local` runs each point in its own process (one
+# GPU each on a multi-GPU host) and `--executor slurm` as a Slurm job array. The hit rate is drawn:
+# it depends only on routing and placement, so it reads the same on any machine, while tokens/s on a
+# shared laptop CPU would mostly show the machine's load.
+
+# %%
+import tempfile
+
+from toolkit import plots
+from toolkit.sweep import example_spec, load_sweep, run_sweep
+
+sweep_dir = tempfile.mkdtemp(prefix="toolkit-sweep-")
+run_sweep(example_spec(smoke=True), sweep_dir, executor="inline")
+frame = load_sweep(sweep_dir)
+notebook.show(frame[["gpu_experts", "policy", "status", "hit_rate_decode", "decode_tokens_per_s"]],
+              plots.sweep_lines(frame, "gpu_experts", "hit_rate_decode", hue="policy", ylabel="decode hit rate",
+                                title="Decode hit rate over a sweep of GPU expert budgets\n"
+                                      "tiny-mixtral, 2 layers, random weights, synthetic Mixtral routing"))

@@ -674,6 +674,10 @@ def profile(fn: Callable, *args: Any, device: str | None = None, wait: int = 1, 
         why = "with profile_memory" if profile_memory else f"torch {torch.__version__}"
         warnings.append(f"{why} the profiler records only the calling thread: work in worker threads "
                         "(the MoE engine's CPU experts) is missing from the host timeline")
+    # torch's profiler (kineto) prints "USDT: ... profiler_start/stop" on stderr at every start and stop, between
+    # a notebook's or a command's own output; level 6 silences it (read when the profiler first starts; a
+    # user's own setting wins)
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     handler, tb_before = None, set()
     if tensorboard_dir is not None:
         handler = torch.profiler.tensorboard_trace_handler(str(tensorboard_dir))

@@ -78,14 +78,10 @@ def run(args) -> int:
 
 
 def _profile(args, device, fn, fargs, label):
-    import os
 
     from ..profiling import profile
     from .common import progress_bar
 
-    # torch's profiler (kineto) prints "USDT: ... profiler_start/stop" lines on stderr at every start and stop;
-    # level 6 silences them (kineto reads the variable when the profiler first starts; the user's setting wins)
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     active = f"then {args.active} profiled step" + ("s" if args.active != 1 else "")
     bar = progress_bar(total=(0 if args.no_baseline else 1) + args.wait + args.warmup + args.active,
                        desc="profile", unit="step")
