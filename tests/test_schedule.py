@@ -226,7 +226,7 @@ def test_cli_prints_the_schedule_line(capsys, calibration):
     assert main(["moe", "--device", "cpu", "--calibration", calibration, "--new-tokens", "3", "--gpu-experts", "4",
                  "--warmup", "2", "--prompt-tokens", "6"]) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("schedule:")]
-    assert lines == ["  schedule: inline (not measured: a cpu device has no copy engine to overlap with; "
+    assert lines == ["  schedule                       inline (not measured: a cpu device has no copy engine to overlap with; "
                      "the engine's default)"]
     assert main(["moe", "--device", "cpu", "--calibration", calibration, "--new-tokens", "3", "--gpu-experts", "4",
                  "--warmup", "2", "--prompt-tokens", "6", "--json"]) == 0
@@ -244,7 +244,7 @@ def test_schedule_line_of_a_measured_run():
               "batch_size": 1, "prompt_tokens": 4, "new_tokens": 4, "prefill_ms": 1.0,
               "decode_ms": {"median": 61.2, "p90": 62.0}, "decode_tokens_per_s": 16.3, "end_to_end_ms": 250.0,
               "cpu_expert_calls": 3, "schedule": got.to_dict()}
-    assert "  schedule: inline (measured: inline 61.2 ms/step, overlap 70.4 ms/step)" in format_table(record).splitlines()
+    assert "  schedule                       inline (measured: inline 61.2 ms/step, overlap 70.4 ms/step)" in format_table(record).splitlines()
 
 
 # -- host memory, before building -----------------------------------------------------------------------------

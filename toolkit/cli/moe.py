@@ -210,7 +210,7 @@ def format_table(r: dict) -> str:
 
     sched = schedule_line(r.get("schedule"))
     if sched:
-        lines.append(f"  schedule: {sched}")
+        lines.append(f"  schedule                       {sched}")
     if auto_on_cpu:
         lines.insert(2, "  (on a CPU both tiers are host memory: --gpu-experts auto keeps every expert resident; "
                         "give a number to exercise the offload path)")
