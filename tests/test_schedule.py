@@ -225,9 +225,9 @@ def test_on_a_cpu_auto_keeps_the_engine_default_unmeasured(calibration):
 def test_cli_prints_the_schedule_line(capsys, calibration):
     assert main(["moe", "--device", "cpu", "--calibration", calibration, "--new-tokens", "3", "--gpu-experts", "4",
                  "--warmup", "2", "--prompt-tokens", "6"]) == 0
-    lines = [x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("schedule:")]
-    assert lines == ["  schedule                       inline (not measured: a cpu device has no copy engine to overlap with; "
-                     "the engine's default)"]
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("schedule ")]
+    assert lines == ["  schedule                       inline (not measured: a cpu device has no copy engine to "
+                     "overlap with; the engine's default)"]
     assert main(["moe", "--device", "cpu", "--calibration", calibration, "--new-tokens", "3", "--gpu-experts", "4",
                  "--warmup", "2", "--prompt-tokens", "6", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["schedule"]["picked"] == "inline"
