@@ -152,10 +152,14 @@ def _timing_lines(t: dict) -> list[str]:
              f"{lat['warmup']['count']} calls, the first {fmt(lat['warmup']['first_call_ms'])} ms.", ""]
     warned = list(dict.fromkeys([*(lat.get("warnings") or []), *(t.get("audit_warnings") or [])]))
     lines += [f"> **warning:** {w}" for w in warned] + ([""] if warned else [])
+    def error(r) -> str:
+        if r["relative_error"] is None and "not applicable" in str(r.get("note") or ""):
+            return str(r["note"])  # GPU-only mistakes on a CPU
+        return pct(r["relative_error"]) + (" (unreliable)" if r.get("reliable") is False else "")
+
     return lines + _table([{"mistake": plots.PITFALL_LABELS.get(r["pitfall"], r["pitfall"]),
                             "naive (ms)": fmt(r["naive_ms"]), "correct (ms)": fmt(r["correct_ms"]),
-                            "error": pct(r["relative_error"]) + (" (unreliable)" if r.get("reliable") is False
-                                                                 else "")} for r in t["audit"]])
+                            "error": error(r)} for r in t["audit"]])
 
 
 def _batch_lines(b: dict) -> list[str]:
