@@ -35,7 +35,7 @@ from .recorded import (
 from .settings import data_dir
 
 ROUTING = "routing"  # the source of figures drawn from the shipped routing statistics (no recording needed)
-SIMULATED = "simulated, Mixtral-8x7B routing (synthetic trace) · no device, no dtype"
+SIMULATED = "simulated from routing alone (no device, no timing): synthetic Mixtral-8x7B trace"
 
 
 @dataclass(frozen=True)
