@@ -67,6 +67,9 @@ def register(subparsers) -> None:
                         "(0: none; default: as many as --new-tokens)")
     p.add_argument("--seed", type=int, default=MoESettings.seed, help="seed of the random weights, prompts, routing and sampling")
     add_device_argument(p)
+    p.add_argument("--gpus", type=positive_int, default=MoESettings.gpus,
+                   help="GPUs of this host holding resident experts, the dense part on the first (default: one); "
+                        "--gpu-experts counts over all of them")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--out", default=None, help="also save the JSON result (with provenance) to this file")
     p.set_defaults(func=run)
@@ -83,7 +86,7 @@ def settings_from_args(args):
         new_tokens=args.new_tokens, batch_size=args.batch_size, beams=args.beams, sample=args.sample,
         temperature=args.temperature, top_k=args.top_k, allow_eos=args.allow_eos, warmup_tokens=args.warmup,
 
-        repeats=args.repeats, seed=args.seed, device=args.device)
+        repeats=args.repeats, seed=args.seed, device=args.device, gpus=args.gpus)
 
 
 def building_line(session) -> str:

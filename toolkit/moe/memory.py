@@ -15,10 +15,15 @@ memory so the logic is testable) minus what the chosen generation needs:
 
 Plan before ``offload()``, with the dense part already on the device and the
 experts in host memory, so "free" is what the experts can have.
+
+Several GPUs of one host: ``plan_devices`` gives one plan per device (the
+dense part, KV cache and staging only on the first) and ``split_budget``
+splits an expert count over them, evenly, each share capped by its plan.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -256,3 +261,69 @@ def plan_memory(model, prompt_tokens: int, new_tokens: int, batch: int = 1, beam
     if gpu_experts is not None:
         plan.check(int(gpu_experts))
     return plan
+
+
+# -- several devices ------------------------------------------------------------------------------------
+
+def plan_devices(model, prompt_tokens: int, new_tokens: int, devices, batch: int = 1, beams: int = 1,
+                 copy_slots: int = 2, safety_bytes: int | None = None, dry_run: bool = True,
+                 mem_info=None) -> list[MemoryPlan]:
+    """One ``MemoryPlan`` per device of a multi-device placement, in ``devices`` order.
+
+    The first device holds the dense part, the KV cache and the copy staging
+    slots: its plan is ``plan_memory``'s. The others hold resident experts
+    only; what they need besides is the MoE working set of the rows sent to
+    them (the prompt's tokens in the worst case) and the safety margin.
+    ``mem_info(device) -> (free, total)`` bytes stands in for the devices in
+    tests. ``[plan.max_gpu_experts for plan in plans]`` caps each device's share.
+    """
+    from ..env import resolve_device
+
+    devices = [str(d) for d in devices]
+    if not devices:
+        raise ToolkitError("devices must name at least one device")
+    first = plan_memory(model, prompt_tokens, new_tokens, batch=batch, beams=beams, device=devices[0],
+                        copy_slots=copy_slots, safety_bytes=safety_bytes, dry_run=dry_run,
+                        mem_info=None if mem_info is None else (lambda: mem_info(devices[0])))
+    plans = [first]
+    blocks = moe_blocks(model)
+    exp = blocks[0].experts
+    gu = exp.gate_up_proj if is_experts_module(exp) else exp.host_gate_up
+    _, two_i, hidden = gu.shape
+    work = _moe_work_bytes(int(batch) * int(beams) * int(prompt_tokens), hidden, two_i // 2,
+                           getattr(model.config, "num_experts_per_tok", 2), gu.element_size())
+    for name in devices[1:]:
+        dev = torch.device(resolve_device(name))
+        free, total = mem_info(name) if mem_info is not None else _mem_info(dev)
+        plans.append(dataclasses.replace(
+            first, device=str(dev), free_bytes=int(free), total_bytes=int(total), kv_cache_bytes=0,
+            activation_bytes=int(work), activation_source="estimate", staging_bytes=0,
+            safety_bytes=default_safety_bytes(total) if safety_bytes is None else int(safety_bytes),
+            requested=None, workload={**first.workload, "copy_slots": 0}))
+    return plans
+
+
+def split_budget(gpu_experts: int, caps) -> list[int]:
+    """``gpu_experts`` split over devices: evenly, each share capped by ``caps`` (max experts per device).
+
+    The even split gives the remainder to the later devices (the first also
+    holds the dense part and the KV cache); what a capped device cannot take
+    goes to the devices with room, in order. More than ``sum(caps)`` -> ToolkitError.
+    """
+    caps = [max(0, int(c)) for c in caps]
+    total, n = int(gpu_experts), len(caps)
+    if n == 0:
+        raise ToolkitError("devices must name at least one device")
+    if total < 0:
+        raise ToolkitError(f"gpu_experts must be >= 0, got {total}")
+    if total > sum(caps):
+        raise ToolkitError(f"{total} GPU experts do not fit on {n} devices: at most {caps} per device "
+                           f"({sum(caps)} in all)")
+    per, extra = divmod(total, n)
+    shares = [min(c, per + (i >= n - extra)) for i, c in enumerate(caps)]
+    left = total - sum(shares)
+    for i, c in enumerate(caps):
+        more = min(left, c - shares[i])
+        shares[i] += more
+        left -= more
+    return shares

@@ -39,6 +39,12 @@ expert on its own with a device-to-host transfer and sync, no overlap) and
 
 With ``device="cpu"`` both tiers are CPU tensors and the same routing,
 decision and counting code runs, so CI can test it without a GPU.
+
+Several GPUs of one host (``offload(..., devices=[...])``): the resident
+experts spread over the devices (``assign_devices``: each layer's popular
+experts round-robin), the dense part and the copy slots stay on the first;
+a resident expert's rows travel to its device and back. ``devices=["cpu",
+"cpu"]`` runs the same bookkeeping and row routing on the CPU.
 """
 
 from __future__ import annotations
@@ -208,6 +214,35 @@ def from_popularity(popularity: np.ndarray, budget: int) -> np.ndarray:
         top = np.argsort(-pop, axis=None, kind="stable")[:budget]
         res.flat[top] = True
     return res
+
+
+def assign_devices(resident: np.ndarray, shares, ranking=None) -> np.ndarray:
+    """Which device holds each resident expert: int [L, E], an index into the devices (-1: not resident).
+
+    Why round-robin by popularity rank: a layer's busiest experts on different
+    devices share out its rows, so no device computes most of a layer while
+    the others wait. Per layer the resident experts go in order of ``ranking``
+    [L, E] (descending; default expert id order) to the devices in turn; the
+    turn carries over from layer to layer so the counts come out even; a
+    device that holds its share (``shares``, experts per device) is skipped.
+    """
+    resident = np.asarray(resident, dtype=bool)
+    shares = [int(n) for n in shares]
+    if int(resident.sum()) > sum(shares):
+        raise ToolkitError(f"{int(resident.sum())} resident experts but the device shares {shares} hold {sum(shares)}")
+    rank = np.zeros(resident.shape) if ranking is None else np.asarray(ranking, dtype=np.float64)
+    tiers = np.full(resident.shape, -1, dtype=np.int64)  # [L, E]
+    held = [0] * len(shares)
+    turn = 0
+    for layer in range(resident.shape[0]):
+        experts = np.flatnonzero(resident[layer])
+        for e in experts[np.argsort(-rank[layer, experts], kind="stable")]:
+            while held[turn] >= shares[turn]:
+                turn = (turn + 1) % len(shares)
+            tiers[layer, e] = turn
+            held[turn] += 1
+            turn = (turn + 1) % len(shares)
+    return tiers
 
 
 class StaticPlacement:
@@ -382,7 +417,7 @@ class OffloadedExperts(nn.Module):
     """Drop-in for a fused experts module: forward(hidden [T, D], top_k_index [T, K], top_k_weights [T, K]) -> [T, D]."""
 
     def __init__(self, engine: Offloaded, layer: int, original: nn.Module, host_gate_up: torch.Tensor,
-                 host_down: torch.Tensor, cpu_dtype: torch.dtype, resident: np.ndarray):
+                 host_down: torch.Tensor, cpu_dtype: torch.dtype, resident: np.ndarray, tiers=None):
         super().__init__()
         self.layer = layer
         self.n_experts = host_gate_up.shape[0]
@@ -398,7 +433,11 @@ class OffloadedExperts(nn.Module):
         self._pageable = None  # (gate_up, down) pageable clones, made at this layer's first copy
         self.expert_bytes = (host_gate_up[0].numel() + host_down[0].numel()) * host_gate_up.element_size()
         self.gpu: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # resident expert -> (gate_up [2I, D], down [D, I])
+        # resident expert -> index into engine.devices (several devices only; else every one is on engine.device)
+        self.tier: dict[int, int] = {}
         for e in np.flatnonzero(resident):
+            if tiers is not None:
+                self.tier[int(e)] = int(tiers[e])
             self.gpu[int(e)] = self._to_device(int(e))
 
     def extra_repr(self) -> str:
@@ -421,7 +460,7 @@ class OffloadedExperts(nn.Module):
         return self._pageable
 
     def _to_device(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        dev = self.engine.device
+        dev = self.engine.devices[self.tier[e]] if e in self.tier else self.engine.device
         if dev.type == "cpu":  # both tiers on the CPU: the "GPU" copy is the host tensor itself
             return self.host_gate_up[e], self.host_down[e]
         with persistent():
@@ -600,7 +639,10 @@ class OffloadedExperts(nn.Module):
             with _label(f"moe.copy_experts[L{layer}]"):
                 issue_more()
 
-        if len(resident_used):
+        if len(resident_used) and eng.spread:
+            with _label(f"moe.gpu_experts[L{layer}]"):
+                self._spread_experts(p, resident_used, tok, wts, out)
+        elif len(resident_used):
             with _label(f"moe.gpu_experts[L{layer}]"):
                 for e in resident_used:
                     r = p.rows[e]
@@ -648,6 +690,48 @@ class OffloadedExperts(nn.Module):
                 eng.release(slot)
         return out
 
+    def _spread_experts(self, p: _Pass, resident_used, tok, wts, out) -> None:
+        """Resident experts over several devices: each device's rows go there, are computed, and come back.
+
+        Activations move, weights stay: a device's experts' rows [R_d, D] and
+        weights [R_d] cross once each way per layer. The other devices' work is
+        queued first, so it runs while the first device computes its own.
+        """
+        eng, hidden = self.engine, p.hidden
+        by_tier: dict[int, list[int]] = {}
+        for e in resident_used:
+            by_tier.setdefault(self.tier[int(e)], []).append(int(e))
+        back = []  # (token index [R_d], results [R_d, D] on their device)
+        for d, experts in sorted(by_tier.items()):
+            if d == 0:
+                continue
+            dev = eng.devices[d]
+            idx = torch.cat([tok[p.rows[e]] for e in experts])  # [R_d]
+            x = hidden[idx].to(dev, non_blocking=True)  # [R_d, D]
+            w = torch.cat([wts[p.rows[e]] for e in experts]).to(dev, non_blocking=True)  # [R_d]
+            ys, s = [], 0
+            for e in experts:
+                n = int(p.counts[e])
+                ys.append(self._expert(x[s:s + n], *self.gpu[e], w[s:s + n], out.dtype))  # [n, D]
+                s += n
+            back.append((idx, torch.cat(ys)))
+            eng.device_rows[d] += s
+        for e in by_tier.get(0, ()):
+            r = p.rows[e]
+            out.index_add_(0, tok[r], self._expert(hidden[tok[r]], *self.gpu[e], wts[r], out.dtype))  # [n, D]
+            eng.device_rows[0] += int(p.counts[e])
+        for idx, y in back:
+            out.index_add_(0, idx, y.to(hidden.device, non_blocking=True))
+
+    def _resident_expert(self, e: int, x, w, out_dtype):
+        """A resident expert's rows x [n, D], weights w [n] computed on its device -> [n, D] on x's device."""
+        eng = self.engine
+        d = self.tier.get(e, 0)
+        eng.device_rows[d] += x.shape[0]
+        dev = eng.devices[d]
+        y = self._expert(x.to(dev, non_blocking=True), *self.gpu[e], w.to(dev, non_blocking=True), out_dtype)
+        return y.to(x.device, non_blocking=True)
+
     def _serial(self, p: _Pass, resident_used, cpu_experts, jobs, fresh, split):
         """Fiddler's schedule: GPU experts (resident, then blocking copies) in expert order, then each CPU
         expert on its own: device-to-host transfer (a sync), compute, host-to-device; nothing overlaps."""
@@ -657,6 +741,10 @@ class OffloadedExperts(nn.Module):
         gpu_side = sorted([(int(e), None) for e in resident_used] + [(e, kept) for e, kept in jobs])
         with _label(f"moe.gpu_experts[L{layer}]"):
             for e, kept in gpu_side:
+                if kept is None and eng.spread:  # resident, on one of several devices
+                    r = p.rows[e]
+                    out.index_add_(0, tok[r], self._resident_expert(e, hidden[tok[r]], wts[r], out.dtype))
+                    continue
                 weights = self.gpu[e] if kept is None else eng.copy_blocking(self, e, fresh.get(e))
                 if p.counts[e]:
                     r = p.rows[e]
@@ -736,15 +824,21 @@ class Offloaded:
 
     Built by ``offload()``; a context manager that puts the model back (``restore()``) on exit.
     ``resident`` is the initial GPU residency, bool [L, E]; ``original_devices`` where each
-    block's experts lived before (restored there).
+    block's experts lived before (restored there). ``devices`` (several): the devices
+    holding resident experts, ``device`` first; ``tiers`` int [L, E] which one holds each
+    (``assign_devices``).
     """
 
     def __init__(self, model, blocks, *, policy, resident: np.ndarray, device: torch.device, cost_model: CostModel,
-                 routing, gpu_experts: int, original_devices: list, options: EngineOptions):
+                 routing, gpu_experts: int, original_devices: list, options: EngineOptions, devices=None,
+                 tiers: np.ndarray | None = None):
         cpu_threads, cpu_dtype, copy_slots = options.cpu_threads, options.cpu_dtype, options.copy_slots
         self.options = options
         self.model = model
         self.device = device
+        self.devices = list(devices) if devices else [device]  # devices[0] is device: the dense part's
+        self.spread = len(self.devices) > 1  # resident experts on several devices
+        self.device_rows = [0] * len(self.devices)  # (token, expert) rows computed by each device's resident experts
         self.policy = policy
         self.cost_model = cost_model
         self.routing = routing
@@ -771,7 +865,7 @@ class Offloaded:
         for layer, block in enumerate(blocks):
             orig = block.experts
             mod = OffloadedExperts(self, layer, orig, orig.gate_up_proj.data, orig.down_proj.data, cpu_dtype,
-                                   resident[layer])
+                                   resident[layer], tiers[layer] if self.spread else None)
             self.experts.append(mod)
             block.experts = mod
             if routing is not None:
@@ -935,6 +1029,22 @@ class Offloaded:
         return np.stack([np.asarray(self.policy.resident(layer), dtype=bool) for layer in range(len(self._blocks))])
 
     @property
+    def expert_devices(self) -> np.ndarray:
+        """Which device holds each resident expert now: int [L, E], an index into ``devices`` (-1: host only)."""
+        tiers = np.full((self.n_layers, self.n_experts), -1, dtype=np.int64)
+        for layer, mod in enumerate(self.experts):
+            for e in mod.gpu:
+                tiers[layer, e] = mod.tier.get(e, 0)
+        return tiers
+
+    def devices_dict(self) -> list[dict]:
+        """Per device: its name, resident experts and the rows its resident experts computed."""
+        tiers = self.expert_devices
+        held = np.bincount(tiers[tiers >= 0], minlength=len(self.devices))
+        return [{"device": str(d), "experts": int(held[i]), "rows": int(self.device_rows[i])}
+                for i, d in enumerate(self.devices)]
+
+    @property
     def hidden_size(self) -> int:
         return self.experts[0].host_gate_up.shape[2]
 
@@ -966,12 +1076,20 @@ class Offloaded:
     def reset_stats(self) -> None:
         self._check_active()  # generate() starts here: a restored engine would report experts it no longer has
         self.stats.reset()
+        self.device_rows = [0] * len(self.devices)
 
     def __call__(self, *args, **kwargs):
         self._check_active()
         return self.model(*args, **kwargs)
 
     def to_dict(self) -> dict:
+        d = self._to_dict()
+        if self.spread:  # which expert lives on which device, and the counts per device
+            d["devices"] = self.devices_dict()
+            d["expert_devices"] = self.expert_devices.tolist()
+        return d
+
+    def _to_dict(self) -> dict:
         return {
             "gpu_experts": self.gpu_experts, "total_experts": self.n_layers * self.n_experts,
             "device": str(self.device), "policy": getattr(self.policy, "name", type(self.policy).__name__),
@@ -996,7 +1114,8 @@ class Offloaded:
             mod._pageable = None  # drop pageable clones
         self._slots.clear()
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            for dev in dict.fromkeys(self.devices):
+                torch.cuda.synchronize(dev)
             torch.cuda.empty_cache()
         for block, orig, gate, dev in zip(self._blocks, self._originals, self._orig_gates, self._orig_param_devices):
             block.experts = orig
@@ -1029,7 +1148,8 @@ def _check_fits(n_resident: int, copy_slots: int, expert_bytes: int, device: tor
 def offload(model, gpu_experts: int | str | None, device: str = "cuda", placement=None, policy=None,
             cost_model: CostModel | str | os.PathLike | None = None, routing=None, cpu_threads: int | None = None,
             copy_slots: int = 2, overlap: bool | None = None, *, decision: str = "makespan", serial: bool = False,
-            pageable_copies: bool = False, split: bool = True) -> Offloaded:
+            pageable_copies: bool = False, split: bool = True, devices=None, devices_budget=None,
+            ranking=None) -> Offloaded:
     """Split the experts of ``model`` between the GPU (``gpu_experts`` of them in total, or "all") and the CPU.
 
     placement: bool [L, E] (which experts), numeric [L, E] (a popularity
@@ -1048,6 +1168,19 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     blocking (as ``module.to(device)``); costs host memory for the clone.
     split: let the makespan decision split one expert per layer between the
     copy path and the CPU.
+
+    Several devices of one host (``devices``, e.g. ["cuda:0", "cuda:1"]; the
+    first is ``device``): the dense part stays on ``device``, the resident
+    experts (``gpu_experts`` in all) spread over ``devices``: a resident
+    expert's rows go to its device and its results come back (activations
+    move, weights stay). devices_budget: at most this many experts per device
+    (default: what fits in each device's free memory); the resident experts
+    split evenly, each share capped by it (``toolkit.moe.memory.split_budget``). ranking: [L, E]
+    popularity spreading each layer's busiest experts over the devices
+    (``assign_devices``; default: a numeric placement, else expert order).
+    Missed experts are served as with one device (CPU, or copied to
+    ``device``). Needs a static placement: a caching policy would move
+    experts between devices. ``devices=None`` or one device: the one-device engine.
     """
     from ..env import resolve_device
 
@@ -1069,10 +1202,14 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
         raise ToolkitError(f"copy_slots must be >= 1, got {copy_slots}")
     if decision not in DECISIONS:
         raise ToolkitError(f"decision must be one of {', '.join(DECISIONS)}, got {decision!r}")
+    devices = _several_devices(devices, device)
     gpu_experts = _budget(gpu_experts, n_layers, n_experts)
     policy, resident = _initial_residency(placement, policy, gpu_experts, n_layers, n_experts)
     if gpu_experts is None:
         gpu_experts = int(resident.sum())
+    if devices is not None and not str(getattr(policy, "name", "")).startswith("static"):
+        raise ToolkitError(f"devices: several devices need a static placement, got policy "
+                           f"{getattr(policy, 'name', type(policy).__name__)!r} (a cache would move experts)")
     cpu_threads = choose_threads(cpu_threads)
 
     if cost_model is None:
@@ -1095,7 +1232,19 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
 
     expert_bytes = 3 * (two_i // 2) * hidden * first.gate_up_proj.element_size()
     orig_devices = [b.experts.gate_up_proj.device for b in blocks]
-    if device.type == "cuda":  # experts now on this GPU will leave it: their memory counts as free
+    tiers = None
+    if devices is not None:
+        if ranking is None and placement is not None and not isinstance(placement, (str, os.PathLike, Path)) \
+                and np.asarray(placement).dtype != bool:
+            ranking = placement
+        shares = _device_shares(devices, devices_budget, int(resident.sum()), copy_slots, expert_bytes,
+                                n_experts, orig_devices)
+        tiers = assign_devices(resident, shares, ranking)
+        if device.type == "cuda":
+            for i, dev in enumerate(devices):
+                leaving = sum(n_experts * expert_bytes for d in orig_devices if d == dev)
+                _check_fits(int((tiers == i).sum()), copy_slots if i == 0 else 0, expert_bytes, dev, leaving=leaving)
+    elif device.type == "cuda":  # experts now on this GPU will leave it: their memory counts as free
         leaving = sum(n_experts * expert_bytes for d in orig_devices if d == device)
         _check_fits(int(resident.sum()), copy_slots, expert_bytes, device, leaving=leaving)
     for b in blocks:
@@ -1108,10 +1257,63 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
                             pageable_copies=bool(pageable_copies), split=bool(split), overlap=bool(overlap),
                             copy_slots=int(copy_slots))
     off = Offloaded(model, blocks, policy=policy, resident=resident, device=device, cost_model=cost_model,
-                    routing=routing, gpu_experts=gpu_experts, original_devices=orig_devices, options=options)
+                    routing=routing, gpu_experts=gpu_experts, original_devices=orig_devices, options=options,
+                    devices=devices, tiers=tiers)
     if any(p.device != device for p in model.parameters()):
         model.to(device)  # the dense part (the experts are no longer parameters of the model)
     return off
+
+
+def _several_devices(devices, device: torch.device) -> list[torch.device] | None:
+    """``devices`` as torch devices with ``device`` first, or None for one device (the one-device engine)."""
+    from ..env import resolve_device
+
+    if devices is None:
+        return None
+    if isinstance(devices, (str, torch.device)) or not len(devices):
+        raise ToolkitError(f"devices must be a non-empty list of devices, got {devices!r}")
+    out = []
+    for d in devices:
+        try:
+            d = torch.device(resolve_device(str(d)))
+        except ToolkitError as err:
+            raise ToolkitError(f"devices: {err}") from None
+        if d.type == "cuda" and d.index is None:
+            d = torch.device("cuda", torch.cuda.current_device())
+        if d.type == "cuda" and d.index >= torch.cuda.device_count():
+            raise ToolkitError(f"devices: {d} does not exist ({torch.cuda.device_count()} CUDA devices)")
+        out.append(d)
+    if out[0] != device:
+        raise ToolkitError(f"devices must start with device {device} (the dense part's), got {[str(d) for d in out]}")
+    if any(d.type != device.type for d in out):
+        raise ToolkitError(f"devices must all be of one kind, got {[str(d) for d in out]}")
+    if device.type == "cuda" and len(set(out)) != len(out):
+        raise ToolkitError(f"devices lists a GPU twice: {[str(d) for d in out]}")
+    return out if len(out) > 1 else None
+
+
+def _device_shares(devices, devices_budget, n_resident: int, copy_slots: int, expert_bytes: int,
+                   n_experts: int, orig_devices) -> list[int]:
+    """Experts per device: an even split of the resident ones, capped by ``devices_budget`` or what fits."""
+    from .memory import split_budget
+
+    if devices_budget is not None:
+        caps = list(devices_budget)
+        if len(caps) != len(devices) or any(isinstance(n, bool) or int(n) != n or n < 0 for n in caps):
+            raise ToolkitError(f"devices_budget must give {len(devices)} counts >= 0 (at most this many experts "
+                               f"per device), got {caps}")
+        try:
+            return split_budget(n_resident, caps)
+        except ToolkitError as err:
+            raise ToolkitError(f"devices_budget: {err}") from None
+    if devices[0].type != "cuda":  # both tiers host memory: nothing caps a share
+        return split_budget(n_resident, [n_resident] * len(devices))
+    caps = []
+    for i, dev in enumerate(devices):
+        free, _ = torch.cuda.mem_get_info(dev)
+        free += sum(n_experts * expert_bytes for d in orig_devices if d == dev)
+        caps.append(max(0, (free - (1 << 30)) // expert_bytes - (copy_slots if i == 0 else 0)))
+    return split_budget(n_resident, caps)
 
 
 def _to_host(experts: nn.Module, pinned: bool) -> None:

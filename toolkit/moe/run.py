@@ -70,6 +70,9 @@ class MoESettings:
     on a CPU device the engine's default, unmeasured), or "overlap", "inline",
     "overlap-nosplit", "inline-nosplit"; the peer schemes keep their own.
     dtype: the model's dtype (None: the preset's).
+    gpus: GPUs of this host holding resident experts (None: one GPU, the
+    one-device engine); the dense part stays on the first, ``gpu_experts``
+    counts over all of them, each GPU's share capped by its memory plan.
     warmup_tokens: tokens of each warm-up generation (0: no warm-up; None, the
     default: as many as the measured generation); warm-up repeats until two
     successive median decode steps agree within 5% (at most 5 rounds). A
@@ -103,6 +106,7 @@ class MoESettings:
     repeats: int = 1  # measured generations per run (their samples pooled; each run's prefill kept)
     seed: int = 0
     device: str = "auto"
+    gpus: int | None = None  # None: one GPU; N > 1: resident experts spread over N GPUs of this host
 
     def warmup_length(self, new_tokens: int | None = None) -> int:
         """Tokens of each warm-up generation: ``warmup_tokens``, or as many as the measured generation."""
@@ -250,6 +254,8 @@ def resolve_settings(settings: MoESettings | None = None, **overrides) -> MoESet
         raise ToolkitError(f"temperature must be a finite number > 0, got {s.temperature}")
     if s.top_k is not None and (isinstance(s.top_k, bool) or int(s.top_k) < 0):
         raise ToolkitError(f"top_k must be >= 0, got {s.top_k}")
+    if s.gpus is not None:
+        _check_count("gpus", s.gpus, 1)
     if s.threads is not None and (isinstance(s.threads, bool) or int(s.threads) < 1):
         raise ToolkitError(f"threads must be >= 1, got {s.threads}")
     if s.dtype is not None and s.dtype not in DTYPES:
@@ -332,7 +338,7 @@ class MoESession:
     """
 
     def __init__(self, settings: MoESettings | None = None, *, model=None, cost_model=None, on_build=None,
-                 **overrides):
+                 devices=None, **overrides):
         from ..env import resolve_device
         from .presets import from_name
 
@@ -344,6 +350,8 @@ class MoESession:
             p = dataclasses.replace(p, dtype=getattr(torch, s.dtype))
         self.preset = p
         self.device = resolve_device(s.device)
+        self.devices = self._devices(devices)
+        self.device_caps = None  # with several devices: max experts per device, from the last memory plan
         self.total_experts = p.layers * p.experts
         if model is None:
             from .memory import check_host_memory
@@ -382,7 +390,34 @@ class MoESession:
         fixed = sorted(k for k in changes if k in self._SHARED and changes[k] != getattr(self.settings, k))
         if fixed:
             raise ToolkitError(f"{', '.join(fixed)} fix the built model or its cost model: start a new MoESession")
-        return MoESession(self.settings.replace(**changes), model=self.model, cost_model=self.cost_model)
+        if "gpus" in changes and changes["gpus"] != self.settings.gpus:
+            return MoESession(self.settings.replace(**changes), model=self.model, cost_model=self.cost_model)
+        return MoESession(self.settings.replace(**changes), model=self.model, cost_model=self.cost_model,
+                          devices=self.devices)
+
+    def _devices(self, devices) -> list[str] | None:
+        """The devices holding resident experts when ``gpus`` > 1 (the session's device first), else None.
+
+        ``devices`` (tests) names them instead, e.g. ["cpu", "cpu"]: two tiers of one kind on a CPU.
+        """
+        n = self.settings.gpus
+        if devices is not None:
+            devices = [str(d) for d in devices]
+            if n is not None and len(devices) != n:
+                raise ToolkitError(f"gpus={n} but {len(devices)} devices given: {devices}")
+            return devices if len(devices) > 1 else None
+        if n is None or n == 1:
+            return None
+        import torch
+
+        if not self.device.startswith("cuda"):
+            raise ToolkitError(f"gpus={n}: several GPUs need CUDA (device is {self.device})")
+        count = torch.cuda.device_count()
+        if n > count:
+            raise ToolkitError(f"gpus={n} but this host has {count} CUDA devices")
+        first = torch.device(self.device).index
+        first = torch.cuda.current_device() if first is None else first  # where offload() puts the dense part
+        return [f"cuda:{first}"] + [f"cuda:{i}" for i in range(count) if i != first][:n - 1]
 
     # building blocks, each checked before the model exists
     def _load_routing(self, routing: str):
@@ -449,16 +484,35 @@ class MoESession:
         """(expert count, ``MemoryPlan``) for a requested budget ("auto", "all" or a count) on this device.
 
         A count that does not fit raises ToolkitError with the numbers. ``mem_info``
-        (a callable -> (free, total) bytes) stands in for the device in tests.
+        (a callable -> (free, total) bytes) stands in for the device in tests. With
+        several devices (``gpus``) the plan is a list, one per device, and the count
+        fits their sum (``mem_info(device)`` then takes the device's name).
         """
         from .memory import plan_memory
 
         s = self.settings
         req = self._requested(gpu_experts)
+        if self.devices is not None:
+            return self._devices_plan(req, beams=beams, new_tokens=new_tokens, mem_info=mem_info)
         plan = plan_memory(self.model, s.prompt_tokens, new_tokens or s.new_tokens, batch=s.batch_size,
                            beams=beams or s.beams, device=self.device,
                            gpu_experts=None if req == "auto" else int(req), mem_info=mem_info)
         return (plan.max_gpu_experts if req == "auto" else int(req)), plan
+
+    def _devices_plan(self, req, *, beams=None, new_tokens=None, mem_info=None):
+        """(expert count, plans per device) with several devices; ``mem_info(device)`` -> (free, total) in tests."""
+        from .memory import plan_devices
+
+        s = self.settings
+        plans = plan_devices(self.model, s.prompt_tokens, new_tokens or s.new_tokens, self.devices,
+                             batch=s.batch_size, beams=beams or s.beams, mem_info=mem_info)
+        fit = sum(p.max_gpu_experts for p in plans)
+        k = min(fit, self.total_experts) if req == "auto" else int(req)
+        self.device_caps = [p.max_gpu_experts for p in plans]
+        if k > fit:
+            raise ToolkitError(f"{k} GPU experts do not fit on {', '.join(self.devices)}: at most "
+                               f"{self.device_caps} per device ({fit} in all)")
+        return k, plans
 
     def _requested(self, gpu_experts):
         req = self.settings.gpu_experts if gpu_experts is None else gpu_experts
@@ -473,7 +527,8 @@ class MoESession:
     def resolve_gpu_experts(self, gpu_experts=None, beams: int | None = None, new_tokens: int | None = None):
         """(count, memory plan or None) for a requested budget: planned on a GPU; on a CPU "auto" is every expert."""
         if self.device.startswith("cuda"):
-            return self.memory_plan(gpu_experts, beams=beams, new_tokens=new_tokens)
+            k, plan = self.memory_plan(gpu_experts, beams=beams, new_tokens=new_tokens)
+            return k, (plan[0] if isinstance(plan, list) else plan)
         req = self._requested(gpu_experts)
         return (self.total_experts if req == "auto" else int(req)), None
 
@@ -504,6 +559,10 @@ class MoESession:
             kw["placement"] = self.placement  # the policy places from its profile, not the scheme's residency
         elif self.placement is not None:
             kw["placement"] = self.placement
+        if self.devices is not None:  # resident experts over several devices, each layer's busiest spread out
+            kw.update(devices=self.devices, ranking=self.popularity)
+            if self.device_caps is not None and self.device.startswith("cuda"):
+                kw["devices_budget"] = self.device_caps
         return base.offload(self.model, k, device=self.device, popularity=self.popularity, **kw)
 
     def reset_routing(self) -> None:
