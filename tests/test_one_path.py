@@ -316,3 +316,34 @@ def test_unmodified_run_and_shared_sessions(session):
     assert traced.run_unmodified().generation.sequences == traced.run("all").generation.sequences
     with pytest.raises(ToolkitError, match="layers fix the built model"):
         session.with_settings(layers=1)
+
+
+# -- warnings that travel with a run's numbers -------------------------------------------------------------
+
+def _result_with_steps(steps_ms, steady=True):
+    from toolkit.moe.generation import GenerationResult
+    from toolkit.moe.run import MoERunResult
+
+    g = GenerationResult(prefill_ms=5.0, decode_samples_ms=tuple(steps_ms), end_to_end_ms=sum(steps_ms) + 5.0,
+                         batch_size=1, num_beams=1, do_sample=False, prompt_tokens=4, new_tokens=len(steps_ms) + 1,
+                         sequences=((1,) * (len(steps_ms) + 1),))
+    return MoERunResult(generation=g, settings=MoESettings(), preset="tiny-mixtral", layers=2, experts_per_layer=8,
+                        device="cpu", scheme="ours", policy="static", routing="model", cpu_threads=1, engine={},
+                        warmup={"rounds": 2, "steady": steady})
+
+
+def test_a_steady_run_has_no_warnings():
+    r = _result_with_steps([10.0, 10.2, 9.9, 10.1, 10.0, 10.1])
+    assert r.warnings == [] and r.to_dict()["warnings"] == []
+
+
+def test_slow_steps_and_an_unsettled_warm_up_warn_next_to_the_number():
+    from toolkit.cli.moe import format_table
+
+    r = _result_with_steps([10.0, 10.1, 9.9, 10.0, 10.2, 10.0, 10.1, 9.9, 10.0, 95.0], steady=False)
+    w = r.warnings
+    assert len(w) == 2 and "median step" in w[0] and "warm-up did not settle" in w[1]
+    spread = _result_with_steps([10.0, 30.0, 10.0, 30.0, 10.0, 30.0])
+    assert any("spread widely" in x for x in spread.warnings)
+    text = format_table({**r.to_dict(), "cost_model": None})
+    assert text.splitlines()[-2:] == [f"  WARNING: {x}" for x in w]

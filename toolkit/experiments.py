@@ -266,13 +266,13 @@ def moe_experiment(settings: Settings, device: str = "auto", *, session=None, pr
     setup = (f"{p.name}, {p.layers} layers x {p.experts} experts, {str(p.dtype).removeprefix('torch.')}, "
              f"batch 1 · {device_name(record, device)}")
     sweep = sweep_frame(results)
+    sweep_fig = plots.offload_sweep(sweep, total_experts=n_total,
+                                    title=f"Offloaded generation vs GPU expert budget ({s.moe_policy})\n{setup}")
+    plots.annotate_warnings(sweep_fig, [f"{k} GPU experts: {w}" for k, r in results.items() for w in r.warnings])
     figures = [
         ExperimentFigure("moe_offload_sweep",
                          f"Offloaded generation ({where}, {s.moe_policy} placement): decode tokens/s, prefill time "
-                         "and decode hit rate vs GPU-resident experts.",
-                         plots.offload_sweep(sweep, total_experts=n_total,
-                                             title=f"Offloaded generation vs GPU expert budget ({s.moe_policy})"
-                                                   f"\n{setup}")),
+                         "and decode hit rate vs GPU-resident experts.", sweep_fig),
         ExperimentFigure("moe_decode_latency", f"Per-token decode latency over the generated tokens ({where}).",
                          plots.decode_latency_over_tokens(
                              {f"{k} GPU experts": results[k].generation.decode_samples_ms

@@ -181,8 +181,11 @@ def _moe_lines(m: dict) -> list[str]:
                       "decode tok/s": fmt(r["decode_tokens_per_s"]),
                       "prefill (ms)": fmt(r["prefill_ms"]),
                       "decode median (ms)": fmt(r["decode_ms"]["median"]),
-                      "decode hit rate": fmt((r.get("hit_rate") or {}).get("decode"), ".3f")}
+                      "decode hit rate": fmt((r.get("hit_rate") or {}).get("decode"), ".3f"),
+                      "warnings": len(r.get("warnings") or ()) or ""}
                      for r in m["runs"]])
+    warned = [(r["gpu_experts"], w) for r in m["runs"] for w in r.get("warnings") or ()]
+    lines += [f"> **warning** ({k} GPU experts): {w}" for k, w in warned] + ([""] if warned else [])
     if m.get("profile"):
         lines += [f"Profiled decode step ({m['profile']['gpu_experts']} GPU experts): verdict "
                   f"**{m['profile']['verdict']}**.", ""]

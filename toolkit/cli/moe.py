@@ -226,6 +226,7 @@ def format_table(r: dict) -> str:
                 "an expert alongside the CPU's)")
         lines.append(f"  cost model                     CPU expert {_f(a)} + {_f(b, '.4f')}*n ms, "
                      f"copy {_f(cm.get('copy_ms'))} ms; {pays}")
+    lines += [f"  WARNING: {w}" for w in r.get("warnings") or ()]
     return "\n".join(lines)
 
 

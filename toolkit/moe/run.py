@@ -50,6 +50,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 WARMUP_ROUNDS = 5  # at most this many warm-up generations ...
 WARMUP_STEADY = 0.05  # ... stopping once two successive median decode steps agree within 5%
 ANOMALY_SPREAD = 0.10  # rounds of one configuration whose (max - min) / median exceeds this are anomalous
+RUN_SPREAD = 0.20  # one run's decode steps: IQR / median above this, or tokens/s off the median's by this, warns
 NO_WARMUP = {"rounds": 0, "median_decode_ms": [], "steady": None}
 
 
@@ -168,6 +169,34 @@ class MoERunResult:
     def hit_rate(self) -> dict | None:
         return self.generation.hit_rate
 
+    @property
+    def warnings(self) -> list[str]:
+        """What makes this run's numbers doubtful, each with its remedy (empty when nothing does).
+
+        Decode tokens/s is steps over total time, so a few slow steps (another
+        process, a page fault, a first-time shape) pull it below what the median
+        step says; a wide spread of steps, or a warm-up that never settled, means
+        the machine was not in one state while it measured.
+        """
+        out = []
+        s = np.asarray(self.generation.decode_samples_ms, dtype=float)
+        if len(s) >= 4:
+            med = float(np.median(s))
+            q1, q3 = np.percentile(s, [25, 75])
+            if med > 0 and (q3 - q1) / med > RUN_SPREAD:
+                out.append(f"decode steps spread widely: IQR is {100 * (q3 - q1) / med:.0f}% of the median step; "
+                           "other work on the machine? repeat with --repeats 3, or on an idle machine")
+            tps = self.decode_tokens_per_s
+            if med > 0 and math.isfinite(tps):
+                by_median = 1e3 * self.generation.batch_size / med
+                if abs(tps - by_median) > RUN_SPREAD * by_median:
+                    out.append(f"tokens/s from the total time ({tps:.3g}) and from the median step ({by_median:.3g}) "
+                               f"differ by more than {100 * RUN_SPREAD:.0f}%: a few slow steps dominate the total")
+        if self.warmup.get("steady") is False:
+            out.append(f"warm-up did not settle in {self.warmup.get('rounds')} rounds (successive median decode "
+                       "steps still differed by more than 5%): the measured generation may not be steady either")
+        return out
+
     def to_dict(self) -> dict:
         """Flat record: the run's context, then ``GenerationResult.to_dict()`` keys (the CLI's JSON)."""
         return {"preset": self.preset, "layers": self.layers, "experts_per_layer": self.experts_per_layer,
@@ -177,7 +206,7 @@ class MoERunResult:
                 "prefill_ms": self.prefill_ms, "prefill_samples_ms": list(self.prefill_samples_ms),
                 "engine": self.engine,
                 "memory_plan": None if self.memory_plan is None else self.memory_plan.to_dict(), "warmup": self.warmup,
-                "schedule": self.schedule, "settings": self.settings.to_dict()}
+                "schedule": self.schedule, "warnings": self.warnings, "settings": self.settings.to_dict()}
 
     def __repr__(self) -> str:
         return (f"MoERunResult({self.preset} x{self.layers}, {self.generation.gpu_experts}/{self.total_experts} "
