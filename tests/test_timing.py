@@ -576,3 +576,284 @@ def test_cli_latency_prints_the_warnings_with_the_number(monkeypatch, capsys):
     assert "UNRELIABLE" in median_line
     assert "WARNING: other work is using the CPU: our threads waited for a core 25% of the time" in out
     assert "--threads 1" in out
+
+
+# --- hide_launch: back-to-back bursts (the rules on a CPU, the events on the GPU)
+
+
+def test_burst_size_fills_ten_ms_and_grows_at_most_fourfold():
+    from toolkit.timing import BURST_GROWTH, MAX_BURST, _burst_size
+
+    assert BURST_GROWTH == 4 and MAX_BURST == 64
+    assert _burst_size(1, gpu_ns=500e6, host_ns=10e3) == 1  # a cold first call of 0.5 s: one call again
+    assert _burst_size(1, gpu_ns=200e3, host_ns=20e3) == 4  # the ramp: 1, 4, 16, ...
+    assert _burst_size(16, gpu_ns=200e3, host_ns=20e3) == 50  # 10 ms of 0.2 ms calls
+    assert _burst_size(64, gpu_ns=3e3, host_ns=10e3) == 64  # a tiny kernel: capped
+    assert _burst_size(64, gpu_ns=1e6, host_ns=11e6) == 1  # launch-bound (11 ms to launch): one call
+    assert _burst_size(64, gpu_ns=250e3, host_ns=460e3) == 21  # 10 ms of launching
+    assert _burst_size(4, gpu_ns=0.0, host_ns=0.0) == 16  # unknown times: the ramp decides
+
+
+def test_spin_covers_the_launches_that_the_gpu_would_wait_for():
+    from toolkit.timing import MAX_SPIN_NS, SPIN_PAD_NS, _spin_ns
+
+    assert _spin_ns(1, host_ns=100e3, gpu_ns=0.0) == 2 * 100e3 + SPIN_PAD_NS  # one call: twice its launch
+    # compute-bound (0.2 ms of work, 20 us to launch): after the first call the host gains on the GPU
+    assert _spin_ns(47, host_ns=20e3, gpu_ns=210e3) == 2 * 20e3 + SPIN_PAD_NS
+    # launch-bound (0.46 ms to launch, 0.25 ms of work): twice the burst's launches less the work queued before
+    assert _spin_ns(21, host_ns=460e3, gpu_ns=250e3) == pytest.approx(2 * 21 * 460e3 - 20 * 250e3 + SPIN_PAD_NS)
+    # every call i of the burst is launched (at twice the host's time) before the GPU reaches it
+    for k, h, g in [(64, 10e3, 3e3), (21, 460e3, 250e3), (50, 20e3, 200e3), (8, 1e6, 1.2e6)]:
+        spin = _spin_ns(k, h, g)
+        assert all(spin + (i - 1) * g >= 2 * i * h for i in range(1, k + 1))
+    assert _spin_ns(64, host_ns=1e9, gpu_ns=0.0) == MAX_SPIN_NS == 200_000_000  # a broken estimate: 0.2 s at most
+
+
+def test_burst_plan_remembers_slow_launches_and_measures_per_call():
+    from toolkit.timing import SPIN_PAD_NS, _BurstPlan
+
+    plan = _BurstPlan()
+    assert plan.k == 1 and plan.spin_ns == 2 * 100e3 + SPIN_PAD_NS  # before any estimate: 100 us to launch
+    plan = plan.after(host_ns=50e3, gpu_ns=300e3)  # the first call: launched in 50 us, 0.3 ms of work
+    assert (plan.k, plan.host_ns, plan.gpu_ns) == (4, 90e3, 300e3)  # the longest recent launch decays by 10%
+    plan = plan.after(host_ns=4 * 200e3, gpu_ns=4 * 250e3)  # a slow launch is remembered at once
+    assert (plan.k, plan.host_ns, plan.gpu_ns) == (16, 200e3, 250e3)
+
+
+class FakeBursts:
+    """hide_launch's burst runner on a scripted clock: every call takes ``ms`` on the GPU and ``host_ms`` to launch."""
+
+    def __init__(self, ms=0.2, host_ms=0.02, spread=0.0):
+        self.ms, self.host_ms, self.spread, self.now = ms, host_ms, spread, 0
+        self.sizes: list[int] = []
+        self.spins: list[float] = []
+        self.owners: list = []
+
+    def clock(self) -> int:
+        return self.now
+
+    def run(self, call, k, spin_ns):
+        self.sizes.append(k)
+        self.spins.append(spin_ns)
+        self.owners.append(call)
+        call()
+        self.now += round(spin_ns + k * self.ms * 1e6)
+        samples = [self.ms * (1 + self.spread * (i % 2)) for i in range(k)]  # spread: every other call is slower
+        return samples, k * self.host_ms * 1e6, sum(samples) * 1e6
+
+
+def test_bursts_hand_out_k_samples_stamped_when_the_burst_completes():
+    from toolkit.timing import _Bursts
+
+    fake = FakeBursts()
+    bursts = _Bursts(fake.run, fake.clock)
+    a, b = (lambda: None), (lambda: None)
+    got = [bursts(a) for _ in range(1 + 4 + 16)]
+    assert fake.sizes == [1, 4, 16] and all(ms == 0.2 for ms, _ in got)
+    ends = [fake.now]
+    # the clock moves only at a burst's last sample: the stopping rule and the GPU monitor act per burst
+    assert [now for _, now in got[1:4]] == [got[0][1]] * 3 and got[4][1] > got[3][1]
+    assert got[-1][1] == ends[0] and len({now for _, now in got[5:20]}) == 1
+    # another call has its own plan, and a leftover sample of the first is dropped, not handed out later
+    bursts(a)
+    bursts(b)
+    assert fake.sizes == [1, 4, 16, 50, 1] and fake.owners[-1] is b
+    bursts(a)
+    assert fake.sizes[-1] == 50 and bursts.largest == 50
+
+
+def burst_sampler(fake: FakeBursts):
+    """A _Sampler stand-in that samples in hide_launch's bursts through ``fake`` (no GPU needed)."""
+    from toolkit.timing import _Bursts
+
+    class Sampler:
+        def __init__(self, device, clock, synchronizer, flush, hide_launch=False):
+            self.flush, self.hide, self.method = None, True, "cuda_event"
+            self.bursts = _Bursts(fake.run, fake.clock)
+
+        def __call__(self, call):
+            return self.bursts(call)
+
+    return Sampler
+
+
+def burst_run(monkeypatch, fake: FakeBursts, schedule=None, **kw):
+    import toolkit.timing as timing
+
+    monkeypatch.setattr(timing, "_Sampler", burst_sampler(fake))
+    nvml = FakeNvml(fake.clock, schedule or (lambda t: gpu()))
+    opts = dict(device="cpu", clock=fake.clock, synchronizer=lambda: None, detect_sync=False, threads=1,
+                cpu_snapshot=FakeCpu(lambda: fake.now / 1e9), nvml=nvml, min_time_s=0.1, max_time_s=10.0)
+    opts.update(kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LatencyWarning)
+        return measure_latency(lambda: None, **opts)
+
+
+def test_stopping_rule_with_bursts_stops_at_a_burst_end(monkeypatch):
+    fake = FakeBursts(ms=0.2)
+    r = burst_run(monkeypatch, fake)
+    assert fake.sizes[:4] == [1, 4, 16, 50] and set(fake.sizes[3:]) == {50}
+    # warm-up, then sampling until 0.1 s have passed: no sample taken is lost, none is timed twice
+    assert r.warmup_count + r.n_samples == sum(fake.sizes) and r.stop_reason == "ci"
+    assert r.n_samples * 0.2 >= 100 and r.options["burst_max_calls"] == 50 and r.options["hide_launch"]
+    # the spin stays short for a call whose work outlasts its launch (covering all 50 launches twice: 2 ms),
+    # and the first guess of 100 us a launch fades as the measured 20 us replaces it
+    assert max(fake.spins) <= 0.22e6 and fake.spins[-1] < fake.spins[3]
+
+
+def test_throttled_polls_flag_whole_bursts(monkeypatch):
+    # 0.2 ms calls in bursts of 50 (10 ms); the GPU is throttled from 60 to 75 ms of the scripted clock
+    fake = FakeBursts(ms=0.2)
+    r = burst_run(monkeypatch, fake, schedule=lambda t: gpu(sm=1200) if 60e6 <= t < 75e6 else gpu(),
+                  max_samples=2000, min_samples=2000)
+    assert r.n_throttled > 0 and r.n_throttled % 50 == 0  # whole bursts, read right after they ran
+    assert r.n_samples + r.n_throttled == 2000
+
+
+def test_max_time_and_max_samples_hold_with_bursts(monkeypatch):
+    r = burst_run(monkeypatch, FakeBursts(ms=0.2, spread=0.5), max_samples=30, min_time_s=0.0, max_warmup=5,
+                  warmup_window=1)
+    assert r.n_samples == 30 and r.stop_reason == "max_samples"  # mid-burst: the rest of the burst is dropped
+    fake = FakeBursts(ms=0.2, spread=0.5)
+    r = burst_run(monkeypatch, fake, max_time_s=0.05, max_warmup=5, warmup_window=1)
+    assert r.stop_reason == "time" and 0.05 <= fake.now / 1e9 < 0.05 + 0.02  # stops at the first burst end past it
+
+
+def test_compare_with_bursts_keeps_each_side_s_samples_in_its_rounds(monkeypatch):
+    import toolkit.timing as timing
+
+    fake = FakeBursts(ms=0.2)
+    monkeypatch.setattr(timing, "_Sampler", burst_sampler(fake))
+    seen = []
+    a, b = (lambda: seen.append("a")), (lambda: seen.append("b"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LatencyWarning)
+        c = timing.compare(a, b, device="cpu", clock=fake.clock, synchronizer=lambda: None, threads=1, nvml=False,
+                           cpu_snapshot=FakeCpu(lambda: fake.now / 1e9), rounds=4, round_time_s=0.02,
+                           min_round_calls=10)
+    # each side ramps its own bursts (1, 4, 16, ...): the sides' plans do not mix
+    assert len(seen) == len(fake.sizes)  # the fake runs each burst's call once: seen names each burst's side
+    for side in "ab":
+        assert [k for k, s in zip(fake.sizes, seen) if s == side][:4] == [1, 4, 16, 50]
+    assert c.a.n_samples == sum(r[0] for r in c.round_sizes) and c.b.n_samples == sum(r[1] for r in c.round_sizes)
+    assert all(x >= 10 for r in c.round_sizes for x in r) and c.a.options["burst_max_calls"] == 50
+
+
+def test_graph_calls_fill_five_ms():
+    from toolkit.timing import MAX_GRAPH_CALLS, _graph_calls
+
+    assert _graph_calls(0.002) == MAX_GRAPH_CALLS == 1000  # a 2 us kernel: capped
+    assert _graph_calls(0.18) == 28 and _graph_calls(5.0) == 1 and _graph_calls(20.0) == 1
+    assert _graph_calls(0.0) == MAX_GRAPH_CALLS
+
+
+@pytest.mark.gpu
+def test_gpu_bursts_give_one_sample_per_call():
+    from toolkit.timing import _Sampler
+
+    a = torch.randn(1024, 1024, device="cuda")
+    sampler = _Sampler("cuda", None, None, None, hide_launch=True)
+    with torch.inference_mode():
+        samples, host_ns, gpu_ns = sampler._burst(lambda: a @ a, 8, 200_000)
+    assert len(samples) == 8 and all(x > 0 for x in samples) and host_ns > 0
+    assert sum(samples) <= gpu_ns / 1e6 * 1.01  # the pairs lie inside the burst
+
+
+@pytest.mark.gpu
+def test_gpu_hide_launch_bursts_with_and_without_flush():
+    a = torch.randn(2048, 2048, device="cuda")
+    for flush in (False, True):
+        r = measure_latency(torch.mm, a, a, max_time_s=1.0, hide_launch=True, l2_flush=flush)
+        assert r.options["hide_launch"] and r.options["burst_max_calls"] > 1
+        assert r.n_samples + r.n_throttled >= 10 and r.min_ms > 0
+    plain = measure_latency(torch.mm, a, a, max_time_s=1.0)
+    assert 0.5 < r.median_ms / plain.median_ms < 1.5
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_of_a_tiny_kernel_leaves_the_launch_out():
+    x = torch.zeros(1, device="cuda")
+    r = measure_latency(lambda: x + 1, max_time_s=1.0, cuda_graph=True)
+    assert r.options["graph_calls"] > 100
+    assert 0 < r.median_ms < 0.010  # a few us a call, not the replay's launch
+    flushed = measure_latency(lambda: x + 1, max_time_s=1.0, cuda_graph=True, l2_flush=True)
+    assert flushed.options["graph_calls"] == 1
+
+
+# --- benchmarks/timer_agreement.py: which pair judges a workload (fabricated records, no GPU)
+
+
+def timer_agreement_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "timer_agreement.py"
+    spec = importlib.util.spec_from_file_location("bench_timer_agreement", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_agreement_is_judged_on_the_pair_that_measures_the_same_thing():
+    ta = timer_agreement_module()
+    pair, diff, why = ta.judged_pair(cold_diff=-0.01, db_spread=0.006, graph_diff=0.05)
+    assert (pair, diff) == ("cold_l2", -0.01) and "judged against do_bench (cold L2)" in why
+    pair, diff, why = ta.judged_pair(cold_diff=-0.91, db_spread=0.21, graph_diff=0.004)
+    assert (pair, diff) == ("cuda_graph", 0.004)
+    assert why == "do_bench's rounds spread 21%: it times the host's launches here; judged against do_bench_cudagraph"
+    pair, diff, why = ta.judged_pair(cold_diff=-0.91, db_spread=0.21, graph_diff=None, graph_missing="RuntimeError: x")
+    assert pair is None and diff is None and "RuntimeError: x" in why
+    assert ta.judged_pair(-0.01, None, 0.003)[0] == "cuda_graph"  # one round: do_bench's repeatability unknown
+
+
+def fake_workload(ta, monkeypatch, ml_ms, db_ms, graph_ms, dbg_ms):
+    """measure_workload on "cuda" with every timer faked: each returns the next of its scripted medians (ms)."""
+    scripts = {"plain": [ml_ms[0]], "cold": list(ml_ms[1:]), "graph": list(graph_ms)}
+    db, dbg = list(db_ms), list(dbg_ms)
+
+    def measure(fn, **kw):
+        kind = "graph" if kw.get("cuda_graph") else "cold" if kw.get("hide_launch") else "plain"
+        ms = scripts[kind].pop(0)
+        return LatencyResult(samples_ms=(ms,) * 20, label=kw.get("label"), device="cuda",
+                             options={"hide_launch": bool(kw.get("hide_launch"))})
+
+    monkeypatch.setattr(ta, "measure_latency", measure)
+    monkeypatch.setattr(ta, "torch_timer", lambda fn, t: {"median_ms": ml_ms[0]})
+    monkeypatch.setattr(ta, "triton_bench", lambda fn, rep: {"median_ms": db.pop(0)})
+    monkeypatch.setattr(ta, "triton_graph_bench", lambda fn, rep: {"median_ms": dbg.pop(0), "return_mode": "median"})
+    settings = {"measure_latency_max_time_s": 1.0, "rounds": 3, "torch_timer_min_run_time_s": 0.1,
+                "do_bench_rep_ms": 100, "do_bench_cudagraph_rep_ms": 10}
+    return ta.measure_workload("w", "a workload", lambda: None, "cuda", settings, None)
+
+
+def test_both_pairs_are_recorded_and_the_verdict_follows_do_bench_s_repeatability(monkeypatch, capsys):
+    ta = timer_agreement_module()
+    # compute-bound: do_bench repeats (0.5% spread), so the cold-L2 pair judges: -1.0%
+    rec = fake_workload(ta, monkeypatch, ml_ms=[0.21, 0.198, 0.199, 0.1985], db_ms=[0.2, 0.201, 0.2],
+                        graph_ms=[0.19, 0.19, 0.19], dbg_ms=[0.2, 0.2, 0.2])
+    a = rec["agreement"]
+    assert rec["measure_latency_l2_flush"]["round_medians_ms"] == [0.198, 0.199, 0.1985]
+    assert rec["do_bench_cudagraph"]["median_of_rounds_ms"] == 0.2
+    assert a["judged_pair"] == "cold_l2" and a["judged_difference"] == pytest.approx(0.1985 / 0.2 - 1)
+    assert a["within_2pct"] and a["cuda_graph_vs_do_bench_cudagraph"] == pytest.approx(-0.05)
+    assert a["rounds_within_1pct"]
+    # launch-bound: do_bench's rounds spread 21%, so the graph pair judges
+    launch = fake_workload(ta, monkeypatch, ml_ms=[10.8, 0.966, 0.965, 0.966], db_ms=[12.35, 10.17, 10.37],
+                           graph_ms=[0.80, 0.801, 0.80], dbg_ms=[0.795, 0.797, 0.796])
+    b = launch["agreement"]
+    assert b["judged_pair"] == "cuda_graph" and b["within_2pct"] and not b["within_2pct_of_do_bench"]
+    assert b["judged_reason"].startswith("do_bench's rounds spread 21%: it times the host's launches here")
+    v = ta.verdict({"matmul": rec, "efficientnet@1": launch})
+    assert v["all_within_2pct"] is True and v["not_within_2pct"] == [] and v["all_rounds_within_1pct"] is True
+    assert v["judged"]["efficientnet@1"]["pair"] == "cuda_graph" and v["judged"]["matmul"]["pair"] == "cold_l2"
+    # a graph whose rounds disagree by 2% fails the repeatability verdict
+    shaky = fake_workload(ta, monkeypatch, ml_ms=[0.21, 0.198, 0.199, 0.1985], db_ms=[0.2, 0.201, 0.2],
+                          graph_ms=[0.19, 0.194, 0.19], dbg_ms=[0.2, 0.2, 0.2])
+    assert ta.verdict({"shaky": shaky})["rounds_not_within_1pct"] == ["shaky"]
+    payload = {"workloads": {"matmul": rec, "efficientnet@1": launch}, "settings": {"rounds": 3},
+               "pitfall_audit": {"model": "m", "rows": [], "warnings": []}}
+    ta.print_summary(payload)
+    out = capsys.readouterr().out
+    assert "ML graph" in out and "DB graph" in out and "judged against do_bench_cudagraph" in out
+    assert "every workload within 2% of its like-for-like reference: yes" in out
