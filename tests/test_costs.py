@@ -182,3 +182,112 @@ def test_calibrate_on_cuda_measures_copies_and_host_bandwidth(tmp_path):
     cm = calibrate(preset="mixtral-8x7b", device="cuda", tokens=(1, 32), repeats=3, path=tmp_path / "c.json")
     assert 0.5 < cm.copy_ms < 100 and cm.gpu_ms[0] < cm.cpu_ms[0]
     assert cm.host_bandwidth_gbs and cm.host_bandwidth_gbs > 1
+
+
+# -- the peer hop of resident experts on several devices ---------------------------------------------
+
+PEER = dict(peer_tokens=(1, 9), peer_ms=((0.5, 2.5), (1.0, 5.0)), peer_devices=("cuda:1", "cuda:2"))
+
+
+def test_calibrate_with_devices_measures_the_peer_hop_under_its_own_key(cache_dir):
+    one = calibrate(32, 64, torch.float32, device="cpu", threads=1, tokens=(4, 1), repeats=3, clock=FakeClock())
+    two = calibrate(32, 64, torch.float32, device="cpu", threads=1, tokens=(4, 1), repeats=3, clock=FakeClock(),
+                    devices=["cpu", "cpu"])
+    assert one.peer_tokens is None and one.peer_ms is None and one.peer_devices == ()
+    assert two.peer_tokens == (1, 4) and two.peer_devices == ("cpu",)
+    assert len(two.peer_ms) == 1 and two.peer_ms[0] == pytest.approx((1.0, 1.0))  # the fake clock: 1 ms per call
+    assert two.key == one.key + "|devices=cpu,cpu"
+    saved = json.loads((cache_dir / "costs.json").read_text())["models"]
+    assert list(saved) == [one.key, two.key]  # single- and multi-device calibrations side by side
+    assert calibrate(32, 64, torch.float32, device="cpu", threads=1, devices=["cpu", "cpu"]) == two  # reused
+    assert calibrate(32, 64, torch.float32, device="cpu", threads=1, devices=["cpu"]) == one  # one device: no hop
+
+
+def test_peer_hop_uses_the_median_of_synchronized_repeats(monkeypatch):
+    calls = []
+
+    def fake_median(fn, repeats, warmup, sync=None, clock=None):
+        fn()  # the hop itself runs (on the CPU ``.to`` is free)
+        calls.append((repeats, warmup, sync))
+        return 0.25 * len(calls)
+
+    monkeypatch.setattr(costs, "_median_ms", fake_median)
+    ms = costs._measure_peer(8, torch.float32, ["cpu", "cpu", "cpu"], (1, 4), 5, 3, FakeClock())
+    assert ms == [[0.25, 0.5], [0.75, 1.0]]  # [devices - 1][tokens]
+    assert calls == [(5, 3, None)] * 4  # no CUDA device to synchronize here
+
+
+@pytest.mark.parametrize("devices,match", [
+    ("cpu", "non-empty list"), ([], "non-empty list"), (["cpu", "mps"], "devices: unknown device"),
+])
+def test_calibrate_rejects_bad_devices(devices, match):
+    with pytest.raises(ToolkitError, match=match):
+        calibrate(32, 64, torch.float32, device="cpu", threads=1, devices=devices)
+
+
+def test_peer_fields_round_trip_and_report():
+    cm = CostModel(**DEVICE, **PEER, key="k")
+    d = json.loads(json.dumps(cm.to_dict()))
+    assert d["peer_ms"] == [[0.5, 2.5], [1.0, 5.0]] and len(d["peer_fit_ms"]) == 2
+    assert CostModel.from_dict(d) == cm
+    assert "rows to cuda:1 and back: 0.250 + 0.25000*n ms" in cm.summary()
+    old = {k: v for k, v in CostModel(**DEVICE).to_dict().items() if not k.startswith("peer")}
+    back = CostModel.from_dict(old)  # an entry without peer hops (one device) loads
+    assert back.peer_ms is None and back == CostModel(**DEVICE) and "rows to" not in back.summary()
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(peer_ms=[[-0.5, 2.5], [1.0, 5.0]]), "peer_ms must be a finite time"),
+    (dict(peer_ms=[[0.5, float("nan")], [1.0, 5.0]]), "peer_ms must be a finite time"),
+    (dict(peer_tokens=[9, 1]), "peer_tokens must increase"),
+    (dict(peer_tokens=[0, 9]), "peer_tokens must be whole numbers >= 1"),
+    (dict(peer_ms=[[0.5], [1.0, 5.0]]), "one time per peer token count"),
+    (dict(peer_ms=None), "peer_tokens must be a list"),
+    (dict(peer_ms=[]), "non-empty list of lists"),
+    (dict(peer_devices=["cuda:1"]), "peer_devices must name the 2"),
+])
+def test_malformed_peer_entries_are_rejected(change, match):
+    d = {**json.loads(json.dumps(CostModel(**DEVICE, **PEER).to_dict())), **change}
+    with pytest.raises(ToolkitError, match="malformed") as err:
+        CostModel.from_dict(d)
+    assert match in str(err.value)
+
+
+def test_resident_time_adds_each_devices_hop():
+    cm = CostModel.fixed(gpu=(1.0, 0.0), **PEER)  # every resident expert 1 ms on its device
+    assert cm.peer_time(5, 0) == 0.0 and cm.peer_time(0, 1) == 0.0
+    assert cm.peer_time(5, 1) == pytest.approx(1.5) and cm.peer_time(5, 2) == pytest.approx(3.0)
+    assert cm.peer_time(5, 3) == pytest.approx(3.0)  # beyond the calibrated devices: the slowest measured
+    assert cm.peer_time(5000, 1) == pytest.approx(0.5 + 0.25 * 4999)  # past the table: extrapolated
+    # device 1 gets 3 + 2 rows (2 ms of experts + a 1.5 ms hop) while device 0 computes 4 rows (1 ms)
+    assert cm.resident_ms([3, 2, 4], [1, 1, 0]) == pytest.approx(3.5)
+    assert cm.resident_ms([3, 2, 4, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0, 0]) == pytest.approx(5.0)  # first is slower
+    assert cm.resident_ms([3, 2, 4]) == pytest.approx(3.0)  # one device: the sum
+    assert cm.resident_ms([], []) == 0.0
+
+
+def test_a_model_without_peer_cost_decides_exactly_as_one_device():
+    plain, spread = CostModel(**DEVICE), CostModel(**DEVICE, **PEER)
+    tokens, tiers = [1, 3, 8], [0, 1, 1]
+    assert plain.resident_ms(tokens, tiers) == plain.resident_ms(tokens) == float(sum(plain.times(tokens)[1]))
+    for miss in ([1], [1, 1], [1, 128], [5, 40, 2]):
+        busy = plain.resident_ms(tokens, tiers)
+        a, b = plain.plan(miss, busy), spread.plan(miss, busy)
+        assert a.copy.tolist() == b.copy.tolist() and (a.split, a.fraction, a.makespan_ms) == (b.split, b.fraction,
+                                                                                              b.makespan_ms)
+
+
+def test_a_slow_peer_hop_moves_a_miss_to_the_cpu():
+    """The first device waits for a spread expert's rows, so copying a miss there costs the hop too."""
+    slow = CostModel(**DEVICE, peer_tokens=(1, 128), peer_ms=((20.0, 20.0),))
+    assert slow.plan([1], slow.resident_ms([1], [0])).copy.tolist() == [True]  # first device free: copy it
+    assert slow.plan([1], slow.resident_ms([1], [1])).copy.tolist() == [False]  # waits 20 ms: the CPU does it
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_calibrate_on_two_gpus_measures_the_peer_hop(tmp_path):
+    cm = calibrate(preset="mixtral-8x7b", device="cuda:0", tokens=(1, 128), repeats=3, path=tmp_path / "c.json",
+                   devices=["cuda:0", "cuda:1"])
+    assert cm.peer_devices == ("cuda:1",) and cm.key.endswith("|devices=cuda:0,cuda:1")
+    assert all(0 < ms < 10 for ms in cm.peer_ms[0])  # 128 rows x 4096 x bf16 = 1 MiB each way: well under 10 ms

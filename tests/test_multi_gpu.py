@@ -219,3 +219,76 @@ def test_a_run_on_two_gpus_records_where_each_expert_lives():
     devices = r.engine["devices"]
     assert [x["device"] for x in devices] == ["cuda:0", "cuda:1"] and sum(x["experts"] for x in devices) == 10
     assert np.bincount(np.ravel(r.engine["expert_devices"]) + 1, minlength=3)[1:].tolist() == [x["experts"] for x in devices]
+
+
+@torch.no_grad()
+def replay(model, trace):
+    """Per sequence of the trace: a prefill of its prompt, then decode steps with the KV cache."""
+    g = torch.Generator().manual_seed(0)
+    starts = trace.step_starts()
+    firsts = [s for s in range(trace.n_steps) if trace.phase[starts[s]] == 0] + [trace.n_steps]
+    for first, end in zip(firsts, firsts[1:]):
+        out = model(input_ids=torch.randint(3, 256, (1, int(starts[first + 1] - starts[first])), generator=g),
+                    use_cache=True)
+        for _ in range(first + 1, end):
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), use_cache=True,
+                        **{cache_keyword(model): output_cache(out)})
+
+
+@pytest.mark.parametrize("policy", ["static-popularity", "static-uniform"])
+@pytest.mark.parametrize("budget,caps", [(6, [3, 5]), (9, [2, 9]), (16, [8, 8])])
+def test_simulator_splits_hits_over_devices_as_the_engine_does(mixtral, policy, budget, caps):
+    from toolkit.moe.policies import get_policy
+    from toolkit.moe.replay import TraceRouter
+    from toolkit.moe.simulate import default_popularity, simulate
+    from toolkit.moe.synthetic import synthetic_mixtral
+
+    trace = synthetic_mixtral(n_sequences=2, prompt_len=6, decode_len=3, n_layers=2, seed=5)
+    sim = simulate(trace, policy, budget, devices_budget=caps)
+    with offload(mixtral, budget, device="cpu", devices=["cpu", "cpu"], devices_budget=caps,
+                 policy=get_policy(policy), placement=default_popularity(trace), cost_model=CPU_ALWAYS,
+                 routing=TraceRouter(trace)) as off:
+        replay(mixtral, trace)
+        devices = off.devices_dict()
+    assert [d["experts"] for d in devices] == list(sim.device_experts)
+    assert [d["rows"] for d in devices] == sim.device_rows().tolist()
+    assert sum(d["rows"] for d in devices) == int(sim.hits.sum())
+
+
+def test_engine_calibrates_the_peer_hop_of_its_devices(mixtral, monkeypatch):
+    from toolkit.moe import costs
+
+    asked = []
+
+    def fake_calibrate(*args, devices=None, **kw):
+        asked.append(devices)
+        return CPU_ALWAYS
+
+    monkeypatch.setattr(costs, "calibrate", fake_calibrate)
+    with offload(mixtral, 4, device="cpu", devices=["cpu", "cpu"]):
+        pass
+    with offload(mixtral, 4, device="cpu"):
+        pass
+    assert asked == [["cpu", "cpu"], None]
+
+
+def test_makespan_decision_waits_for_the_spread_rows(mixtral, monkeypatch):
+    """The first device's busy time handed to the plan includes the other device's experts and their hop."""
+    hop = CostModel.fixed(cpu=(1.0, 0.0), gpu=(0.01, 0.0), copy_ms=100.0, peer_tokens=(1, 1024),
+                          peer_ms=((7.0, 7.0),))
+    busy = []
+    orig = CostModel.plan
+
+    def spy(self, tokens, gpu_busy_ms=0.0, copy_busy_ms=0.0, split=True):
+        busy.append(gpu_busy_ms)
+        return orig(self, tokens, gpu_busy_ms, copy_busy_ms, split)
+
+    monkeypatch.setattr(CostModel, "plan", spy)
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(3))
+    with offload(mixtral, 8, device="cpu", devices=["cpu", "cpu"], cost_model=hop):
+        mixtral(ids)
+    assert busy and max(busy) >= 7.0  # a pass used a second-device expert: its 7 ms hop counts
+    busy.clear()
+    with offload(mixtral, 8, device="cpu", devices=["cpu", "cpu"], cost_model=CPU_ALWAYS):
+        mixtral(ids)
+    assert busy and max(busy) < 1.0  # no peer calibration: the resident experts' compute alone

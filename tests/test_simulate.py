@@ -205,3 +205,89 @@ def test_cli_sweep_table_and_errors(capsys, tmp_path):
     path.write_bytes(b"garbage")
     assert main(["simulate", "--trace", str(path)]) == 2
     assert "not a valid trace file" in capsys.readouterr().err
+
+
+# -- several GPUs: per-device budgets --------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["static-popularity", "static-uniform"])
+@pytest.mark.parametrize("caps,budget", [([4, 4], 8), ([2, 9], 7), ([5, 5, 5], 12), ([3, 4], None)])
+def test_device_split_follows_the_engines_rule(policy, caps, budget):
+    from toolkit.moe.memory import split_budget
+    from toolkit.moe.offload import assign_devices
+    from toolkit.moe.simulate import default_popularity
+
+    t = random_trace(7, n_layers=3, n_experts=6)
+    r = simulate(t, policy, budget, devices_budget=caps)
+    one = simulate(t, policy, sum(caps) if budget is None else budget)
+    assert r.gpu_experts == one.gpu_experts and r.hits.tolist() == one.hits.tolist()  # the split changes no hit
+    resident = policies.get_policy(policy).reset(r.gpu_experts, 3, 6, default_popularity(t))
+    tiers = assign_devices(resident, split_budget(int(resident.sum()), caps), default_popularity(t))
+    assert list(r.device_experts) == np.bincount(tiers[tiers >= 0], minlength=len(caps)).tolist()
+    assert all(n <= c for n, c in zip(r.device_experts, caps))
+    expected = [int(sum(((t.experts[:, layer] == e).sum()) for layer in range(3) for e in range(6)
+                        if tiers[layer, e] == d)) for d in range(len(caps))]
+    assert r.device_rows().tolist() == expected and sum(expected) == r.hits.sum()
+    assert r.device_rows("prefill").sum() == r.hits[0].sum() and r.device_rows("decode").sum() == r.hits[1].sum()
+    assert r.device_share().sum() == pytest.approx(1.0)
+    d = r.to_dict()
+    assert d["devices_budget"] == caps and [x["rows"] for x in d["devices"]] == expected
+    assert "devices" not in one.to_dict() and one.device_rows() is None and "by device" not in repr(one)
+    assert "by device" in repr(r)
+
+
+def test_device_split_with_an_explicit_ranking_and_the_slow_path():
+    t = random_trace(3, n_layers=2, n_experts=5)
+    ranking = np.tile(np.arange(5, dtype=float), (2, 1))  # the highest expert id first
+    r = simulate(t, "static-uniform", 6, devices_budget=[3, 3], ranking=ranking, fast=False)
+    assert r.device_hits.shape == (2, 2, 2) and sum(r.device_experts) == 6
+    assert r.device_rows().sum() == r.hits.sum()
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(gpu_experts=9, devices_budget=[4, 4]), "devices_budget: 9 GPU experts do not fit on 2 devices"),
+    (dict(gpu_experts=4, devices_budget=[2, -1]), "devices_budget must give one whole count >= 0"),
+    (dict(gpu_experts=4, devices_budget=[2.5, 3]), "devices_budget must give one whole count"),
+    (dict(gpu_experts=4, devices_budget=[]), "devices_budget must give one count"),
+    (dict(gpu_experts=4, devices_budget="2,2"), "devices_budget must give one count"),
+    (dict(gpu_experts=4, devices_budget=[2, 2], policy="lru"), "devices_budget: several devices need a static"),
+    (dict(gpu_experts=None), "gpu_experts is required unless devices_budget"),
+])
+def test_device_budget_errors(kw, match):
+    kw = {"policy": "static-popularity", **kw}
+    with pytest.raises(ToolkitError, match=match):
+        simulate(random_trace(0), kw.pop("policy"), **kw)
+
+
+def test_devices_budget_beyond_every_expert_holds_them_all():
+    t = hand_trace()  # 1 layer x 4 experts
+    r = simulate(t, "static-popularity", None, devices_budget=[14, 14])
+    assert r.gpu_experts == 4 and r.hit_rate() == 1.0 and sum(r.device_experts) == 4
+
+
+def test_sweep_with_devices_budget():
+    t = random_trace(1, n_layers=2, n_experts=4)
+    s = sweep(t, "static-popularity", devices_budget=[2, 3])
+    assert [r.gpu_experts for r in s] == [0, 2, 4]  # up to the devices' sum
+    df = s.to_dataframe()
+    assert df.device_rows.map(sum).tolist() == [int(r.hits.sum()) for r in s]
+
+
+def test_cli_devices_budget(capsys, tmp_path):
+    path = traces.save_trace(random_trace(2, n_layers=2, n_experts=4), tmp_path / "t.npz")
+    assert main(["simulate", "--trace", str(path), "--policy", "static-popularity", "--devices-budget", "2,3"]) == 0
+    out = capsys.readouterr().out
+    assert " 5 " in out and "by GPU: 0: 2/2 experts" in out and "1: 3/3 experts" in out
+    assert main(["simulate", "--trace", str(path), "--policy", "static-popularity", "--devices-budget", "2,3",
+                 "--gpu-experts", "4", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["gpu_experts"] == 4 and [d["experts"] for d in doc["devices"]] == [2, 2]
+    for argv, message in [(["--devices-budget", "2,3", "--gpu-experts", "6"], "do not fit"),
+                          (["--devices-budget", "2,3", "--policy", "lru"], "static placement"),
+                          (["--devices-budget", "2,x"], "--devices-budget"),
+                          (["--devices-budget", "2,-1"], "--devices-budget")]:
+        try:
+            code = main(["simulate", "--trace", str(path), "--policy", "static-popularity", *argv])
+        except SystemExit as e:  # argparse usage errors
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (argv, err)

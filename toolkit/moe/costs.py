@@ -10,7 +10,11 @@ and 16 CPU threads. Here every number is measured on the machine that runs:
 - GPU time of one expert vs n (same treatment);
 - the host-to-device copy of one expert's weights from pinned memory;
 - host memory read bandwidth, which CPU experts and pinned copies share;
-- optionally CPU thread scaling (one expert, one token).
+- optionally CPU thread scaling (one expert, one token);
+- with several devices of one host (``calibrate(..., devices=[...])``), the
+  peer hop: n token rows [n, D] and their routing weights [n] from devices[0]
+  to each other device, and the results [n, D] back (what a resident expert on
+  another device costs besides its compute; activations move, weights stay).
 
 The decision for a layer (``CostModel.decide``) minimises the layer's
 makespan, the slowest of GPU, CPU, copy engine and host memory, not the sum of
@@ -23,8 +27,15 @@ projection and the first k of its I gate/up rows, the CPU computes the other
 I - k gate/up rows and sends those activations over (a few KB), and the GPU
 finishes the down projection. The GPU's share of the bytes is (1 + 2k/I) / 3.
 
+With resident experts over several devices, ``CostModel.resident_ms`` is the
+time the first device is busy with them before it computes a copied expert:
+the other devices compute their rows concurrently, each after its peer hop,
+and the first device adds their results in before it turns to the copies; the
+engine hands it to ``plan`` as ``gpu_busy_ms``. Without a peer calibration the
+devices are not modelled: every resident expert counts on the first device.
+
 Calibrations persist as JSON, one file per machine holding one entry per key
-(host, GPU, dims, dtype, threads), under ``$TOOLKIT_CACHE_DIR`` or
+(host, GPU, dims, dtype, threads, and the devices when there are several), under ``$TOOLKIT_CACHE_DIR`` or
 ``~/.cache/toolkit``; an entry present is reused. Where that folder cannot be
 written (a read-only home) the cache moves to the temporary folder, with a
 warning: a calibration that cannot be kept must not stop the run that needs
@@ -132,6 +143,9 @@ class CostModel:
 
     Times in milliseconds. ``cpu_points``/``gpu_points`` are (tokens, ms)
     measurements; ``copy_ms`` is one expert's pinned host-to-device copy.
+    ``peer_ms`` [devices - 1][len(peer_tokens)]: the round trip of n token rows
+    from the first device to device d (``peer_devices[d - 1]``) and back; None:
+    no peer cost (one device, or not calibrated).
     """
 
     cpu_tokens: tuple[int, ...]
@@ -149,6 +163,9 @@ class CostModel:
     host_bandwidth_gbs: float | None = None  # shared by CPU experts and pinned copies; None: not modelled
     cpu_ms_by_dtype: dict = field(default_factory=dict)  # dtype -> ms at cpu_tokens (reporting)
     thread_scaling: dict = field(default_factory=dict)  # threads -> ms, one expert at one token
+    peer_tokens: tuple[int, ...] | None = None  # token rows of the measured peer hops
+    peer_ms: tuple[tuple[float, ...], ...] | None = None  # [devices - 1][tokens] round trip first device -> d -> first
+    peer_devices: tuple[str, ...] = ()  # the device of each peer_ms row (devices[1:] at calibration)
     key: str = ""
     meta: dict = field(default_factory=dict)
 
@@ -158,6 +175,47 @@ class CostModel:
 
     def gpu_time(self, n) -> np.ndarray:
         return _interp(n, self.gpu_tokens, self.gpu_ms)
+
+    def peer_time(self, n, d: int) -> float:
+        """ms for ``n`` token rows to go from the first device to device ``d`` (an index into the devices) and back.
+
+        0 for d = 0 or without a peer calibration; a device beyond the
+        calibrated ones is taken to be as slow as the slowest measured one.
+        """
+        if d == 0 or not self.peer_ms or not n:
+            return 0.0
+        rows = [d - 1] if d <= len(self.peer_ms) else range(len(self.peer_ms))
+        if n > LUT_TOKENS:
+            return max(float(_interp([n], self.peer_tokens, self.peer_ms[r])[0]) for r in rows)
+        return max(self._peer_lut[r][int(n)] for r in rows)
+
+    @cached_property
+    def _peer_lut(self) -> list[list[float]]:
+        """Peer-hop ms for 0..LUT_TOKENS rows per device, as Python floats (looked up once per layer and pass)."""
+        n = np.arange(LUT_TOKENS + 1)
+        return [_interp(n, self.peer_tokens, row).tolist() for row in self.peer_ms or ()]
+
+    def resident_ms(self, tokens, tiers=None) -> float:
+        """ms the first device is busy with a layer's resident experts before it can compute a copied one.
+
+        ``tokens`` [R]: token count of each resident expert used; ``tiers`` [R]:
+        the device index of each (None: all on the first). One device, or no
+        peer calibration: the sum of their GPU times. Several devices with a
+        peer calibration: each other device d computes its experts after its
+        rows arrive and before they return, concurrently with the first, and
+        the first adds their results in before the copied experts (stream
+        order in the engine), so max(first's sum, max_d(peer hop_d + d's sum)).
+        """
+        tokens = [int(n) for n in tokens]
+        gpu = self.times(tokens)[1]
+        if tiers is None or not self.peer_ms:
+            return float(sum(gpu))
+        busy: dict[int, float] = {}
+        rows: dict[int, int] = {}
+        for n, t, d in zip(tokens, gpu, tiers):
+            busy[int(d)] = busy.get(int(d), 0.0) + t
+            rows[int(d)] = rows.get(int(d), 0) + n
+        return max((busy[d] + self.peer_time(rows[d], d) for d in busy), default=0.0)
 
     @property
     def cpu_fit(self) -> tuple[float, float]:
@@ -313,10 +371,17 @@ class CostModel:
         return cls(cpu_tokens=xs, cpu_ms=tuple(cpu[0] + cpu[1] * x for x in xs), gpu_tokens=xs,
                    gpu_ms=tuple(gpu[0] + gpu[1] * x for x in xs), copy_ms=float(copy_ms), **kw)
 
+    @property
+    def peer_fit(self) -> list[tuple[float, float]]:
+        """a + b*n ms of each calibrated peer hop (reporting); empty without a peer calibration."""
+        return [fit_linear(self.peer_tokens, row) for row in self.peer_ms or ()]
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["cpu_fit_ms"] = dict(zip(("a", "b"), self.cpu_fit))
         d["gpu_fit_ms"] = dict(zip(("a", "b"), self.gpu_fit))
+        if self.peer_ms:
+            d["peer_fit_ms"] = [dict(zip(("a", "b"), fit)) for fit in self.peer_fit]
         d["breakeven_tokens"] = self.breakeven_tokens
         return d
 
@@ -333,6 +398,7 @@ class CostModel:
                     raise ValueError(f"{k} must be a list of measured points, got {kw[k]!r}")
                 kw[k] = tuple(kw[k])
             kw["thread_scaling"] = {int(k): float(v) for k, v in kw.get("thread_scaling", {}).items()}
+            kw.update(_peer_fields(kw))
             model = cls(**kw)
             if not (len(model.cpu_tokens) == len(model.cpu_ms) >= 1 and len(model.gpu_tokens) == len(model.gpu_ms) >= 1):
                 raise ValueError("token and time lists differ in length")
@@ -341,6 +407,8 @@ class CostModel:
             for name in ("cpu", "gpu"):
                 _check_points(name, getattr(model, f"{name}_tokens"), getattr(model, f"{name}_ms"))
             _check_ms("copy_ms", model.copy_ms)
+            for row in model.peer_ms or ():
+                _check_points("peer", model.peer_tokens, row)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ToolkitError(f"calibration entry is malformed ({type(e).__name__}: {e}); delete it and recalibrate") from None
         return model
@@ -348,9 +416,32 @@ class CostModel:
     def summary(self) -> str:
         a, b = self.cpu_fit
         ga, gb = self.gpu_fit
+        peers = "".join(f" | rows to {name or f'device {d + 1}'} and back: {pa:.3f} + {pb:.5f}*n ms"
+                        for d, ((pa, pb), name) in enumerate(zip(self.peer_fit, self.peer_devices or
+                                                                 [""] * len(self.peer_fit))))
         return (f"CPU expert ({self.cpu_dtype}, {self.cpu_threads} threads): {a:.3f} + {b:.4f}*n ms | "
                 f"GPU expert: {ga:.3f} + {gb:.5f}*n ms | copy: {self.copy_ms:.3f} ms/expert | "
-                f"copy pays from n >= {self.breakeven_tokens:g}")
+                f"copy pays from n >= {self.breakeven_tokens:g}{peers}")
+
+
+def _peer_fields(kw: dict) -> dict:
+    """The peer-hop entries of a calibration as tuples; ValueError when only some are there or their sizes differ."""
+    tokens, ms, names = kw.get("peer_tokens"), kw.get("peer_ms"), kw.get("peer_devices") or ()
+    if tokens is None and ms is None:
+        if names:
+            raise ValueError(f"peer_devices {list(names)} given without peer_tokens and peer_ms")
+        return {"peer_tokens": None, "peer_ms": None, "peer_devices": ()}
+    if not isinstance(tokens, list | tuple) or not isinstance(ms, list | tuple) or not ms \
+            or not all(isinstance(row, list | tuple) for row in ms):
+        raise ValueError(f"peer_tokens must be a list of token counts and peer_ms a non-empty list of lists, one per "
+                         f"device, got {tokens!r} and {ms!r}")
+    if not tokens or any(len(row) != len(tokens) for row in ms):
+        raise ValueError(f"peer_ms rows must each have one time per peer token count ({len(tokens)}), "
+                         f"got {[len(row) for row in ms]}")
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names) \
+            or len(names) not in (0, len(ms)):
+        raise ValueError(f"peer_devices must name the {len(ms)} device(s) of peer_ms, got {names!r}")
+    return {"peer_tokens": tuple(tokens), "peer_ms": tuple(tuple(row) for row in ms), "peer_devices": tuple(names)}
 
 
 def _check_ms(name: str, v) -> None:
@@ -400,9 +491,36 @@ def save_cost_model(model: CostModel, path: str | os.PathLike | None = None) -> 
     return save_json(data, path)
 
 
-def calibration_key(hidden: int, intermediate: int, dtype, device: str, threads: int) -> str:
+def calibration_key(hidden: int, intermediate: int, dtype, device: str, threads: int, devices=None) -> str:
+    """The cache entry of one calibration; ``devices`` (several, the peer hops measured) adds them to the key."""
     gpu = torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda") else "cpu"
-    return f"{socket.gethostname()}|{gpu}|D{hidden}|I{intermediate}|{dtype_name(dtype)}|t{threads}"
+    key = f"{socket.gethostname()}|{gpu}|D{hidden}|I{intermediate}|{dtype_name(dtype)}|t{threads}"
+    return key + f"|devices={','.join(devices)}" if devices else key
+
+
+def calibration_devices(device: str, devices) -> list[str] | None:
+    """``devices`` as device names with ``device`` first (CUDA ones with their index), or None for one device."""
+    from ..env import resolve_device
+
+    def name(d) -> str:
+        d = torch.device(resolve_device(str(d)))
+        if d.type == "cuda" and d.index is None:
+            d = torch.device("cuda", torch.cuda.current_device())
+        return str(d)
+
+    if devices is None:
+        return None
+    if isinstance(devices, str | torch.device) or not len(devices):
+        raise ToolkitError(f"devices must be a non-empty list of devices, got {devices!r}")
+    try:
+        out = [name(d) for d in devices]
+    except ToolkitError as err:
+        raise ToolkitError(f"devices: {err}") from None
+    if out[0] != name(device):
+        raise ToolkitError(f"devices must start with device {name(device)} (the dense part's), got {out}")
+    if len({torch.device(d).type for d in out}) > 1:
+        raise ToolkitError(f"devices must all be of one kind, got {out}")
+    return out if len(out) > 1 else None
 
 
 # -- measurement ----------------------------------------------------------------------------------
@@ -448,6 +566,10 @@ def torch_threads(n: int):
             torch.set_num_threads(old)
 
 
+def _warmups(hidden: int, intermediate: int) -> int:
+    return 1 if hidden * intermediate > 1e7 else 3  # a Mixtral-sized expert is steady after one call
+
+
 @torch.no_grad()
 def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thread_counts, clock):
     dev = torch.device(device)
@@ -456,7 +578,7 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
     std = hidden ** -0.5
     gu = (torch.randn(2 * intermediate, hidden, generator=gen) * std).to(dtype)  # [2I, D]
     dn = (torch.randn(hidden, intermediate, generator=gen) * std).to(dtype)  # [D, I]
-    warm = 1 if hidden * intermediate > 1e7 else 3
+    warm = _warmups(hidden, intermediate)
 
     cpu_by_dtype: dict[str, list[float]] = {}
     with torch_threads(threads):
@@ -508,16 +630,55 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
                 scaling=scaling, host_bw=host_bw, expert_bytes=(gu.numel() + dn.numel()) * gu.element_size())
 
 
+@torch.no_grad()
+def _measure_peer(hidden, dtype, devices, tokens, repeats, warm, clock) -> list[list[float]]:
+    """Round-trip ms [devices - 1][tokens] of a spread expert's hop, as the engine makes it.
+
+    n rows x [n, D] and their routing weights w [n] go from the first device
+    to device d and the results [n, D] come back, without waiting in between;
+    the clock stops once both devices are idle. Two CPU tiers: ``.to`` is free.
+    """
+    first = torch.device(devices[0])
+    out = []
+    for name in devices[1:]:
+        dev = torch.device(name)
+        sync = _sync_both(first, dev) if dev.type == "cuda" else None
+        row = []
+        for n in tokens:
+            x = torch.full((n, hidden), 0.1, dtype=dtype, device=first)  # [n, D]
+            w = torch.full((n,), 0.5, dtype=dtype, device=first)  # [n]
+
+            def hop(x=x, w=w, dev=dev):
+                w.to(dev, non_blocking=True)
+                return x.to(dev, non_blocking=True).to(first, non_blocking=True)  # [n, D] there and back
+
+            row.append(_median_ms(hop, repeats, warm, sync=sync, clock=clock))
+        out.append(row)
+    return out
+
+
+def _sync_both(a: torch.device, b: torch.device):
+    """A synchronizer for a peer hop: a copy between two GPUs is done when both are idle."""
+    def sync():
+        torch.cuda.synchronize(a)
+        torch.cuda.synchronize(b)
+    return sync
+
+
 def calibrate(hidden: int = 4096, intermediate: int = 14336, dtype: torch.dtype | str = torch.bfloat16,
               device: str = "cuda", threads: int | None = None, tokens: tuple[int, ...] = (1, 8, 32, 128),
               repeats: int = 5, thread_counts: tuple[int, ...] | None = None, path: str | os.PathLike | None = None,
-              reuse: bool = True, save: bool = True, clock=time.perf_counter, preset: str | None = None) -> CostModel:
+              reuse: bool = True, save: bool = True, clock=time.perf_counter, preset: str | None = None,
+              devices=None) -> CostModel:
     """Measure (or reuse) the cost model of one expert of these dimensions on this machine.
 
     ``preset`` (a name from ``toolkit.moe.presets``) overrides hidden,
     intermediate and dtype. The result is saved to ``path`` (default: the
     per-machine cache) and reused next time unless ``reuse=False``.
-    ``thread_counts`` also measures CPU thread scaling.
+    ``thread_counts`` also measures CPU thread scaling. ``devices`` (several
+    devices of this host, ``device`` first, as ``offload(..., devices=...)``
+    takes them): also the peer hop of ``tokens`` rows to each other device and
+    back (``CostModel.peer_ms``), kept under its own cache key.
     """
     if preset is not None:
         from .presets import from_name
@@ -530,8 +691,9 @@ def calibrate(hidden: int = 4096, intermediate: int = 14336, dtype: torch.dtype 
     from ..env import resolve_device
 
     device = resolve_device(device)
+    devices = calibration_devices(device, devices)
     threads = choose_threads(threads)
-    key = calibration_key(hidden, intermediate, dtype, device, threads)
+    key = calibration_key(hidden, intermediate, dtype, device, threads, devices)
     file = Path(path) if path is not None else cache_path()
     if reuse and file.exists():
         models = _read_cache(file)["models"]
@@ -539,6 +701,11 @@ def calibrate(hidden: int = 4096, intermediate: int = 14336, dtype: torch.dtype 
             return CostModel.from_dict(models[key])
 
     m = _measure(hidden, intermediate, dtype, device, threads, tuple(sorted(tokens)), repeats, thread_counts, clock)
+    peer = {}
+    if devices:
+        peer = dict(peer_tokens=tuple(sorted(tokens)), peer_devices=tuple(devices[1:]), peer_ms=tuple(
+            tuple(row) for row in _measure_peer(hidden, dtype, devices, tuple(sorted(tokens)), repeats,
+                                                _warmups(hidden, intermediate), clock)))
     from ..env import environment
 
     model = CostModel(
@@ -546,7 +713,7 @@ def calibrate(hidden: int = 4096, intermediate: int = 14336, dtype: torch.dtype 
         gpu_tokens=tuple(sorted(tokens)), gpu_ms=tuple(m["gpu_ms"]), copy_ms=float(m["copy_ms"]),
         cpu_dtype=m["cpu_dtype"], dtype=dtype_name(dtype), hidden=hidden, intermediate=intermediate,
         expert_bytes=int(m["expert_bytes"]), device=device, cpu_threads=threads, host_bandwidth_gbs=m["host_bw"],
-        cpu_ms_by_dtype=m["cpu_by_dtype"], thread_scaling=m["scaling"], key=key,
+        cpu_ms_by_dtype=m["cpu_by_dtype"], thread_scaling=m["scaling"], key=key, **peer,
         meta={"repeats": repeats, "env": environment(device, threads)},
     )
     if save:

@@ -43,8 +43,11 @@ decision and counting code runs, so CI can test it without a GPU.
 Several GPUs of one host (``offload(..., devices=[...])``): the resident
 experts spread over the devices (``assign_devices``: each layer's popular
 experts round-robin), the dense part and the copy slots stay on the first;
-a resident expert's rows travel to its device and back. ``devices=["cpu",
-"cpu"]`` runs the same bookkeeping and row routing on the CPU.
+a resident expert's rows travel to its device and back, and the makespan
+decision starts from the first device's wait for them
+(``CostModel.resident_ms``, with the peer hops that ``calibrate(...,
+devices=...)`` measures). ``devices=["cpu", "cpu"]`` runs the same
+bookkeeping and row routing on the CPU.
 """
 
 from __future__ import annotations
@@ -561,7 +564,8 @@ class OffloadedExperts(nn.Module):
             n = counts[free]
             if eng.decision == "makespan":
                 cm = eng.cost_model
-                gpu_busy = float(sum(cm.times(counts[resident_used].tolist())[1]))
+                tiers = [self.tier.get(int(e), 0) for e in resident_used] if eng.spread else None
+                gpu_busy = cm.resident_ms(counts[resident_used].tolist(), tiers)  # with the peer hops of spread rows
                 plan = cm.plan(n, gpu_busy, float(forced.sum()) * cm.copy_ms, split=eng.split)
                 choice = plan.copy.copy()
                 if plan.split >= 0:
@@ -1215,7 +1219,8 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     if cost_model is None:
         from .costs import calibrate
 
-        cost_model = calibrate(hidden, two_i // 2, dtype, str(device), cpu_threads)
+        cost_model = calibrate(hidden, two_i // 2, dtype, str(device), cpu_threads,
+                               devices=None if devices is None else [str(d) for d in devices])
     elif not isinstance(cost_model, CostModel):
         from .costs import load_cost_model
 

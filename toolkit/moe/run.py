@@ -409,7 +409,8 @@ class MoESession:
         if self.cost_model is None:
             from .costs import calibrate
 
-            self.cost_model = calibrate(p.hidden, p.intermediate, p.dtype, self.device, threads=s.threads)
+            self.cost_model = calibrate(p.hidden, p.intermediate, p.dtype, self.device, threads=s.threads,
+                                        devices=self.devices)
         self.cpu_threads = self.cost_model.cpu_threads if s.threads is None else int(s.threads)
 
     _SHARED = ("preset", "layers", "dtype", "seed", "device", "threads", "calibration")  # what the model and costs fix

@@ -14,6 +14,12 @@ not see Ctrl-C until it returns, and then reports it as a ``SystemError``: ``sim
 it as the ``KeyboardInterrupt`` it is.
 ``fast=False`` drives the Policy objects pass by pass exactly as the engine does (slow; the
 reference the tests compare against).
+
+Several GPUs (``devices_budget``, at most this many experts per device): the resident experts
+go to the devices by the engine's own rule (``device_tiers``: ``toolkit.moe.memory.split_budget``
+then ``toolkit.moe.offload.assign_devices``), and the result also counts each device's hit rows,
+the (token, expert) rows an engine run with the same devices computes there. Like the engine,
+this needs a static placement: a cache would move experts between devices.
 """
 
 from __future__ import annotations
@@ -53,6 +59,9 @@ class SimResult:
     loads: np.ndarray = field(repr=False)  # int64 [2, L]: experts copied to the GPU
     bytes_per_expert: int | None = None
     trace: str | None = None
+    device_hits: np.ndarray | None = field(default=None, repr=False)  # int64 [devices, 2, L]; None: one device
+    device_experts: tuple[int, ...] | None = None  # resident experts per device
+    devices_budget: tuple[int, ...] | None = None  # at most this many experts per device
 
     def hit_rate(self, phase: str | None = None) -> float:
         """Hits / activations over all layers (NaN when the phase has no activations)."""
@@ -73,6 +82,23 @@ class SimResult:
         i = PHASES.index(phase)
         return self.hits[i], self.activations[i]
 
+    def device_rows(self, phase: str | None = None) -> np.ndarray | None:
+        """Hit rows per device, int64 [devices] (what ``Offloaded.devices_dict()`` counts); None for one device."""
+        if self.device_hits is None:
+            return None
+        if phase is None:
+            return self.device_hits.sum((1, 2))
+        if phase not in PHASES:
+            raise ToolkitError(f"phase must be one of {PHASES}, got {phase!r}")
+        return self.device_hits[:, PHASES.index(phase)].sum(1)
+
+    def device_share(self, phase: str | None = None) -> np.ndarray | None:
+        """Each device's share of the hit rows, float [devices] (NaN without hits); None for one device."""
+        rows = self.device_rows(phase)
+        if rows is None:
+            return None
+        return rows / rows.sum() if rows.sum() else np.full(len(rows), np.nan)
+
     @property
     def n_loads(self) -> int:
         return int(self.loads.sum())
@@ -81,8 +107,18 @@ class SimResult:
     def bytes_copied(self) -> int | None:
         return None if self.bytes_per_expert is None else self.n_loads * int(self.bytes_per_expert)
 
+    def devices_dict(self) -> list[dict] | None:
+        """Per device: its budget, resident experts, hit rows (all, prefill, decode) and share; None for one device."""
+        if self.device_hits is None:
+            return None
+        rows, pre, dec, share = (self.device_rows(), self.device_rows("prefill"), self.device_rows("decode"),
+                                 self.device_share())
+        return [{"device": d, "budget": self.devices_budget[d], "experts": self.device_experts[d],
+                 "rows": int(rows[d]), "rows_prefill": int(pre[d]), "rows_decode": int(dec[d]),
+                 "share": float(share[d])} for d in range(len(rows))]
+
     def to_dict(self) -> dict:
-        return {
+        d = {
             "policy": self.policy, "gpu_experts": self.gpu_experts, "trace": self.trace,
             "hit_rate": {"prefill": self.hit_rate("prefill"), "decode": self.hit_rate("decode"),
                          "total": self.hit_rate(), "per_layer": self.per_layer().tolist(),
@@ -91,12 +127,17 @@ class SimResult:
             "bytes_per_expert": self.bytes_per_expert,
             "activations": {p: int(self.activations[i].sum()) for i, p in enumerate(PHASES)},
         }
+        if self.device_hits is not None:
+            d["devices_budget"] = list(self.devices_budget)
+            d["devices"] = self.devices_dict()
+        return d
 
     def __repr__(self) -> str:
         gb = "?" if self.bytes_copied is None else f"{self.bytes_copied / 1e9:.1f} GB"
+        devices = "" if self.device_hits is None else f"; hit rows by device {self.device_rows().tolist()}"
         return (f"SimResult({self.policy}, gpu_experts={self.gpu_experts}: hit rate prefill "
                 f"{self.hit_rate('prefill'):.3f}, decode {self.hit_rate('decode'):.3f}; "
-                f"{self.n_loads} copies ({gb}))")
+                f"{self.n_loads} copies ({gb}){devices})")
 
 
 @dataclass(frozen=True)
@@ -109,9 +150,13 @@ class Sweep:
         """One row per (policy, budget): hit rates, copies, bytes."""
         import pandas as pd
 
-        return pd.DataFrame([{"policy": r.policy, "gpu_experts": r.gpu_experts, "hit_rate": r.hit_rate(),
-                              "hit_rate_prefill": r.hit_rate("prefill"), "hit_rate_decode": r.hit_rate("decode"),
-                              "expert_loads": r.n_loads, "bytes_copied": r.bytes_copied} for r in self.results])
+        rows = [{"policy": r.policy, "gpu_experts": r.gpu_experts, "hit_rate": r.hit_rate(),
+                 "hit_rate_prefill": r.hit_rate("prefill"), "hit_rate_decode": r.hit_rate("decode"),
+                 "expert_loads": r.n_loads, "bytes_copied": r.bytes_copied} for r in self.results]
+        for row, r in zip(rows, self.results):
+            if r.device_hits is not None:
+                row["device_rows"] = r.device_rows().tolist()
+        return pd.DataFrame(rows)
 
     def to_dict(self) -> dict:
         return {"results": [r.to_dict() for r in self.results]}
@@ -207,13 +252,57 @@ def default_popularity(trace: Trace) -> np.ndarray:
     return trace.popularity().astype(np.float64)
 
 
-def simulate(trace, policy, gpu_experts: int, popularity: np.ndarray | None = None,
-             bytes_per_expert: int | None = None, fast: bool = True) -> SimResult:
+def check_devices_budget(devices_budget) -> list[int]:
+    """``devices_budget`` as whole counts >= 0, one per device, or a ToolkitError naming it."""
+    if isinstance(devices_budget, str | bytes) or not hasattr(devices_budget, "__len__") or not len(devices_budget):
+        raise ToolkitError(f"devices_budget must give one count >= 0 per device (at most this many experts on it), "
+                           f"got {devices_budget!r}")
+    caps = list(devices_budget)
+    for n in caps:
+        if isinstance(n, bool) or not isinstance(n, int | float | np.integer | np.floating) \
+                or not float(n).is_integer() or n < 0:
+            raise ToolkitError(f"devices_budget must give one whole count >= 0 per device (at most this many "
+                               f"experts on it), got {caps}")
+    return [int(n) for n in caps]
+
+
+def device_tiers(resident: np.ndarray, devices_budget, ranking=None) -> np.ndarray:
+    """Which device holds each resident expert, int [L, E] (-1: not resident), by the engine's rule.
+
+    The resident experts split evenly over the devices, each share capped by
+    ``devices_budget`` (``toolkit.moe.memory.split_budget``), and each layer's
+    experts go round-robin in ``ranking`` order (``toolkit.moe.offload.assign_devices``),
+    as ``offload(..., devices=..., devices_budget=..., ranking=...)`` places them.
+    """
+    from .memory import split_budget
+    from .offload import assign_devices
+
+    caps = check_devices_budget(devices_budget)
+    resident = np.asarray(resident, dtype=bool)
+    try:
+        shares = split_budget(int(resident.sum()), caps)
+    except ToolkitError as err:
+        raise ToolkitError(f"devices_budget: {err}") from None
+    tiers = assign_devices(resident, shares, ranking)
+    held = np.bincount(tiers[tiers >= 0], minlength=len(caps))
+    if any(h > c for h, c in zip(held, caps)):  # the rule caps every share; a placement may never exceed it
+        raise ToolkitError(f"devices_budget: the placement puts {held.tolist()} experts on devices capped at {caps}")
+    return tiers
+
+
+def simulate(trace, policy, gpu_experts: int | None, popularity: np.ndarray | None = None,
+             bytes_per_expert: int | None = None, fast: bool = True, devices_budget=None,
+             ranking: np.ndarray | None = None) -> SimResult:
     """Hit rate (prefill / decode / per layer) and bytes copied for a trace, a policy and a GPU expert budget.
 
     ``trace``: a Trace, a name (``synthetic-mixtral``) or a path. ``policy``: a name or a Policy.
     ``popularity`` [L, E]: the profile for static-popularity placement and caches' initial
     residency (default ``default_popularity(trace)``). ``bytes_per_expert``: default from the trace.
+    ``devices_budget`` (several GPUs, e.g. [14, 14]): at most this many experts per device;
+    ``gpu_experts`` None means their sum (at most every expert); the result splits the hits over
+    the devices (``device_tiers``, spreading each layer's experts in ``ranking`` [L, E] order,
+    default the popularity profile, as ``toolkit.moe.run`` hands it to the engine). Needs a
+    static policy, as the engine does.
     """
     trace = load_trace(trace)
     pol = get_policy(policy, trace=trace) if isinstance(policy, str) else policy
@@ -223,7 +312,18 @@ def simulate(trace, policy, gpu_experts: int, popularity: np.ndarray | None = No
         raise ToolkitError("a Belady policy simulates only the trace it was built from")
     pop = default_popularity(trace) if popularity is None else popularity
     n_layers, n_experts = trace.n_layers, trace.n_experts
+    caps = None
+    if devices_budget is not None:
+        caps = check_devices_budget(devices_budget)
+        if not pol.static:
+            raise ToolkitError(f"devices_budget: several devices need a static placement, got policy {pol.name!r} "
+                               "(a cache would move experts between devices)")
+        if gpu_experts is None:
+            gpu_experts = min(sum(caps), n_layers * n_experts)
+    elif gpu_experts is None:
+        raise ToolkitError("gpu_experts is required unless devices_budget is given")
     resident = pol.reset(int(gpu_experts), n_layers, n_experts, pop)
+    tiers = None if caps is None else device_tiers(resident, caps, pop if ranking is None else ranking)
     bpe = bytes_per_expert if bytes_per_expert is not None else trace.bytes_per_expert
     name = trace.meta.get("name") or trace.meta.get("source")
 
@@ -246,7 +346,13 @@ def simulate(trace, policy, gpu_experts: int, popularity: np.ndarray | None = No
                                               resident.copy(), nxt, ncnt, pol.cap)
     else:  # a user's own Policy subclass: drive it like the engine does
         hits, acts, loads = _drive(trace, pol)
-    return SimResult(pol.name, int(gpu_experts), hits, acts, loads, bpe, name)
+    if tiers is None:
+        return SimResult(pol.name, int(gpu_experts), hits, acts, loads, bpe, name)
+    where = tiers[np.arange(n_layers)[None, :, None], trace.experts]  # [N, L, K] device of each activation, -1: miss
+    by_device = np.stack([_phase_rows(trace, where == d) for d in range(len(caps))])  # [devices, 2, L]
+    held = np.bincount(tiers[tiers >= 0], minlength=len(caps))
+    return SimResult(pol.name, int(gpu_experts), hits, acts, loads, bpe, name, by_device,
+                     tuple(int(n) for n in held), tuple(caps))
 
 
 def _drive(trace: Trace, pol: Policy):
@@ -269,10 +375,14 @@ def _drive(trace: Trace, pol: Policy):
 
 
 def sweep(trace, policy, budgets=None, **kw) -> Sweep:
-    """``simulate`` over budgets (default every multiple of L up to L x E) and one or more policies."""
+    """``simulate`` over budgets (default every multiple of L up to L x E, or up to the sum of a
+    ``devices_budget`` in ``kw``) and one or more policies."""
     trace = load_trace(trace)
     if budgets is None:
-        budgets = range(0, trace.n_layers * trace.n_experts + 1, trace.n_layers)
+        top = trace.n_layers * trace.n_experts
+        if kw.get("devices_budget") is not None:
+            top = min(top, sum(check_devices_budget(kw["devices_budget"])))
+        budgets = range(0, top + 1, trace.n_layers)
     policies = [policy] if isinstance(policy, (str, Policy)) else list(policy)
     return Sweep(tuple(simulate(trace, p, int(b), **kw) for p in policies for b in budgets))
 
@@ -283,4 +393,5 @@ def decisions(trace) -> int:
     return trace.n_tokens * trace.n_layers
 
 
-__all__ = ["SimResult", "Sweep", "simulate", "sweep", "default_popularity", "decisions"]
+__all__ = ["SimResult", "Sweep", "simulate", "sweep", "default_popularity", "decisions", "device_tiers",
+           "check_devices_budget"]
