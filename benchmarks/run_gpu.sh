@@ -3,7 +3,7 @@
 # sequence, each under its own time limit, logging everything to $OUT/gpu.log.
 # Usage on the device machine: bash benchmarks/run_gpu.sh [NAME ...]
 set -u
-export PYTHONPATH=. PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPLBACKEND=Agg
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPLBACKEND=Agg
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 log="$OUT/gpu.log"
@@ -15,7 +15,7 @@ names=("$@")
 } 2>&1 | tee -a "$log"
 for name in "${names[@]}"; do
   case "$name" in
-    pytest) limit=${LIMIT_pytest:-120}; cmd=(python -m pytest -q -m gpu tests) ;;
+    pytest) limit=${LIMIT_pytest:-120}; cmd=(python -m pytest -q -rs -m gpu tests --junitxml "$OUT/pytest_gpu.xml" -p no:cacheprovider) ;;
     *) limit_var="LIMIT_$name"; limit=${!limit_var:-240}; cmd=(python "benchmarks/$name.py" --out "$OUT") ;;
   esac
   echo "== $name (limit ${limit}s): ${cmd[*]}" | tee -a "$log"

@@ -19,9 +19,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from browser import lab as labmod
-from browser import notebook as ui
-from browser.standin import write_standin
+
+pytest.importorskip("nbformat", reason="notebook tooling (absent on the GPU machine)")
+
+from browser import lab as labmod  # noqa: E402
+from browser import notebook as ui  # noqa: E402
+from browser.standin import write_standin  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(str(p.relative_to(REPO)) for p in (REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
