@@ -209,12 +209,37 @@ def write_fake_recordings(gpu_dir):
               "prefill": {"ms": 500.0 - k}} for k in (0, 32, 64)]
     runs += [{"kind": "compare", "scheme": "copy-on-demand", "routing": "trace", "budget": 14, "skipped": "time"}]
     save_json({"provenance": GPU_ENV, "settings": {"total_experts": 64}, "runs": runs}, gpu_dir / "moe_decode.json")
+
+    def measure(key, value, bound_ms, spread):
+        return {key: value, "hit_rate": 0.3, "bound": {"ms": bound_ms},
+                "rounds": {"median": value, "spread": spread, "anomalous": spread > 0.1,
+                           "reason": "rounds differ by 20% of their median (more than 10%)" if spread > 0.1 else None}}
+
+    save_json({"provenance": GPU_ENV, "settings": {"new_tokens": 64, "prompt_tokens": 16, "prefill_tokens": 512},
+               "runs": [{"gpus": g, "per_gpu_experts": 14, "routing": r, "decode": measure("tokens_per_s", 15.0 + g, 30.0, 0.02),
+                         "prefill": measure("ms", 250.0 / g, 100.0, 0.2 if g == 2 else 0.05)}
+                        for r in ("uniform", "trace") for g in (1, 2)]}, gpu_dir / "moe_multi_gpu.json")
     return gpu_dir
+
+
+def test_multi_gpu_recording_judges_decode_and_prefill_apart(tmp_path):
+    import json
+
+    doc = json.loads((write_fake_recordings(tmp_path / "gpu") / "moe_multi_gpu.json").read_text())
+    decode, prefill = recorded.recorded_multi_gpu(doc), recorded.recorded_multi_gpu(doc, "prefill")
+    assert list(decode["scheme"].unique()) == ["1 GPU, 14 experts", "2 GPUs, 14 experts each"]
+    assert decode["bound_tokens_per_s"].tolist() == pytest.approx([1e3 / 30.0] * 4)
+    assert not decode["anomalous"].any()  # steady decode rounds stay in although the prefill's wobble
+    assert prefill["anomalous"].tolist() == [False, True, False, True]
+    assert prefill["ms"].tolist() == [250.0, 125.0, 250.0, 125.0]
+    with pytest.raises(ValueError, match="measure"):
+        recorded.recorded_multi_gpu(doc, "beam")
 
 
 def test_recorded_readers_rebuild_frames_from_the_benchmark_files(tmp_path):
     rec = recorded.recorded_results(write_fake_recordings(tmp_path))
-    assert sorted(rec) == ["batch_search", "moe_decode", "moe_engine", "profile_cases", "timer_agreement"]
+    assert sorted(rec) == ["batch_search", "moe_decode", "moe_engine", "moe_multi_gpu", "profile_cases",
+                           "timer_agreement"]
     audit = recorded.recorded_pitfalls(rec["timer_agreement"])
     assert audit.attrs["correct"].median_ms == 2.0 and list(audit["pitfall"])[0] == "copy_in_timed_region"
     assert plots.pitfall_frame(audit)["ratio"].tolist() == pytest.approx([1.5, 10.0, 0.1, 1.1, 200.0 / 1.8])

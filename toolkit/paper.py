@@ -25,6 +25,7 @@ from .recorded import (
     recorded_moe_decode_sweep,
     recorded_moe_schemes,
     recorded_moe_sweep,
+    recorded_multi_gpu,
     recorded_pitfalls,
     recorded_throughput_cases,
     recorded_timeline,
@@ -143,6 +144,18 @@ def _schemes(doc):
                                                 f"expert)\n{_moe_setup(doc)}")
 
 
+def _multi_gpu(doc, measure: str = "decode"):
+    frame = recorded_multi_gpu(doc, measure)
+    if not len(frame):
+        return None
+    s = (doc or {}).get("settings") or {}
+    value = "tokens_per_s" if measure == "decode" else "ms"
+    what = (f"decode tokens/s ({s.get('new_tokens', '?')} tokens after {s.get('prompt_tokens', '?')})"
+            if measure == "decode" else f"{s.get('prefill_tokens', '?')}-token prefill ms")
+    return plots.scheme_comparison(frame, value=value, label=what,
+                                   title=f"Resident experts on one GPU or spread over two: {what}\n{_moe_setup(doc)}")
+
+
 def _decode_sweep(doc, routing: str = "trace"):
     frame = recorded_moe_decode_sweep(doc, routing)
     if not len(frame):
@@ -222,6 +235,12 @@ PAPER_FIGURES = [
     PaperFigure("gpu_moe_schemes", "gpu/moe_decode.json", _schemes,
                 "Decode tokens/s of the offload schemes at the same GPU expert budget (Mixtral-8x7B layers, batch 1),"
                 " with each run's roofline bound; anomalous runs are excluded and named under the figure."),
+    PaperFigure("gpu_moe_multi_gpu_decode", "gpu/moe_multi_gpu.json", _multi_gpu,
+                "Decode tokens/s with the resident experts on one GPU or spread over two at the same per-GPU budget, "
+                "with each run's roofline bound; a run whose decode rounds disagree is excluded and named."),
+    PaperFigure("gpu_moe_multi_gpu_prefill", "gpu/moe_multi_gpu.json", functools.partial(_multi_gpu, measure="prefill"),
+                "512-token prefill time on one GPU or two at the same per-GPU budget (lower is better), with each "
+                "run's roofline bound; a run whose prefill rounds disagree is excluded and named."),
     PaperFigure("gpu_moe_decode_sweep", "gpu/moe_decode.json", _decode_sweep,
                 "Our engine over GPU expert budgets (Mixtral-8x7B layers, replayed Mixtral routing): decode tokens/s,"
                 " prefill time and decode hit rate."),

@@ -433,6 +433,38 @@ def recorded_moe_decode_sweep(doc: dict | None, routing: str = "trace") -> pd.Da
     return frame
 
 
+MULTI_GPU_MEASURES = {"decode": ("tokens_per_s", "decode tokens/s"), "prefill": ("ms", "prefill ms")}
+
+
+def recorded_multi_gpu(doc: dict | None, measure: str = "decode") -> pd.DataFrame:
+    """One GPU against two at the same per-GPU expert budget (``benchmarks/moe_multi_gpu.py``), one row per run.
+
+    Columns ``scheme`` (the configuration, e.g. "1 GPU, 14 experts"), ``routing``, ``tokens_per_s``
+    (decode) or ``ms`` (prefill), ``bound_<that column>`` (the roofline bound of what the run read),
+    ``hit_rate``, ``anomalous`` and ``anomaly_reason``: whether *this measure's* rounds disagreed by
+    more than the benchmark allows (decode and prefill are judged apart, so a noisy prefill does not
+    hide a steady decode).
+    """
+    if measure not in MULTI_GPU_MEASURES:
+        raise ValueError(f"measure must be one of {sorted(MULTI_GPU_MEASURES)}, got {measure!r}")
+    key, _ = MULTI_GPU_MEASURES[measure]
+    rows = []
+    for run in (doc or {}).get("runs") or []:
+        m = run.get(measure) or {}
+        if m.get(key) is None:
+            continue
+        rounds = m.get("rounds") or {}
+        bound_ms = (m.get("bound") or {}).get("ms")
+        bound = (1e3 / bound_ms if measure == "decode" else bound_ms) if bound_ms else None
+        gpus, per = run.get("gpus", 1), run.get("per_gpu_experts", run.get("budget"))
+        label = f"{gpus} GPU{'s' if gpus != 1 else ''}, {per} experts{' each' if gpus != 1 else ''}"
+        rows.append({"scheme": label, "routing": run.get("routing"), key: rounds.get("median", m.get(key)),
+                     f"bound_{key}": bound, "hit_rate": m.get("hit_rate"),
+                     "anomalous": bool(rounds.get("anomalous", False)), "anomaly_reason": rounds.get("reason")})
+    return pd.DataFrame(rows, columns=["scheme", "routing", key, f"bound_{key}", "hit_rate", "anomalous",
+                                       "anomaly_reason"])
+
+
 __all__ = ["Recording", "recording", "is_calibration_cache", "recorded_results", "recorded_env", "recorded_device",
            "recorded_date", "recorded_complete", "recorded_label", "recorded_where", "ANOMALY_RATIO",
            "flag_anomalies", "run_name", "recorded_pitfalls", "recorded_latency", "audit_first_call_ms",
@@ -440,4 +472,4 @@ __all__ = ["Recording", "recording", "is_calibration_cache", "recorded_results",
            "TIMER_LABELS", "recorded_timer_agreement", "workload_label", "recorded_timer_differences",
            "recorded_throughput_curves", "THROUGHPUT_COLUMNS", "recorded_throughput_cases", "recorded_moe_sweep",
            "recorded_decode_samples", "recorded_timeline", "SCHEME_COLUMNS", "recorded_moe_schemes",
-           "recorded_moe_decode_sweep", "SWEEP_COLUMNS", "PITFALL_COLUMNS"]
+           "recorded_moe_decode_sweep", "SWEEP_COLUMNS", "PITFALL_COLUMNS", "MULTI_GPU_MEASURES", "recorded_multi_gpu"]
