@@ -4,9 +4,10 @@ One device call (hard budget ``--budget-s``, default 450 s including the model b
 OUT/moe_decode.json after every measurement so an interruption keeps what was measured:
 
 1. build ``mixtral-8x7b`` x 8 layers in bf16 (experts in pinned host memory) through
-   ``toolkit.moe.run.MoESession``, the path ``python -m toolkit moe`` takes, with its defaults;
-   calibrate the cost model (saved next to the results) and measure the ceilings (GPU read, host read
-   with the CPU threads, pinned H2D);
+   ``toolkit.moe.run.MoESession``, the path ``python -m toolkit moe`` takes, with its defaults; the
+   session calibrates the cost model as the CLI's does (after the build, the per-machine cache; a copy
+   is saved next to the results) and the benchmark measures the ceilings (GPU read, host read with the
+   CPU threads, pinned H2D);
 2. two routings, replayed identically for every scheme (the router restarts before each run):
    ``uniform`` (``MoESettings(routing="uniform")``: each token picks 2 distinct experts uniformly at
    random, seeded) and ``trace`` (``routing="synthetic-mixtral"``: real Mixtral popularity and
@@ -63,7 +64,7 @@ from toolkit.env import resolve_device
 from toolkit.errors import ToolkitError
 from toolkit.moe import roofline as R
 from toolkit.moe.baselines import Baseline, get_baseline
-from toolkit.moe.costs import calibrate
+from toolkit.moe.costs import save_cost_model
 from toolkit.moe.memory import check_host_memory, host_memory_needed
 from toolkit.moe.presets import from_name
 from toolkit.moe.run import ANOMALY_SPREAD, MoESession, MoESettings, logits_error, round_spread
@@ -420,14 +421,16 @@ def main(argv=None) -> int:
         print_summary(record)
         return 0
     try:
-        cm = calibrate(preset.hidden, preset.intermediate, preset.dtype, device, threads=args.threads,
-                       path=out_dir / "moe_decode_costs.json", repeats=3 if quick else 5)
-        record["cost_model"], record["cost_model_summary"] = cm.to_dict(), cm.summary()
-        log(cm.summary())
         settings = MoESettings(preset=preset.name, layers=preset.layers, gpu_experts=budget,
                                routing=ROUTINGS["uniform"], threads=args.threads, prompt_tokens=args.prompt_tokens,
                                new_tokens=args.new_tokens, device=device)
-        first = MoESession(settings, cost_model=cm)
+        # the session calibrates as the CLI's does: after the build, from the per-machine cache, so both
+        # plan every layer from the same cost model; a copy is kept next to the results
+        first = MoESession(settings)
+        cm = first.cost_model
+        save_cost_model(cm, out_dir / "moe_decode_costs.json")
+        record["cost_model"], record["cost_model_summary"] = cm.to_dict(), cm.summary()
+        log(cm.summary())
         sessions = {"uniform": first}
         if (preset.experts, preset.top_k) == (8, 2):
             sessions["trace"] = first.with_settings(routing=ROUTINGS["trace"])

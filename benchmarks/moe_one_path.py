@@ -6,13 +6,17 @@ so that a slow spell of the machine hits both:
 - the CLI: ``python -m toolkit moe --preset P --layers L --gpu-experts K --new-tokens N --routing R
   --json --out ...`` with every other setting at its default (warm-up included);
 - the benchmark: ``benchmarks/moe_decode.py --schemes ours --routings R --groups compare --no-prefill
-  --no-beam --rounds 3``: scheme ``ours``, 3 rounds in one process, its median round.
+  --no-beam --rounds B`` (``--bench-rounds``, default 2): scheme ``ours``, B rounds in one process, its
+  median round.
 
-Both go through ``toolkit.moe.run.MoESession``; the ratio CLI / benchmark of the medians is the
-check (target: within 5%). The calibration cache is shared (the first process to need it measures
-it). Saved to OUT/moe_one_path.json after every process, with provenance and the commands.
+Both go through ``toolkit.moe.run.MoESession`` and plan from the same cost model: the per-machine
+calibration cache is shared (the first process measures it, the others read it; two calibrations
+of the same machine differ by a few percent, enough to move a batch-1 miss between the CPU and a
+copy). The ratio CLI / benchmark of the medians over processes is the check (target: within 5%).
+Each process's duration is logged; one that would not finish within ``--budget-s`` is not started.
+Saved to OUT/moe_one_path.json after every process, with provenance and the commands.
 
-  PYTHONPATH=. python benchmarks/moe_one_path.py --out data/gpu                 # GPU, ~4 minutes
+  PYTHONPATH=. python benchmarks/moe_one_path.py --out data/gpu                 # GPU, ~8 minutes
   PYTHONPATH=. python benchmarks/moe_one_path.py --quick --device cpu --out /tmp/x  # CPU smoke test
 """
 
@@ -46,7 +50,7 @@ def bench_command(a, out: Path) -> list[str]:
     cmd = [sys.executable, str(REPO / "benchmarks" / "moe_decode.py"), "--preset", a.preset, "--layers",
            str(a.layers), "--budget", f"{a.gpu_experts}/{total}", "--new-tokens", str(a.new_tokens),
            "--schemes", "ours", "--routings", a.routing, "--groups", "compare", "--no-prefill", "--no-beam",
-           "--rounds", "3", "--device", a.device, "--out", str(out)]
+           "--rounds", str(a.bench_rounds), "--device", a.device, "--out", str(out)]
     return cmd + (["--quick"] if a.quick else [])
 
 
@@ -86,8 +90,14 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny-mixtral on few tokens: a smoke test")
     p.add_argument("--routing", default="uniform", help="uniform or a trace name (default uniform)")
     p.add_argument("--pairs", type=int, default=2, help="CLI/benchmark pairs, alternating (default 2)")
-    p.add_argument("--timeout-s", type=float, default=200.0, help="per process")
+    p.add_argument("--bench-rounds", type=int, default=2, help="rounds of the benchmark process (default 2)")
+    p.add_argument("--timeout-s", type=float, default=240.0, help="per process")
+    p.add_argument("--budget-s", type=float, default=570.0,
+                   help="whole run: a process expected to end after this is not started (default 570)")
     a = p.parse_args(argv)
+    if a.pairs < 1 or a.bench_rounds < 1:
+        p.error("--pairs and --bench-rounds must be >= 1")
+    t_start = time.perf_counter()
     if a.quick:
         a.preset, a.layers, a.experts_per_layer, a.gpu_experts, a.new_tokens = "tiny-mixtral", 2, 8, 4, 8
     else:
@@ -102,13 +112,20 @@ def main(argv=None) -> int:
            "target": f"CLI median within {TARGET:.0%} of the benchmark median",
            "runs": {"cli": [], "benchmark": []}, "provenance": provenance(device=a.device, command=" ".join(sys.argv))}
     target = out / "moe_one_path.json"
+    took: dict[str, float] = {}  # side -> seconds of its last process (the first CLI one calibrates: longer)
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(a.pairs):
             for side in ("cli", "benchmark"):
+                left = a.budget_s - (time.perf_counter() - t_start)
+                if side in took and took[side] > left:
+                    rec.setdefault("not_started", []).append(f"{side} {i}: ~{took[side]:.0f} s needed, {left:.0f} s left")
+                    print(f"{side:9s} {i}: not started, ~{took[side]:.0f} s needed, {left:.0f} s left", flush=True)
+                    continue
                 where = Path(tmp) / f"{side}{i}"
                 where.mkdir()
                 cmd = cli_command(a, where / "cli.json") if side == "cli" else bench_command(a, where)
                 rc, secs, tail = run(cmd, a.timeout_s)
+                took[side] = secs
                 entry = {"command": " ".join(cmd[1:]), "rc": rc, "seconds": round(secs, 1)}
                 try:
                     entry.update(cli_record(where / "cli.json") if side == "cli"
