@@ -74,11 +74,28 @@ def test_rounds_stop_when_every_candidate_is_steady_or_run_out():
     got, calls = choose(("overlap", "inline", "overlap-nosplit", "inline-nosplit"),
                         {n: [10.0, 10.1] for n in ("overlap", "inline", "overlap-nosplit", "inline-nosplit")})
     assert len(calls) == 8 and got.picked == "overlap"  # 2 rounds of 4: all steady
-    never = {"overlap": [10.0, 20.0, 10.0, 20.0, 10.0], "inline": [30.0, 30.0, 30.0, 30.0, 30.0]}
+    never = {"overlap": [10.0, 16.0, 15.0, 16.0, 15.0], "inline": [15.5] * 5}  # overlap alternates by 6%
     got, calls = choose(("overlap", "inline"), never)
     assert len(calls) == 2 * WARMUP_ROUNDS and got.picked == "overlap"  # unsteady: capped at WARMUP_ROUNDS each
+    assert got.dropped == {}  # within 10% of each other: both stay in the race
     with pytest.raises(ToolkitError, match="unknown schedules"):
         S.choose_schedule(("fast",), lambda n: 1.0, rounds=2, steady_within=0.05)
+
+
+def test_a_clearly_slower_candidate_leaves_the_race_after_two_warm_rounds():
+    # the 16-core H200 host: the no-split schedules ran 15-20% slower than the split ones
+    timings = {"overlap": [115.0, 69.4, 64.8, 65.3, 68.3], "inline": [71.1, 68.7, 63.4, 67.3, 67.6],
+               "overlap-nosplit": [80.2, 84.0, 76.4, 72.7, 79.1], "inline-nosplit": [71.9, 84.7, 67.6, 92.5, 76.5]}
+    got, calls = choose(tuple(timings), timings)
+    assert got.dropped == {"overlap-nosplit": 3, "inline-nosplit": 3}  # medians of rounds 2-3: 80.2, 76.2 vs 66.1
+    assert calls[:12] == list(timings) * 3 and set(calls[12:]) == {"overlap", "inline"}
+    assert len(calls) == 12 + 2 * 2  # 16 generations instead of 20
+    assert got.picked == "overlap"  # inline 67.3 vs overlap 66.8: a tie keeps the default
+    assert got.rounds["overlap-nosplit"] == [80.2, 84.0, 76.4]  # what was measured stays in the record
+    assert got.to_dict()["dropped"] == got.dropped
+    # nothing is dropped before two warm rounds, nor the last one racing, nor on failed figures alone
+    got, calls = choose(("overlap", "inline"), {"overlap": [10.0, 10.0], "inline": [30.0, 30.0]})
+    assert len(calls) == 4 and got.dropped == {} and got.picked == "overlap"
 
 
 def test_candidates_only_for_ours_on_a_gpu_with_experts_off_it():

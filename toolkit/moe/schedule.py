@@ -20,6 +20,10 @@ warm-up, the same way the cost model measures CPU against copy time:
   ``MoESession.warm_up`` decides) or the rounds run out;
 - a candidate's figure is the median of its rounds after the first (the first
   is cold: new KV-cache lengths, thread pools);
+- a candidate more than ``SCHEDULE_DROP`` (10%) slower than the fastest, once
+  each has two rounds after the cold one, stops being measured: the noise of
+  one generation on a busy host is a few percent, so it cannot win, and its
+  generations are a fifth of a user's wait before the measured run;
 - the fastest wins; one within ``SCHEDULE_TIE`` (3%) of the default keeps the
   default (a difference that small is noise, and the default is the one the
   docs describe).
@@ -46,6 +50,7 @@ SCHEDULES = {"overlap": (True, True), "inline": (False, True),
 SCHEDULE_CHOICES = ("auto", *SCHEDULES)  # what ``MoESettings.schedule`` accepts
 SCHEDULED_SCHEMES = ("ours",)  # schemes whose schedule is ours to choose
 SCHEDULE_TIE = 0.03  # a candidate must beat the default by more than this fraction to replace it
+SCHEDULE_DROP = 0.10  # a candidate this much slower than the fastest (two warm rounds each) stops being measured
 
 
 def schedule_name(options) -> str:
@@ -111,7 +116,9 @@ class ScheduleChoice:
 
     candidates: name -> median decode step (ms) compared (empty when nothing was
     measured); rounds: name -> median decode step of each of its warm-up
-    generations, in order; reason: why nothing was measured, or how it was set.
+    generations, in order; dropped: name -> the round after which it stopped
+    being measured (``SCHEDULE_DROP`` slower than the fastest); reason: why
+    nothing was measured, or how it was set.
     """
 
     picked: str
@@ -121,6 +128,7 @@ class ScheduleChoice:
     measured: bool = False
     reason: str | None = None
     tie: float = SCHEDULE_TIE
+    dropped: dict = field(default_factory=dict)
 
     @classmethod
     def fixed(cls, name: str, reason: str) -> ScheduleChoice:
@@ -130,18 +138,20 @@ class ScheduleChoice:
     def to_dict(self) -> dict:
         return {"picked": self.picked, "default": self.default, "candidates": dict(self.candidates),
                 "rounds": {k: list(v) for k, v in self.rounds.items()}, "measured": self.measured,
-                "reason": self.reason, "tie": self.tie}
+                "reason": self.reason, "tie": self.tie, "dropped": dict(self.dropped)}
 
 
 def choose_schedule(candidates: Sequence[str], measure: Callable[[str], float], *, rounds: int,
-                    steady_within: float, tie: float = SCHEDULE_TIE) -> ScheduleChoice:
+                    steady_within: float, tie: float = SCHEDULE_TIE, drop: float = SCHEDULE_DROP) -> ScheduleChoice:
     """Measure the candidates alternately until each is steady (at most ``rounds`` each); keep the fastest.
 
     ``candidates``: schedule names, the default first. ``measure(name)``: switch
     to that schedule, run one warm-up generation, return its median decode step
     in ms (``MoESession.choose_schedule`` gives the real one; tests a fake).
-    Every round measures every candidate, so none is compared on a different
-    spell of the machine than the others.
+    Every round measures every candidate still in the race, so none is compared
+    on a different spell of the machine than the others; from the third round
+    on, one more than ``drop`` slower than the fastest leaves the race (its
+    rounds and figure stay in the record).
     """
     if not candidates:
         raise ToolkitError("choose_schedule needs at least one candidate schedule")
@@ -149,15 +159,22 @@ def choose_schedule(candidates: Sequence[str], measure: Callable[[str], float], 
     if unknown:
         raise ToolkitError(f"unknown schedules {unknown}; choose among {', '.join(SCHEDULES)}")
     medians: dict[str, list[float]] = {c: [] for c in candidates}
-    for _ in range(max(1, int(rounds))):
-        for c in candidates:
+    racing, dropped = list(candidates), {}
+    for r in range(max(1, int(rounds))):
+        for c in racing:
             medians[c].append(float(measure(c)))
-        if all(is_steady(m, steady_within) for m in medians.values()):
+        if r >= 2 and len(racing) > 1:  # two warm rounds each: a clearly slower one cannot catch up
+            figs = {c: candidate_figure(medians[c]) for c in racing}
+            best = min((v for v in figs.values() if math.isfinite(v)), default=math.nan)
+            for c in [c for c in racing if math.isfinite(best) and not figs[c] <= (1 + drop) * best]:
+                racing.remove(c)
+                dropped[c] = r + 1
+        if all(is_steady(medians[c], steady_within) for c in racing):
             break
     figures = {c: candidate_figure(m) for c, m in medians.items()}
     default = candidates[0]
     return ScheduleChoice(picked=pick_fastest(figures, default, tie), default=default, candidates=figures,
-                          rounds=medians, measured=True, tie=tie)
+                          rounds=medians, measured=True, tie=tie, dropped=dropped)
 
 
 def schedule_line(schedule: dict | None) -> str | None:
