@@ -291,3 +291,16 @@ def test_calibrate_on_two_gpus_measures_the_peer_hop(tmp_path):
                    devices=["cuda:0", "cuda:1"])
     assert cm.peer_devices == ("cuda:1",) and cm.key.endswith("|devices=cuda:0,cuda:1")
     assert all(0 < ms < 10 for ms in cm.peer_ms[0])  # 128 rows x 4096 x bf16 = 1 MiB each way: well under 10 ms
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_session_that_gains_a_gpu_measures_the_peer_hop(tmp_path, monkeypatch):
+    from toolkit.moe.run import MoESession
+
+    monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    with MoESession(preset="tiny-mixtral", layers=2, device="cuda:0", new_tokens=4, prompt_tokens=4) as one:
+        assert not one.cost_model.peer_ms
+        two = one.with_settings(gpus=2)
+        assert two.devices == ["cuda:0", "cuda:1"] and two.model is one.model
+        assert two.cost_model.peer_devices == ("cuda:1",) and all(ms > 0 for ms in two.cost_model.peer_ms[0])

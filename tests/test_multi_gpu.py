@@ -292,3 +292,30 @@ def test_makespan_decision_waits_for_the_spread_rows(mixtral, monkeypatch):
     with offload(mixtral, 8, device="cpu", devices=["cpu", "cpu"], cost_model=CPU_ALWAYS):
         mixtral(ids)
     assert busy and max(busy) < 1.0  # no peer calibration: the resident experts' compute alone
+
+
+def test_a_one_device_calibration_gains_the_peer_hop_once(tmp_path, monkeypatch):
+    """``with_peer_hops``: a session that spreads its experts measures only the hop, once per machine (cached)."""
+    from toolkit.moe import costs
+
+    monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    one = costs.calibrate(64, 128, torch.float32, "cpu", threads=1, tokens=(1, 8), repeats=1)
+    assert not one.peer_ms and "devices=" not in one.key
+    measured = []
+    real = costs._measure_peer
+
+    def spy(*args, **kw):
+        measured.append(args[2])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(costs, "_measure_peer", spy)
+    two = costs.with_peer_hops(one, ["cpu", "cpu"])
+    assert measured == [["cpu", "cpu"]]
+    assert two.peer_devices == ("cpu",) and len(two.peer_ms) == 1 and len(two.peer_ms[0]) == len(one.gpu_tokens)
+    assert two.key.endswith("|devices=cpu,cpu") and two.cpu_ms == one.cpu_ms and two.copy_ms == one.copy_ms
+    assert costs.with_peer_hops(one, ["cpu", "cpu"]).peer_ms == two.peer_ms  # from the cache: not measured again
+    assert measured == [["cpu", "cpu"]]
+    assert costs.with_peer_hops(two, ["cpu", "cpu"]) is two  # already has it
+    assert costs.with_peer_hops(one, None) is one  # one device: nothing to add
+    with pytest.raises(ToolkitError, match="devices"):  # one clear error, not a traceback from deep inside
+        costs.with_peer_hops(one, ["cuda:1", "cpu"])

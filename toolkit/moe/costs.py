@@ -51,7 +51,7 @@ import os
 import socket
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -628,6 +628,38 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
         host_bw = buf.numel() * 4 / (ms * 1e-3) / 1e9
     return dict(cpu_by_dtype=cpu_by_dtype, cpu_dtype=cpu_dtype, gpu_ms=gpu_ms, copy_ms=copy_ms,
                 scaling=scaling, host_bw=host_bw, expert_bytes=(gu.numel() + dn.numel()) * gu.element_size())
+
+
+def with_peer_hops(model: CostModel, devices, *, repeats: int = 5, path: str | os.PathLike | None = None,
+                   reuse: bool = True, save: bool = True, clock=time.perf_counter) -> CostModel:
+    """``model`` with the peer hop to ``devices`` measured: a session that gains GPUs keeps its calibration.
+
+    ``calibrate(..., devices=...)`` measures everything; a cost model measured
+    for one device (``MoESession.with_settings(gpus=2)`` reuses its session's)
+    lacks the hop of a spread expert's token rows, so the engine would plan a
+    layer as if the second GPU's experts were free to reach. This measures only
+    the hop (the cache entry of the full calibration with these devices is
+    used where it exists) and returns the model under that entry's key.
+    ``devices``: as ``calibrate`` takes them, the model's device first.
+    """
+    devices = calibration_devices(model.device, devices)
+    if not devices or tuple(model.peer_devices or ()) == tuple(devices[1:]):
+        return model
+    dtype = DTYPES[model.dtype]
+    key = calibration_key(model.hidden, model.intermediate, dtype, model.device, model.cpu_threads, devices)
+    file = Path(path) if path is not None else cache_path()
+    if reuse and file.exists():
+        models = _read_cache(file)["models"]
+        if key in models:
+            return CostModel.from_dict(models[key])
+    tokens = tuple(sorted(model.gpu_tokens))
+    ms = _measure_peer(model.hidden, dtype, devices, tokens, repeats, _warmups(model.hidden, model.intermediate),
+                       clock)
+    out = replace(model, peer_tokens=tokens, peer_devices=tuple(devices[1:]),
+                              peer_ms=tuple(tuple(row) for row in ms), key=key)
+    if save:
+        save_cost_model(out, file)
+    return out
 
 
 @torch.no_grad()

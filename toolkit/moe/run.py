@@ -396,6 +396,10 @@ class MoESession:
             from .costs import load_cost_model
 
             self.cost_model = load_cost_model(s.calibration)
+        if self.cost_model is not None and self.devices and self.device.startswith("cuda"):
+            from .costs import with_peer_hops  # a one-GPU calibration, now spread: measure the peer hop
+
+            self.cost_model = with_peer_hops(self.cost_model, self.devices)
         self.router = self._router(s.batch_size * s.beams)
         from .prompts import random_prompts, synthetic_tokenizer
 
@@ -416,7 +420,11 @@ class MoESession:
     _SHARED = ("preset", "layers", "dtype", "seed", "device", "threads", "calibration")  # what the model and costs fix
 
     def with_settings(self, **changes) -> MoESession:
-        """A session on the same built model and cost model with other run settings (routing, tokens, ...)."""
+        """A session on the same built model and cost model with other run settings (routing, tokens, ...).
+
+        ``gpus``: the experts spread over more GPUs; a cost model calibrated for one gains the measured
+        peer hop of their token rows (``toolkit.moe.costs.with_peer_hops``, cached per machine).
+        """
         fixed = sorted(k for k in changes if k in self._SHARED and changes[k] != getattr(self.settings, k))
         if fixed:
             raise ToolkitError(f"{', '.join(fixed)} fix the built model or its cost model: start a new MoESession")
