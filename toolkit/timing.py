@@ -60,10 +60,9 @@ The design, and why:
   call, so the distribution is the distribution of single-call latency (unlike
   averaging blocks of calls, which hides the spread); ``cuda_graph`` is the
   exception, below.
-- **Optional: cold L2** (``l2_flush``): zero a buffer before each call, outside
-  the event pair, so every call reads its weights from HBM: 256 MB like
-  ``triton.testing.do_bench`` (twice the L2 where that is larger), so both
-  leave the GPU the same pause between calls.
+- **Optional: cold L2** (``l2_flush``): zero a buffer twice the GPU's L2 size before
+  each call, outside the event pair (like ``triton.testing.do_bench``), so
+  every call reads its weights from HBM.
 - **Optional: GPU time only** (``hide_launch``): time the GPU's work without the
   host's launch overhead (by default it is timed, since a caller waits for it),
   in the regime a model runs its calls and ``do_bench`` times them: back to back.
@@ -614,20 +613,11 @@ def _detect_transfers_cuda(call: Callable) -> list[str]:
 # ---------------------------------------------------------------------------- the timer
 
 
-L2_FLUSH_BYTES = 256_000_000  # what triton's do_bench zeroes before each call
-
-
 def _l2_buffer(device: str) -> torch.Tensor:
-    """The flush buffer: ``L2_FLUSH_BYTES``, or twice the GPU's L2 cache where that is larger.
-
-    Zeroing it evicts everything the previous call left in L2. The size is
-    do_bench's, not just "enough": zeroing is GPU work between the calls, and
-    its length is part of the conditions (power, clocks) the next call starts
-    in; with do_bench's size both timers give the calls the same ones.
-    """
+    """A buffer twice the GPU's L2 cache: zeroing it evicts everything the previous call left there."""
     props = torch.cuda.get_device_properties(torch.device(device))
-    l2 = getattr(props, "L2_cache_size", 0) or 128 * 2**20
-    return torch.empty(max(L2_FLUSH_BYTES, 2 * l2) // 4, dtype=torch.int32, device=device)
+    l2 = getattr(props, "L2_cache_size", 0) or 128 * 2**20  # fall back to 2 x 128 MiB
+    return torch.empty(2 * l2 // 4, dtype=torch.int32, device=device)
 
 
 def _cycles_per_ns() -> float:
