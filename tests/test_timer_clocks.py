@@ -1,0 +1,43 @@
+"""benchmarks/timer_clocks.py: each burst variant sets the timer's constants for its own calls only."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import toolkit.timing as timing
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("bench_timer_clocks", ROOT / "benchmarks" / "timer_clocks.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_burst_shape_is_put_back_even_after_an_error():
+    m = load()
+    before = timing.BURST_GPU_S, timing.BURST_LEAD_S
+    with pytest.raises(RuntimeError), m.burst_shape(0.05, 0.005):
+        assert (timing.BURST_GPU_S, timing.BURST_LEAD_S) == (0.05, 0.005)
+        raise RuntimeError("a failed measurement")
+    assert (timing.BURST_GPU_S, timing.BURST_LEAD_S) == before
+    assert m.VARIANTS["burst10"] == (timing.BURST_GPU_S, timing.BURST_LEAD_S)  # the first variant is the timer's own
+
+
+def test_cpu_smoke_run_records_every_variant_and_a_verdict(tmp_path):
+    m = load()
+    assert m.main(["--quick", "--device", "cpu", "--rounds", "2", "--out", str(tmp_path)]) == 0
+    rec = json.loads((tmp_path / "timer_clocks.json").read_text())
+    assert set(rec["workloads"]) == set(m.QUICK_WORKLOADS)
+    for w in rec["workloads"].values():
+        assert w["do_bench"]["skipped"].startswith("triton.testing.do_bench needs a CUDA GPU")
+        assert set(w["variants"]) == set(m.VARIANTS)
+        for v in w["variants"].values():
+            assert len(v["round_medians_ms"]) == 2 and v["median_of_rounds_ms"] > 0 and v["vs_do_bench"] is None
+    assert set(rec["verdict"]) == set(m.VARIANTS) and rec["provenance"]["command"].startswith("timer_clocks.py")
