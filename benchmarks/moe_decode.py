@@ -69,7 +69,7 @@ from toolkit.moe.memory import check_host_memory, host_memory_needed
 from toolkit.moe.presets import from_name
 from toolkit.moe.run import ANOMALY_SPREAD, MoESession, MoESettings, logits_error, round_spread
 from toolkit.moe.schedule import SCHEDULED_SCHEMES
-from toolkit.results import provenance, save_json
+from toolkit.results import RunRecord, provenance
 
 BUDGET_S = 450.0
 SCHEMES = ("all-gpu", "hf-eager", "ours", "fiddler-serial", "lru-copy", "copy-on-demand")  # most important first
@@ -398,14 +398,8 @@ def main(argv=None) -> int:
         "cost_model": None, "ceilings": None, "routings": {}, "runs": [], "targets": {},
     }
 
-    def save(status=None):
-        if status:
-            record["status"] = status
-        record["elapsed_s"] = time.perf_counter() - t_start
-        save_json(record, path)
-
-    def log(msg):
-        print(f"[moe_decode {time.perf_counter() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    run = RunRecord("moe_decode", path, record, start=t_start)
+    save, log = run.save, run.log
 
     def finish(status):
         record["targets"], record["ratios"] = targets(record), ratios(record)
@@ -440,7 +434,7 @@ def main(argv=None) -> int:
         sessions = {k: v for k, v in sessions.items() if k in args.routings.split(",")}
         for label, s in sessions.items():
             record["routings"][label] = s.trace.meta.get("source", s.routing_name)
-        record["settings"]["build_s"] = time.perf_counter() - t_start
+        record["settings"]["build_s"] = run.elapsed_s
         record["settings"]["session"] = settings.to_dict()
         log(f"built {preset.name} x{preset.layers} layers ({total} experts in host memory)")
         ceilings = measure(cm, device, quick, record)
@@ -464,7 +458,7 @@ def main(argv=None) -> int:
                     EST_S["ablation"])
              for variant, change in (("ours-nosplit", {"split": False}), ("ours-inline", {"overlap": False}))],
         ]
-        deadline = lambda: args.budget_s - (time.perf_counter() - t_start)  # noqa: E731
+        deadline = lambda: args.budget_s - run.elapsed_s  # noqa: E731
         wanted = args.groups.split(",")
         groups = [g for name, g in zip(("compare", "sweep", "ablation"), groups) if name in wanted]
         for configs in groups:

@@ -38,7 +38,7 @@ from toolkit.env import resolve_device
 from toolkit.moe.costs import calibrate
 from toolkit.moe.presets import from_name
 from toolkit.moe.run import ANOMALY_SPREAD, MoESession, MoESettings, logits_error, round_spread
-from toolkit.results import provenance, save_json
+from toolkit.results import RunRecord, provenance
 
 BUDGET_S = 200.0  # whole script on the GPU (run_gpu.sh gives it 240 s)
 REFERENCE = "unmodified"  # the configuration of the unmodified model
@@ -148,14 +148,9 @@ def main(argv=None) -> int:
         "reference": {}, "cost_model": None, "runs": [],
     }
 
-    def save(status=None):
-        if status:
-            record["status"] = status
-        record["elapsed_s"] = time.perf_counter() - t_start
-        save_json(record, path)
-
+    run = RunRecord("moe_engine", path, record, start=t_start)
+    save, log = run.save, run.log
     save()
-    log = lambda msg: print(f"[moe_engine {time.perf_counter() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     try:
         # 1. the measured cost model and the model
         t = time.perf_counter()
@@ -167,7 +162,7 @@ def main(argv=None) -> int:
         settings = MoESettings(preset=preset.name, layers=preset.layers, routing="model",
                                prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, device=device)
         session = MoESession(settings, cost_model=cm)
-        record["settings"]["build_s"] = time.perf_counter() - t_start
+        record["settings"]["build_s"] = run.elapsed_s
         record["settings"]["session"] = settings.to_dict()
         log(f"built {preset.name} x{preset.layers} layers on {device}")
 
@@ -194,7 +189,7 @@ def main(argv=None) -> int:
         for i in range(args.rounds):
             for k in configs:
                 entry = entries[k]
-                left = args.budget_s - (time.perf_counter() - t_start)
+                left = args.budget_s - run.elapsed_s
                 est = 1.1 * seconds[k] if k in seconds else 15.0
                 if left < (1.0 if args.quick else est):
                     entry["rounds_skipped"] = entry.get("rounds_skipped", 0) + 1

@@ -67,7 +67,7 @@ from toolkit.moe.memory import check_host_memory
 from toolkit.moe.presets import from_name
 from toolkit.moe.run import ANOMALY_SPREAD, MoESession, MoESettings, logits_error, round_spread
 from toolkit.moe.schedule import SCHEDULE_CHOICES
-from toolkit.results import provenance, save_json
+from toolkit.results import RunRecord, provenance
 
 BUDGET_S = 420.0
 FULL_BUDGET_S = 560.0
@@ -421,14 +421,8 @@ def main(argv=None, cuda_count=None) -> int:
         "cost_model": None, "ceilings": None, "routings": {}, "runs": [], "comparison": {}, "targets": {},
     }
 
-    def save(status=None):
-        if status:
-            record["status"] = status
-        record["elapsed_s"] = time.perf_counter() - t_start
-        save_json(record, path)
-
-    def log(msg):
-        print(f"[moe_multi_gpu {time.perf_counter() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    run = RunRecord("moe_multi_gpu", path, record, start=t_start)
+    save, log = run.save, run.log
 
     def finish(status):
         record["comparison"], record["targets"] = comparison(record), targets(record)
@@ -457,7 +451,7 @@ def main(argv=None, cuda_count=None) -> int:
         record["cost_model"], record["cost_model_summary"] = cm.to_dict(), cm.summary()
         log(cm.summary())
         sessions = build_sessions(preset, cm, args, record)
-        record["settings"]["build_s"] = time.perf_counter() - t_start
+        record["settings"]["build_s"] = run.elapsed_s
         log(f"built {preset.name} x{preset.layers} layers ({total} experts in host memory)")
         ceilings = measure_ceilings(cm, device, quick, record)
         log(f"ceilings: GPU {ceilings.gpu_gbs:.0f} GB/s, host {ceilings.host_gbs:.1f} GB/s, "
@@ -466,7 +460,7 @@ def main(argv=None, cuda_count=None) -> int:
         save()
         scale = preset.layers / 8 * args.new_tokens / 64
         refs, tol_rel = {}, (1e-4 if preset.dtype == torch.float32 else 0.02)
-        deadline = lambda: args.budget_s - (time.perf_counter() - t_start)  # noqa: E731
+        deadline = lambda: args.budget_s - run.elapsed_s  # noqa: E731
         in_time = True
         for routing in dict.fromkeys(r for r, _ in sessions):
             configs = [Config(g, args.per_gpu, routing, EST_S[g] * scale, args.schedule) for g in (1, 2)]

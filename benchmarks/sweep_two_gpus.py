@@ -42,7 +42,7 @@ import threading
 import time
 from pathlib import Path
 
-from toolkit.results import load_json, provenance, save_json
+from toolkit.results import RunRecord, load_json, provenance
 from toolkit.sweep import SweepSpec, cpu_groups, point_path, run_sweep
 
 BUSY = 50.0  # percent: a GPU (or a slot's cores) above this counts as busy
@@ -316,14 +316,8 @@ def main(argv=None, gpus=None) -> int:
                            "budget_s": args.budget_s, "period_s": PERIOD_S, "busy_percent": BUSY,
                            "min_both_s": args.min_both_s}}
 
-    def save(status=None):
-        if status:
-            record["status"] = status
-        record["elapsed_s"] = time.perf_counter() - t_start
-        save_json(record, path)
-
-    def log(msg):
-        print(f"[sweep_two_gpus {time.perf_counter() - t_start:5.1f}s] {msg}", file=sys.stderr, flush=True)
+    run = RunRecord("sweep_two_gpus", path, record, start=t_start)
+    save, log = run.save, run.log
 
     if not quick_cpu:
         found, why = (list(gpus), None) if gpus is not None else gpu_indices()
@@ -347,7 +341,7 @@ def main(argv=None, gpus=None) -> int:
     record["sampler"] = {"source": sampler.source, "devices": sampler.info()}
     save()
     log(f"{len(points)} points on {'2 CPU slots' if quick_cpu else 'GPUs ' + ','.join(gpus)}; sampling {sampler.source}")
-    timer = threading.Timer(max(1.0, args.budget_s - (time.perf_counter() - t_start) - 5), _thread.interrupt_main)
+    timer = threading.Timer(max(1.0, args.budget_s - run.elapsed_s - 5), _thread.interrupt_main)
     t0 = time.time()
     status = "complete"
     try:

@@ -5,7 +5,8 @@ Every result file (JSON, figures, summaries, traces) is written through
 interrupted run never leaves a half-written file (and never destroys the
 previous one). ``check_writable`` says, before a long run starts, that its
 output could not be saved: a finished measurement must not be lost to a
-folder that cannot be written.
+folder that cannot be written. ``RunRecord`` is a benchmark run's record,
+saved this way after every measurement.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import math
 import os
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +120,44 @@ def save_json(obj: Any, path: str | os.PathLike) -> Path:
     with atomic_write(path) as f:
         f.write(text)
     return Path(path)
+
+
+class RunRecord:
+    """The record of one measured benchmark run: a JSON-able dict, saved whole after every measurement.
+
+    A run on a lent machine can stop at any point (its time budget, a kill, a
+    device error). Saving the whole record atomically (``save_json``) after each
+    measurement means the file on disk always holds everything measured so far,
+    never half a file: an interrupted run keeps what it measured. Each save
+    stamps ``"elapsed_s"`` (seconds since ``start``) and, when given, the
+    run's ``"status"`` ("complete", "interrupted", "skipped: ...", "error: ...").
+
+    ``record``: the dict that is saved; the run keeps filling it in place.
+    ``clock``: seconds, monotonic (tests inject a fake one). ``start``: the
+    clock's reading when the run began (default: now), so work done before
+    the record could be built (resolving the device, provenance) counts.
+    """
+
+    def __init__(self, name: str, path: str | os.PathLike, record: dict,
+                 clock: Callable[[], float] = time.perf_counter, start: float | None = None):
+        self.name, self.path, self.record, self.clock = name, Path(path), record, clock
+        self.start = clock() if start is None else start
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds since the run began."""
+        return self.clock() - self.start
+
+    def save(self, status: str | None = None) -> Path:
+        """Set ``status`` (when given) and ``elapsed_s``, then write the record atomically to ``path``."""
+        if status:
+            self.record["status"] = status
+        self.record["elapsed_s"] = self.elapsed_s
+        return save_json(self.record, self.path)
+
+    def log(self, msg: str) -> None:
+        """One progress line on stderr, ``[name   12.3s] msg``, flushed: a benchmark script's running commentary."""
+        print(f"[{self.name} {self.elapsed_s:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def load_json(path: str | os.PathLike) -> Any:
