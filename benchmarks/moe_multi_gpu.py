@@ -18,8 +18,9 @@ OUT/moe_multi_gpu.json after every measurement so an interruption keeps what was
 4. two routings, replayed identically for both configurations: ``uniform`` (each token picks 2 distinct
    experts at random, seeded) and ``trace`` (the synthetic Mixtral trace: real popularity and locality,
    placement from its routing counts); uniform first, trace while the budget lasts;
-5. each configuration is measured ``--rounds`` times (default 3), alternating 1-gpu, 2-gpu, 1-gpu, ...
-   A round is ``session.run`` (warm-up generations as long as the measured one until two agree within
+5. each configuration is measured ``--rounds`` times (default 3), alternating 1-gpu, 2-gpu, 1-gpu, ...,
+   after ``--warm-rounds`` (default 1) whole rounds of each whose figures are recorded (``warm_rounds``)
+   but left out of the medians: after a 90 GB build the host kept speeding up for minutes. A round is ``session.run`` (warm-up generations as long as the measured one until two agree within
    5%, the routing replayed, then batch-1 decode of 64 tokens after a 16-token prompt) and a 512-token
    prefill (``session.measure_prefill``). Round 1 of 2-gpu checks its logits against 1-gpu's
    (``session.probe_logits``, the same routing replayed). The CPU-expert schedule is fixed
@@ -229,16 +230,30 @@ def record_round(entry: dict, r: dict) -> None:
     r["decode"]["schedule"] = schedule["picked"]
 
 
+def warm_record(r: dict) -> dict:
+    """What a warm round keeps: its figures (not in the medians), so a machine still speeding up shows."""
+    return {"decode_tokens_per_s": r["decode"]["tokens_per_s"], "decode_median_ms": r["decode"]["median_ms"],
+            "prefill_ms": r["prefill"]["ms"]}
+
+
 def run_group(configs: list[Config], bench: Bench, record: dict, save, log, deadline, refs, tol_rel) -> bool:
-    """Every configuration ``--rounds`` times, alternating; False when the time budget ran out."""
+    """``--warm-rounds`` then ``--rounds`` of every configuration, alternating; False when the time budget ran out.
+
+    A warm round is a whole round whose figures are kept in the entry's ``warm_rounds`` and left out
+    of the medians: after a model of tens of GB is built, the host kept speeding up for minutes (the
+    32-layer rounds read 2.7, 3.6 and 4.4 tok/s), longer than one run's warm-up generations notice.
+    """
     a = bench.args
     entries = {id(c): _entry(c, bench) for c in configs}
     record["runs"].extend(entries.values())
     rounds, seconds = {id(c): [] for c in configs}, {}
-    for i in range(a.rounds):
+    for i in range(-a.warm_rounds, a.rounds):  # i < 0: a warm round
         need = sum(1.1 * seconds[id(c)] if id(c) in seconds else c.est_s for c in configs)
         left = deadline()
         if left < (1 if a.quick else need):
+            if i < 0:  # no time to warm: the measured rounds, as many as fit
+                log(f"{configs[0].routing}: warm round skipped, {left:.0f} s left, ~{need:.0f} s needed")
+                continue
             for c in configs:
                 e = entries[id(c)]
                 e["rounds_skipped"] = a.rounds - i
@@ -267,6 +282,15 @@ def run_group(configs: list[Config], bench: Bench, record: dict, save, log, dead
                 log(f"{cfg.label}: {failure[0]}")
                 continue
             seconds[id(cfg)] = time.perf_counter() - t
+            if i < 0:
+                if isinstance(r["decode"].get("schedule"), dict):  # an "auto" schedule is chosen in the first round
+                    entry.setdefault("schedule", r["decode"]["schedule"])
+                entry.setdefault("warm_rounds", []).append(warm_record(r))
+                entry["seconds"] = entry.get("seconds", 0.0) + seconds[id(cfg)]
+                save()
+                log(f"warm round: {cfg.label}: decode {r['decode']['tokens_per_s']:.2f} tok/s, "
+                    f"prefill {r['prefill']['ms']:.0f} ms (not in the medians)")
+                continue
             record_round(entry, r)
             rounds[id(cfg)].append(r)
             summarize(entry, rounds[id(cfg)])
@@ -377,12 +401,17 @@ def parse_args(argv=None):
                     help="CPU-expert schedule of both configurations (auto: measured in round 1 of each)")
     ap.add_argument("--threads", type=int, default=None, help="CPU expert threads (default: physical cores - 1)")
     ap.add_argument("--rounds", type=int, default=3, help="measurements of each configuration, alternating")
+    ap.add_argument("--warm-rounds", type=int, default=1,
+                    help="whole rounds of each configuration before the measured ones, kept in the record but not "
+                         "in the medians (default 1)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help=f"hard time budget of the whole run (default {BUDGET_S:.0f}; {FULL_BUDGET_S:.0f} with "
                          "--full-model)")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
+    if args.warm_rounds < 0:
+        ap.error("--warm-rounds must be >= 0")
     q, full = args.quick, args.full_model
     if q and full:
         ap.error("--full-model and --quick exclude each other")
@@ -416,7 +445,7 @@ def main(argv=None, cuda_count=None) -> int:
                      "full_model": args.full_model, "routings": args.routings, "schedule": args.schedule,
                      "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                      "prefill_tokens": args.prefill_tokens, "prefill_repeats": args.prefill_repeats,
-                     "rounds": args.rounds, "anomaly_spread": ANOMALY_SPREAD, "target_fraction_of_bound": TARGET,
+                     "rounds": args.rounds, "warm_rounds": args.warm_rounds, "anomaly_spread": ANOMALY_SPREAD, "target_fraction_of_bound": TARGET,
                      "quick": quick, "budget_s": args.budget_s},
         "cost_model": None, "ceilings": None, "routings": {}, "runs": [], "comparison": {}, "targets": {},
     }

@@ -60,7 +60,10 @@ def test_moe_quick_measures_both_configurations_under_both_routings(moe_record):
                       p["bound"]["ms"], p["fraction_of_bound"]):
             assert positive(value), e
         assert len(d["rounds"]["values"]) == 2 and len(p["rounds"]["values"]) == 2
-        assert isinstance(e["anomalous"], bool)
+        # one warm round by default: recorded with its figures, left out of the medians
+        assert s["warm_rounds"] == 1 and len(e["warm_rounds"]) == 1
+        assert positive(e["warm_rounds"][0]["decode_tokens_per_s"]) and positive(e["warm_rounds"][0]["prefill_ms"])
+        assert e["schedule"]["picked"] and isinstance(e["anomalous"], bool)
         assert e["card_24gb"]["fits"] and len(e["card_24gb"]["bytes_per_gpu"]) == e["gpus"]
         # per device: the experts it holds and the rows it computed; where each resident expert lives
         assert [x["experts"] for x in e["devices"]] == [4] * e["gpus"]
