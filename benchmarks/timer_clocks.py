@@ -1,4 +1,4 @@
-"""Which burst shape makes hide_launch time compute-bound kernels as do_bench does? Burst length and lead, against do_bench.
+"""Which burst shape makes hide_launch time compute-bound kernels as do_bench does? Burst length and preroll, against do_bench.
 
 On the H200 machines ``measure_latency(l2_flush=True, hide_launch=True)`` read a
 4096^3 bf16 matmul, causal attention and a 3x3 convolution 3.4-7.8% faster than
@@ -10,7 +10,7 @@ calls at the power limit. This benchmark measures, per workload, the timer's
 burst variants against do_bench in alternating rounds:
 
 - ``BURST_GPU_S`` (GPU work per burst): 10 ms (the timer's) and 50 ms;
-- ``BURST_LEAD_S`` (untimed calls between the spin and the timed ones): 0 (the
+- ``BURST_PREROLL_S`` (untimed calls between the spin and the timed ones): 0 (the
   timer's), 2 ms and 5 ms.
 
 Each variant sets the two constants of ``toolkit.timing`` for its own calls and
@@ -45,38 +45,38 @@ from toolkit.timing import LatencyWarning, measure_latency
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timer_agreement import AGREE, REPEAT, alternate, rel, spread, triton_bench, triton_status, workloads  # noqa: E402
 
-# name -> (BURST_GPU_S, BURST_LEAD_S); the first is the timer's own
-VARIANTS = {"burst10": (0.01, 0.0), "burst10+lead2": (0.01, 0.002), "burst10+lead5": (0.01, 0.005),
-            "burst50": (0.05, 0.0), "burst50+lead5": (0.05, 0.005)}
+# name -> (BURST_GPU_S, BURST_PREROLL_S); the first is the timer's own
+VARIANTS = {"burst10": (0.01, 0.0), "burst10+pre2": (0.01, 0.002), "burst10+pre5": (0.01, 0.005),
+            "burst50": (0.05, 0.0), "burst50+pre5": (0.05, 0.005)}
 WORKLOADS = ("matmul-4096-bf16", "sdpa-causal-bf16", "conv3x3-fp16", "elementwise-16M")
 QUICK_WORKLOADS = ("matmul-256-fp32", "elementwise-64K")
 
 
 @contextlib.contextmanager
-def burst_shape(gpu_s: float, lead_s: float):
+def burst_shape(gpu_s: float, preroll_s: float):
     """``toolkit.timing``'s burst constants set for the calls inside, put back after."""
-    old = timing.BURST_GPU_S, timing.BURST_LEAD_S
-    timing.BURST_GPU_S, timing.BURST_LEAD_S = gpu_s, lead_s
+    old = timing.BURST_GPU_S, timing.BURST_PREROLL_S
+    timing.BURST_GPU_S, timing.BURST_PREROLL_S = gpu_s, preroll_s
     try:
         yield
     finally:
-        timing.BURST_GPU_S, timing.BURST_LEAD_S = old
+        timing.BURST_GPU_S, timing.BURST_PREROLL_S = old
 
 
-def ours(fn, device: str, gpu_s: float, lead_s: float, max_time_s: float) -> dict:
+def ours(fn, device: str, gpu_s: float, preroll_s: float, max_time_s: float) -> dict:
     cuda = device.startswith("cuda")
-    with burst_shape(gpu_s, lead_s):
+    with burst_shape(gpu_s, preroll_s):
         r = measure_latency(fn, device=device, max_time_s=max_time_s, l2_flush=cuda, hide_launch=cuda)
     g = r.gpu_state or {}
     return {"median_ms": r.median_ms, "n_samples": r.n_samples, "sm_clock_min_mhz": g.get("sm_clock_min_mhz"),
             "sm_clock_max_mhz": g.get("sm_clock_max_mhz"), "burst_max_calls": r.options.get("burst_max_calls"),
-            "burst_max_lead_calls": r.options.get("burst_max_lead_calls")}
+            "burst_max_preroll_calls": r.options.get("burst_max_preroll_calls")}
 
 
 def measure_workload(fn, device: str, rounds: int, max_time_s: float, rep_ms: int, skip: str | None) -> dict:
     """Every variant against do_bench in alternating rounds (variants, do_bench / do_bench, variants / ...)."""
     def all_variants():
-        return {name: ours(fn, device, g, lead, max_time_s) for name, (g, lead) in VARIANTS.items()}
+        return {name: ours(fn, device, g, preroll, max_time_s) for name, (g, preroll) in VARIANTS.items()}
 
     mine, theirs = alternate(rounds, all_variants, None if skip else (lambda: triton_bench(fn, rep_ms)))
     ref = statistics.median(d["median_ms"] for d in theirs) if theirs else None
@@ -91,7 +91,7 @@ def measure_workload(fn, device: str, rounds: int, max_time_s: float, rep_ms: in
             "round_medians_ms": meds, "median_of_rounds_ms": statistics.median(meds), "round_spread": spread(meds),
             "vs_do_bench": rel(statistics.median(meds), ref), "sm_clock_mhz": [min(clocks), max(clocks)] if clocks
             else None, "burst_max_calls": max(r["burst_max_calls"] or 0 for r in rs),
-            "burst_max_lead_calls": max(r["burst_max_lead_calls"] or 0 for r in rs)}
+            "burst_max_preroll_calls": max(r["burst_max_preroll_calls"] or 0 for r in rs)}
     return out
 
 
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     path = Path(a.out) / "timer_clocks.json"
     payload = {"benchmark": "timer_clocks", "provenance": provenance(device, " ".join(["timer_clocks.py",
                                                                                         *(argv or sys.argv[1:])])),
-               "settings": {"variants": {n: {"burst_gpu_s": g, "burst_lead_s": lead} for n, (g, lead) in
+               "settings": {"variants": {n: {"burst_gpu_s": g, "burst_preroll_s": preroll} for n, (g, preroll) in
                                          VARIANTS.items()},
                             "rounds": a.rounds, "measure_latency_max_time_s": max_time_s, "do_bench_rep_ms": rep_ms,
                             "do_bench": f"skipped: {skip}" if skip else "ok", "agree_within": AGREE,

@@ -22,12 +22,12 @@ def load():
 
 def test_burst_shape_is_put_back_even_after_an_error():
     m = load()
-    before = timing.BURST_GPU_S, timing.BURST_LEAD_S
+    before = timing.BURST_GPU_S, timing.BURST_PREROLL_S
     with pytest.raises(RuntimeError), m.burst_shape(0.05, 0.005):
-        assert (timing.BURST_GPU_S, timing.BURST_LEAD_S) == (0.05, 0.005)
+        assert (timing.BURST_GPU_S, timing.BURST_PREROLL_S) == (0.05, 0.005)
         raise RuntimeError("a failed measurement")
-    assert (timing.BURST_GPU_S, timing.BURST_LEAD_S) == before
-    assert m.VARIANTS["burst10"] == (timing.BURST_GPU_S, timing.BURST_LEAD_S)  # the first variant is the timer's own
+    assert (timing.BURST_GPU_S, timing.BURST_PREROLL_S) == before
+    assert m.VARIANTS["burst10"] == (timing.BURST_GPU_S, timing.BURST_PREROLL_S)  # the first variant is the timer's own
 
 
 def test_cpu_smoke_run_records_every_variant_and_a_verdict(tmp_path):

@@ -292,7 +292,7 @@ def test_bad_options_raise_toolkit_error():
             measure_latency(lambda: None, device="cuda")
 
 
-# --- on the GPU (run by the lead on the device machine)
+# --- on the GPU (run by the preroll on the device machine)
 
 
 @pytest.mark.gpu
@@ -620,28 +620,28 @@ def test_burst_plan_remembers_slow_launches_and_measures_per_call():
     assert (plan.k, plan.host_ns, plan.gpu_ns) == (16, 200e3, 250e3)
 
 
-def test_a_burst_lead_of_untimed_calls_is_sized_from_the_call_and_its_launches_covered(monkeypatch):
+def test_a_burst_preroll_of_untimed_calls_is_sized_from_the_call_and_its_launches_covered(monkeypatch):
     import toolkit.timing as timing
-    from toolkit.timing import MAX_BURST, SPIN_PAD_NS, _BurstPlan, _Bursts, _lead_calls
+    from toolkit.timing import MAX_BURST, SPIN_PAD_NS, _BurstPlan, _Bursts, _preroll_calls
 
-    assert timing.BURST_LEAD_S == 0.0 and _lead_calls(200e3) == 0  # off by default: bursts as measured so far
-    assert _lead_calls(200e3, lead_s=0.002) == 10  # 2 ms of 0.2 ms calls
-    assert _lead_calls(0.0, lead_s=0.002) == 0  # the call's GPU time is unknown: no lead yet
-    assert _lead_calls(3e3, lead_s=0.002) == MAX_BURST  # a tiny kernel: capped
-    monkeypatch.setattr(timing, "BURST_LEAD_S", 0.002)
+    assert timing.BURST_PREROLL_S == 0.0 and _preroll_calls(200e3) == 0  # off by default: bursts as measured so far
+    assert _preroll_calls(200e3, preroll_s=0.002) == 10  # 2 ms of 0.2 ms calls
+    assert _preroll_calls(0.0, preroll_s=0.002) == 0  # the call's GPU time is unknown: no preroll yet
+    assert _preroll_calls(3e3, preroll_s=0.002) == MAX_BURST  # a tiny kernel: capped
+    monkeypatch.setattr(timing, "BURST_PREROLL_S", 0.002)
     plan = _BurstPlan().after(host_ns=50e3, gpu_ns=200e3)  # the first call: 0.2 ms of work
-    assert (plan.k, plan.lead) == (4, 10)
-    assert plan.spin_ns == 2 * 100e3 * 0.9 + SPIN_PAD_NS  # host-fast: twice one launch, lead or not
-    slow = _BurstPlan(k=4, host_ns=400e3, gpu_ns=200e3, lead=10)  # launch-bound: the spin covers all 14 launches
+    assert (plan.k, plan.preroll) == (4, 10)
+    assert plan.spin_ns == 2 * 100e3 * 0.9 + SPIN_PAD_NS  # host-fast: twice one launch, preroll or not
+    slow = _BurstPlan(k=4, host_ns=400e3, gpu_ns=200e3, preroll=10)  # launch-bound: the spin covers all 14 launches
     assert slow.spin_ns == pytest.approx(2 * 14 * 400e3 - 13 * 200e3 + SPIN_PAD_NS)
-    # the host time of a burst is spread over its lead and timed calls; the GPU time over the timed ones
+    # the host time of a burst is spread over its preroll and timed calls; the GPU time over the timed ones
     nxt = plan.after(host_ns=14 * 30e3, gpu_ns=4 * 200e3)
     assert nxt.host_ns == pytest.approx(0.9 * 90e3) and nxt.gpu_ns == 200e3
     fake = FakeBursts(ms=0.2)
     bursts, call = _Bursts(fake.run, fake.clock), (lambda: None)
     for _ in range(1 + 4 + 16):
         bursts(call)
-    assert fake.leads == [0, 10, 10] and bursts.largest_lead == 10
+    assert fake.leads == [0, 10, 10] and bursts.largest_preroll == 10
 
 
 class FakeBursts:
@@ -657,15 +657,15 @@ class FakeBursts:
     def clock(self) -> int:
         return self.now
 
-    def run(self, call, k, spin_ns, lead=0):
+    def run(self, call, k, spin_ns, preroll=0):
         self.sizes.append(k)
         self.spins.append(spin_ns)
         self.owners.append(call)
-        self.leads.append(lead)
+        self.leads.append(preroll)
         call()
-        self.now += round(spin_ns + (lead + k) * self.ms * 1e6)
+        self.now += round(spin_ns + (preroll + k) * self.ms * 1e6)
         samples = [self.ms * (1 + self.spread * (i % 2)) for i in range(k)]  # spread: every other call is slower
-        return samples, (lead + k) * self.host_ms * 1e6, sum(samples) * 1e6
+        return samples, (preroll + k) * self.host_ms * 1e6, sum(samples) * 1e6
 
 
 def test_bursts_hand_out_k_samples_stamped_when_the_burst_completes():
@@ -798,14 +798,14 @@ def test_gpu_hide_launch_bursts_with_and_without_flush():
 
 
 @pytest.mark.gpu
-def test_gpu_a_burst_lead_runs_untimed_calls_before_the_timed_ones(monkeypatch):
+def test_gpu_a_burst_preroll_runs_untimed_calls_before_the_timed_ones(monkeypatch):
     import toolkit.timing as timing
 
     a = torch.randn(2048, 2048, device="cuda")
     plain = measure_latency(torch.mm, a, a, max_time_s=1.0, hide_launch=True, l2_flush=True)
-    monkeypatch.setattr(timing, "BURST_LEAD_S", 0.002)
+    monkeypatch.setattr(timing, "BURST_PREROLL_S", 0.002)
     led = measure_latency(torch.mm, a, a, max_time_s=1.0, hide_launch=True, l2_flush=True)
-    assert plain.options["burst_max_lead_calls"] == 0 and led.options["burst_max_lead_calls"] > 1
+    assert plain.options["burst_max_preroll_calls"] == 0 and led.options["burst_max_preroll_calls"] > 1
     assert 0.8 < led.median_ms / plain.median_ms < 1.25  # the same kernel, one sample per timed call
 
 

@@ -80,9 +80,9 @@ The design, and why:
   queued before the last call (plus 20 us, at most ``MAX_SPIN_NS`` = 0.2 s), all
   estimated from the call's previous burst. The stopping rule, the GPU monitor and
   the warm-up see each sample as before; the clock they read moves when a burst
-  completes. ``BURST_LEAD_S`` (0 by default) opens each burst with untimed calls
+  completes. ``BURST_PREROLL_S`` (0 by default) opens each burst with untimed calls
   of about that much GPU work, so the timed ones follow calls rather than the
-  light spin; ``benchmarks/timer_clocks.py`` measures burst length and lead
+  light spin; ``benchmarks/timer_clocks.py`` measures burst length and preroll
   against ``do_bench`` on compute-bound kernels.
 - **Optional: CUDA graphs** (``cuda_graph``): capture ``fn`` and time replays, which
   removes the launch of each kernel. A replay still has a launch of its own,
@@ -176,7 +176,7 @@ MAX_BURST = 64  # calls in one burst at most
 BURST_GROWTH = 4  # a burst has at most 4x the calls of the one before
 SPIN_PAD_NS = 20_000  # added to every spin
 MAX_SPIN_NS = 200_000_000  # no spin lasts longer than 0.2 s, whatever the estimate
-BURST_LEAD_S = 0.0  # GPU time of untimed calls between the spin and a burst's timed ones (0: none; see _lead_calls)
+BURST_PREROLL_S = 0.0  # GPU time of untimed calls between the spin and a burst's timed ones (0: none; see _preroll_calls)
 # cuda_graph: a replay holds enough calls that its launch is a small part of it (see _graph_calls)
 GRAPH_REPLAY_S = 0.005  # GPU time of one replay
 MAX_GRAPH_CALLS = 1000  # calls in one graph at most
@@ -662,8 +662,8 @@ def _spin_ns(k: int, host_ns: float, gpu_ns: float) -> float:
     return min(MAX_SPIN_NS, need + SPIN_PAD_NS)
 
 
-def _lead_calls(gpu_ns: float, lead_s: float | None = None) -> int:
-    """Untimed calls that open a burst after its spin: about ``BURST_LEAD_S`` of GPU work, at most ``MAX_BURST``.
+def _preroll_calls(gpu_ns: float, preroll_s: float | None = None) -> int:
+    """Untimed calls that open a burst after its spin: about ``BURST_PREROLL_S`` of GPU work, at most ``MAX_BURST``.
 
     The spin is light work, and a compute-bound kernel's first calls after it
     can run at a higher SM clock than calls that follow other calls at the
@@ -671,10 +671,10 @@ def _lead_calls(gpu_ns: float, lead_s: float | None = None) -> int:
     Calls of the kernel itself between the spin and the timed ones bring the
     GPU back to that regime. None while one call's GPU time is unknown.
     """
-    lead_s = BURST_LEAD_S if lead_s is None else lead_s
-    if lead_s <= 0 or gpu_ns <= 0:
+    preroll_s = BURST_PREROLL_S if preroll_s is None else preroll_s
+    if preroll_s <= 0 or gpu_ns <= 0:
         return 0
-    return int(min(MAX_BURST, math.ceil(lead_s * 1e9 / gpu_ns)))
+    return int(min(MAX_BURST, math.ceil(preroll_s * 1e9 / gpu_ns)))
 
 
 @dataclass(frozen=True)
@@ -684,23 +684,23 @@ class _BurstPlan:
     k: int = 1  # the first burst of a call is one call: its time is unknown
     host_ns: float = 100_000.0  # host time to launch one call (with its flush and events): the longest recent
     gpu_ns: float = 0.0  # GPU time of one call (with its flush) in the last burst; 0: unknown
-    lead: int = 0  # untimed calls after the spin, before the k timed ones (``_lead_calls``)
+    preroll: int = 0  # untimed calls after the spin, before the k timed ones (``_preroll_calls``)
 
     @property
     def spin_ns(self) -> float:
-        return _spin_ns(self.lead + self.k, self.host_ns, self.gpu_ns)  # the lead's launches are covered too
+        return _spin_ns(self.preroll + self.k, self.host_ns, self.gpu_ns)  # the preroll's launches are covered too
 
     def after(self, host_ns: float, gpu_ns: float) -> _BurstPlan:
-        """The plan after this burst: ``host_ns`` to launch its lead and k calls, ``gpu_ns`` for the k timed ones."""
-        host = max(0.9 * self.host_ns, host_ns / (self.lead + self.k))  # a slow launch is remembered, forgotten slowly
+        """The plan after this burst: ``host_ns`` to launch its preroll and k calls, ``gpu_ns`` for the k timed ones."""
+        host = max(0.9 * self.host_ns, host_ns / (self.preroll + self.k))  # a slow launch is remembered, forgotten slowly
         gpu = gpu_ns / self.k
-        return _BurstPlan(_burst_size(self.k, gpu, host), host, gpu, _lead_calls(gpu))
+        return _BurstPlan(_burst_size(self.k, gpu, host), host, gpu, _preroll_calls(gpu))
 
 
 class _Bursts:
     """``hide_launch``'s samples: a burst of back-to-back calls at a time, handed out one sample at a time.
 
-    ``run(call, k, spin_ns, lead) -> (k samples in ms, host ns to launch the lead and them, GPU ns from
+    ``run(call, k, spin_ns, preroll) -> (k samples in ms, host ns to launch the preroll and them, GPU ns from
     the first start event to the last end event)`` runs one burst. Each call has its own plan (``compare`` alternates
     two calls); a sample left over when another call is sampled is dropped, so that no sample crosses
     into a later round. Every sample but a burst's last carries the clock reading taken when the burst
@@ -714,7 +714,7 @@ class _Bursts:
         self.queue: deque[tuple[float, int]] = deque()
         self.owner: Callable | None = None
         self.largest = 0  # the most calls in one burst so far
-        self.largest_lead = 0  # the most untimed calls opening one burst so far
+        self.largest_preroll = 0  # the most untimed calls opening one burst so far
 
     def __call__(self, call: Callable) -> tuple[float, int]:
         if not self.queue or self.owner != call:
@@ -725,11 +725,11 @@ class _Bursts:
     def _burst(self, call: Callable) -> deque[tuple[float, int]]:
         plan = self.plans.get(call, _BurstPlan())
         begun = self.clock()
-        samples, host_ns, gpu_ns = self.run(call, plan.k, plan.spin_ns, plan.lead)
+        samples, host_ns, gpu_ns = self.run(call, plan.k, plan.spin_ns, plan.preroll)
         now = self.clock()
         self.plans[call] = plan.after(host_ns, gpu_ns)
         self.largest = max(self.largest, plan.k)
-        self.largest_lead = max(self.largest_lead, plan.lead)
+        self.largest_preroll = max(self.largest_preroll, plan.preroll)
         return deque([(ms, begun) for ms in samples[:-1]] + [(samples[-1], now)])
 
 
@@ -779,15 +779,15 @@ class _Sampler:
         t1 = self.clock()
         return (t1 - t0) / 1e6, t1
 
-    def _burst(self, call: Callable, k: int, spin_ns: float, lead: int = 0) -> tuple[list[float], int, float]:
-        """One burst of k back-to-back calls behind a spin and ``lead`` untimed calls: (samples ms, host ns to
+    def _burst(self, call: Callable, k: int, spin_ns: float, preroll: int = 0) -> tuple[list[float], int, float]:
+        """One burst of k back-to-back calls behind a spin and ``preroll`` untimed calls: (samples ms, host ns to
         launch, GPU ns of the k timed calls)."""
         while len(self.pairs) < k:
             self.pairs.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
         pairs = self.pairs[:k]
         _spin(spin_ns)
         t0 = time.perf_counter_ns()
-        for _ in range(lead):
+        for _ in range(preroll):
             if self.flush is not None:
                 self.flush.zero_()
             call()
@@ -953,7 +953,7 @@ class _Rig:
                    l2_flush=self.sample.flush is not None, hide_launch=self.sample.hide)
         if self.sample.bursts is not None:
             out["burst_max_calls"] = self.sample.bursts.largest
-            out["burst_max_lead_calls"] = self.sample.bursts.largest_lead
+            out["burst_max_preroll_calls"] = self.sample.bursts.largest_preroll
         return out
 
 
