@@ -250,6 +250,23 @@ def test_cli_prints_the_schedule_line(capsys, calibration):
     assert json.loads(capsys.readouterr().out)["schedule"]["picked"] == "inline"
 
 
+def test_cli_sets_the_schedule(capsys, calibration):
+    base = ["moe", "--device", "cpu", "--calibration", calibration, "--new-tokens", "3", "--gpu-experts", "4",
+            "--warmup", "2", "--prompt-tokens", "6", "--json"]
+    assert main([*base, "--schedule", "overlap-nosplit"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["schedule"]["picked"] == "overlap-nosplit" and got["schedule"]["reason"] == \
+        "set by schedule='overlap-nosplit'"
+    assert got["settings"]["schedule"] == "overlap-nosplit"
+    # a peer scheme keeps its own schedule: one line, exit 2
+    assert main([*base, "--schedule", "inline", "--scheme", "fiddler-serial"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "keeps its own schedule" in err[0]
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--schedule", "fast"])
+    assert e.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
+
+
 def test_schedule_line_of_a_measured_run():
     from toolkit.cli.moe import format_table
 

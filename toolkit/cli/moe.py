@@ -18,6 +18,7 @@ def gpu_experts_arg(text: str):
 def register(subparsers) -> None:
     from ..moe.presets import PRESETS
     from ..moe.run import MoESettings
+    from ..moe.schedule import SCHEDULE_CHOICES
 
     p = subparsers.add_parser(
         "moe", help="generate with an offloaded MoE model (random weights) and report latency and hit rates",
@@ -62,6 +63,10 @@ def register(subparsers) -> None:
     p.add_argument("--calibration", default=None, help="cost model calibration JSON (default: measure once, cached)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for CPU experts (default: chosen for this machine by the calibration)")
+    p.add_argument("--schedule", default=MoESettings.schedule, choices=SCHEDULE_CHOICES,
+                   help="how scheme ours runs its CPU experts: auto (default: the candidates measured during "
+                        "warm-up, the fastest kept), or one of them set: overlap (a worker thread) or inline, each "
+                        "with or without splitting an expert between the CPU and a copy")
     p.add_argument("--warmup", type=nonnegative_int, default=MoESettings.warmup_tokens,
                    help="tokens of each untimed warm-up generation, repeated until decode steps are steady "
                         "(0: none; default: as many as --new-tokens)")
@@ -85,8 +90,7 @@ def settings_from_args(args):
         calibration=args.calibration, threads=args.threads, prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens, batch_size=args.batch_size, beams=args.beams, sample=args.sample,
         temperature=args.temperature, top_k=args.top_k, allow_eos=args.allow_eos, warmup_tokens=args.warmup,
-
-        repeats=args.repeats, seed=args.seed, device=args.device, gpus=args.gpus)
+        repeats=args.repeats, seed=args.seed, device=args.device, gpus=args.gpus, schedule=args.schedule)
 
 
 def building_line(session) -> str:
