@@ -469,6 +469,14 @@ def _read_cache(path: Path) -> dict:
     return data
 
 
+def _cached(file: Path, key: str) -> CostModel | None:
+    """The calibration cached under ``key`` in ``file``, or None (no file, or no such entry)."""
+    if not file.exists():
+        return None
+    models = _read_cache(file)["models"]
+    return CostModel.from_dict(models[key]) if key in models else None
+
+
 def load_cost_model(path: str | os.PathLike, key: str | None = None) -> CostModel:
     """A cost model from a calibration file (the entry ``key``, or the only/latest one)."""
     path = Path(path)
@@ -648,10 +656,9 @@ def with_peer_hops(model: CostModel, devices, *, repeats: int = 5, path: str | o
     dtype = DTYPES[model.dtype]
     key = calibration_key(model.hidden, model.intermediate, dtype, model.device, model.cpu_threads, devices)
     file = Path(path) if path is not None else cache_path()
-    if reuse and file.exists():
-        models = _read_cache(file)["models"]
-        if key in models:
-            return CostModel.from_dict(models[key])
+    cached = _cached(file, key) if reuse else None
+    if cached is not None:
+        return cached
     tokens = tuple(sorted(model.gpu_tokens))
     ms = _measure_peer(model.hidden, dtype, devices, tokens, repeats, _warmups(model.hidden, model.intermediate),
                        clock)
@@ -727,10 +734,9 @@ def calibrate(hidden: int = 4096, intermediate: int = 14336, dtype: torch.dtype 
     threads = choose_threads(threads)
     key = calibration_key(hidden, intermediate, dtype, device, threads, devices)
     file = Path(path) if path is not None else cache_path()
-    if reuse and file.exists():
-        models = _read_cache(file)["models"]
-        if key in models:
-            return CostModel.from_dict(models[key])
+    cached = _cached(file, key) if reuse else None
+    if cached is not None:
+        return cached
 
     m = _measure(hidden, intermediate, dtype, device, threads, tuple(sorted(tokens)), repeats, thread_counts, clock)
     peer = {}
