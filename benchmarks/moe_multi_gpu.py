@@ -355,15 +355,10 @@ def build_sessions(preset, cm, args, record) -> dict:
 
 
 def measure_ceilings(cm, device: str, quick: bool, record: dict):
-    """The ceilings: GPU read measured directly; host and H2D as the engine's calibration saw them."""
-    nbytes = (64 << 20) if quick else (1 << 30)
-    try:
-        ceilings = R.Ceilings.from_cost_model(cm)
-        measured = R.measure_ceilings(device, cm.cpu_threads, nbytes=nbytes)
-        ceilings = dataclasses.replace(ceilings, gpu_gbs=measured.gpu_gbs, source="calibration + measured GPU")
+    """The ceilings (``roofline.calibrated_ceilings``), recorded with the direct measurement beside them."""
+    ceilings, measured = R.calibrated_ceilings(cm, device, nbytes=(64 << 20) if quick else (1 << 30))
+    if measured is not None:
         record["ceilings_measured"] = measured.to_dict()
-    except ToolkitError:  # a CPU-only calibration has no host bandwidth: measure all three
-        ceilings = R.measure_ceilings(device, cm.cpu_threads, nbytes=nbytes)
     record["ceilings"] = ceilings.to_dict()
     return ceilings
 

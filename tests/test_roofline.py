@@ -186,3 +186,14 @@ def test_measure_ceilings_on_cpu_with_a_fake_clock():
 def test_measure_ceilings_on_cuda_are_plausible():
     c = R.measure_ceilings("cuda", nbytes=256 << 20)
     assert c.gpu_gbs > 300 and 1 < c.h2d_gbs < 200 and c.host_gbs > 1
+
+
+def test_calibrated_ceilings_take_host_and_h2d_from_the_calibration_and_measure_the_gpu():
+    cm = CostModel.fixed(cpu=(5.0, 0.0), gpu=(0.1, 0.0), copy_ms=6.4, expert_bytes=352_321_536,
+                         host_bandwidth_gbs=91.7, cpu_threads=1, key="lent")
+    ceilings, measured = R.calibrated_ceilings(cm, "cpu", nbytes=1 << 20)
+    assert ceilings.host_gbs == 91.7 and ceilings.h2d_gbs == pytest.approx(352_321_536 / 6.4e-3 / 1e9)
+    assert ceilings.gpu_gbs == measured.gpu_gbs and ceilings.source == "calibration + measured GPU"
+    # a calibration made without a GPU has no host bandwidth: all three measured here, no separate record
+    ceilings, measured = R.calibrated_ceilings(CostModel.fixed(cpu_threads=1), "cpu", nbytes=1 << 20)
+    assert measured is None and ceilings.source.startswith("measure_ceilings on cpu")

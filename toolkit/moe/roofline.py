@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -245,6 +245,23 @@ def dense_bytes(config, dtype_bytes: int = 2, kv_tokens: int = 0, sequences: int
 
 
 # -- measuring the ceilings ------------------------------------------------------------------------
+
+def calibrated_ceilings(cm, device: str = "cuda", nbytes: int = 1 << 30) -> tuple[Ceilings, Ceilings | None]:
+    """The ceilings an offloaded run is judged against -> (ceilings, the direct measurement or None).
+
+    Host and H2D bandwidth as the engine's calibration ``cm`` saw them (the
+    bandwidth its plans were made with), the GPU read measured here with
+    ``measure_ceilings`` (the calibration's GPU figure is one small expert,
+    not a bandwidth). A calibration without host bandwidth (made without a
+    GPU) gets all three measured here, and None for the direct measurement.
+    """
+    try:
+        ceilings = Ceilings.from_cost_model(cm)
+    except ToolkitError:
+        return measure_ceilings(device, cm.cpu_threads, nbytes=nbytes), None
+    measured = measure_ceilings(device, cm.cpu_threads, nbytes=nbytes)
+    return replace(ceilings, gpu_gbs=measured.gpu_gbs, source="calibration + measured GPU"), measured
+
 
 def _median_s(fn, repeats: int, sync, clock) -> float:
     fn()
