@@ -1,6 +1,5 @@
 """The two-GPU benchmarks on a CPU: their smoke modes write complete records, and a host without two GPUs is skipped."""
 
-import importlib.util
 import json
 import math
 import os
@@ -10,17 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load(name: str):
-    """A benchmark script as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_script(name: str, out: Path, *args: str) -> dict:
@@ -86,7 +77,7 @@ def test_moe_quick_checks_two_devices_against_one(moe_record):
 
 
 def test_moe_without_two_gpus_is_skipped_before_building(tmp_path, capsys):
-    bench = load("moe_multi_gpu")
+    bench = load_benchmark("moe_multi_gpu")
     assert bench.main(["--device", "cpu", "--out", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "moe_multi_gpu.json").read_text())
     assert r["status"] == "skipped" and "two CUDA GPUs" in r["skipped"] and r["runs"] == []
@@ -98,9 +89,9 @@ def test_moe_without_two_gpus_is_skipped_before_building(tmp_path, capsys):
 
 
 def test_moe_full_model_defaults():
-    a = load("moe_multi_gpu").parse_args(["--full-model"])
+    a = load_benchmark("moe_multi_gpu").parse_args(["--full-model"])
     assert (a.layers, a.per_gpu, a.new_tokens, a.routings, a.prefill_repeats) == (32, 56, 32, "trace", 1)
-    a = load("moe_multi_gpu").parse_args([])
+    a = load_benchmark("moe_multi_gpu").parse_args([])
     assert (a.layers, a.per_gpu, a.new_tokens, a.prefill_tokens, a.routings, a.schedule) == (
         8, 14, 64, 512, "uniform,trace", "inline")
 
@@ -120,14 +111,14 @@ def test_sweep_quick_runs_both_slots_and_reads_the_point_files(sweep_record):
 
 
 def test_sweep_with_one_gpu_is_skipped(tmp_path):
-    bench = load("sweep_two_gpus")
+    bench = load_benchmark("sweep_two_gpus")
     assert bench.main(["--out", str(tmp_path)], gpus=["0"]) == 0
     r = json.loads((tmp_path / "sweep_two_gpus.json").read_text())
     assert r["status"] == "skipped" and "1 visible" in r["skipped"] and "points" not in r
 
 
 def test_overlap_and_busy_arithmetic():
-    bench = load("sweep_two_gpus")
+    bench = load_benchmark("sweep_two_gpus")
     points = [{"status": "ok", "device": "0", "start_s": 0.0, "end_s": 10.0},
               {"status": "ok", "device": "1", "start_s": 4.0, "end_s": 12.0},
               {"status": "ok", "device": "0", "start_s": 10.0, "end_s": 15.0},

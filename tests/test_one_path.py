@@ -8,12 +8,11 @@ tests compare what each entry point really does, not what it says it does.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 from toolkit.__main__ import main
 from toolkit.errors import ToolkitError
@@ -86,14 +85,6 @@ def changed(settings: MoESettings) -> set[str]:
     """The fields of ``settings`` that differ from ``MoESettings()``."""
     default = MoESettings().to_dict()
     return {k for k, v in settings.to_dict().items() if v != default[k]}
-
-
-def load_benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)

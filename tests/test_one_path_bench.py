@@ -1,19 +1,9 @@
 """benchmarks/moe_one_path.py: the CLI and the benchmark alternate in fresh processes, with the same settings."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("bench_moe_one_path", ROOT / "benchmarks" / "moe_one_path.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark
 
 
 def fake_processes(module, monkeypatch, seconds: float, tok_s: dict):
@@ -39,7 +29,7 @@ def fake_processes(module, monkeypatch, seconds: float, tok_s: dict):
 
 
 def test_sides_alternate_with_the_same_setting_and_the_ratio_is_judged(tmp_path, monkeypatch):
-    m = load()
+    m = load_benchmark("moe_one_path")
     calls = fake_processes(m, monkeypatch, 1.0, {"cli": 15.0, "benchmark": 14.0})
     assert m.main(["--out", str(tmp_path), "--pairs", "2", "--bench-rounds", "3"]) == 0
     assert [side for side, _ in calls] == ["cli", "benchmark", "cli", "benchmark"]
@@ -57,7 +47,7 @@ def test_sides_alternate_with_the_same_setting_and_the_ratio_is_judged(tmp_path,
 
 
 def test_a_process_that_would_overrun_the_budget_is_not_started(tmp_path, monkeypatch):
-    m = load()
+    m = load_benchmark("moe_one_path")
     calls = fake_processes(m, monkeypatch, 300.0, {"cli": 15.0, "benchmark": 15.3})
     assert m.main(["--out", str(tmp_path), "--pairs", "2", "--budget-s", "250"]) == 0
     assert [side for side, _ in calls] == ["cli", "benchmark"]  # each side's first took 300 s > what is left
@@ -67,7 +57,7 @@ def test_a_process_that_would_overrun_the_budget_is_not_started(tmp_path, monkey
 
 
 def test_bad_counts_exit_with_a_usage_error(tmp_path):
-    m = load()
+    m = load_benchmark("moe_one_path")
     try:
         m.main(["--out", str(tmp_path), "--pairs", "0"])
     except SystemExit as e:

@@ -1,27 +1,15 @@
 """benchmarks/timer_clocks.py: each burst variant sets the timer's constants for its own calls only."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 import toolkit.timing as timing
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("bench_timer_clocks", ROOT / "benchmarks" / "timer_clocks.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_burst_shape_is_put_back_even_after_an_error():
-    m = load()
+    m = load_benchmark("timer_clocks")
     before = timing.BURST_GPU_S, timing.BURST_PREROLL_S
     with pytest.raises(RuntimeError), m.burst_shape(0.05, 0.005):
         assert (timing.BURST_GPU_S, timing.BURST_PREROLL_S) == (0.05, 0.005)
@@ -31,7 +19,7 @@ def test_burst_shape_is_put_back_even_after_an_error():
 
 
 def test_cpu_smoke_run_records_every_variant_and_a_verdict(tmp_path):
-    m = load()
+    m = load_benchmark("timer_clocks")
     assert m.main(["--quick", "--device", "cpu", "--rounds", "2", "--out", str(tmp_path)]) == 0
     rec = json.loads((tmp_path / "timer_clocks.json").read_text())
     assert set(rec["workloads"]) == set(m.QUICK_WORKLOADS)

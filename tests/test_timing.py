@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 from toolkit.errors import ToolkitError
 from toolkit.machine_state import (
@@ -822,19 +823,8 @@ def test_gpu_cuda_graph_of_a_tiny_kernel_leaves_the_launch_out():
 # --- benchmarks/timer_agreement.py: which pair judges a workload (fabricated records, no GPU)
 
 
-def timer_agreement_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "timer_agreement.py"
-    spec = importlib.util.spec_from_file_location("bench_timer_agreement", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_agreement_is_judged_on_the_pair_that_measures_the_same_thing():
-    ta = timer_agreement_module()
+    ta = load_benchmark("timer_agreement")
     pair, diff, why = ta.judged_pair(cold_diff=-0.01, db_spread=0.006, graph_diff=0.05)
     assert (pair, diff) == ("cold_l2", -0.01) and "judged against do_bench (cold L2)" in why
     pair, diff, why = ta.judged_pair(cold_diff=-0.91, db_spread=0.21, graph_diff=0.004)
@@ -866,7 +856,7 @@ def fake_workload(ta, monkeypatch, ml_ms, db_ms, graph_ms, dbg_ms):
 
 
 def test_both_pairs_are_recorded_and_the_verdict_follows_do_bench_s_repeatability(monkeypatch, capsys):
-    ta = timer_agreement_module()
+    ta = load_benchmark("timer_agreement")
     # compute-bound: do_bench repeats (0.5% spread), so the cold-L2 pair judges: -1.0%
     rec = fake_workload(ta, monkeypatch, ml_ms=[0.21, 0.198, 0.199, 0.1985], db_ms=[0.2, 0.201, 0.2],
                         graph_ms=[0.19, 0.19, 0.19], dbg_ms=[0.2, 0.2, 0.2])
