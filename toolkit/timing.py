@@ -669,7 +669,7 @@ def _preroll_calls(gpu_ns: float, preroll_s: float | None = None) -> int:
     can run at a higher SM clock than calls that follow other calls at the
     power limit, which is what ``do_bench``'s uninterrupted 100 ms measure.
     Calls of the kernel itself between the spin and the timed ones bring the
-    GPU back to that regime. None while one call's GPU time is unknown.
+    GPU back to that regime. 0 while one call's GPU time is unknown.
     """
     preroll_s = BURST_PREROLL_S if preroll_s is None else preroll_s
     if preroll_s <= 0 or gpu_ns <= 0:

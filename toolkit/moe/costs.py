@@ -663,7 +663,7 @@ def with_peer_hops(model: CostModel, devices, *, repeats: int = 5, path: str | o
     ms = _measure_peer(model.hidden, dtype, devices, tokens, repeats, _warmups(model.hidden, model.intermediate),
                        clock)
     out = replace(model, peer_tokens=tokens, peer_devices=tuple(devices[1:]),
-                              peer_ms=tuple(tuple(row) for row in ms), key=key)
+                  peer_ms=tuple(tuple(row) for row in ms), key=key)
     if save:
         save_cost_model(out, file)
     return out
