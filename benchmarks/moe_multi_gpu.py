@@ -20,7 +20,8 @@ OUT/moe_multi_gpu.json after every measurement so an interruption keeps what was
    placement from its routing counts); uniform first, trace while the budget lasts;
 5. each configuration is measured ``--rounds`` times (default 3), alternating 1-gpu, 2-gpu, 1-gpu, ...,
    after ``--warm-rounds`` (default 1) whole rounds of each whose figures are recorded (``warm_rounds``)
-   but left out of the medians: after a 90 GB build the host kept speeding up for minutes. A round is ``session.run`` (warm-up generations as long as the measured one until two agree within
+   but left out of the medians: after a 90 GB build the host kept speeding up for minutes. A round is
+   ``session.run`` (warm-up generations as long as the measured one until two agree within
    5%, the routing replayed, then batch-1 decode of 64 tokens after a 16-token prompt) and a 512-token
    prefill (``session.measure_prefill``). Round 1 of 2-gpu checks its logits against 1-gpu's
    (``session.probe_logits``, the same routing replayed). The CPU-expert schedule is fixed
@@ -440,7 +441,8 @@ def main(argv=None, cuda_count=None) -> int:
                      "full_model": args.full_model, "routings": args.routings, "schedule": args.schedule,
                      "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                      "prefill_tokens": args.prefill_tokens, "prefill_repeats": args.prefill_repeats,
-                     "rounds": args.rounds, "warm_rounds": args.warm_rounds, "anomaly_spread": ANOMALY_SPREAD, "target_fraction_of_bound": TARGET,
+                     "rounds": args.rounds, "warm_rounds": args.warm_rounds, "anomaly_spread": ANOMALY_SPREAD,
+                     "target_fraction_of_bound": TARGET,
                      "quick": quick, "budget_s": args.budget_s},
         "cost_model": None, "ceilings": None, "routings": {}, "runs": [], "comparison": {}, "targets": {},
     }
