@@ -67,6 +67,9 @@ def register(subparsers) -> None:
                    help="how scheme ours runs its CPU experts: auto (default: the candidates measured during "
                         "warm-up, the fastest kept), or one of them set: overlap (a worker thread) or inline, each "
                         "with or without splitting an expert between the CPU and a copy")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false",
+                   help="run the dense part of decode steps eagerly, as transformers does (default on a GPU: "
+                        "replayed from one CUDA graph per layer)")
     p.add_argument("--warmup", type=nonnegative_int, default=MoESettings.warmup_tokens,
                    help="tokens of each untimed warm-up generation, repeated until decode steps are steady "
                         "(0: none; default: as many as --new-tokens)")
@@ -90,7 +93,8 @@ def settings_from_args(args):
         calibration=args.calibration, threads=args.threads, prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens, batch_size=args.batch_size, beams=args.beams, sample=args.sample,
         temperature=args.temperature, top_k=args.top_k, allow_eos=args.allow_eos, warmup_tokens=args.warmup,
-        repeats=args.repeats, seed=args.seed, device=args.device, gpus=args.gpus, schedule=args.schedule)
+        repeats=args.repeats, seed=args.seed, device=args.device, gpus=args.gpus, schedule=args.schedule,
+        graphs=args.graphs)
 
 
 def building_line(session) -> str:
@@ -213,11 +217,15 @@ def format_table(r: dict) -> str:
         f"  decode hit rate per layer      {' '.join(_f(x, '.2f') for x in per_layer)}",
         f"  copied / CPU experts           {_copied(r)}, {plural(r['cpu_expert_calls'] or 0, 'CPU expert call')}",
     ]
+    from ..moe.graphs import graphs_line
     from ..moe.schedule import schedule_line
 
     sched = schedule_line(r.get("schedule"))
     if sched:
         lines.append(f"  schedule                       {sched}")
+    graphs = (r.get("engine") or {}).get("graphs")
+    if graphs:
+        lines.append(f"  decode graphs                  {graphs_line(graphs)}")
     if auto_on_cpu:
         lines.insert(2, "  (on a CPU both tiers are host memory: --gpu-experts auto keeps every expert resident; "
                         "give a number to exercise the offload path)")

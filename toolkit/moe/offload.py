@@ -68,6 +68,7 @@ from torch.profiler import record_function
 
 from ..errors import ToolkitError
 from .costs import CostModel, choose_threads, dtype_name, expert_forward, torch_threads
+from .graphs import CudaCapture, DecodeGraphs, EagerCapture, decoder_layers
 from .phases import PHASES
 from .presets import is_experts_module, moe_blocks
 
@@ -801,6 +802,9 @@ class EngineOptions:
     overlap: CPU experts in a worker thread, concurrently with the GPU (never
     with serial). copy_slots: GPU staging buffers for copied experts.
     cpu_threads / cpu_dtype: the CPU experts' intra-op threads and dtype.
+    graphs: replay the dense part of decode steps from CUDA graphs
+    (``toolkit.moe.graphs``; on a CPU device the same static-input path runs
+    eagerly, which tests use).
     """
 
     cpu_threads: int
@@ -811,6 +815,7 @@ class EngineOptions:
     split: bool = True
     overlap: bool = False
     copy_slots: int = 2
+    graphs: bool = False
 
     @property
     def splits(self) -> bool:
@@ -881,6 +886,11 @@ class Offloaded:
             self._slots = [_Slot(torch.empty_like(first.host_gate_up[0], device=device),
                                  torch.empty_like(first.host_down[0], device=device)) for _ in range(copy_slots)]
         self._install_hooks()
+        self.graphs = None  # DecodeGraphs of the decoder layers' dense part (options.graphs)
+        layers = decoder_layers(model, blocks) if options.graphs else []
+        if layers:
+            capture = CudaCapture(device) if device.type == "cuda" else EagerCapture()
+            self.graphs = DecodeGraphs(layers, capture).install()
 
     def _start_worker(self) -> ThreadPoolExecutor:
         """The worker thread of the overlapped schedule (one: the CPU experts of a layer are one job)."""
@@ -1100,6 +1110,7 @@ class Offloaded:
             "cpu_threads": self.cpu_threads, "cpu_dtype": dtype_name(self.cpu_dtype), "copy_slots": self.copy_slots,
             "overlap": self.executor is not None, "decision": self.decision, "serial": self.serial,
             "pageable_copies": self.pageable_copies, "split": self.split,
+            "graphs": self.graphs.to_dict() if self.graphs is not None else None,
             "placement": self.placement.astype(int).tolist(),
             "cost_model": self.cost_model.to_dict(), "stats": self.stats.to_dict(),
         }
@@ -1113,6 +1124,9 @@ class Offloaded:
     def restore(self):
         """Put the original experts modules and routers back; return the model (a second call does nothing)."""
         self._restored = True
+        if self.graphs is not None:  # the graphs hold addresses of memory freed below
+            self.graphs.restore()
+            self.graphs = None
         for mod in self.experts:  # free the GPU tier first: the experts may be moving back to the GPU
             mod.gpu.clear()
             mod._pageable = None  # drop pageable clones
@@ -1153,7 +1167,7 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
             cost_model: CostModel | str | os.PathLike | None = None, routing=None, cpu_threads: int | None = None,
             copy_slots: int = 2, overlap: bool | None = None, *, decision: str = "makespan", serial: bool = False,
             pageable_copies: bool = False, split: bool = True, devices=None, devices_budget=None,
-            ranking=None) -> Offloaded:
+            ranking=None, graphs: bool | None = None) -> Offloaded:
     """Split the experts of ``model`` between the GPU (``gpu_experts`` of them in total, or "all") and the CPU.
 
     placement: bool [L, E] (which experts), numeric [L, E] (a popularity
@@ -1171,7 +1185,9 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     overlaps. pageable_copies: copy from a pageable clone of the experts,
     blocking (as ``module.to(device)``); costs host memory for the clone.
     split: let the makespan decision split one expert per layer between the
-    copy path and the CPU.
+    copy path and the CPU. graphs: replay the dense part of each decode step's
+    layers from CUDA graphs (``toolkit.moe.graphs``; default: on with CUDA;
+    ``generate`` then gives transformers a static KV cache).
 
     Several devices of one host (``devices``, e.g. ["cuda:0", "cuda:1"]; the
     first is ``device``): the dense part stays on ``device``, the resident
@@ -1258,9 +1274,11 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
         torch.cuda.empty_cache()
     if overlap is None:
         overlap = device.type == "cuda"
+    if graphs is None:
+        graphs = device.type == "cuda"
     options = EngineOptions(cpu_threads=cpu_threads, cpu_dtype=cpu_dtype, decision=decision, serial=bool(serial),
                             pageable_copies=bool(pageable_copies), split=bool(split), overlap=bool(overlap),
-                            copy_slots=int(copy_slots))
+                            copy_slots=int(copy_slots), graphs=bool(graphs))
     off = Offloaded(model, blocks, policy=policy, resident=resident, device=device, cost_model=cost_model,
                     routing=routing, gpu_experts=gpu_experts, original_devices=orig_devices, options=options,
                     devices=devices, tiers=tiers)

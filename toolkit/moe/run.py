@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ToolkitError
+from .graphs import cache_keyword
 
 ROUTINGS = ("auto", "model", "uniform")  # besides a trace name or .npz path
 DTYPES = ("float32", "float16", "bfloat16")
@@ -70,6 +71,9 @@ class MoESettings:
     candidates of ``toolkit.moe.schedule`` during warm-up, keep the fastest;
     on a CPU device the engine's default, unmeasured), or "overlap", "inline",
     "overlap-nosplit", "inline-nosplit"; the peer schemes keep their own.
+    graphs: replay the dense part of each decode step's layers from CUDA
+    graphs (``toolkit.moe.graphs``, on a GPU; False: eager, as transformers
+    runs it, which shows what the graphs save).
     dtype: the model's dtype (None: the preset's).
     gpus: GPUs of this host holding resident experts (None: one GPU, the
     one-device engine); the dense part stays on the first, ``gpu_experts``
@@ -94,6 +98,7 @@ class MoESettings:
     calibration: str | None = None  # cost model file; None: measure once, cached per machine
     threads: int | None = None  # CPU threads for CPU experts; None: chosen for this machine
     schedule: str = "auto"  # worker thread or inline, split or not: measured per run (toolkit.moe.schedule)
+    graphs: bool = True  # decode steps' dense part from CUDA graphs (GPU only)
     dtype: str | None = None
     prompt_tokens: int = 16
     new_tokens: int = 32
@@ -243,17 +248,6 @@ def _is_engine(target) -> bool:
     from .offload import Offloaded
 
     return isinstance(target, Offloaded)
-
-
-def cache_keyword(model) -> str:
-    """The KV-cache argument of ``model.forward``: ``cache`` in recent transformers 5.x, ``past_key_values`` before.
-
-    Passing the old name to a release that has the new one warns on every call (FutureWarning), and the
-    old name is removed in transformers 5.40, so it is picked by signature, never hard-coded.
-    """
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def output_cache(out):
@@ -589,6 +583,8 @@ class MoESession:
         schedule = check_schedule(schedule or self.settings.schedule, base.name)
         if schedule != "auto":
             kw["overlap"], kw["split"] = SCHEDULES[schedule]
+        if not self.settings.graphs:
+            kw["graphs"] = False
         policy = policy or self.settings.policy
         if policy is not None:
             from .policies import get_policy

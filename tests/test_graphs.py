@@ -1,0 +1,180 @@
+"""Decode graphs (toolkit.moe.graphs): the dense part of decode steps replayed from static inputs.
+
+On CPU the capture backend is ``EagerCapture``: it keeps CUDA graphs' contract (a replay reads only the
+static inputs and writes the same output tensors), so an input that is not copied before a replay
+changes the generated ids here as it would on a GPU. The CUDA path runs in the ``gpu`` tests.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from toolkit.moe import generation as G
+from toolkit.moe.costs import CostModel
+from toolkit.moe.graphs import MAX_RECAPTURES, DecodeGraphs, EagerCapture, decoder_layers, graphs_line
+from toolkit.moe.offload import offload
+from toolkit.moe.presets import build_moe, moe_blocks
+from toolkit.moe.prompts import random_prompts
+
+CM = CostModel.fixed(cpu=(0.0, 1.0), gpu=(0.01, 0.0), copy_ms=3.0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_moe("tiny-mixtral", seed=0)
+
+
+def test_offloaded_greedy_with_graphs_equals_the_unmodified_model_and_replays_across_calls(model):
+    ids, mask = random_prompts(model.config.vocab_size, [5, 9, 7], seed=2)  # left padding
+    kw = dict(max_new_tokens=10, ignore_eos=True)
+    ref = G.generate(model, ids, mask, **kw)
+    ref_beam = G.generate(model, ids, mask, num_beams=3, **kw)
+    off = offload(model, gpu_experts=5, device="cpu", cost_model=CM, graphs=True)
+    try:
+        assert off.options.graphs and off.graphs is not None
+        first = G.generate(off, ids, mask, **kw)
+        after_first = off.graphs.to_dict()
+        second = G.generate(off, ids, mask, **kw)
+        after_second = off.graphs.to_dict()
+        beam = G.generate(off, ids, mask, num_beams=3, **kw)
+        after_beam = off.graphs.to_dict()
+        engine = off.to_dict()["graphs"]
+    finally:
+        off.restore()
+    assert first.sequences == second.sequences == ref.sequences
+    assert beam.sequences == ref_beam.sequences
+    n = model.config.num_hidden_layers
+    # first call: prefill eager, the first decode step captures each layer, the other 8 steps replay
+    assert after_first == {"layers": n, "captures": n, "replays": 8 * n, "eager_calls": n, "eager_layers": {}}
+    # second call: the same static cache (reset), so nothing is captured again
+    assert after_second["captures"] == n and after_second["replays"] == 8 * n + 9 * n
+    # beam search keeps transformers' dynamic cache (it reorders by reallocating): every layer call eager
+    assert after_beam["captures"] == n and after_beam["replays"] == after_second["replays"]
+    assert after_beam["eager_calls"] == after_second["eager_calls"] + 10 * n
+    assert engine["replays"] == after_beam["replays"]
+    # restored: the layers have their own forward again
+    assert all("forward" not in layer.__dict__ for layer in decoder_layers(model, moe_blocks(model)))
+
+
+def test_a_new_batch_size_recaptures_and_still_equals_the_unmodified_model(model):
+    kw = dict(max_new_tokens=6, ignore_eos=True)
+    prompts = [random_prompts(model.config.vocab_size, lens, seed=4) for lens in ([6], [4, 8])]
+    refs = [G.generate(model, ids, mask, **kw).sequences for ids, mask in prompts]
+    off = offload(model, gpu_experts=5, device="cpu", cost_model=CM, graphs=True)
+    try:
+        got = [G.generate(off, ids, mask, **kw).sequences for ids, mask in prompts]
+        captures = off.graphs.captures
+    finally:
+        off.restore()
+    assert got == refs
+    assert captures == 2 * model.config.num_hidden_layers
+
+
+# ------------------------------------------------------------------ the static-input bookkeeping, on a toy layer
+
+class Attn(nn.Module):
+    def forward(self, hidden_states, bias, scale, cache=None, **kwargs):
+        self.calls = getattr(self, "calls", 0) + 1
+        return hidden_states * scale + bias, None
+
+
+class Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.input_layernorm, self.post_attention_layernorm, self.mlp = nn.Identity(), nn.Identity(), nn.Identity()
+        self.self_attn = Attn()
+
+
+def _static_cache():
+    return SimpleNamespace(is_compileable=True, layers=[SimpleNamespace(is_sliding=False)])
+
+
+def _step(graphs, x, bias, scale, cache):
+    """One decode step through the layers in turn -> each layer's output."""
+    out = []
+    with torch.no_grad():
+        for layer in graphs.layers:
+            x = layer(x, bias=bias, scale=scale, cache=cache)
+            out.append(x)
+    return out
+
+
+def test_inputs_reach_every_replay_and_a_tensor_shared_by_layers_is_copied_once(monkeypatch):
+    graphs = DecodeGraphs([Layer(), Layer()], EagerCapture()).install()
+    cache = _static_cache()
+    copies = []
+    real_copy = torch.Tensor.copy_
+
+    def counting_copy(self, src, *a, **k):
+        if any(self is s for s in graphs._static.values()):
+            copies.append(src)
+        return real_copy(self, src, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", counting_copy)
+    for step in range(4):
+        x, bias = torch.full((1, 1, 3), float(step)), torch.full((1, 1, 3), 10.0 * step)
+        out = _step(graphs, x, bias, 3, cache)
+        first = (x + x * 3 + bias) * 2  # residual + mlp(normed), both the same here
+        assert torch.equal(out[0], first) and torch.equal(out[1], (first * 4 + bias) * 2), step
+    assert graphs.captures == 2 and graphs.replays == 6
+    # each step: the hidden states of both layers, the bias both layers share once
+    assert len(copies) == 4 * 3
+    assert graphs.to_dict()["eager_layers"] == {}
+
+
+def test_changing_inputs_recapture_then_fall_back_to_eager_with_a_reason():
+    graphs = DecodeGraphs([Layer()], EagerCapture()).install()
+    for n in range(1, MAX_RECAPTURES + 3):  # a new shape on every call: nothing is ever replayed
+        x = torch.ones(1, 1, n)
+        out = _step(graphs, x, torch.zeros(1, 1, n), 2, _static_cache())
+        assert torch.equal(out[0], x * 6)
+    assert graphs.captures == MAX_RECAPTURES and graphs.replays == 0
+    assert "changed on each" in graphs.reasons[0]
+    assert "eager for good: layer 0" in graphs_line(graphs.to_dict())
+
+
+def test_prefill_dynamic_caches_sliding_windows_and_grad_mode_run_eagerly():
+    graphs = DecodeGraphs([Layer()], EagerCapture()).install()
+    x, b = torch.ones(1, 1, 3), torch.zeros(1, 1, 3)
+    sliding = SimpleNamespace(is_compileable=True, layers=[SimpleNamespace(is_sliding=True)])
+    dynamic = SimpleNamespace(is_compileable=False, layers=[])
+    with torch.no_grad():
+        graphs.layers[0](torch.ones(1, 4, 3), bias=torch.zeros(1, 4, 3), scale=1, cache=_static_cache())  # prefill
+        graphs.layers[0](x, bias=b, scale=1, cache=sliding)
+        graphs.layers[0](x, bias=b, scale=1, cache=dynamic)
+        graphs.layers[0](x, bias=b, scale=1, cache=None)
+    graphs.layers[0](x, bias=b, scale=1, cache=_static_cache())  # grad mode on
+    assert graphs.captures == 0 and graphs.eager_calls == 5
+    graphs.restore()
+    assert "forward" not in graphs.layers[0].__dict__
+
+
+def test_the_static_cache_is_reused_while_batch_and_rounded_length_agree(model):
+    graphs = DecodeGraphs([], EagerCapture())
+    a = graphs.static_cache(model.config, 1, 20)
+    assert graphs.static_cache(model.config, 1, 200) is a  # both round up to 256 positions
+    assert graphs.static_cache(model.config, 2, 20) is not a
+    assert graphs.static_cache(model.config, 2, 300).layers[0].max_cache_len == 512
+
+
+@pytest.mark.gpu
+def test_gpu_decode_graphs_equal_the_unmodified_model_offloaded_and_all_resident():
+    """On CUDA (float32): greedy ids with graphs equal the unmodified model's, offloaded and with every expert
+    resident, and the decode steps replay (one capture per layer for both calls)."""
+    gpu_model = build_moe("tiny-mixtral", device="cuda", seed=0)
+    ids, mask = random_prompts(gpu_model.config.vocab_size, [5, 9, 7], seed=2)
+    kw = dict(max_new_tokens=10, ignore_eos=True)
+    ref = G.generate(gpu_model, ids, mask, **kw)
+    n = gpu_model.config.num_hidden_layers
+    for experts in (5, "all"):
+        off = offload(gpu_model, gpu_experts=experts, device="cuda", cost_model=CM)
+        try:
+            assert off.graphs is not None  # on by default with CUDA
+            got = [G.generate(off, ids, mask, **kw) for _ in range(2)]
+            d = off.graphs.to_dict()
+        finally:
+            off.restore()
+        assert all(g.sequences == ref.sequences for g in got), experts
+        assert d["captures"] == n and d["replays"] == 17 * n and d["eager_layers"] == {}

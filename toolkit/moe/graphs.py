@@ -1,0 +1,353 @@
+"""CUDA-graph decode: the dense part of each decoder layer replayed as one captured graph.
+
+Why: in a decode step at batch 1 the dense part of a layer (two RMSNorms,
+attention with its rotary embedding and KV-cache write, the residual add) is
+about 25 small kernels launched one by one from Python. On the H200 host that
+costs ~1.3-1.6 ms per layer while its bytes need ~0.05 ms, and it sits on the
+critical path of every offloaded step too (a layer cannot start before the
+previous layer's experts are done). Captured once, a replay is one launch.
+
+What is captured, per decoder layer: ``input_layernorm`` -> ``self_attn``
+(with the static KV cache's in-place write) -> residual add ->
+``post_attention_layernorm``. The MoE block (router and experts) stays eager:
+its routing sync, CPU experts and copies are host work, so the graphs are the
+pieces between them.
+
+When: decode passes (one new token per sequence) with a static KV cache
+(transformers' ``StaticCache``: fixed addresses, written in place) and a
+capture function (CUDA devices). Prefill, dynamic caches (beam search
+reorders its cache by reallocating it), sliding-window caches (host-side
+state) and grad mode run the same function eagerly, so results are the same
+either way.
+
+How: a layer's first eligible call runs eagerly on a side stream from the
+static input tensors (the warm-up, and also this step's real work: it writes
+the KV cache once), then the same call is captured on that stream (capture
+runs no kernels, so the cache is not written twice). Later calls copy their
+inputs into the static tensors (one shared by all layers, such as the rotary
+cos/sin, the mask or the positions, is copied once per step) and replay. New
+shapes, dtypes or a new cache object recapture; a layer whose inputs change on
+every call (nothing to reuse) falls back to eager, and ``reasons`` says why.
+
+Shapes: B batch, D hidden, L cache length.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# cache lengths are rounded up to a multiple of this, so calls with nearby prompt and output lengths share one
+# cache (and its graphs); attending over a few hundred masked slots costs microseconds
+CACHE_BLOCK = 256
+# a layer that captures this many times in a row without one replay stops trying (its inputs change every call)
+MAX_RECAPTURES = 3
+
+
+def cache_keyword(model) -> str:
+    """The KV-cache argument of ``model.forward``: ``cache`` in recent transformers 5.x, ``past_key_values`` before.
+
+    Passing the old name to a release that has the new one warns on every call (FutureWarning), and the
+    old name is removed in transformers 5.40, so it is picked by signature, never hard-coded.
+    """
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def dense_part(layer, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer up to its MoE block -> (residual [B, S, D], normed input of the MoE block [B, S, D]).
+
+    The same steps as transformers' decoder layers of the MoE families
+    (Mixtral, OLMoE, Qwen3-MoE): ``kwargs`` are what the model passes to the
+    layer, and they go on to ``self_attn`` unchanged.
+    """
+    attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
+    residual = hidden_states + attn
+    return residual, layer.post_attention_layernorm(residual)
+
+
+def has_dense_part(layer) -> bool:
+    """Whether ``layer`` has the parts ``dense_part`` calls and an ``mlp`` (the MoE block)."""
+    return all(hasattr(layer, n) for n in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"))
+
+
+def decoder_layers(model, blocks) -> list:
+    """The decoder layers that hold ``blocks`` (the MoE blocks, in order), or [] if any lacks the usual parts."""
+    by_block = {id(m.mlp): m for m in model.modules() if isinstance(getattr(m, "mlp", None), torch.nn.Module)}
+    layers = [by_block.get(id(b)) for b in blocks]
+    return layers if all(layer is not None and has_dense_part(layer) for layer in layers) else []
+
+
+# --------------------------------------------------------------------------- capture backends
+
+class CapturedGraph:
+    """A captured CUDA graph and the output tensors its replays write."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, outputs):
+        self.graph, self.outputs = graph, outputs
+
+    def replay(self):
+        self.graph.replay()
+        return self.outputs
+
+
+class CudaCapture:
+    """Capture on one CUDA device: a side stream for warm-up and capture, one memory pool for all layers."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device)
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def warm_up(self, fn: Callable, args, kwargs):
+        """Run ``fn`` eagerly on the side stream (the capture's warm-up) and return its outputs."""
+        main = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(main)
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            out = fn(*args, **kwargs)
+        main.wait_stream(self.stream)
+        for t in out:
+            t.record_stream(main)  # made on the side stream, used (and freed) on the main one
+        return out
+
+    def capture(self, fn: Callable, args, kwargs) -> CapturedGraph:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(self.device), torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            out = fn(*args, **kwargs)
+        return CapturedGraph(graph, out)
+
+
+class EagerCapture:
+    """A stand-in for ``CudaCapture`` that records the call and re-runs it on replay (CPU tests).
+
+    It follows the same contract (a replay reads only the static inputs and
+    writes the same output tensors), so a test on CPU catches an input that
+    was not copied before a replay.
+    """
+
+    def __init__(self):
+        self.captured = 0
+
+    def warm_up(self, fn, args, kwargs):
+        return fn(*args, **kwargs)
+
+    def capture(self, fn, args, kwargs):
+        self.captured += 1
+        return _Rerun(fn, args, kwargs)
+
+
+class _Rerun:
+    def __init__(self, fn, args, kwargs):
+        self.fn, self.args, self.kwargs, self.outputs = fn, args, kwargs, None
+
+    def replay(self):
+        out = self.fn(*self.args, **self.kwargs)
+        if self.outputs is None:
+            self.outputs = out
+        else:
+            for static, new in zip(self.outputs, out):
+                static.copy_(new)
+        return self.outputs
+
+
+# --------------------------------------------------------------------------- inputs
+
+def _flatten(obj, name: str, tensors: list, key: list) -> None:
+    """Tensors of a call's inputs (by name) into ``tensors``; everything that must match for a replay into ``key``."""
+    if isinstance(obj, torch.Tensor):
+        tensors.append((name, obj))
+        key.append((name, tuple(obj.shape), tuple(obj.stride()), obj.dtype, obj.device))
+    elif isinstance(obj, (tuple, list)):
+        key.append((name, type(obj), len(obj)))
+        for i, o in enumerate(obj):
+            _flatten(o, f"{name}.{i}", tensors, key)
+    elif isinstance(obj, dict):
+        key.append((name, dict, tuple(obj)))
+        for k, o in obj.items():
+            _flatten(o, f"{name}.{k}", tensors, key)
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        key.append((name, obj))
+    else:  # an object such as the cache: the graph holds its tensors' addresses
+        key.append((name, id(obj)))
+
+
+def _rebuild(obj, name: str, static: dict):
+    """``obj`` with each tensor replaced by the static tensor of the same name."""
+    if isinstance(obj, torch.Tensor):
+        return static[name]
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_rebuild(o, f"{name}.{i}", static) for i, o in enumerate(obj))
+    if isinstance(obj, dict):
+        return {k: _rebuild(o, f"{name}.{k}", static) for k, o in obj.items()}
+    return obj
+
+
+def _version(t: torch.Tensor):
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter: always copy them
+        return None
+
+
+@dataclass
+class _Entry:
+    key: tuple
+    graph: object
+    static: dict  # name -> the static tensor this graph reads
+    holds: tuple  # objects named in the key by identity, kept alive so their ids stay theirs
+
+
+class DecodeGraphs:
+    """Per-layer CUDA graphs of the dense part of decode steps, installed on a model's decoder layers.
+
+    ``layers``: the decoder layers (``decoder_layers``). ``capture``: a
+    ``CudaCapture`` (or ``EagerCapture`` in tests). Use as a context manager or
+    call ``install()`` / ``restore()``. ``static_cache(...)`` gives the KV
+    cache that ``generate`` should use so that graphs stay valid across calls.
+    Counters ``captures``, ``replays`` and ``eager_calls`` say what ran.
+    """
+
+    def __init__(self, layers, capture):
+        self.layers = list(layers)
+        self.capturer = capture
+        self._entries: list[_Entry | None] = [None] * len(self.layers)
+        self._static: dict[str, torch.Tensor] = {}
+        self._last: dict[str, tuple] = {}  # name -> (source tensor, its version) last copied into the static one
+        self._in_a_row = [0] * len(self.layers)
+        self.reasons: dict[int, str] = {}  # layer -> why it runs eagerly for good
+        self.captures = self.replays = self.eager_calls = 0
+        self._cache, self._cache_shape = None, None
+        self.installed = False
+
+    # -- install ------------------------------------------------------------------------------
+    def install(self) -> DecodeGraphs:
+        for i, layer in enumerate(self.layers):
+            layer.forward = functools.partial(self._forward, i)
+        self.installed = True
+        return self
+
+    def restore(self) -> None:
+        """Give the layers their own ``forward`` back and free the graphs and the cache."""
+        for layer in self.layers:
+            layer.__dict__.pop("forward", None)
+        self._entries = [None] * len(self.layers)
+        self._static.clear()
+        self._last.clear()
+        self._cache = self._cache_shape = None
+        self.installed = False
+
+    def __enter__(self) -> DecodeGraphs:
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def to_dict(self) -> dict:
+        return {"layers": len(self.layers), "captures": self.captures, "replays": self.replays,
+                "eager_calls": self.eager_calls, "eager_layers": {str(k): v for k, v in self.reasons.items()}}
+
+    # -- the KV cache -------------------------------------------------------------------------
+    def static_cache(self, config, batch: int, tokens: int):
+        """An empty static KV cache for ``batch`` sequences of up to ``tokens`` positions.
+
+        The same cache object (reset, so its tensors keep their addresses) comes
+        back while ``batch`` and the rounded length stay the same, so the graphs
+        captured in one ``generate`` call replay in the next.
+        """
+        from transformers import StaticCache
+
+        length = -(-int(tokens) // CACHE_BLOCK) * CACHE_BLOCK
+        if self._cache is None or self._cache_shape != (int(batch), length):
+            self._cache = StaticCache(config=config.get_text_config(decoder=True), max_cache_len=length)
+            self._cache_shape = (int(batch), length)
+        else:
+            self._cache.reset()
+        return self._cache
+
+    # -- the layer's forward ------------------------------------------------------------------
+    def _forward(self, i: int, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        layer = self.layers[i]
+        if args:  # not how transformers calls its layers: leave such calls to the layer's own forward
+            return type(layer).forward(layer, hidden_states, *args, **kwargs)
+        if self._eligible(i, hidden_states, kwargs):
+            residual, normed = self._graphed(i, hidden_states, kwargs)
+        else:
+            self.eager_calls += 1
+            residual, normed = dense_part(layer, hidden_states, **kwargs)
+        return residual + layer.mlp(normed)
+
+    def _eligible(self, i: int, hidden_states: torch.Tensor, kwargs: dict) -> bool:
+        if i in self.reasons or torch.is_grad_enabled() or hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
+            return False
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        layers = getattr(cache, "layers", None)
+        return (bool(getattr(cache, "is_compileable", False)) and layers is not None
+                and not any(getattr(c, "is_sliding", False) for c in layers))
+
+    def _graphed(self, i: int, hidden_states: torch.Tensor, kwargs: dict):
+        tensors, key = [], []
+        _flatten(hidden_states, "hidden_states", tensors, key)
+        _flatten(kwargs, "kwargs", tensors, key)
+        key = tuple(key)
+        static = self._static_inputs(tensors)
+        entry = self._entries[i]
+        if entry is not None and entry.key == key and all(static[n] is t for n, t in entry.static.items()):
+            self._copy_inputs(tensors)
+            self._in_a_row[i] = 0
+            self.replays += 1
+            return entry.graph.replay()
+        return self._capture(i, key, static, tensors, hidden_states, kwargs)
+
+    def _capture(self, i: int, key: tuple, static: dict, tensors: list, hidden_states, kwargs: dict):
+        layer = self.layers[i]
+        self._in_a_row[i] += 1
+        if self._in_a_row[i] > MAX_RECAPTURES:
+            self.reasons[i] = f"inputs changed on each of {MAX_RECAPTURES} calls in a row: nothing to replay"
+            self._entries[i] = None
+            self.eager_calls += 1
+            return dense_part(layer, hidden_states, **kwargs)
+        self._copy_inputs(tensors)
+        args = (static["hidden_states"],)
+        kw = _rebuild(kwargs, "kwargs", static)
+        fn = functools.partial(dense_part, layer)
+        self._entries[i] = None  # free the old graph before capturing the new one
+        out = self.capturer.warm_up(fn, args, kw)  # this step's real work
+        graph = self.capturer.capture(fn, args, kw)
+        holds = tuple(v for v in kwargs.values() if not isinstance(v, (torch.Tensor, tuple, list, dict, bool, int,
+                                                                          float, str, type(None))))
+        self._entries[i] = _Entry(key, graph, {n: static[n] for n, _ in tensors}, holds)
+        self.captures += 1
+        return out
+
+    def _static_inputs(self, tensors: list) -> dict:
+        """The static tensor for each input name, (re)allocated where the shape, stride or dtype changed."""
+        for name, t in tensors:
+            s = self._static.get(name)
+            if s is None or s.shape != t.shape or s.stride() != t.stride() or s.dtype != t.dtype or s.device != t.device:
+                with torch.inference_mode(False):
+                    self._static[name] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+                self._last.pop(name, None)
+        return self._static
+
+    def _copy_inputs(self, tensors: list) -> None:
+        """Copy each input into its static tensor, once per new tensor (layers of a step share cos/sin, mask...)."""
+        for name, t in tensors:
+            last, v = self._last.get(name, (None, None)), _version(t)
+            if last[0] is t and v is not None and last[1] == v:
+                continue
+            self._static[name].copy_(t)
+            self._last[name] = (t, v)
+
+
+def graphs_line(d: dict) -> str:
+    """One line on what the decode graphs did in a run (``DecodeGraphs.to_dict()``), eager layers named."""
+    line = (f"{d['captures']} captured for {d['layers']} layers, {d['replays']} replays, "
+            f"{d['eager_calls']} eager layer calls (prefill, beams)")
+    eager = d.get("eager_layers") or {}
+    if eager:
+        line += "; eager for good: " + "; ".join(f"layer {k}: {v}" for k, v in eager.items())
+    return line
