@@ -17,7 +17,9 @@ OUT/moe_decode.json after every measurement so an interruption keeps what was me
    every expert on the GPU, the same routing replayed: ``session.run_unmodified``) under both routings
    (``compare``); a budget sweep of ours (0, 8, 24, 32, 48, 64; ``sweep``; with ``--quick`` only the
    ends, under the trace); ours with its schedule fixed rather than measured: no split (``ours-nosplit``,
-   the worker thread on a GPU) and inline, no worker thread (``ours-inline``) (``ablation``);
+   the worker thread on a GPU) and inline, no worker thread (``ours-inline``); ours and all-gpu with the
+   dense part of decode steps eager instead of replayed from CUDA graphs (``ours-eager``, its schedule the
+   engine's default; ``all-gpu-eager``) (``ablation``);
 4. each configuration is measured ``--rounds`` times (default 3), round-robin within its group (round
    1 of every configuration, then round 2, ...), so a slow spell of the machine hits all alike. A round
    is ``session.run`` for batch-1 decode of 64 tokens after a 16-token prompt (copy-on-demand: 16),
@@ -82,6 +84,7 @@ ROUTINGS = {"uniform": "uniform", "trace": "synthetic-mixtral"}  # record label 
 # --full-model: Mixtral-8x7B whole, 56 of its 256 experts on the GPU, decode only
 FULL_MODEL = {"preset": "mixtral-8x7b", "layers": 32, "budget": "56/256", "new_tokens": 32, "groups": "compare",
               "routings": "trace"}
+ABLATIONS = ("ours-nosplit", "ours-inline", "ours-eager", "all-gpu-eager")
 # seconds one round of a configuration may take on the GPU (conservative): skipped when less than this is left;
 # later rounds use the configuration's own first round instead. Round 1 of ours measures its candidate schedules.
 EST_S = {"all-gpu": 15, "hf-eager": 15, "ours": 60, "fiddler-serial": 40, "lru-copy": 20, "copy-on-demand": 45,
@@ -318,6 +321,8 @@ def parse_args(argv=None):
     ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="hard time budget of the whole run")
     ap.add_argument("--schemes", default=",".join(SCHEMES),
                     help="comma-separated schemes of the comparison group (default: all)")
+    ap.add_argument("--ablations", default=",".join(ABLATIONS),
+                    help="comma-separated variants of the ablation group (default: all)")
     ap.add_argument("--routings", default=None,
                     help="comma-separated routings: uniform, trace (default both; trace with --full-model)")
     ap.add_argument("--groups", default=None,
@@ -453,10 +458,13 @@ def main(argv=None) -> int:
              for routing in sessions for name in SCHEMES if name in args.schemes.split(",")],
             [Config("sweep", ours, routing, k, EST_S["sweep"]) for routing in list(sessions)[-1 if quick else 0:]
              for k in sweep],
-            [Config("ablation", dataclasses.replace(ours, name=variant, **change),
-                    "uniform" if "uniform" in sessions else next(iter(sessions)), budget,
-                    EST_S["ablation"])
-             for variant, change in (("ours-nosplit", {"split": False}), ("ours-inline", {"overlap": False}))],
+            [Config("ablation", dataclasses.replace(base, name=variant, **change),
+                    "uniform" if "uniform" in sessions else next(iter(sessions)), k, EST_S["ablation"])
+             for base, variant, change, k in ((ours, "ours-nosplit", {"split": False}, budget),
+                                              (ours, "ours-inline", {"overlap": False}, budget),
+                                              (ours, "ours-eager", {"graphs": False}, budget),
+                                              (get_baseline("all-gpu"), "all-gpu-eager", {"graphs": False}, total))
+             if variant in args.ablations.split(",")],
         ]
         deadline = lambda: args.budget_s - run.elapsed_s  # noqa: E731
         wanted = args.groups.split(",")
