@@ -10,8 +10,9 @@ calls at the power limit. This benchmark measures, per workload, the timer's
 burst variants against do_bench in alternating rounds:
 
 - ``BURST_GPU_S`` (GPU work per burst): 10 ms (the timer's) and 50 ms;
-- ``BURST_PREROLL_S`` (untimed calls between the spin and the timed ones): 0 (the
-  timer's), 2 ms and 5 ms.
+- ``BURST_PREROLL_S`` (untimed calls between the spin and the timed ones): 0, 2 ms
+  and 5 ms (the timer's, chosen from this benchmark's H200 run:
+  ``data/gpu/timer_clocks.json``).
 
 Each variant sets the two constants of ``toolkit.timing`` for its own calls and
 puts them back. Per variant: the median of its rounds, the difference from
@@ -45,7 +46,7 @@ from toolkit.timing import LatencyWarning, measure_latency
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timer_agreement import AGREE, REPEAT, alternate, rel, spread, triton_bench, triton_status, workloads  # noqa: E402
 
-# name -> (BURST_GPU_S, BURST_PREROLL_S); the first is the timer's own
+# name -> (BURST_GPU_S, BURST_PREROLL_S); "burst10+pre5" is the timer's own
 VARIANTS = {"burst10": (0.01, 0.0), "burst10+pre2": (0.01, 0.002), "burst10+pre5": (0.01, 0.005),
             "burst50": (0.05, 0.0), "burst50+pre5": (0.05, 0.005)}
 WORKLOADS = ("matmul-4096-bf16", "sdpa-causal-bf16", "conv3x3-fp16", "elementwise-16M")

@@ -15,7 +15,7 @@ def test_burst_shape_is_put_back_even_after_an_error():
         assert (timing.BURST_GPU_S, timing.BURST_PREROLL_S) == (0.05, 0.005)
         raise RuntimeError("a failed measurement")
     assert (timing.BURST_GPU_S, timing.BURST_PREROLL_S) == before
-    assert m.VARIANTS["burst10"] == (timing.BURST_GPU_S, timing.BURST_PREROLL_S)  # the first variant is the timer's own
+    assert m.VARIANTS["burst10+pre5"] == (timing.BURST_GPU_S, timing.BURST_PREROLL_S)  # the timer's own
 
 
 def test_cpu_smoke_run_records_every_variant_and_a_verdict(tmp_path):

@@ -610,9 +610,11 @@ def test_spin_covers_the_launches_that_the_gpu_would_wait_for():
     assert _spin_ns(64, host_ns=1e9, gpu_ns=0.0) == MAX_SPIN_NS == 200_000_000  # a broken estimate: 0.2 s at most
 
 
-def test_burst_plan_remembers_slow_launches_and_measures_per_call():
+def test_burst_plan_remembers_slow_launches_and_measures_per_call(monkeypatch):
+    import toolkit.timing as timing
     from toolkit.timing import SPIN_PAD_NS, _BurstPlan
 
+    monkeypatch.setattr(timing, "BURST_PREROLL_S", 0.0)  # the plan alone; the preroll has its own test
     plan = _BurstPlan()
     assert plan.k == 1 and plan.spin_ns == 2 * 100e3 + SPIN_PAD_NS  # before any estimate: 100 us to launch
     plan = plan.after(host_ns=50e3, gpu_ns=300e3)  # the first call: launched in 50 us, 0.3 ms of work
@@ -625,7 +627,7 @@ def test_a_burst_preroll_of_untimed_calls_is_sized_from_the_call_and_its_launche
     import toolkit.timing as timing
     from toolkit.timing import MAX_BURST, SPIN_PAD_NS, _BurstPlan, _Bursts, _preroll_calls
 
-    assert timing.BURST_PREROLL_S == 0.0 and _preroll_calls(200e3) == 0  # off by default: bursts as measured so far
+    assert timing.BURST_PREROLL_S == 0.005 and _preroll_calls(200e3) == 25  # 5 ms of 0.2 ms calls by default
     assert _preroll_calls(200e3, preroll_s=0.002) == 10  # 2 ms of 0.2 ms calls
     assert _preroll_calls(0.0, preroll_s=0.002) == 0  # the call's GPU time is unknown: no preroll yet
     assert _preroll_calls(3e3, preroll_s=0.002) == MAX_BURST  # a tiny kernel: capped
@@ -704,10 +706,12 @@ def burst_sampler(fake: FakeBursts):
     return Sampler
 
 
-def burst_run(monkeypatch, fake: FakeBursts, schedule=None, **kw):
+def burst_run(monkeypatch, fake: FakeBursts, schedule=None, preroll_s=0.0, **kw):
+    """``measure_latency`` with ``fake``'s bursts; no preroll unless ``preroll_s`` (the scripted sizes assume none)."""
     import toolkit.timing as timing
 
     monkeypatch.setattr(timing, "_Sampler", burst_sampler(fake))
+    monkeypatch.setattr(timing, "BURST_PREROLL_S", preroll_s)
     nvml = FakeNvml(fake.clock, schedule or (lambda t: gpu()))
     opts = dict(device="cpu", clock=fake.clock, synchronizer=lambda: None, detect_sync=False, threads=1,
                 cpu_snapshot=FakeCpu(lambda: fake.now / 1e9), nvml=nvml, min_time_s=0.1, max_time_s=10.0)
@@ -803,9 +807,9 @@ def test_gpu_a_burst_preroll_runs_untimed_calls_before_the_timed_ones(monkeypatc
     import toolkit.timing as timing
 
     a = torch.randn(2048, 2048, device="cuda")
+    led = measure_latency(torch.mm, a, a, max_time_s=1.0, hide_launch=True, l2_flush=True)  # the default preroll
+    monkeypatch.setattr(timing, "BURST_PREROLL_S", 0.0)
     plain = measure_latency(torch.mm, a, a, max_time_s=1.0, hide_launch=True, l2_flush=True)
-    monkeypatch.setattr(timing, "BURST_PREROLL_S", 0.002)
-    led = measure_latency(torch.mm, a, a, max_time_s=1.0, hide_launch=True, l2_flush=True)
     assert plain.options["burst_max_preroll_calls"] == 0 and led.options["burst_max_preroll_calls"] > 1
     assert 0.8 < led.median_ms / plain.median_ms < 1.25  # the same kernel, one sample per timed call
 

@@ -80,10 +80,11 @@ The design, and why:
   queued before the last call (plus 20 us, at most ``MAX_SPIN_NS`` = 0.2 s), all
   estimated from the call's previous burst. The stopping rule, the GPU monitor and
   the warm-up see each sample as before; the clock they read moves when a burst
-  completes. ``BURST_PREROLL_S`` (0 by default) opens each burst with untimed calls
-  of about that much GPU work, so the timed ones follow calls rather than the
-  light spin; ``benchmarks/timer_clocks.py`` measures burst length and preroll
-  against ``do_bench`` on compute-bound kernels.
+  completes. ``BURST_PREROLL_S`` (5 ms) opens each burst with untimed calls of
+  about that much GPU work, so the timed ones follow calls rather than the
+  light spin and run at the clock back-to-back work settles at;
+  ``benchmarks/timer_clocks.py`` measures burst length and preroll against
+  ``do_bench`` on compute-bound kernels.
 - **Optional: CUDA graphs** (``cuda_graph``): capture ``fn`` and time replays, which
   removes the launch of each kernel. A replay still has a launch of its own,
   several us, most of a sample for a kernel of a few us: the graph holds as many
@@ -176,7 +177,10 @@ MAX_BURST = 64  # calls in one burst at most
 BURST_GROWTH = 4  # a burst has at most 4x the calls of the one before
 SPIN_PAD_NS = 20_000  # added to every spin
 MAX_SPIN_NS = 200_000_000  # no spin lasts longer than 0.2 s, whatever the estimate
-BURST_PREROLL_S = 0.0  # GPU time of untimed calls between the spin and a burst's timed ones (0: none; see _preroll_calls)
+# GPU time of untimed calls between the spin and a burst's timed ones (see _preroll_calls): on an H200 5 ms brought
+# matmul, attention and convolution from 9.8/3.5/3.0% under do_bench to 5.5/1.3/1.2% and their rounds' spread from
+# 4.6/5.6/1.9% to 0.7/1.6/0.2% (data/gpu/timer_clocks.json); a 50 ms burst did not help
+BURST_PREROLL_S = 0.005
 # cuda_graph: a replay holds enough calls that its launch is a small part of it (see _graph_calls)
 GRAPH_REPLAY_S = 0.005  # GPU time of one replay
 MAX_GRAPH_CALLS = 1000  # calls in one graph at most
