@@ -208,7 +208,8 @@ def write_fake_recordings(gpu_dir):
     runs += [{"kind": "sweep", "scheme": "ours", "routing": "trace", "budget": k, "decode": dec(10.0 + k, 15.0, k / 64),
               "prefill": {"ms": 500.0 - k}} for k in (0, 32, 64)]
     runs += [{"kind": "compare", "scheme": "copy-on-demand", "routing": "trace", "budget": 14, "skipped": "time"}]
-    save_json({"provenance": GPU_ENV, "settings": {"total_experts": 64}, "runs": runs}, gpu_dir / "moe_decode.json")
+    for name in ("moe_decode.json", "moe_decode_h200.json"):
+        save_json({"provenance": GPU_ENV, "settings": {"total_experts": 64}, "runs": runs}, gpu_dir / name)
 
     def measure(key, value, bound_ms, spread):
         return {key: value, "hit_rate": 0.3, "bound": {"ms": bound_ms},
@@ -238,8 +239,8 @@ def test_multi_gpu_recording_judges_decode_and_prefill_apart(tmp_path):
 
 def test_recorded_readers_rebuild_frames_from_the_benchmark_files(tmp_path):
     rec = recorded.recorded_results(write_fake_recordings(tmp_path))
-    assert sorted(rec) == ["batch_search", "moe_decode", "moe_engine", "moe_multi_gpu", "profile_cases",
-                           "timer_agreement"]
+    assert sorted(rec) == ["batch_search", "moe_decode", "moe_decode_h200", "moe_engine", "moe_multi_gpu",
+                           "profile_cases", "timer_agreement"]
     audit = recorded.recorded_pitfalls(rec["timer_agreement"])
     assert audit.attrs["correct"].median_ms == 2.0 and list(audit["pitfall"])[0] == "copy_in_timed_region"
     assert plots.pitfall_frame(audit)["ratio"].tolist() == pytest.approx([1.5, 10.0, 0.1, 1.1, 200.0 / 1.8])
@@ -278,6 +279,9 @@ def test_recorded_anomalous_runs_are_flagged_and_never_drawn(tmp_path):
             r.update(anomalous=True, anomaly_reason="decode tokens_per_s: rounds spread 40% > 10%")
         if r.get("kind") == "compare" and r["scheme"] == "all-gpu" and r["routing"] == "uniform":
             r["decode"]["tokens_per_s"] = 10.0  # the other routing ran 60: under a third
+    ours = next(r for r in doc["runs"] if r.get("kind") == "compare" and r["scheme"] == "ours")
+    ours.update(anomalous=True, anomaly_reason="prefill ms: rounds differ by 45% of their median")
+    ours["decode"]["rounds"] = {"anomalous": False, "reason": None}  # a noisy prefill, a steady decode
     schemes = recorded.recorded_moe_schemes(doc)
     odd = schemes[schemes["anomalous"]]
     assert odd[["scheme", "routing"]].values.tolist() == [["all-gpu", "uniform"]]

@@ -135,7 +135,7 @@ def _throughput(doc):
 
 
 def _schemes(doc):
-    frame = recorded_moe_schemes(doc)
+    frame = recorded_moe_schemes(doc, ("compare", "ablation"))
     if not len(frame):
         return None
     s = (doc or {}).get("settings") or {}
@@ -232,9 +232,10 @@ PAPER_FIGURES = [
     PaperFigure("gpu_throughput_vs_batch", "gpu/batch_search.json", _throughput,
                 "Throughput vs batch size for every recorded model and dtype, up to the largest batch that fits; "
                 "the optimal batch (the smallest within 3% of the best) starred."),
-    PaperFigure("gpu_moe_schemes", "gpu/moe_decode.json", _schemes,
+    PaperFigure("gpu_moe_schemes", "gpu/moe_decode_h200.json", _schemes,
                 "Decode tokens/s of the offload schemes at the same GPU expert budget (Mixtral-8x7B layers, batch 1),"
-                " with each run's roofline bound; anomalous runs are excluded and named under the figure."),
+                " with each run's roofline bound; '-eager' runs the dense part of decode steps without CUDA graphs; "
+                "a run whose decode rounds disagree is excluded and named under the figure."),
     PaperFigure("gpu_moe_multi_gpu_decode", "gpu/moe_multi_gpu.json", _multi_gpu,
                 "Decode tokens/s with the resident experts on one GPU or spread over two at the same per-GPU budget, "
                 "with each run's roofline bound; a run whose decode rounds disagree is excluded and named."),

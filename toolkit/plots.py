@@ -779,7 +779,7 @@ def scheme_comparison(frame, value: str = "tokens_per_s", label: str = "decode t
     bounds = df.loc[~odd, bcol].astype(float) if bcol in df.columns else pd.Series(dtype=float)
     near = bounds[bounds <= 2.0 * top]  # bounds close to the measurements set the axis; the rest are written
     far = bool((bounds > 2.0 * top).any())  # room at the right end for "bound N >"
-    xmax = (1.5 if far else 1.18) * max(top, float(near.max()) if len(near) else 0.0)
+    xmax = (1.8 if far else 1.18) * max(top, float(near.max()) if len(near) else 0.0)  # far: room for "bound N >"
     notes = [f"excluded {s}, {r} routing: {why}" if r else f"excluded {s}: {why}"
              for s, r, why in zip(df["scheme"][odd], df["routing"][odd],
                                   df["anomaly_reason"][odd] if "anomaly_reason" in df.columns else [""] * odd.sum())]

@@ -387,31 +387,44 @@ SCHEME_COLUMNS = ["routing", "scheme", "budget", "tokens_per_s", "hit_rate", "bo
 
 
 def _decode_runs(doc: dict | None) -> pd.DataFrame:
-    """Every measured run of moe_decode.json (compare, sweep, ablation), anomalies flagged (``flag_anomalies``)."""
+    """Every measured run of moe_decode.json (compare, sweep, ablation), anomalies flagged (``flag_anomalies``).
+
+    A run is anomalous here when its *decode* rounds disagree (the benchmark's
+    per-measure verdict, where recorded): a noisy prefill or beam measurement
+    of the same configuration does not hide a steady decode. Records without
+    per-measure verdicts fall back to the run's own flag.
+    """
     rows = []
     for r in (doc or {}).get("runs") or []:
         d = r.get("decode")
         if not d:
             continue
+        rounds = d.get("rounds") if isinstance(d.get("rounds"), dict) else {}
+        odd, why = bool(r.get("anomalous")), r.get("anomaly_reason")
+        if "anomalous" in rounds:
+            odd = bool(rounds["anomalous"])
+            why = f"decode tokens_per_s: {rounds.get('reason')}" if odd else None
         bound_ms = (d.get("bound") or {}).get("ms")
         rows.append({"kind": r.get("kind"), "routing": r.get("routing"), "scheme": r.get("scheme"),
                      "budget": r.get("budget"), "tokens_per_s": d.get("tokens_per_s"), "hit_rate": d.get("hit_rate"),
                      "bound_tokens_per_s": 1e3 / bound_ms if bound_ms else None,
                      "prefill_ms": (r.get("prefill") or {}).get("ms"), "decode_ms": d.get("median_ms"),
-                     "anomalous": bool(r.get("anomalous")), "anomaly_reason": r.get("anomaly_reason")})
+                     "anomalous": odd, "anomaly_reason": why})
     if not rows:
         return pd.DataFrame(columns=["kind", *SCHEME_COLUMNS, "prefill_ms", "decode_ms"])
     return flag_anomalies(pd.DataFrame(rows), "tokens_per_s", unit="tokens/s")
 
 
-def recorded_moe_schemes(doc: dict | None, kind: str = "compare") -> pd.DataFrame:
+def recorded_moe_schemes(doc: dict | None, kind: str | tuple = "compare") -> pd.DataFrame:
     """Decode tokens/s of every offload scheme at the comparison budget, with its roofline bound (``SCHEME_COLUMNS``).
 
-    Anomalous runs stay in the frame with ``anomalous`` True and the reason, so
-    the figure can say what it left out.
+    ``kind``: the benchmark's group(s), e.g. ("compare", "ablation"). Anomalous
+    runs stay in the frame with ``anomalous`` True and the reason, so the
+    figure can say what it left out.
     """
     runs = _decode_runs(doc)
-    return runs[runs["kind"] == kind][SCHEME_COLUMNS].reset_index(drop=True)
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+    return runs[runs["kind"].isin(kinds)][SCHEME_COLUMNS].reset_index(drop=True)
 
 
 def recorded_moe_decode_sweep(doc: dict | None, routing: str = "trace") -> pd.DataFrame:
