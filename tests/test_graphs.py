@@ -39,20 +39,24 @@ def test_offloaded_greedy_with_graphs_equals_the_unmodified_model_and_replays_ac
         second = G.generate(off, ids, mask, **kw)
         after_second = off.graphs.to_dict()
         beam = G.generate(off, ids, mask, num_beams=3, **kw)
+        cache = off.graphs.static_cache(model.config, 9, 16)  # the beams' cache, reset: its tensors stay put
+        keys = [layer.keys for layer in cache.layers]
+        again = G.generate(off, ids, mask, num_beams=3, **kw)
         after_beam = off.graphs.to_dict()
         engine = off.to_dict()["graphs"]
     finally:
         off.restore()
     assert first.sequences == second.sequences == ref.sequences
-    assert beam.sequences == ref_beam.sequences
+    assert beam.sequences == again.sequences == ref_beam.sequences
+    assert all(layer.keys is k for layer, k in zip(cache.layers, keys))  # reordered in place, every step
     n = model.config.num_hidden_layers
     # first call: prefill eager, the first decode step captures each layer, the other 8 steps replay
     assert after_first == {"layers": n, "captures": n, "replays": 8 * n, "eager_calls": n, "eager_layers": {}}
     # second call: the same static cache (reset), so nothing is captured again
     assert after_second["captures"] == n and after_second["replays"] == 8 * n + 9 * n
-    # beam search keeps transformers' dynamic cache (it reorders by reallocating): every layer call eager
-    assert after_beam["captures"] == n and after_beam["replays"] == after_second["replays"]
-    assert after_beam["eager_calls"] == after_second["eager_calls"] + 10 * n
+    # beam search: its own static cache (9 sequences), captured once, reordered in place, replayed by both calls
+    assert after_beam["captures"] == 2 * n and after_beam["replays"] == after_second["replays"] + (8 + 9) * n
+    assert after_beam["eager_calls"] == after_second["eager_calls"] + 2 * n  # the two prefills
     assert engine["replays"] == after_beam["replays"]
     # restored: the layers have their own forward again
     assert all("forward" not in layer.__dict__ for layer in decoder_layers(model, moe_blocks(model)))
@@ -167,6 +171,7 @@ def test_gpu_decode_graphs_equal_the_unmodified_model_offloaded_and_all_resident
     ids, mask = random_prompts(gpu_model.config.vocab_size, [5, 9, 7], seed=2)
     kw = dict(max_new_tokens=10, ignore_eos=True)
     ref = G.generate(gpu_model, ids, mask, **kw)
+    ref_beam = G.generate(gpu_model, ids, mask, num_beams=3, **kw)
     n = gpu_model.config.num_hidden_layers
     for experts in (5, "all"):
         off = offload(gpu_model, gpu_experts=experts, device="cuda", cost_model=CM)
@@ -174,7 +179,11 @@ def test_gpu_decode_graphs_equal_the_unmodified_model_offloaded_and_all_resident
             assert off.graphs is not None  # on by default with CUDA
             got = [G.generate(off, ids, mask, **kw) for _ in range(2)]
             d = off.graphs.to_dict()
+            beams = [G.generate(off, ids, mask, num_beams=3, **kw) for _ in range(2)]
+            d_beam = off.graphs.to_dict()
         finally:
             off.restore()
         assert all(g.sequences == ref.sequences for g in got), experts
         assert d["captures"] == n and d["replays"] == 17 * n and d["eager_layers"] == {}
+        assert all(b.sequences == ref_beam.sequences for b in beams), experts  # reordered in place, replayed
+        assert d_beam["captures"] == 2 * n and d_beam["replays"] == 34 * n

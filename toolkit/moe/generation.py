@@ -302,10 +302,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         kwargs["min_new_tokens"] = int(max_new_tokens)
     kwargs.update(generate_kwargs)
     graphs = getattr(offloaded, "graphs", None)
-    if graphs is not None and int(num_beams) == 1 and not any(k in kwargs for k in ("cache", "past_key_values")):
-        # a static KV cache kept across calls: the decode graphs write it in place at fixed addresses;
-        # transformers would compile the forward for a static cache unless told not to
-        kwargs[cache_keyword(hf)] = graphs.static_cache(hf.config, B, P + int(max_new_tokens))
+    if graphs is not None and not any(k in kwargs for k in ("cache", "past_key_values")):
+        # a static KV cache kept across calls: the decode graphs write it in place at fixed addresses (beam
+        # search reorders it in place); transformers would compile the forward for a static cache unless told not to
+        kwargs[cache_keyword(hf)] = graphs.static_cache(hf.config, B * int(num_beams), P + int(max_new_tokens))
         kwargs["disable_compile"] = True
 
     if offloaded is not None:

@@ -13,12 +13,12 @@ What is captured, per decoder layer: ``input_layernorm`` -> ``self_attn``
 its routing sync, CPU experts and copies are host work, so the graphs are the
 pieces between them.
 
-When: decode passes (one new token per sequence) with a static KV cache
-(transformers' ``StaticCache``: fixed addresses, written in place) and a
-capture function (CUDA devices). Prefill, dynamic caches (beam search
-reorders its cache by reallocating it), sliding-window caches (host-side
-state) and grad mode run the same function eagerly, so results are the same
-either way.
+When: decode passes (one new token per sequence, beams included) with a
+static KV cache (transformers' ``StaticCache``: fixed addresses, written in
+place; ``static_cache`` makes beam search reorder it in place too, where
+transformers would reallocate it) and a capture function (CUDA devices).
+Prefill, dynamic caches, sliding-window caches (host-side state) and grad
+mode run the same function eagerly, so results are the same either way.
 
 How: a layer's first eligible call runs eagerly on a side stream from the
 static input tensors (the warm-up, and also this step's real work: it writes
@@ -263,6 +263,8 @@ class DecodeGraphs:
         length = -(-int(tokens) // CACHE_BLOCK) * CACHE_BLOCK
         if self._cache is None or self._cache_shape != (int(batch), length):
             self._cache = StaticCache(config=config.get_text_config(decoder=True), max_cache_len=length)
+            for layer in self._cache.layers:
+                layer.reorder_cache = functools.partial(reorder_in_place, layer)
             self._cache_shape = (int(batch), length)
         else:
             self._cache.reset()
@@ -343,10 +345,23 @@ class DecodeGraphs:
             self._last[name] = (t, v)
 
 
+def reorder_in_place(layer, beam_idx: torch.Tensor) -> None:
+    """Beam search's reorder of one cache layer, written into its own tensors [B*beams, H, L, d].
+
+    transformers' ``reorder_cache`` replaces the layer's tensors with reordered
+    copies (``index_select``); the graphs hold the old tensors' addresses, so
+    here the reordered rows are copied back into them instead.
+    """
+    if getattr(layer, "is_initialized", False):
+        idx = beam_idx.to(layer.keys.device)
+        layer.keys.copy_(layer.keys.index_select(0, idx))
+        layer.values.copy_(layer.values.index_select(0, idx))
+
+
 def graphs_line(d: dict) -> str:
     """One line on what the decode graphs did in a run (``DecodeGraphs.to_dict()``), eager layers named."""
     line = (f"{d['captures']} captured for {d['layers']} layers, {d['replays']} replays, "
-            f"{d['eager_calls']} eager layer calls (prefill, beams)")
+            f"{d['eager_calls']} eager layer calls (prefill)")
     eager = d.get("eager_layers") or {}
     if eager:
         line += "; eager for good: " + "; ".join(f"layer {k}: {v}" for k, v in eager.items())
