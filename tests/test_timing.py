@@ -631,6 +631,7 @@ def test_a_burst_preroll_of_untimed_calls_is_sized_from_the_call_and_its_launche
     assert _preroll_calls(200e3, preroll_s=0.002) == 10  # 2 ms of 0.2 ms calls
     assert _preroll_calls(0.0, preroll_s=0.002) == 0  # the call's GPU time is unknown: no preroll yet
     assert _preroll_calls(3e3, preroll_s=0.002) == MAX_BURST  # a tiny kernel: capped
+    assert _preroll_calls(100e3, host_ns=300e3) == 0  # launch-bound: its GPU idles between kernels anyway
     monkeypatch.setattr(timing, "BURST_PREROLL_S", 0.002)
     plan = _BurstPlan().after(host_ns=50e3, gpu_ns=200e3)  # the first call: 0.2 ms of work
     assert (plan.k, plan.preroll) == (4, 10)
