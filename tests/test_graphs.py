@@ -187,3 +187,30 @@ def test_gpu_decode_graphs_equal_the_unmodified_model_offloaded_and_all_resident
         assert d["captures"] == n and d["replays"] == 17 * n and d["eager_layers"] == {}
         assert all(b.sequences == ref_beam.sequences for b in beams), experts  # reordered in place, replayed
         assert d_beam["captures"] == 2 * n and d_beam["replays"] == 34 * n
+
+
+def test_the_moe_command_prints_what_the_graphs_did():
+    from toolkit.cli.moe import format_table
+
+    graphs = {"layers": 8, "captures": 8, "replays": 504, "eager_calls": 24, "eager_layers": {"3": "inputs changed"}}
+    record = {"preset": "p", "layers": 8, "device": "cuda", "gpu_experts": 14, "total_experts": 64, "scheme": "ours",
+              "policy": "static", "routing": "uniform", "cpu_threads": 15, "mode": "greedy", "num_beams": 1,
+              "batch_size": 1, "prompt_tokens": 16, "new_tokens": 64, "prefill_ms": 300.0,
+              "decode_ms": {"median": 61.2, "p90": 66.0}, "decode_tokens_per_s": 16.3, "end_to_end_ms": 4300.0,
+              "cpu_expert_calls": 300, "engine": {"graphs": graphs}}
+    line = next(x for x in format_table(record).splitlines() if x.startswith("  decode graphs"))
+    assert line.endswith("8 captured for 8 layers, 504 replays, 24 eager layer calls (prefill); "
+                         "eager for good: layer 3: inputs changed")
+    assert not any("decode graphs" in x for x in format_table({**record, "engine": {"graphs": None}}).splitlines())
+
+
+def test_no_graphs_on_the_command_line_reaches_the_settings():
+    import argparse
+
+    from toolkit.cli.moe import register, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    on = settings_from_args(parser.parse_args(["moe"]))
+    off = settings_from_args(parser.parse_args(["moe", "--no-graphs"]))
+    assert on.graphs is True and off.graphs is False
