@@ -214,3 +214,26 @@ def test_no_graphs_on_the_command_line_reaches_the_settings():
     on = settings_from_args(parser.parse_args(["moe"]))
     off = settings_from_args(parser.parse_args(["moe", "--no-graphs"]))
     assert on.graphs is True and off.graphs is False
+
+
+def test_the_profiled_decode_step_replays_the_graphs_on_a_rewound_static_cache():
+    """``MoESession.decode_step`` decodes the same position every call; with graphs it runs as generate does."""
+    import dataclasses
+
+    from toolkit.moe.baselines import get_baseline
+    from toolkit.moe.run import MoESession, MoESettings
+
+    with MoESession(MoESettings(preset="tiny-mixtral", layers=2, gpu_experts=4, device="cpu",
+                                routing="model")) as session:  # the model's router: every step routes alike
+        with session.offload() as eager:
+            fn, args, _ = session.decode_step(eager)
+            with torch.inference_mode():
+                ref = fn(*args).clone()
+        ours = dataclasses.replace(get_baseline("ours"), graphs=True)
+        with session.offload(scheme=ours) as engine:
+            fn, args, _ = session.decode_step(engine)
+            with torch.inference_mode():  # as the profiler calls it
+                got = [fn(*args).clone() for _ in range(3)]
+            d = engine.graphs.to_dict()
+    assert all(torch.allclose(g, ref, atol=1e-5) for g in got)
+    assert d["captures"] == 2 and d["replays"] == 6  # captured by decode_step itself, then replayed 3 times

@@ -345,6 +345,21 @@ class DecodeGraphs:
             self._last[name] = (t, v)
 
 
+def rewind(cache, length: int) -> bool:
+    """Set a static cache back to ``length`` positions in place (the next write goes to position ``length``).
+
+    The stale entries past it are masked and then overwritten, and the tensors
+    keep their addresses, so graphs stay valid. False (nothing changed) when a
+    layer keeps its length any other way than a tensor ``cumulative_length``.
+    """
+    layers = getattr(cache, "layers", None) or []
+    if not layers or not all(isinstance(getattr(c, "cumulative_length", None), torch.Tensor) for c in layers):
+        return False
+    for c in layers:
+        c.cumulative_length.fill_(int(length))
+    return True
+
+
 def reorder_in_place(layer, beam_idx: torch.Tensor) -> None:
     """Beam search's reorder of one cache layer, written into its own tensors [B*beams, H, L, d].
 

@@ -888,16 +888,23 @@ class MoESession:
         """fn, args and label for one decode step of ``engine`` after this session's prompt (for profiling).
 
         The KV cache is cropped back to the prompt before each step, so every step decodes the same position.
+        With decode graphs (``engine.graphs``) the step runs as ``generate`` runs it: on the graphs' static
+        cache, rewound in place, so the profile shows the replayed dense part.
         """
         import torch
         from transformers import DynamicCache
+
+        from .graphs import rewind
 
         p, s = self.preset, self.settings
         B, P = s.batch_size, s.prompt_tokens
         g = torch.Generator().manual_seed(s.seed)
         ids = torch.randint(3, p.vocab, (B, P + 1), generator=g).to(self.device)  # [B, P+1]
         cache_kw = cache_keyword(engine.model)
-        cache = DynamicCache(config=engine.model.config)
+        graphs = getattr(engine, "graphs", None)
+        cache = graphs.static_cache(engine.model.config, B, P + 1) if graphs is not None else None
+        if cache is None or not rewind(cache, 0):  # no graphs, or a static cache kept some other way: eager
+            graphs, cache = None, DynamicCache(config=engine.model.config)
         self.reset_routing()
         with torch.no_grad():
             engine.set_phase("prefill")
@@ -906,10 +913,18 @@ class MoESession:
         engine.reset_stats()
 
         def step(tok):
-            extra = cache.get_seq_length() - P
-            if extra > 0:
-                cache.crop(-extra)  # a negative count removes tokens in every transformers 5.x
+            if graphs is not None:
+                rewind(cache, P)
+            else:
+                extra = cache.get_seq_length() - P
+                if extra > 0:
+                    cache.crop(-extra)  # a negative count removes tokens in every transformers 5.x
             return engine.model(input_ids=tok, use_cache=True, **{cache_kw: cache}).logits  # [B, 1, V]
+
+        if graphs is not None:  # capture here, before any profiler runs: the profiled steps are replays
+            with torch.no_grad():
+                step(ids[:, P:])
+            engine.reset_stats()
 
         layers = f"{p.layers} layer" + ("s" if p.layers != 1 else "")
         label = (f"{p.name}, {layers}, {engine.gpu_experts} of {p.layers * p.experts} experts resident, "
