@@ -62,6 +62,35 @@ def test_offloaded_greedy_with_graphs_equals_the_unmodified_model_and_replays_ac
     assert all("forward" not in layer.__dict__ for layer in decoder_layers(model, moe_blocks(model)))
 
 
+@pytest.mark.parametrize("preset", ["tiny-olmoe", "tiny-qwen3-moe"])
+def test_other_moe_families_decode_through_the_graphs_to_the_same_ids(preset):
+    other = build_moe(preset, seed=0)
+    ids, mask = random_prompts(other.config.vocab_size, [5, 8], seed=3)
+    kw = dict(max_new_tokens=6, ignore_eos=True)
+    ref = G.generate(other, ids, mask, **kw)
+    sampled_ref = G.generate(other, ids, mask, do_sample=True, seed=5, **kw)
+    off = offload(other, gpu_experts=3, device="cpu", cost_model=CM, graphs=True)
+    try:
+        got = G.generate(off, ids, mask, **kw)
+        sampled = G.generate(off, ids, mask, do_sample=True, seed=5, **kw)
+        d = off.graphs.to_dict()
+    finally:
+        off.restore()
+    assert got.sequences == ref.sequences and sampled.sequences == sampled_ref.sequences
+    assert d["captures"] == other.config.num_hidden_layers and d["replays"] > 0
+
+
+def test_a_user_cache_choice_is_left_alone(model):
+    ids, mask = random_prompts(model.config.vocab_size, [5], seed=1)
+    off = offload(model, gpu_experts=5, device="cpu", cost_model=CM, graphs=True)
+    try:
+        G.generate(off, ids, mask, max_new_tokens=4, ignore_eos=True, cache_implementation="dynamic")
+        d = off.graphs.to_dict()
+    finally:
+        off.restore()
+    assert d["captures"] == 0 and d["replays"] == 0  # transformers' dynamic cache: every layer eager
+
+
 def test_a_new_batch_size_recaptures_and_still_equals_the_unmodified_model(model):
     kw = dict(max_new_tokens=6, ignore_eos=True)
     prompts = [random_prompts(model.config.vocab_size, lens, seed=4) for lens in ([6], [4, 8])]

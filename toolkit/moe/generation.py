@@ -302,7 +302,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         kwargs["min_new_tokens"] = int(max_new_tokens)
     kwargs.update(generate_kwargs)
     graphs = getattr(offloaded, "graphs", None)
-    if graphs is not None and not any(k in kwargs for k in ("cache", "past_key_values")):
+    if graphs is not None and not any(k in kwargs for k in ("cache", "past_key_values", "cache_implementation")):
         # a static KV cache kept across calls: the decode graphs write it in place at fixed addresses (beam
         # search reorders it in place); transformers would compile the forward for a static cache unless told not to
         kwargs[cache_keyword(hf)] = graphs.static_cache(hf.config, B * int(num_beams), P + int(max_new_tokens))
