@@ -69,7 +69,7 @@ from toolkit.moe.baselines import Baseline, get_baseline
 from toolkit.moe.costs import save_cost_model
 from toolkit.moe.memory import check_host_memory, host_memory_needed
 from toolkit.moe.presets import from_name
-from toolkit.moe.run import ANOMALY_SPREAD, MoESession, MoESettings, logits_error, round_spread
+from toolkit.moe.run import ANOMALY_SPREAD, MoESession, MoESettings, logits_check, summarize_rounds
 from toolkit.moe.schedule import SCHEDULED_SCHEMES
 from toolkit.results import RunRecord, provenance
 
@@ -181,16 +181,6 @@ def _stats(s) -> dict:
             "bytes_copied": s.bytes_copied, "cpu_tokens": s.cpu_tokens}
 
 
-def check(got, ref, tol_rel: float) -> dict | None:
-    """``logits_error`` of a configuration against all-gpu, with a pass mark relative to the largest logit."""
-    if ref is None:
-        return None
-    err = logits_error(got, ref)
-    diff, scale = max(err["prefill_max_abs_diff"], err["decode_max_abs_diff"]), err["max_abs_logit"]
-    return {**err, "max_abs_diff": diff, "rel": diff / scale if scale else math.nan, "tolerance_rel": tol_rel,
-            "pass": diff <= tol_rel * scale}
-
-
 def measure_round(bench: Bench, cfg: Config, first: bool, refs: dict, tol_rel: float) -> dict:
     """One round of a configuration: decode, prefill (and the logits check in round 1), beam."""
     a, session, scheme = bench.args, bench.sessions[cfg.routing], cfg.scheme
@@ -206,7 +196,8 @@ def measure_round(bench: Bench, cfg: Config, first: bool, refs: dict, tol_rel: f
             logits = session.probe_logits(target)
             if scheme.name == "all-gpu":
                 refs[cfg.routing] = logits
-            out["check"] = check(logits, refs.get(cfg.routing), tol_rel)
+            ref = refs.get(cfg.routing)
+            out["check"] = None if ref is None else logits_check(logits, ref, tol_rel)
         if not bench.args.no_prefill:
             out["prefill"] = bench.prefill(session, target, slow=scheme.serial or scheme.pageable_copies)
     if cfg.beam:
@@ -216,23 +207,6 @@ def measure_round(bench: Bench, cfg: Config, first: bool, refs: dict, tol_rel: f
 
 # the figure of each measure whose rounds are compared: (record part, key)
 MEASURES = (("decode", "tokens_per_s"), ("prefill", "ms"), ("beam", "steps_per_s"))
-
-
-def summarize(entry: dict, rounds: list[dict]) -> None:
-    """The entry's figures from its rounds: the median round's records, each measure's spread, anomalies."""
-    spreads = {ph: round_spread([r[ph][key] for r in rounds]) for ph, key in MEASURES if ph in rounds[0]}
-    pick = spreads["decode"]["median_round"] if spreads["decode"]["median_round"] is not None else 0
-    for ph in spreads:
-        entry[ph] = {**rounds[pick][ph], "rounds": spreads[ph]}
-    # a round slow in its mean but not its median had a few slow steps, not a slow machine
-    entry["decode"]["rounds_median_ms"] = [r["decode"]["median_ms"] for r in rounds]
-    entry["rounds"], entry["median_round"] = len(rounds), pick
-    odd = [f"{ph} {key}: {s['reason']}" for (ph, key) in MEASURES if (s := spreads.get(ph)) and s["anomalous"]]
-    entry["anomalous"] = bool(odd)
-    if odd:
-        entry["anomaly_reason"] = "; ".join(odd)
-    else:
-        entry.pop("anomaly_reason", None)
 
 
 def run_group(configs: list[Config], bench: Bench, record: dict, save, log, deadline, refs, tol_rel) -> None:
@@ -285,7 +259,7 @@ def run_group(configs: list[Config], bench: Bench, record: dict, save, log, dead
             entry.setdefault("schedule", schedule)  # round 1's choice: picked, and the candidates' ms per step
             r["decode"]["schedule"] = schedule["picked"]
             rounds[id(cfg)].append(r)
-            summarize(entry, rounds[id(cfg)])
+            summarize_rounds(entry, rounds[id(cfg)], MEASURES)
             entry["seconds"] = entry.get("seconds", 0.0) + seconds[id(cfg)]
             save()
             log(f"round {i + 1}: {_line(entry)}")

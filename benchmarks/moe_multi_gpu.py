@@ -63,11 +63,12 @@ import torch
 
 from toolkit.env import resolve_device
 from toolkit.errors import ToolkitError
+from toolkit.formatting import fmt, pct
 from toolkit.moe import roofline as R
 from toolkit.moe.costs import calibrate
 from toolkit.moe.memory import check_host_memory
 from toolkit.moe.presets import from_name
-from toolkit.moe.run import ANOMALY_SPREAD, MoESession, MoESettings, logits_error, round_spread
+from toolkit.moe.run import ANOMALY_SPREAD, MoESession, MoESettings, logits_check, summarize_rounds
 from toolkit.moe.schedule import SCHEDULE_CHOICES
 from toolkit.results import RunRecord, provenance
 
@@ -170,14 +171,6 @@ def _fraction(bound, measured_ms: float) -> float:
     return bound.ms / measured_ms if measured_ms and measured_ms > 0 else math.nan
 
 
-def check(got, ref, tol_rel: float) -> dict:
-    """``logits_error`` of the two-GPU model against the one-GPU model, with a pass mark relative to the largest logit."""
-    err = logits_error(got, ref)
-    diff, scale = max(err["prefill_max_abs_diff"], err["decode_max_abs_diff"]), err["max_abs_logit"]
-    return {**err, "max_abs_diff": diff, "rel": diff / scale if scale else math.nan, "tolerance_rel": tol_rel,
-            "against": "1-gpu", "pass": diff <= tol_rel * scale}
-
-
 def measure_round(bench: Bench, cfg: Config, first: bool, refs: dict, tol_rel: float) -> dict:
     """One round of a configuration: decode, then prefill (and the logits check in round 1) on a fresh engine."""
     session = bench.sessions[(cfg.routing, cfg.gpus)]
@@ -190,27 +183,12 @@ def measure_round(bench: Bench, cfg: Config, first: bool, refs: dict, tol_rel: f
             if cfg.gpus == 1:
                 refs[cfg.routing] = logits
             elif cfg.routing in refs:
-                out["check"] = check(logits, refs[cfg.routing], tol_rel)
+                out["check"] = {**logits_check(logits, refs[cfg.routing], tol_rel), "against": "1-gpu"}
         out["prefill"] = bench.prefill(session, engine)
     return out
 
 
 MEASURES = (("decode", "tokens_per_s"), ("prefill", "ms"))  # the figure of each measure whose rounds are compared
-
-
-def summarize(entry: dict, rounds: list[dict]) -> None:
-    """The entry's figures from its rounds: the median round's records, each measure's spread, anomalies."""
-    spreads = {ph: round_spread([r[ph][key] for r in rounds]) for ph, key in MEASURES}
-    pick = spreads["decode"]["median_round"] or 0
-    for ph in spreads:
-        entry[ph] = {**rounds[pick][ph], "rounds": spreads[ph]}
-    entry["decode"]["rounds_median_ms"] = [r["decode"]["median_ms"] for r in rounds]
-    entry["rounds"], entry["median_round"] = len(rounds), pick
-    odd = [f"{ph} {key}: {spreads[ph]['reason']}" for ph, key in MEASURES if spreads[ph]["anomalous"]]
-    entry["anomalous"] = bool(odd)
-    entry.pop("anomaly_reason", None)
-    if odd:
-        entry["anomaly_reason"] = "; ".join(odd)
 
 
 def _entry(cfg: Config, bench: Bench) -> dict:
@@ -294,7 +272,7 @@ def run_group(configs: list[Config], bench: Bench, record: dict, save, log, dead
                 continue
             record_round(entry, r)
             rounds[id(cfg)].append(r)
-            summarize(entry, rounds[id(cfg)])
+            summarize_rounds(entry, rounds[id(cfg)], MEASURES)
             entry["seconds"] = entry.get("seconds", 0.0) + seconds[id(cfg)]
             save()
             log(f"round {i + 1}: {_line(entry)}")
@@ -542,12 +520,12 @@ def targets(record: dict) -> dict:
     return out
 
 
-def _f(x, spec=".2f") -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+def _f(x, spec=".2f") -> str:  # this table's precision; a missing value reads "n/a", as everywhere
+    return fmt(x, spec)
 
 
 def _pct(x) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}%"
+    return pct(x, ".0f")
 
 
 def _spread(part: dict) -> str:

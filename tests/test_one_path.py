@@ -247,6 +247,38 @@ def test_round_spread_picks_the_median_round_and_flags_disagreement():
     assert round_spread([])["median"] is None
 
 
+def test_summarize_rounds_keeps_the_median_round_and_names_the_measure_that_disagrees():
+    from toolkit.moe.run import summarize_rounds
+
+    def rnd(tps, prefill_ms):
+        return {"decode": {"tokens_per_s": tps, "median_ms": 1e3 / tps}, "prefill": {"ms": prefill_ms}}
+
+    measures = (("decode", "tokens_per_s"), ("prefill", "ms"), ("beam", "steps_per_s"))
+    entry = {"anomaly_reason": "stale"}
+    summarize_rounds(entry, [rnd(10.0, 100.0), rnd(12.0, 150.0), rnd(11.0, 101.0)], measures)
+    assert entry["median_round"] == 2 and entry["rounds"] == 3 and "beam" not in entry  # no round had a beam
+    assert entry["decode"]["tokens_per_s"] == 11.0 and entry["prefill"]["ms"] == 101.0  # one round's records
+    assert entry["decode"]["rounds_median_ms"] == pytest.approx([100.0, 1e3 / 12, 1e3 / 11])
+    assert entry["anomalous"] and entry["anomaly_reason"] == ("decode tokens_per_s: rounds differ by 18% of their "
+                                                              "median (more than 10%); prefill ms: rounds differ by "
+                                                              "50% of their median (more than 10%)")
+    calm = {"anomaly_reason": "stale"}
+    summarize_rounds(calm, [rnd(10.0, 100.0), rnd(10.1, 100.0)], measures)
+    assert not calm["anomalous"] and "anomaly_reason" not in calm
+
+
+def test_logits_check_passes_within_the_tolerance_of_the_largest_logit():
+    import torch
+
+    from toolkit.moe.run import logits_check
+
+    ref = (torch.tensor([[4.0, -2.0]]), torch.tensor([[1.0, 3.0]]))
+    got = (ref[0] + torch.tensor([[0.06, 0.0]]), ref[1])
+    ok, tight = logits_check(got, ref, 0.02), logits_check(got, ref, 0.01)
+    assert ok["max_abs_diff"] == pytest.approx(0.06) and ok["rel"] == pytest.approx(0.015)
+    assert ok["pass"] and not tight["pass"] and tight["tolerance_rel"] == 0.01
+
+
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
     path = tmp_path_factory.mktemp("costs") / "costs.json"

@@ -320,6 +320,15 @@ def logits_error(got, ref) -> dict:
     }
 
 
+def logits_check(got, ref, tol_rel: float) -> dict:
+    """``logits_error`` of ``got`` against ``ref`` with a pass mark: the largest difference within ``tol_rel`` of the
+    largest logit (``rel`` is the difference over that scale)."""
+    err = logits_error(got, ref)
+    diff, scale = max(err["prefill_max_abs_diff"], err["decode_max_abs_diff"]), err["max_abs_logit"]
+    return {**err, "max_abs_diff": diff, "rel": diff / scale if scale else math.nan, "tolerance_rel": tol_rel,
+            "pass": diff <= tol_rel * scale}
+
+
 def round_spread(values, tolerance: float = ANOMALY_SPREAD) -> dict:
     """One configuration's rounds of a measure: values, median, min, max, spread = (max - min) / median, anomalous.
 
@@ -343,6 +352,30 @@ def round_spread(values, tolerance: float = ANOMALY_SPREAD) -> dict:
     if out["anomalous"]:
         out["reason"] = f"rounds differ by {100 * spread:.0f}% of their median (more than {100 * tolerance:.0f}%)"
     return out
+
+
+def summarize_rounds(entry: dict, rounds: list[dict], measures) -> None:
+    """A benchmark entry's figures from its rounds, in place: the median round's records, each measure's spread.
+
+    ``measures``: (record part, key) pairs, e.g. ("decode", "tokens_per_s");
+    a part the rounds do not have is left out. The first measure picks the
+    median round, whose records stand for the entry; ``anomalous`` (and
+    ``anomaly_reason``) when any measure's rounds disagree (``round_spread``).
+    """
+    spreads = {ph: round_spread([r[ph][key] for r in rounds]) for ph, key in measures if ph in rounds[0]}
+    first = measures[0][0]
+    pick = spreads[first]["median_round"] if spreads[first]["median_round"] is not None else 0
+    for ph in spreads:
+        entry[ph] = {**rounds[pick][ph], "rounds": spreads[ph]}
+    # a round slow in its mean but not its median had a few slow steps, not a slow machine
+    entry[first]["rounds_median_ms"] = [r[first]["median_ms"] for r in rounds]
+    entry["rounds"], entry["median_round"] = len(rounds), pick
+    odd = [f"{ph} {key}: {s['reason']}" for (ph, key) in measures if (s := spreads.get(ph)) and s["anomalous"]]
+    entry["anomalous"] = bool(odd)
+    if odd:
+        entry["anomaly_reason"] = "; ".join(odd)
+    else:
+        entry.pop("anomaly_reason", None)
 
 
 # -- the session --------------------------------------------------------------------------------------------
