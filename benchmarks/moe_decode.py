@@ -85,6 +85,7 @@ ROUTINGS = {"uniform": "uniform", "trace": "synthetic-mixtral"}  # record label 
 FULL_MODEL = {"preset": "mixtral-8x7b", "layers": 32, "budget": "56/256", "new_tokens": 32, "groups": "compare",
               "routings": "trace"}
 ABLATIONS = ("ours-nosplit", "ours-inline", "ours-eager", "all-gpu-eager")
+GROUPS = ("compare", "sweep", "ablation")
 # seconds one round of a configuration may take on the GPU (conservative): skipped when less than this is left;
 # later rounds use the configuration's own first round instead. Round 1 of ours measures its candidate schedules.
 EST_S = {"all-gpu": 15, "hf-eager": 15, "ours": 60, "fiddler-serial": 40, "lru-copy": 20, "copy-on-demand": 45,
@@ -307,6 +308,12 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
+    for option, known in (("schemes", SCHEMES), ("ablations", ABLATIONS), ("routings", tuple(ROUTINGS)),
+                          ("groups", GROUPS)):
+        value = getattr(args, option)
+        unknown = [x for x in (value or "").split(",") if x not in known]
+        if value is not None and unknown:  # a misspelt name would silently measure nothing
+            ap.error(f"--{option}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
     q = args.quick
     if args.full_model:
         if q:
@@ -317,7 +324,7 @@ def parse_args(argv=None):
         args.no_prefill = args.no_beam = True  # decode only
     args.budget = args.budget or "0.22"
     args.routings = args.routings or "uniform,trace"
-    args.groups = args.groups or "compare,sweep,ablation"
+    args.groups = args.groups or ",".join(GROUPS)
     args.new_tokens = args.new_tokens or (8 if q else 64)
     args.prefill_tokens = args.prefill_tokens or (32 if q else 512)
     args.beam_tokens = args.beam_tokens or (3 if q else 16)
@@ -442,7 +449,7 @@ def main(argv=None) -> int:
         ]
         deadline = lambda: args.budget_s - run.elapsed_s  # noqa: E731
         wanted = args.groups.split(",")
-        groups = [g for name, g in zip(("compare", "sweep", "ablation"), groups) if name in wanted]
+        groups = [g for name, g in zip(GROUPS, groups) if name in wanted]
         for configs in groups:
             run_group(configs, bench, record, save, log, deadline, refs, tol_rel)
         finish("complete")

@@ -386,6 +386,9 @@ def parse_args(argv=None):
         ap.error("--rounds must be >= 1")
     if args.warm_rounds < 0:
         ap.error("--warm-rounds must be >= 0")
+    unknown = [x for x in args.routings.split(",") if x not in ROUTINGS] if args.routings else []
+    if unknown:  # nothing would be measured, and the build would have been for nothing
+        ap.error(f"--routings: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(ROUTINGS)}")
     q, full = args.quick, args.full_model
     if q and full:
         ap.error("--full-model and --quick exclude each other")

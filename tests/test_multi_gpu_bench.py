@@ -130,3 +130,10 @@ def test_overlap_and_busy_arithmetic():
     assert bench.busy_s(samples, "1") == pytest.approx(3.0)
     assert bench.verdict(6.0, 8.0, 5.0).startswith("both GPUs busy")
     assert "not both busy" in bench.verdict(1.0, 8.0, 5.0)
+
+
+def test_a_misspelt_routing_is_one_line_before_anything_is_built(capsys):
+    with pytest.raises(SystemExit) as e:
+        load_benchmark("moe_multi_gpu").parse_args(["--routings", "uniform,zipf"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "--routings: unknown 'zipf'; choose from uniform, trace" in err

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from benchmark_scripts import load_benchmark
 
 
@@ -64,3 +65,12 @@ def test_bad_counts_exit_with_a_usage_error(tmp_path):
         assert e.code == 2
     else:
         raise AssertionError("--pairs 0 was accepted")
+
+
+@pytest.mark.parametrize("option, value", [("--ablations", "ours-fast"), ("--schemes", "ours,fidler-serial"),
+                                           ("--routings", "zipf"), ("--groups", "compare,sweeps")])
+def test_moe_decode_names_a_misspelt_choice_in_one_line(option, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        load_benchmark("moe_decode").parse_args([option, value])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and f"{option}: unknown" in err and "choose from" in err
