@@ -26,16 +26,19 @@ def model():
     return build_moe("tiny-mixtral", seed=0)
 
 
-def test_offloaded_greedy_with_graphs_equals_the_unmodified_model_and_replays_across_calls(model):
+@pytest.mark.parametrize("gpu_experts", [5, "all"])
+def test_offloaded_greedy_with_graphs_equals_the_unmodified_model_and_replays_across_calls(model, gpu_experts):
     ids, mask = random_prompts(model.config.vocab_size, [5, 9, 7], seed=2)  # left padding
     kw = dict(max_new_tokens=10, ignore_eos=True)
     ref = G.generate(model, ids, mask, **kw)
     ref_beam = G.generate(model, ids, mask, num_beams=3, **kw)
-    off = offload(model, gpu_experts=5, device="cpu", cost_model=CM, graphs=True)
+    off = offload(model, gpu_experts=gpu_experts, device="cpu", cost_model=CM, graphs=True)
     try:
         assert off.options.graphs and off.graphs is not None
         first = G.generate(off, ids, mask, **kw)
         after_first = off.graphs.to_dict()
+        # every decode pass counted once, replayed or not: 9 steps x 3 sequences x top-2 per layer
+        assert off.stats.activations["decode"].sum() == 9 * 3 * 2 * model.config.num_hidden_layers
         second = G.generate(off, ids, mask, **kw)
         after_second = off.graphs.to_dict()
         beam = G.generate(off, ids, mask, num_beams=3, **kw)
@@ -50,12 +53,16 @@ def test_offloaded_greedy_with_graphs_equals_the_unmodified_model_and_replays_ac
     assert beam.sequences == again.sequences == ref_beam.sequences
     assert all(layer.keys is k for layer, k in zip(cache.layers, keys))  # reordered in place, every step
     n = model.config.num_hidden_layers
+    m = n if gpu_experts == "all" else 0  # layers whose experts never leave the device: captured as well
     # first call: prefill eager, the first decode step captures each layer, the other 8 steps replay
-    assert after_first == {"layers": n, "captures": n, "replays": 8 * n, "eager_calls": n, "eager_layers": {}}
+    assert after_first == {"layers": n, "captures": n, "replays": 8 * n, "eager_calls": n, "eager_layers": {},
+                           "experts_captures": m, "experts_replays": 8 * m, "eager_experts": {}}
     # second call: the same static cache (reset), so nothing is captured again
     assert after_second["captures"] == n and after_second["replays"] == 8 * n + 9 * n
+    assert after_second["experts_captures"] == m and after_second["experts_replays"] == 17 * m
     # beam search: its own static cache (9 sequences), captured once, reordered in place, replayed by both calls
     assert after_beam["captures"] == 2 * n and after_beam["replays"] == after_second["replays"] + (8 + 9) * n
+    assert after_beam["experts_captures"] == 2 * m
     assert after_beam["eager_calls"] == after_second["eager_calls"] + 2 * n  # the two prefills
     assert engine["replays"] == after_beam["replays"]
     # restored: the layers have their own forward again
@@ -216,6 +223,48 @@ def test_gpu_decode_graphs_equal_the_unmodified_model_offloaded_and_all_resident
         assert d["captures"] == n and d["replays"] == 17 * n and d["eager_layers"] == {}
         assert all(b.sequences == ref_beam.sequences for b in beams), experts  # reordered in place, replayed
         assert d_beam["captures"] == 2 * n and d_beam["replays"] == 34 * n
+
+
+@pytest.mark.gpu
+def test_gpu_all_resident_bf16_experts_never_sync_and_replay():
+    """On CUDA in bf16 (grouped GEMMs): every expert resident, the experts of a layer run without one host sync,
+    their decode graphs replay, the counts read back equal the per-expert path's, and the ids stay close to the
+    unmodified model's (bf16: a near-tie may flip an argmax, so most, not all, must agree)."""
+    gpu_model = build_moe("tiny-mixtral", device="cuda", dtype=torch.bfloat16, seed=0)
+    ids, mask = random_prompts(gpu_model.config.vocab_size, [5, 9, 7], seed=2)
+    kw = dict(max_new_tokens=10, ignore_eos=True)
+    ref = G.generate(gpu_model, ids, mask, **kw)
+    n = gpu_model.config.num_hidden_layers
+    stats = {}
+    for sync_free in (True, False):
+        off = offload(gpu_model, gpu_experts="all", device="cuda", cost_model=CM, sync_free=sync_free)
+        try:
+            assert off.sync_free_layers == (n if sync_free else 0)
+            got = [G.generate(off, ids, mask, **kw) for _ in range(2)]
+            d = off.graphs.to_dict()
+            stats[sync_free] = off.stats.to_dict()
+            if sync_free:
+                mod = off.experts[0]
+                h = torch.randn(3, gpu_model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+                idx = torch.tensor([[0, 1], [2, 3], [1, 0]], device="cuda")
+                w = torch.full((3, 2), 0.5, device="cuda", dtype=torch.bfloat16)
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    y = mod._on_device(h, idx, w, "decode")
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                expect = torch.stack([sum(mod._expert(h[t:t + 1], *mod.gpu[int(idx[t, k])], w[t, k:k + 1], h.dtype)
+                                          for k in range(2))[0] for t in range(3)])  # the per-expert path
+                assert torch.allclose(y.float(), expect.float(), atol=2e-2, rtol=2e-2)
+        finally:
+            off.restore()
+        same = sum(a == b for g in got for a, b in zip(g.sequences, ref.sequences))
+        assert same >= 4, (sync_free, [g.sequences for g in got], ref.sequences)
+        if sync_free:
+            assert d["experts_captures"] == n and d["experts_replays"] == 17 * n and d["eager_experts"] == {}
+    for key in ("activations", "hits", "passes_used", "forwards", "gpu_expert_calls"):
+        assert stats[True][key] == stats[False][key], key
 
 
 def test_the_moe_command_prints_what_the_graphs_did():

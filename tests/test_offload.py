@@ -115,6 +115,56 @@ def test_hit_rate_all_and_none(mixtral, gpu_experts, expected):
         off.restore()
 
 
+def test_all_resident_layers_run_sync_free_with_the_same_logits_and_stats(mixtral, monkeypatch):
+    import toolkit.moe.offload as engine
+
+    ids, mask = padded_batch()
+    ref = prefill_and_decode(mixtral, ids, mask)
+    runs = {}
+    for sync_free in (False, True):
+        off = offload(mixtral, "all", device="cpu", cost_model=CPU_ALWAYS, sync_free=sync_free)
+        try:
+            assert off.sync_free_layers == (2 if sync_free else 0)
+            assert off.to_dict()["sync_free_layers"] == off.sync_free_layers
+            with monkeypatch.context() as m:
+                if sync_free:  # the per-expert path (and its routing sync) must not run at all
+                    m.setattr(engine, "_Pass", lambda *a: pytest.fail("a sync-free layer grouped its routing on the host"))
+                got = prefill_and_decode(mixtral, ids, mask)
+            assert max_diff(ref, got) < 1e-4
+            runs[sync_free] = off.stats.to_dict()
+            off.reset_stats()
+            assert off.stats.hit_rate() != off.stats.hit_rate()  # NaN: the device counts were reset too
+        finally:
+            off.restore()
+    assert runs[True] == runs[False]  # activations, hits, passes, forwards and calls counted alike
+    assert runs[True]["gpu_expert_calls"] > 0 and runs[True]["hit_rate"]["all"] == 1.0
+
+
+def test_sync_free_only_for_layers_resident_for_good(mixtral):
+    from toolkit.moe.policies import LRU
+
+    placement = np.zeros((2, 8), dtype=bool)
+    placement[0] = True  # layer 0 whole, layer 1 half
+    placement[1, :4] = True
+    ids, mask = padded_batch()
+    ref = prefill_and_decode(mixtral, ids, mask, steps=2)
+    off = offload(mixtral, None, device="cpu", placement=placement, cost_model=CPU_ALWAYS)
+    try:
+        assert [mod.sync_free for mod in off.experts] == [True, False]
+        assert max_diff(ref, prefill_and_decode(mixtral, ids, mask, steps=2)) < 1e-4
+        s = off.stats
+        assert s.per_layer("decode")[0] == 1.0 and s.per_layer("decode")[1] < 1.0
+        assert s.forwards["decode"] == 2 * 2  # two decode passes, each through both layers
+        assert s.activations["decode"].sum() == 2 * ids.shape[0] * 2 * 2  # steps x B x layers x top-2
+    finally:
+        off.restore()
+    off = offload(mixtral, "all", device="cpu", policy=LRU(), cost_model=CPU_ALWAYS)  # a cache may evict: never
+    try:
+        assert off.sync_free_layers == 0
+    finally:
+        off.restore()
+
+
 def test_decisions_follow_the_cost_model(mixtral):
     ids = torch.randint(3, 256, (2, 6))
     off = offload(mixtral, 4, device="cpu", cost_model=CPU_ALWAYS)

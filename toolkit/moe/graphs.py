@@ -11,7 +11,10 @@ What is captured, per decoder layer: ``input_layernorm`` -> ``self_attn``
 (with the static KV cache's in-place write) -> residual add ->
 ``post_attention_layernorm``. The MoE block (router and experts) stays eager:
 its routing sync, CPU experts and copies are host work, so the graphs are the
-pieces between them.
+pieces between them. Where a layer's experts never leave the device (every
+one resident: ``OffloadedExperts.sync_free``), its experts are a second graph
+(``DecodeGraphs.experts``); the router between the two stays eager, since a
+replayed trace routes from host-side state.
 
 When: decode passes (one new token per sequence, beams included) with a
 static KV cache (transformers' ``StaticCache``: fixed addresses, written in
@@ -209,17 +212,26 @@ class DecodeGraphs:
     call ``install()`` / ``restore()``. ``static_cache(...)`` gives the KV
     cache that ``generate`` should use so that graphs stay valid across calls.
     Counters ``captures``, ``replays`` and ``eager_calls`` say what ran.
+
+    The experts of a layer that never leave the device (``experts`` below: every
+    expert resident, no routing sync) are captured too, as a second graph per
+    layer (``experts_captures``, ``experts_replays``); the router between the two
+    graphs stays eager, because a replayed trace routes from host state.
     """
 
     def __init__(self, layers, capture):
         self.layers = list(layers)
         self.capturer = capture
-        self._entries: list[_Entry | None] = [None] * len(self.layers)
+        n = len(self.layers)
+        self._entries: dict[tuple[str, int], _Entry] = {}  # (part, layer) -> its graph
+        self._in_a_row: dict[tuple[str, int], int] = {}
         self._static: dict[str, torch.Tensor] = {}
         self._last: dict[str, tuple] = {}  # name -> (source tensor, its version) last copied into the static one
-        self._in_a_row = [0] * len(self.layers)
+        self._stepping = [False] * n  # layer i's dense part was graphed in this call: its experts may be too
         self.reasons: dict[int, str] = {}  # layer -> why it runs eagerly for good
+        self.experts_reasons: dict[int, str] = {}  # layer -> why its experts run eagerly for good
         self.captures = self.replays = self.eager_calls = 0
+        self.experts_captures = self.experts_replays = 0
         self._cache, self._cache_shape = None, None
         self.installed = False
 
@@ -234,7 +246,7 @@ class DecodeGraphs:
         """Give the layers their own ``forward`` back and free the graphs and the cache."""
         for layer in self.layers:
             layer.__dict__.pop("forward", None)
-        self._entries = [None] * len(self.layers)
+        self._entries.clear()
         self._static.clear()
         self._last.clear()
         self._cache = self._cache_shape = None
@@ -248,7 +260,9 @@ class DecodeGraphs:
 
     def to_dict(self) -> dict:
         return {"layers": len(self.layers), "captures": self.captures, "replays": self.replays,
-                "eager_calls": self.eager_calls, "eager_layers": {str(k): v for k, v in self.reasons.items()}}
+                "eager_calls": self.eager_calls, "eager_layers": {str(k): v for k, v in self.reasons.items()},
+                "experts_captures": self.experts_captures, "experts_replays": self.experts_replays,
+                "eager_experts": {str(k): v for k, v in self.experts_reasons.items()}}
 
     # -- the KV cache -------------------------------------------------------------------------
     def static_cache(self, config, batch: int, tokens: int):
@@ -276,11 +290,28 @@ class DecodeGraphs:
         if args:  # not how transformers calls its layers: leave such calls to the layer's own forward
             return type(layer).forward(layer, hidden_states, *args, **kwargs)
         if self._eligible(i, hidden_states, kwargs):
-            residual, normed = self._graphed(i, hidden_states, kwargs)
-        else:
-            self.eager_calls += 1
-            residual, normed = dense_part(layer, hidden_states, **kwargs)
+            residual, normed = self._dense_graphed(i, hidden_states, kwargs)
+            self._stepping[i] = True
+            try:
+                return residual + layer.mlp(normed)
+            finally:
+                self._stepping[i] = False
+        self.eager_calls += 1
+        residual, normed = dense_part(layer, hidden_states, **kwargs)
         return residual + layer.mlp(normed)
+
+    def experts(self, i: int, fn: Callable, *inputs) -> torch.Tensor:
+        """``fn(*inputs) -> tensor``, layer i's experts (inputs: tensors, and plain values that key the graph).
+
+        Replayed from a graph when layer i's dense part was graphed in this
+        call (a decode step); called as it is otherwise (prefill, eager
+        layers). ``fn`` must not leave the device: a capture runs no kernels
+        and a replay runs no Python.
+        """
+        if not self._stepping[i] or i in self.experts_reasons:
+            return fn(*inputs)
+        named = {f"experts.{j}": obj for j, obj in enumerate(inputs)}
+        return self._graphed("experts", i, lambda *a: (fn(*a),), named)[0]
 
     def _eligible(self, i: int, hidden_states: torch.Tensor, kwargs: dict) -> bool:
         if i in self.reasons or torch.is_grad_enabled() or hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
@@ -290,39 +321,51 @@ class DecodeGraphs:
         return (bool(getattr(cache, "is_compileable", False)) and layers is not None
                 and not any(getattr(c, "is_sliding", False) for c in layers))
 
-    def _graphed(self, i: int, hidden_states: torch.Tensor, kwargs: dict):
+    def _dense_graphed(self, i: int, hidden_states: torch.Tensor, kwargs: dict):
+        layer = self.layers[i]
+        return self._graphed("dense", i, lambda h, kw: dense_part(layer, h, **kw),
+                             {"hidden_states": hidden_states, "kwargs": kwargs})
+
+    def _graphed(self, part: str, i: int, fn: Callable, inputs: dict):
+        """``fn(*inputs.values())`` replayed from part ``part`` of layer i's graphs (captured first if need be)."""
         tensors, key = [], []
-        _flatten(hidden_states, "hidden_states", tensors, key)
-        _flatten(kwargs, "kwargs", tensors, key)
+        for name, obj in inputs.items():
+            _flatten(obj, name, tensors, key)
         key = tuple(key)
         static = self._static_inputs(tensors)
-        entry = self._entries[i]
+        entry = self._entries.get((part, i))
         if entry is not None and entry.key == key and all(static[n] is t for n, t in entry.static.items()):
             self._copy_inputs(tensors)
-            self._in_a_row[i] = 0
-            self.replays += 1
+            self._in_a_row[(part, i)] = 0
+            if part == "dense":
+                self.replays += 1
+            else:
+                self.experts_replays += 1
             return entry.graph.replay()
-        return self._capture(i, key, static, tensors, hidden_states, kwargs)
+        return self._capture(part, i, fn, key, static, tensors, inputs)
 
-    def _capture(self, i: int, key: tuple, static: dict, tensors: list, hidden_states, kwargs: dict):
-        layer = self.layers[i]
-        self._in_a_row[i] += 1
-        if self._in_a_row[i] > MAX_RECAPTURES:
-            self.reasons[i] = f"inputs changed on each of {MAX_RECAPTURES} calls in a row: nothing to replay"
-            self._entries[i] = None
-            self.eager_calls += 1
-            return dense_part(layer, hidden_states, **kwargs)
+    def _capture(self, part: str, i: int, fn: Callable, key: tuple, static: dict, tensors: list, inputs: dict):
+        slot = (part, i)
+        self._in_a_row[slot] = self._in_a_row.get(slot, 0) + 1
+        if self._in_a_row[slot] > MAX_RECAPTURES:
+            reasons = self.reasons if part == "dense" else self.experts_reasons
+            reasons[i] = f"inputs changed on each of {MAX_RECAPTURES} calls in a row: nothing to replay"
+            self._entries.pop(slot, None)
+            if part == "dense":
+                self.eager_calls += 1
+            return fn(*inputs.values())
         self._copy_inputs(tensors)
-        args = (static["hidden_states"],)
-        kw = _rebuild(kwargs, "kwargs", static)
-        fn = functools.partial(dense_part, layer)
-        self._entries[i] = None  # free the old graph before capturing the new one
-        out = self.capturer.warm_up(fn, args, kw)  # this step's real work
-        graph = self.capturer.capture(fn, args, kw)
-        holds = tuple(v for v in kwargs.values() if not isinstance(v, (torch.Tensor, tuple, list, dict, bool, int,
-                                                                          float, str, type(None))))
-        self._entries[i] = _Entry(key, graph, {n: static[n] for n, _ in tensors}, holds)
-        self.captures += 1
+        args = tuple(_rebuild(obj, name, static) for name, obj in inputs.items())
+        self._entries.pop(slot, None)  # free the old graph before capturing the new one
+        out = self.capturer.warm_up(fn, args, {})  # this step's real work
+        graph = self.capturer.capture(fn, args, {})
+        holds = tuple(v for obj in inputs.values() if isinstance(obj, dict) for v in obj.values()
+                      if not isinstance(v, (torch.Tensor, tuple, list, dict, bool, int, float, str, type(None))))
+        self._entries[slot] = _Entry(key, graph, {n: static[n] for n, _ in tensors}, holds)
+        if part == "dense":
+            self.captures += 1
+        else:
+            self.experts_captures += 1
         return out
 
     def _static_inputs(self, tensors: list) -> dict:
@@ -377,7 +420,12 @@ def graphs_line(d: dict) -> str:
     """One line on what the decode graphs did in a run (``DecodeGraphs.to_dict()``), eager layers named."""
     line = (f"{d['captures']} captured for {d['layers']} layers, {d['replays']} replays, "
             f"{d['eager_calls']} eager layer calls (prefill)")
+    if d.get("experts_captures"):
+        line += (f"; sync-free experts: {d['experts_captures']} captured, {d.get('experts_replays', 0)} replays")
     eager = d.get("eager_layers") or {}
     if eager:
         line += "; eager for good: " + "; ".join(f"layer {k}: {v}" for k, v in eager.items())
+    eager = d.get("eager_experts") or {}
+    if eager:
+        line += "; experts eager for good: " + "; ".join(f"layer {k}: {v}" for k, v in eager.items())
     return line

@@ -253,6 +253,7 @@ class StaticPlacement:
     """Fixed residency (the default policy); same interface as ``toolkit.moe.policies.Policy``."""
 
     name = "static"
+    static = True  # residency never changes
 
     def __init__(self, resident: np.ndarray):
         self._resident = np.asarray(resident, dtype=bool).copy()
@@ -334,6 +335,57 @@ def _initial_residency(placement, policy, gpu_experts, n_layers, n_experts):
 
 
 # -- the engine ------------------------------------------------------------------------------------
+
+def grouped_mm_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` runs for these weights: any dtype on the CPU, bf16 on a CUDA GPU
+    of compute capability 8.0 or newer (its CUTLASS kernels)."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+class _DeviceCounts:
+    """The statistics of sync-free passes, counted on the device and read back when someone reads the stats.
+
+    A sync-free pass never brings its routing to the host, so its counts stay
+    where they are computed: per phase an int64 tensor [3, L, E] of
+    activations, passes used and (in column 0) forward passes. The tensors
+    are zeroed in place, never replaced, so a captured graph keeps adding to them.
+    """
+
+    def __init__(self, n_layers: int, n_experts: int, device: torch.device):
+        with persistent():
+            self.t = {p: torch.zeros(3, n_layers, n_experts, dtype=torch.int64, device=device) for p in PHASES}
+        self.used = False
+
+    def record(self, phase: str, layer: int, counts: torch.Tensor) -> None:
+        """counts: int64 [E] tokens per expert of one pass of ``layer``."""
+        t = self.t[phase]
+        t[0, layer] += counts
+        t[1, layer] += counts > 0
+        t[2, layer, 0] += 1
+        self.used = True
+
+    def fold(self, stats: ExpertStats) -> None:
+        """Add the counts to ``stats`` (every expert of these passes was resident: each activation a hit)."""
+        if not self.used:
+            return
+        for p, t in self.t.items():
+            act, passes, fwd = t.cpu().numpy()  # the one sync, when the stats are read
+            stats.activations[p] += act
+            stats.hits[p] += act
+            stats.passes_used[p] += passes
+            stats.passes_hit[p] += passes
+            stats.forwards[p] += int(fwd[:, 0].sum())
+            stats.gpu_expert_calls += int(passes.sum())
+            t.zero_()
+
+    def reset(self) -> None:
+        for t in self.t.values():
+            t.zero_()
+
 
 class _Slot:
     """One reused GPU staging buffer for a copied expert; ``free``: the event after its last compute."""
@@ -439,6 +491,20 @@ class OffloadedExperts(nn.Module):
         self.gpu: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # resident expert -> (gate_up [2I, D], down [D, I])
         # resident expert -> index into engine.devices (several devices only; else every one is on engine.device)
         self.tier: dict[int, int] = {}
+        # every expert resident for good on the engine's device: stacked [E, 2I, D], [E, D, I], and the passes
+        # run sync-free (``_on_device``); self.gpu then holds views of the stacks
+        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None
+        dev = engine.device
+        if (engine.options.sync_free and tiers is None and bool(np.all(resident))
+                and getattr(engine.policy, "static", False) and grouped_mm_usable(dev, host_gate_up.dtype)):
+            if dev.type == "cpu":
+                self.stacked = (host_gate_up, host_down)
+            else:
+                with persistent():
+                    self.stacked = (host_gate_up.to(dev), host_down.to(dev))
+            for e in range(self.n_experts):
+                self.gpu[e] = (self.stacked[0][e], self.stacked[1][e])
+            return
         for e in np.flatnonzero(resident):
             if tiers is not None:
                 self.tier[int(e)] = int(tiers[e])
@@ -501,7 +567,45 @@ class OffloadedExperts(nn.Module):
                 h.copy_(self._gate_up(x[s:s + n], self.cpu_gate_up[e], k, self.intermediate))
         return y, h
 
+    @property
+    def sync_free(self) -> bool:
+        """Whether a pass of this layer runs without the host (every expert resident): it can be captured."""
+        return self.stacked is not None
+
+    def _on_device(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                   phase: str) -> torch.Tensor:
+        """Every expert resident: one grouped GEMM per projection over the (token, slot) rows sorted by expert.
+
+        Nothing comes back to the host (no routing sync, counts kept on the
+        device), so the host runs ahead and the pass can be replayed from a CUDA
+        graph. The same arithmetic as ``_expert`` per expert: act(gate) * up,
+        down, times the routing weight, added into the output in expert order.
+        """
+        eng, K = self.engine, top_k_index.shape[1]
+        flat = top_k_index.reshape(-1)  # [T*K] expert of each (token, slot)
+        order = torch.sort(flat, stable=True).indices  # [T*K] positions grouped by expert
+        counts = torch.zeros(self.n_experts, dtype=torch.int64, device=flat.device)
+        counts.index_add_(0, flat, torch.ones_like(flat))  # [E] (bincount would sync for its length)
+        offs = counts.cumsum(0).to(torch.int32)  # [E] end of each expert's rows
+        tok = order // K  # [T*K]
+        gate_up, down = self.stacked  # [E, 2I, D], [E, D, I]
+        h = F.grouped_mm(hidden[tok], gate_up.transpose(1, 2), offs=offs)  # [T*K, 2I]
+        gate, up = h.chunk(2, dim=-1)  # [T*K, I] each
+        y = F.grouped_mm(self.act_fn(gate) * up, down.transpose(1, 2), offs=offs)  # [T*K, D]
+        y = (y * top_k_weights.reshape(-1)[order][:, None]).to(hidden.dtype)
+        eng.device_counts.record(phase, self.layer, counts)
+        if eng.recorder is not None:
+            eng.recorder.observe(self.layer, phase, top_k_index, top_k_weights)
+        return torch.zeros_like(hidden).index_add_(0, tok, y)  # [T, D]
+
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.stacked is not None:
+            eng = self.engine
+            with _label(f"moe.gpu_experts[L{self.layer}]"):
+                if eng.graphs is not None and eng.recorder is None:  # a recorder must see every pass: no replays
+                    return eng.graphs.experts(self.layer, self._on_device, hidden, top_k_index, top_k_weights,
+                                              eng.phase)
+                return self._on_device(hidden, top_k_index, top_k_weights, eng.phase)
         eng, layer = self.engine, self.layer
         phase = eng.phase
 
@@ -526,23 +630,23 @@ class OffloadedExperts(nn.Module):
 
         if eng.serial:
             job = None
-            eng.stats.record(phase, layer, counts, resident_used)
+            eng._stats.record(phase, layer, counts, resident_used)
         else:
             job = self._start_cpu(p, cpu_experts, split)  # first: the CPU's work is the long pole
-            eng.stats.record(phase, layer, counts, resident_used)  # bookkeeping while it runs
+            eng._stats.record(phase, layer, counts, resident_used)  # bookkeeping while it runs
         fresh = {e: eng.new_weights(self, e) for e, kept in jobs if kept}  # allocated before the side stream waits
         args = (p, resident_used, cpu_experts, jobs, fresh, split)
         out = self._serial(*args) if eng.serial else self._overlapped(*args, job)
 
-        eng.stats.gpu_expert_calls += len(resident_used)
-        eng.stats.cpu_expert_calls += len(cpu_experts)
-        eng.stats.cpu_tokens += int(counts[cpu_experts].sum()) + (int(counts[split[0]]) if split else 0)
-        eng.stats.copy_expert_calls += len(copy_experts)
-        eng.stats.prefetch_calls += len(jobs) - len(copy_experts)
-        eng.stats.bytes_copied += len(jobs) * self.expert_bytes
+        eng._stats.gpu_expert_calls += len(resident_used)
+        eng._stats.cpu_expert_calls += len(cpu_experts)
+        eng._stats.cpu_tokens += int(counts[cpu_experts].sum()) + (int(counts[split[0]]) if split else 0)
+        eng._stats.copy_expert_calls += len(copy_experts)
+        eng._stats.prefetch_calls += len(jobs) - len(copy_experts)
+        eng._stats.bytes_copied += len(jobs) * self.expert_bytes
         if split:
-            eng.stats.split_expert_calls += 1
-            eng.stats.bytes_copied += self._split_bytes(split[1])
+            eng._stats.split_expert_calls += 1
+            eng._stats.bytes_copied += self._split_bytes(split[1])
         for e in evict:
             self.gpu.pop(int(e), None)
         for e in fresh:
@@ -804,7 +908,9 @@ class EngineOptions:
     cpu_threads / cpu_dtype: the CPU experts' intra-op threads and dtype.
     graphs: replay the dense part of decode steps from CUDA graphs
     (``toolkit.moe.graphs``; on a CPU device the same static-input path runs
-    eagerly, which tests use).
+    eagerly, which tests use). sync_free: a layer whose experts are all
+    resident for good (a static placement) runs them as grouped GEMMs without
+    bringing its routing to the host (``OffloadedExperts._on_device``).
     """
 
     cpu_threads: int
@@ -816,6 +922,7 @@ class EngineOptions:
     overlap: bool = False
     copy_slots: int = 2
     graphs: bool = False
+    sync_free: bool = True
 
     @property
     def splits(self) -> bool:
@@ -863,7 +970,8 @@ class Offloaded:
         self._orig_gates = [b.gate for b in blocks]
         self._phase, self._phase_mode = "prefill", "auto"
         n_experts = self._originals[0].gate_up_proj.shape[0]
-        self.stats = ExpertStats(len(blocks), n_experts)
+        self._stats = ExpertStats(len(blocks), n_experts)
+        self.device_counts = _DeviceCounts(len(blocks), n_experts, device)  # the sync-free passes' counts
         self.copy_slots = copy_slots
         self._slots: list[_Slot] = []
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -1076,7 +1184,18 @@ class Offloaded:
 
     @property
     def n_experts(self) -> int:
-        return self.stats.n_experts
+        return self._stats.n_experts
+
+    @property
+    def stats(self) -> ExpertStats:
+        """Activations, hits and counters so far (``ExpertStats``), the sync-free passes' device counts included."""
+        self.device_counts.fold(self._stats)
+        return self._stats
+
+    @property
+    def sync_free_layers(self) -> int:
+        """Layers whose experts are all resident for good: their passes run without a routing sync."""
+        return sum(mod.stacked is not None for mod in self.experts)
 
     @property
     def active(self) -> bool:
@@ -1089,7 +1208,8 @@ class Offloaded:
 
     def reset_stats(self) -> None:
         self._check_active()  # generate() starts here: a restored engine would report experts it no longer has
-        self.stats.reset()
+        self.device_counts.reset()
+        self._stats.reset()
         self.device_rows = [0] * len(self.devices)
 
     def __call__(self, *args, **kwargs):
@@ -1109,7 +1229,7 @@ class Offloaded:
             "device": str(self.device), "policy": getattr(self.policy, "name", type(self.policy).__name__),
             "cpu_threads": self.cpu_threads, "cpu_dtype": dtype_name(self.cpu_dtype), "copy_slots": self.copy_slots,
             "overlap": self.executor is not None, "decision": self.decision, "serial": self.serial,
-            "pageable_copies": self.pageable_copies, "split": self.split,
+            "pageable_copies": self.pageable_copies, "split": self.split, "sync_free_layers": self.sync_free_layers,
             "graphs": self.graphs.to_dict() if self.graphs is not None else None,
             "placement": self.placement.astype(int).tolist(),
             "cost_model": self.cost_model.to_dict(), "stats": self.stats.to_dict(),
@@ -1129,6 +1249,7 @@ class Offloaded:
             self.graphs = None
         for mod in self.experts:  # free the GPU tier first: the experts may be moving back to the GPU
             mod.gpu.clear()
+            mod.stacked = None
             mod._pageable = None  # drop pageable clones
         self._slots.clear()
         if self.device.type == "cuda":
@@ -1167,7 +1288,7 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
             cost_model: CostModel | str | os.PathLike | None = None, routing=None, cpu_threads: int | None = None,
             copy_slots: int = 2, overlap: bool | None = None, *, decision: str = "makespan", serial: bool = False,
             pageable_copies: bool = False, split: bool = True, devices=None, devices_budget=None,
-            ranking=None, graphs: bool | None = None) -> Offloaded:
+            ranking=None, graphs: bool | None = None, sync_free: bool = True) -> Offloaded:
     """Split the experts of ``model`` between the GPU (``gpu_experts`` of them in total, or "all") and the CPU.
 
     placement: bool [L, E] (which experts), numeric [L, E] (a popularity
@@ -1187,7 +1308,11 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     split: let the makespan decision split one expert per layer between the
     copy path and the CPU. graphs: replay the dense part of each decode step's
     layers from CUDA graphs (``toolkit.moe.graphs``; default: on with CUDA;
-    ``generate`` then gives transformers a static KV cache).
+    ``generate`` then gives transformers a static KV cache). sync_free: a
+    layer whose experts are all resident under a static placement runs them
+    as two grouped GEMMs without bringing its routing to the host (no sync;
+    its counts stay on the device until the stats are read); False keeps the
+    per-expert path with its one sync per layer.
 
     Several devices of one host (``devices``, e.g. ["cuda:0", "cuda:1"]; the
     first is ``device``): the dense part stays on ``device``, the resident
@@ -1278,7 +1403,7 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
         graphs = device.type == "cuda"
     options = EngineOptions(cpu_threads=cpu_threads, cpu_dtype=cpu_dtype, decision=decision, serial=bool(serial),
                             pageable_copies=bool(pageable_copies), split=bool(split), overlap=bool(overlap),
-                            copy_slots=int(copy_slots), graphs=bool(graphs))
+                            copy_slots=int(copy_slots), graphs=bool(graphs), sync_free=bool(sync_free))
     off = Offloaded(model, blocks, policy=policy, resident=resident, device=device, cost_model=cost_model,
                     routing=routing, gpu_experts=gpu_experts, original_devices=orig_devices, options=options,
                     devices=devices, tiers=tiers)
