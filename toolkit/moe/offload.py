@@ -67,6 +67,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from ..errors import ToolkitError
+from . import gemv
 from .costs import CostModel, choose_threads, dtype_name, expert_forward, torch_threads
 from .graphs import CudaCapture, DecodeGraphs, EagerCapture, decoder_layers
 from .phases import PHASES
@@ -574,28 +575,36 @@ class OffloadedExperts(nn.Module):
 
     def _on_device(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                    phase: str) -> torch.Tensor:
-        """Every expert resident: one grouped GEMM per projection over the (token, slot) rows sorted by expert.
+        """Every expert resident: the experts chosen on the device, so nothing comes back to the host.
 
-        Nothing comes back to the host (no routing sync, counts kept on the
-        device), so the host runs ahead and the pass can be replayed from a CUDA
-        graph. The same arithmetic as ``_expert`` per expert: act(gate) * up,
-        down, times the routing weight, added into the output in expert order.
+        No routing sync, counts kept on the device: the host runs ahead and the
+        pass can be replayed from a CUDA graph. A few (token, slot) rows (decode)
+        go through the expert GEMV (``toolkit.moe.gemv``); more rows, or no
+        Triton, through one grouped GEMM per projection over the rows sorted by
+        expert. The same arithmetic as ``_expert``: act(gate) * up, down, times
+        the routing weight, summed over the token's experts.
         """
-        eng, K = self.engine, top_k_index.shape[1]
+        eng, (T, K) = self.engine, top_k_index.shape
         flat = top_k_index.reshape(-1)  # [T*K] expert of each (token, slot)
-        order = torch.sort(flat, stable=True).indices  # [T*K] positions grouped by expert
         counts = torch.zeros(self.n_experts, dtype=torch.int64, device=flat.device)
         counts.index_add_(0, flat, torch.ones_like(flat))  # [E] (bincount would sync for its length)
+        eng.device_counts.record(phase, self.layer, counts)
+        if eng.recorder is not None:
+            eng.recorder.observe(self.layer, phase, top_k_index, top_k_weights)
+        gate_up, down = self.stacked  # [E, 2I, D], [E, D, I]
+        if gemv.usable(hidden.device, T * K):
+            x = hidden[:, None].expand(T, K, hidden.shape[1]).reshape(T * K, -1)  # [T*K, D] row t*K + k
+            gate, up = gemv.expert_gemv(x, flat, gate_up).chunk(2, dim=-1)  # [T*K, I] each
+            y = gemv.expert_gemv(self.act_fn(gate) * up, flat, down)  # [T*K, D]
+            y = (y * top_k_weights.reshape(-1, 1)).to(hidden.dtype)
+            return y.view(T, K, -1).sum(dim=1)  # [T, D]
+        order = torch.sort(flat, stable=True).indices  # [T*K] positions grouped by expert
         offs = counts.cumsum(0).to(torch.int32)  # [E] end of each expert's rows
         tok = order // K  # [T*K]
-        gate_up, down = self.stacked  # [E, 2I, D], [E, D, I]
         h = F.grouped_mm(hidden[tok], gate_up.transpose(1, 2), offs=offs)  # [T*K, 2I]
         gate, up = h.chunk(2, dim=-1)  # [T*K, I] each
         y = F.grouped_mm(self.act_fn(gate) * up, down.transpose(1, 2), offs=offs)  # [T*K, D]
         y = (y * top_k_weights.reshape(-1)[order][:, None]).to(hidden.dtype)
-        eng.device_counts.record(phase, self.layer, counts)
-        if eng.recorder is not None:
-            eng.recorder.observe(self.layer, phase, top_k_index, top_k_weights)
         return torch.zeros_like(hidden).index_add_(0, tok, y)  # [T, D]
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
