@@ -18,6 +18,7 @@ difference from ``F.linear``. Saved to OUT/expert_gemv.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 from pathlib import Path
@@ -59,6 +60,29 @@ def gemv_with(x, index, weight, bn: int, bk: int, warps: int):
     return out
 
 
+def measure_case(ids: list[int], w: torch.Tensor, n_experts: int) -> dict:
+    """One projection's weights w [E, N, K] for rows routed to ``ids``: each kernel's time, rate and error."""
+    index = torch.tensor(ids, device="cuda")
+    order = torch.sort(index, stable=True).indices
+    counts = torch.zeros(n_experts, dtype=torch.int64, device="cuda").index_add_(0, index, torch.ones_like(index))
+    offs = counts.cumsum(0).to(torch.int32)
+    x = torch.randn(len(ids), w.shape[2], device="cuda", dtype=torch.bfloat16)
+    used_mb = len(set(ids)) * w[0].numel() * 2 / 1e6  # each used expert's weights, once
+    ref = torch.stack([F.linear(x[r], w[e]) for r, e in enumerate(ids)])
+    case = {"used_experts": len(set(ids)), "used_mb": used_mb,
+            "linear_per_row_ms": time_ms(lambda: [F.linear(x[r:r + 1], w[e]) for r, e in enumerate(ids)]),
+            "grouped_mm_ms": time_ms(lambda: F.grouped_mm(x[order], w.transpose(1, 2), offs=offs)),
+            "gemv_ms": time_ms(lambda: gemv.expert_gemv(x, index, w)),
+            "gemv_max_abs_diff": float((gemv.expert_gemv(x, index, w).float() - ref.float()).abs().max()),
+            "grid_ms": {}}
+    for bn, bk, warps in GRID:
+        case["grid_ms"][f"{bn}/{bk}/{warps}"] = time_ms(functools.partial(gemv_with, x, index, w, bn, bk, warps),
+                                                        rounds=1)
+    for k in ("linear_per_row", "grouped_mm", "gemv"):
+        case[f"{k}_tbs"] = used_mb / case[f"{k}_ms"] / 1e6 * 1e3
+    return case
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="out")
@@ -69,31 +93,16 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available() or not gemv.usable(torch.device("cuda"), 1):
         p.error("needs a CUDA GPU and Triton")
     torch.manual_seed(0)
-    E, D, I = a.experts, a.hidden, a.intermediate
-    weights = {"gate_up": torch.randn(E, 2 * I, D, device="cuda", dtype=torch.bfloat16) * 0.02,
-               "down": torch.randn(E, D, I, device="cuda", dtype=torch.bfloat16) * 0.02}
+    E, D, inter = a.experts, a.hidden, a.intermediate
+    weights = {"gate_up": torch.randn(E, 2 * inter, D, device="cuda", dtype=torch.bfloat16) * 0.02,
+               "down": torch.randn(E, D, inter, device="cuda", dtype=torch.bfloat16) * 0.02}
     result = {"benchmark": "expert_gemv",
               "provenance": provenance("cuda", " ".join(["expert_gemv.py", *(argv or sys.argv[1:])])),
-              "settings": {"experts": E, "hidden": D, "intermediate": I, "dtype": "bfloat16",
+              "settings": {"experts": E, "hidden": D, "intermediate": inter, "dtype": "bfloat16",
                            "engine_block_n": gemv.BLOCK_N, "max_rows": gemv.MAX_ROWS}, "cases": {}}
     for rows, ids in ROWS.items():
-        index = torch.tensor(ids, device="cuda")
-        order = torch.sort(index, stable=True).indices
-        counts = torch.zeros(E, dtype=torch.int64, device="cuda").index_add_(0, index, torch.ones_like(index))
-        offs = counts.cumsum(0).to(torch.int32)
         for name, w in weights.items():
-            x = torch.randn(len(ids), w.shape[2], device="cuda", dtype=torch.bfloat16)
-            used_mb = len(set(ids)) * w[0].numel() * 2 / 1e6  # each used expert's weights, once
-            ref = torch.stack([F.linear(x[r], w[e]) for r, e in enumerate(ids)])
-            case = {"used_experts": len(set(ids)), "used_mb": used_mb,
-                    "linear_per_row_ms": time_ms(lambda: [F.linear(x[r:r + 1], w[e]) for r, e in enumerate(ids)]),
-                    "grouped_mm_ms": time_ms(lambda: F.grouped_mm(x[order], w.transpose(1, 2), offs=offs)),
-                    "gemv_ms": time_ms(lambda: gemv.expert_gemv(x, index, w)),
-                    "gemv_max_abs_diff": float((gemv.expert_gemv(x, index, w).float() - ref.float()).abs().max())}
-            case["grid_ms"] = {f"{bn}/{bk}/{wp}": time_ms(lambda: gemv_with(x, index, w, bn, bk, wp), rounds=1)
-                               for bn, bk, wp in GRID}
-            for k in ("linear_per_row", "grouped_mm", "gemv"):
-                case[f"{k}_tbs"] = used_mb / case[f"{k}_ms"] / 1e6 * 1e3
+            case = measure_case(ids, w, E)
             result["cases"][f"{name}, {rows} rows"] = case
             print(f"{name:8s} {rows:17s} linear {case['linear_per_row_ms']:.3f} ms  grouped_mm "
                   f"{case['grouped_mm_ms']:.3f} ms ({case['grouped_mm_tbs']:.2f} TB/s)  gemv {case['gemv_ms']:.3f} ms "
