@@ -34,6 +34,10 @@
 # made the offloaded decode 1.47x faster at 14 of 64 experts (16.2 against 11.0 tokens/s, 94% of
 # the host-memory roofline). The MoE block stays eager: its routing decides, on the host, what the
 # CPU computes and what is copied. `MoESettings(graphs=False)` (`moe --no-graphs`) turns it off.
+# A layer whose experts are all resident never syncs: its experts are chosen on the device (a
+# Triton GEMV for decode rows) and replayed from a second graph; with every expert resident an
+# H200 decoded 216.6 tokens/s at 8 layers (2.25x transformers' eager `generate`) and 71.8 at 32
+# layers (3.40x).
 
 # %%
 # %matplotlib inline

@@ -208,7 +208,7 @@ def write_fake_recordings(gpu_dir):
     runs += [{"kind": "sweep", "scheme": "ours", "routing": "trace", "budget": k, "decode": dec(10.0 + k, 15.0, k / 64),
               "prefill": {"ms": 500.0 - k}} for k in (0, 32, 64)]
     runs += [{"kind": "compare", "scheme": "copy-on-demand", "routing": "trace", "budget": 14, "skipped": "time"}]
-    for name in ("moe_decode.json", "moe_decode_h200.json"):
+    for name in ("moe_decode.json", "moe_decode_h200.json", "moe_decode_h200_full.json"):
         save_json({"provenance": GPU_ENV, "settings": {"total_experts": 64}, "runs": runs}, gpu_dir / name)
 
     def measure(key, value, bound_ms, spread):
