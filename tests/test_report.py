@@ -239,8 +239,8 @@ def test_multi_gpu_recording_judges_decode_and_prefill_apart(tmp_path):
 
 def test_recorded_readers_rebuild_frames_from_the_benchmark_files(tmp_path):
     rec = recorded.recorded_results(write_fake_recordings(tmp_path))
-    assert sorted(rec) == ["batch_search", "moe_decode", "moe_decode_h200", "moe_engine", "moe_multi_gpu",
-                           "profile_cases", "timer_agreement"]
+    assert sorted(rec) == ["batch_search", "moe_decode", "moe_decode_h200", "moe_decode_h200_full", "moe_engine",
+                           "moe_multi_gpu", "profile_cases", "timer_agreement"]
     audit = recorded.recorded_pitfalls(rec["timer_agreement"])
     assert audit.attrs["correct"].median_ms == 2.0 and list(audit["pitfall"])[0] == "copy_in_timed_region"
     assert plots.pitfall_frame(audit)["ratio"].tolist() == pytest.approx([1.5, 10.0, 0.1, 1.1, 200.0 / 1.8])
