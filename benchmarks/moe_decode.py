@@ -19,7 +19,8 @@ OUT/moe_decode.json after every measurement so an interruption keeps what was me
    ends, under the trace); ours with its schedule fixed rather than measured: no split (``ours-nosplit``,
    the worker thread on a GPU) and inline, no worker thread (``ours-inline``); ours and all-gpu with the
    dense part of decode steps eager instead of replayed from CUDA graphs (``ours-eager``, its schedule the
-   engine's default; ``all-gpu-eager``); all-gpu with its experts through the per-expert path and its
+   engine's default; ``all-gpu-eager``); ours with the next layer's copies started during a prefill
+   layer (``ours-lookahead``); all-gpu with its experts through the per-expert path and its
    routing sync instead of the sync-free grouped GEMMs (``all-gpu-sync``) (``ablation``);
 4. each configuration is measured ``--rounds`` times (default 3), round-robin within its group (round
    1 of every configuration, then round 2, ...), so a slow spell of the machine hits all alike. A round
@@ -85,7 +86,7 @@ ROUTINGS = {"uniform": "uniform", "trace": "synthetic-mixtral"}  # record label 
 # --full-model: Mixtral-8x7B whole, 56 of its 256 experts on the GPU, decode only
 FULL_MODEL = {"preset": "mixtral-8x7b", "layers": 32, "budget": "56/256", "new_tokens": 32, "groups": "compare",
               "routings": "trace"}
-ABLATIONS = ("ours-nosplit", "ours-inline", "ours-eager", "all-gpu-eager", "all-gpu-sync")
+ABLATIONS = ("ours-nosplit", "ours-inline", "ours-eager", "ours-lookahead", "all-gpu-eager", "all-gpu-sync")
 GROUPS = ("compare", "sweep", "ablation")
 # seconds one round of a configuration may take on the GPU (conservative): skipped when less than this is left;
 # later rounds use the configuration's own first round instead. Round 1 of ours measures its candidate schedules.
@@ -445,6 +446,7 @@ def main(argv=None) -> int:
              for base, variant, change, k in ((ours, "ours-nosplit", {"split": False}, budget),
                                               (ours, "ours-inline", {"overlap": False}, budget),
                                               (ours, "ours-eager", {"graphs": False}, budget),
+                                              (ours, "ours-lookahead", {"lookahead": True}, budget),
                                               (get_baseline("all-gpu"), "all-gpu-eager", {"graphs": False}, total),
                                               (get_baseline("all-gpu"), "all-gpu-sync", {"sync_free": False}, total))
              if variant in args.ablations.split(",")],

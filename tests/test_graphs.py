@@ -280,6 +280,12 @@ def test_the_moe_command_prints_what_the_graphs_did():
     assert line.endswith("8 captured for 8 layers, 504 replays, 24 eager layer calls (prefill); "
                          "eager for good: layer 3: inputs changed")
     assert not any("decode graphs" in x for x in format_table({**record, "engine": {"graphs": None}}).splitlines())
+    assert not any("sync-free" in x for x in format_table(record).splitlines())
+    both = {**graphs, "experts_captures": 8, "experts_replays": 504}
+    lines = format_table({**record, "gpu_experts": 64, "engine": {"graphs": both, "sync_free_layers": 8}}).splitlines()
+    assert "sync-free experts: 8 captured, 504 replays" in next(x for x in lines if x.startswith("  decode graphs"))
+    assert next(x for x in lines if x.startswith("  sync-free layers")).endswith(
+        "8 of 8 (every expert resident: the routing stays on the device)")
 
 
 def test_no_graphs_on_the_command_line_reaches_the_settings():

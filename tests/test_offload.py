@@ -165,6 +165,57 @@ def test_sync_free_only_for_layers_resident_for_good(mixtral):
         off.restore()
 
 
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_lookahead_starts_the_next_layers_copies_during_prefill_only(mixtral, monkeypatch, lookahead):
+    ids, mask = padded_batch()  # 27 prefill tokens: a long pass; decode passes have 3
+    ref = prefill_and_decode(mixtral, ids, mask)
+    off = offload(mixtral, 0, device="cpu", cost_model=COPY_ALWAYS, lookahead=lookahead)
+    events = []
+    real_copy, real_forward = off.copy_in, OffloadedExperts.forward
+    monkeypatch.setattr(off, "copy_in", lambda mod, e, *a, **k: events.append(("copy", mod.layer, e, off.phase))
+                        or real_copy(mod, e, *a, **k))
+
+    def forward(mod, *args):
+        events.append(("forward", mod.layer, None, off.phase))
+        return real_forward(mod, *args)
+
+    monkeypatch.setattr(OffloadedExperts, "forward", forward)
+    try:
+        got = prefill_and_decode(mixtral, ids, mask)
+        s = off.stats
+    finally:
+        off.restore()
+    assert max_diff(ref, got) < 1e-4
+    prefill = [ev for ev in events if ev[3] == "prefill"]
+    early = [ev for ev in prefill[:prefill.index(("forward", 1, None, "prefill"))] if ev[:2] == ("copy", 1)]
+    assert len(early) == (2 if lookahead else 0)  # as many as the two staging slots hold
+    assert s.lookahead_copies == len(early)
+    layer1 = [ev[2] for ev in prefill if ev[:2] == ("copy", 1)]
+    assert len(layer1) == len(set(layer1))  # an expert copied ahead is not copied again
+    used = set(np.flatnonzero(s.activations["prefill"][1]).tolist())
+    assert used <= set(layer1)  # every used expert copied (none runs on the CPU at these costs)
+    assert s.split_expert_calls == 0
+    assert s.bytes_copied == sum(ev[0] == "copy" for ev in events) * off.bytes_per_expert  # each copy counted once
+    decode = [ev for ev in events if ev[3] == "decode"]
+    for i, ev in enumerate(decode):  # decode passes copy only after their own routing
+        if ev[0] == "copy":
+            assert ("forward", ev[1], None, "decode") in decode[:i]
+
+
+def test_lookahead_copies_nobody_uses_give_their_slots_back(mixtral):
+    off = offload(mixtral, 0, device="cpu", cost_model=COPY_ALWAYS, lookahead=True, copy_slots=3)
+    try:
+        off.look_ahead(1, rows=64)
+        assert sorted(e for _, e in off._ahead) == [0, 1, 2] and not off.slot_available()
+        taken = off.take_lookahead(1, missed=np.array([2, 5]))
+        assert list(taken) == [2] and off._ahead == {}
+        assert sum(not s.busy for s in off._slots) == 2  # experts 0 and 1 were released
+        off.look_ahead(len(off.experts), rows=64)  # past the last layer: nothing
+        assert off._ahead == {}
+    finally:
+        off.restore()
+
+
 def test_decisions_follow_the_cost_model(mixtral):
     ids = torch.randint(3, 256, (2, 6))
     off = offload(mixtral, 4, device="cpu", cost_model=CPU_ALWAYS)

@@ -226,6 +226,10 @@ def format_table(r: dict) -> str:
     graphs = (r.get("engine") or {}).get("graphs")
     if graphs:
         lines.append(f"  decode graphs                  {graphs_line(graphs)}")
+    sync_free = (r.get("engine") or {}).get("sync_free_layers")
+    if sync_free:
+        lines.append(f"  sync-free layers               {sync_free} of {r['layers']} (every expert resident: "
+                     "the routing stays on the device)")
     if auto_on_cpu:
         lines.insert(2, "  (on a CPU both tiers are host memory: --gpu-experts auto keeps every expert resident; "
                         "give a number to exercise the offload path)")

@@ -70,6 +70,7 @@ class Baseline:
     token_cap: int | None = None  # measure decode over at most this many tokens (slow schemes)
     graphs: bool | None = None  # decode steps' dense part from CUDA graphs; None: the engine's default (on with CUDA)
     sync_free: bool = True  # layers with every expert resident skip the routing sync (grouped GEMMs on the device)
+    lookahead: bool = False  # prefill: the next layer's copies start while this layer computes
 
     def placement_for(self, budget: int, n_layers: int, n_experts: int, popularity=None) -> np.ndarray:
         """Initial residency, bool [L, E]."""
@@ -91,7 +92,8 @@ class Baseline:
     def offload_kwargs(self, budget: int, n_layers: int, n_experts: int, popularity=None) -> dict:
         """Keyword arguments of ``offload()`` for this scheme at a GPU expert budget."""
         kw = dict(decision=self.decision, serial=self.serial, pageable_copies=self.pageable_copies,
-                  split=self.split, overlap=self.overlap, graphs=self.graphs, sync_free=self.sync_free)
+                  split=self.split, overlap=self.overlap, graphs=self.graphs, sync_free=self.sync_free,
+                  lookahead=self.lookahead)
         if self.policy is not None:
             from .policies import get_policy
 

@@ -121,6 +121,7 @@ class ExpertStats:
     cpu_tokens: int = 0  # (token, expert) rows computed on the CPU (split experts included)
     split_expert_calls: int = 0  # experts computed half on the CPU, half on the GPU
     prefetch_calls: int = 0  # experts a policy loaded before any token needed them (their bytes are in bytes_copied)
+    lookahead_copies: int = 0  # experts copied before their layer's routing was known (bytes in bytes_copied)
     forwards: dict = field(default_factory=dict)  # phase -> MoE layer forwards
     # per (layer, expert): forward passes in which it had >= 1 token, and those in which it was resident.
     # A used expert's weights are read once per pass however many tokens it has: the roofline counts these.
@@ -172,7 +173,7 @@ class ExpertStats:
                 table[p][:] = 0
             self.forwards[p] = 0
         self.bytes_copied = self.cpu_expert_calls = self.copy_expert_calls = self.gpu_expert_calls = 0
-        self.cpu_tokens = self.split_expert_calls = self.prefetch_calls = 0
+        self.cpu_tokens = self.split_expert_calls = self.prefetch_calls = self.lookahead_copies = 0
 
     def to_dict(self) -> dict:
         return {
@@ -187,6 +188,7 @@ class ExpertStats:
             "cpu_tokens": self.cpu_tokens,
             "split_expert_calls": self.split_expert_calls,
             "prefetch_calls": self.prefetch_calls,
+            "lookahead_copies": self.lookahead_copies,
             "forwards": dict(self.forwards),
             "passes_used": {p: self.passes_used[p].tolist() for p in PHASES},
             "passes_hit": {p: self.passes_hit[p].tolist() for p in PHASES},
@@ -633,7 +635,9 @@ class OffloadedExperts(nn.Module):
                                f"{[int(e) for e in resident_used if int(e) not in self.gpu]} as resident but they "
                                "were never loaded (its load/evict lists and hits disagree)")
         keep = {int(e) for e in load}
-        cpu_experts, copy_experts, split = self._assign(counts, resident_used, missed, keep)
+        ahead = eng.take_lookahead(layer, missed)  # expert -> its copy, started while the previous layer computed
+        cpu_experts, copy_experts, split = self._assign(counts, resident_used, missed, keep, ahead)
+        copy_experts = sorted(copy_experts, key=lambda e: int(e) not in ahead)  # the copies already landing first
         jobs = [(int(e), int(e) in keep) for e in copy_experts]
         jobs += [(int(e), True) for e in load if counts[int(e)] == 0 and int(e) not in self.gpu]  # prefetch
 
@@ -645,14 +649,14 @@ class OffloadedExperts(nn.Module):
             eng._stats.record(phase, layer, counts, resident_used)  # bookkeeping while it runs
         fresh = {e: eng.new_weights(self, e) for e, kept in jobs if kept}  # allocated before the side stream waits
         args = (p, resident_used, cpu_experts, jobs, fresh, split)
-        out = self._serial(*args) if eng.serial else self._overlapped(*args, job)
+        out = self._serial(*args) if eng.serial else self._overlapped(*args, job, ahead)
 
         eng._stats.gpu_expert_calls += len(resident_used)
         eng._stats.cpu_expert_calls += len(cpu_experts)
         eng._stats.cpu_tokens += int(counts[cpu_experts].sum()) + (int(counts[split[0]]) if split else 0)
         eng._stats.copy_expert_calls += len(copy_experts)
         eng._stats.prefetch_calls += len(jobs) - len(copy_experts)
-        eng._stats.bytes_copied += len(jobs) * self.expert_bytes
+        eng._stats.bytes_copied += (len(jobs) - len(ahead)) * self.expert_bytes  # lookahead copies counted when issued
         if split:
             eng._stats.split_expert_calls += 1
             eng._stats.bytes_copied += self._split_bytes(split[1])
@@ -667,10 +671,15 @@ class OffloadedExperts(nn.Module):
         hidden, inter = self.host_down.shape[1], self.intermediate
         return (2 * k * hidden + hidden * inter) * self.host_gate_up.element_size()
 
-    def _assign(self, counts, resident_used, missed, keep):
-        """-> (CPU experts, copied experts, (split expert, k) or None) for this pass's missed experts."""
+    def _assign(self, counts, resident_used, missed, keep, ahead=()):
+        """-> (CPU experts, copied experts, (split expert, k) or None) for this pass's missed experts.
+
+        ``keep``: experts the policy keeps (copied); ``ahead``: experts whose copy
+        is already under way (lookahead): copied, and their copy time is spent.
+        """
         eng = self.engine
-        forced = np.array([int(e) in keep for e in missed], dtype=bool)  # [M] the policy keeps it: copy it
+        kept = np.array([int(e) in keep for e in missed], dtype=bool)  # [M] the policy keeps it: copy it
+        forced = kept | np.array([int(e) in ahead for e in missed], dtype=bool)  # [M]
         to_copy = forced.copy()  # [M]
         split = None
         free = missed[~forced]  # experts the decision may place
@@ -680,7 +689,7 @@ class OffloadedExperts(nn.Module):
                 cm = eng.cost_model
                 tiers = [self.tier.get(int(e), 0) for e in resident_used] if eng.spread else None
                 gpu_busy = cm.resident_ms(counts[resident_used].tolist(), tiers)  # with the peer hops of spread rows
-                plan = cm.plan(n, gpu_busy, float(forced.sum()) * cm.copy_ms, split=eng.split)
+                plan = cm.plan(n, gpu_busy, float(kept.sum()) * cm.copy_ms, split=eng.split)
                 choice = plan.copy.copy()
                 if plan.split >= 0:
                     choice[plan.split] = False
@@ -734,8 +743,13 @@ class OffloadedExperts(nn.Module):
             modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
             return eng.executor.submit(self._cpu_job_in_modes, modes, *job)
 
-    def _overlapped(self, p: _Pass, resident_used, cpu_experts, jobs, fresh, split, job):
-        """Copies on the side stream and GPU experts while the CPU job runs; one wait at the end."""
+    def _overlapped(self, p: _Pass, resident_used, cpu_experts, jobs, fresh, split, job, ahead=None):
+        """Copies on the side stream and GPU experts while the CPU job runs; one wait at the end.
+
+        ``ahead``: expert -> (gate_up, down, ready, slot) of copies the previous
+        layer started (lookahead); this layer's own copies follow them.
+        """
+        ahead = ahead or {}
         eng, layer, hidden = self.engine, self.layer, p.hidden
         cuda = hidden.is_cuda
         out = torch.zeros_like(hidden)  # [T, D]
@@ -749,6 +763,9 @@ class OffloadedExperts(nn.Module):
         def issue_more():  # as many copies ahead as there are free staging slots: the copy engine never idles
             while len(landed) < len(jobs):
                 e, kept = jobs[len(landed)]
+                if e in ahead:
+                    landed.append(ahead[e])
+                    continue
                 if not kept and not eng.slot_available():
                     return
                 landed.append(eng.copy_in(self, e, fresh.get(e)))
@@ -789,6 +806,8 @@ class OffloadedExperts(nn.Module):
                 if ready is not None:
                     torch.cuda.current_stream().wait_event(ready)
                 h_gpu = self._gate_up(hidden[tok[r]], gate_up, 0, k) if k else None  # [n, k]
+        if p.x_host is None:  # a long pass (prefill): the next layer's copies start while the CPU works
+            eng.look_ahead(self.layer + 1, p.counts.sum())
         cpu_idx = torch.cat([tok[p.rows[int(e)]] for e in cpu_experts]) if len(cpu_experts) else None  # [R']
 
         # the CPU's results back and added in
@@ -806,6 +825,8 @@ class OffloadedExperts(nn.Module):
                 y_s = (F.linear(h, down) * wts[r][:, None]).to(out.dtype)  # [n, D]
                 out.index_add_(0, tok[r], y_s)
                 eng.release(slot)
+                if p.x_host is None:
+                    eng.look_ahead(self.layer + 1, p.counts.sum())  # the split's slot is free again
         return out
 
     def _spread_experts(self, p: _Pass, resident_used, tok, wts, out) -> None:
@@ -920,6 +941,9 @@ class EngineOptions:
     eagerly, which tests use). sync_free: a layer whose experts are all
     resident for good (a static placement) runs them as grouped GEMMs without
     bringing its routing to the host (``OffloadedExperts._on_device``).
+    lookahead: in long passes (prefill), start copying the next layer's
+    missed experts into free staging slots while this layer computes
+    (``Offloaded.look_ahead``).
     """
 
     cpu_threads: int
@@ -932,6 +956,7 @@ class EngineOptions:
     copy_slots: int = 2
     graphs: bool = False
     sync_free: bool = True
+    lookahead: bool = False
 
     @property
     def splits(self) -> bool:
@@ -983,6 +1008,7 @@ class Offloaded:
         self.device_counts = _DeviceCounts(len(blocks), n_experts, device)  # the sync-free passes' counts
         self.copy_slots = copy_slots
         self._slots: list[_Slot] = []
+        self._ahead: dict[tuple[int, int], tuple] = {}  # (layer, expert) -> copy started by look_ahead
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.executor = self._start_worker() if options.overlaps else None
         self._hooks = []
@@ -1112,6 +1138,44 @@ class Offloaded:
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # pinned copies return early; Fiddler's waited
         return dest
+
+    # -- lookahead ------------------------------------------------------------------------------
+    def look_ahead(self, layer: int, rows: int) -> None:
+        """Start copying ``layer``'s missed experts into the free staging slots before its routing is known.
+
+        Why: in a long pass (prefill) every expert of a layer is used, and the
+        copy engine would idle from a layer's last copy until the next layer's
+        routing reaches the host. The experts the cost model would copy at
+        ``rows`` (token, slot) rows spread evenly go first, as many as there
+        are free slots; ``take_lookahead`` hands them to that layer's pass.
+        Only with ``options.lookahead``, the makespan or copy decision, one device.
+        """
+        if (not self.options.lookahead or self.serial or self.spread or layer >= len(self.experts)
+                or self.decision not in ("makespan", "copy")):
+            return
+        mod = self.experts[layer]
+        todo = [e for e in range(mod.n_experts) if e not in mod.gpu and (layer, e) not in self._ahead]
+        if not todo or not self.slot_available():
+            return
+        if self.decision == "makespan":  # the copies the plan would make at the expected token counts
+            n = max(1, int(round(int(rows) / mod.n_experts)))
+            plan = self.cost_model.plan([n] * len(todo), 0.0, 0.0, split=False)
+            todo = [e for e, c in zip(todo, plan.copy) if c]
+        with _label(f"moe.lookahead[L{layer}]"):
+            for e in todo:
+                if not self.slot_available():
+                    break
+                self._ahead[(layer, e)] = self.copy_in(mod, e)
+                self._stats.lookahead_copies += 1
+                self._stats.bytes_copied += mod.expert_bytes
+
+    def take_lookahead(self, layer: int, missed) -> dict:
+        """``layer``'s lookahead copies of experts in ``missed`` (expert -> copy); the rest give their slot back."""
+        mine = {e: self._ahead.pop((lay, e)) for lay, e in list(self._ahead) if lay == layer}
+        wanted = {int(e) for e in missed}
+        for e in [e for e in mine if e not in wanted]:
+            self.release(mine.pop(e)[3])  # a later copy into the slot queues behind this one on the copy stream
+        return mine
 
     # -- public ---------------------------------------------------------------------------------
     @property
@@ -1261,6 +1325,7 @@ class Offloaded:
             mod.stacked = None
             mod._pageable = None  # drop pageable clones
         self._slots.clear()
+        self._ahead.clear()
         if self.device.type == "cuda":
             for dev in dict.fromkeys(self.devices):
                 torch.cuda.synchronize(dev)
@@ -1297,7 +1362,7 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
             cost_model: CostModel | str | os.PathLike | None = None, routing=None, cpu_threads: int | None = None,
             copy_slots: int = 2, overlap: bool | None = None, *, decision: str = "makespan", serial: bool = False,
             pageable_copies: bool = False, split: bool = True, devices=None, devices_budget=None,
-            ranking=None, graphs: bool | None = None, sync_free: bool = True) -> Offloaded:
+            ranking=None, graphs: bool | None = None, sync_free: bool = True, lookahead: bool = False) -> Offloaded:
     """Split the experts of ``model`` between the GPU (``gpu_experts`` of them in total, or "all") and the CPU.
 
     placement: bool [L, E] (which experts), numeric [L, E] (a popularity
@@ -1321,7 +1386,9 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     layer whose experts are all resident under a static placement runs them
     as two grouped GEMMs without bringing its routing to the host (no sync;
     its counts stay on the device until the stats are read); False keeps the
-    per-expert path with its one sync per layer.
+    per-expert path with its one sync per layer. lookahead: in a long pass
+    (prefill) start copying the next layer's missed experts into free staging
+    slots while this layer computes (the makespan and copy decisions, one device).
 
     Several devices of one host (``devices``, e.g. ["cuda:0", "cuda:1"]; the
     first is ``device``): the dense part stays on ``device``, the resident
@@ -1412,7 +1479,8 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
         graphs = device.type == "cuda"
     options = EngineOptions(cpu_threads=cpu_threads, cpu_dtype=cpu_dtype, decision=decision, serial=bool(serial),
                             pageable_copies=bool(pageable_copies), split=bool(split), overlap=bool(overlap),
-                            copy_slots=int(copy_slots), graphs=bool(graphs), sync_free=bool(sync_free))
+                            copy_slots=int(copy_slots), graphs=bool(graphs), sync_free=bool(sync_free),
+                            lookahead=bool(lookahead))
     off = Offloaded(model, blocks, policy=policy, resident=resident, device=device, cost_model=cost_model,
                     routing=routing, gpu_experts=gpu_experts, original_devices=orig_devices, options=options,
                     devices=devices, tiers=tiers)
