@@ -118,11 +118,8 @@ class Bench:
         self.sessions, self.ceilings, self.args = sessions, ceilings, args
         first = next(iter(sessions.values()))
         self.preset, self.model, self.cuda = first.preset, first.model, first.device.startswith("cuda")
-        self.expert_bytes = self.preset.expert_bytes()
-        self.dtype_bytes = torch.empty((), dtype=self.preset.dtype).element_size()
-
-    def dense(self, kv_tokens: int, sequences: int = 1) -> int:
-        return R.dense_bytes(self.model.config, self.dtype_bytes, kv_tokens, sequences)
+        sizes = R.ModelBytes.of(first)
+        self.expert_bytes, self.dense = sizes.expert_bytes, sizes.dense
 
     def decode(self, session, cfg: Config, tokens: int, beams: int = 1) -> dict:
         """``session.run``: warm-up, then batch-1 generation of ``tokens`` (beam width ``beams``); timings and the bound.

@@ -113,11 +113,8 @@ class Bench:
         self.sessions, self.ceilings, self.args = sessions, ceilings, args
         first = next(iter(sessions.values()))
         self.preset, self.model, self.cuda = first.preset, first.model, first.device.startswith("cuda")
-        self.expert_bytes = self.preset.expert_bytes()
-        self.dtype_bytes = torch.empty((), dtype=self.preset.dtype).element_size()
-
-    def dense(self, kv_tokens: int) -> int:
-        return R.dense_bytes(self.model.config, self.dtype_bytes, kv_tokens)
+        sizes = R.ModelBytes.of(first)
+        self.expert_bytes, self.dtype_bytes, self.dense = sizes.expert_bytes, sizes.dtype_bytes, sizes.dense
 
     def decode(self, session, cfg: Config) -> dict:
         """``session.run``: warm-up, then batch-1 generation; timings, hits, where the rows went, the bound."""

@@ -197,3 +197,20 @@ def test_calibrated_ceilings_take_host_and_h2d_from_the_calibration_and_measure_
     # a calibration made without a GPU has no host bandwidth: all three measured here, no separate record
     ceilings, measured = R.calibrated_ceilings(CostModel.fixed(cpu_threads=1), "cpu", nbytes=1 << 20)
     assert measured is None and ceilings.source.startswith("measure_ceilings on cpu")
+
+
+def test_model_bytes_of_a_session_count_what_dense_bytes_counts():
+    from types import SimpleNamespace
+
+    import torch
+
+    from toolkit.moe.presets import from_name
+    from toolkit.moe.roofline import ModelBytes, dense_bytes
+
+    preset = from_name("tiny-mixtral")
+    session = SimpleNamespace(preset=preset, model=SimpleNamespace(config=preset))
+    sizes = ModelBytes.of(session)
+    assert sizes.expert_bytes == preset.expert_bytes()
+    assert sizes.dtype_bytes == torch.empty((), dtype=preset.dtype).element_size()
+    assert sizes.dense(100, 4) == dense_bytes(preset, sizes.dtype_bytes, 100, 4)
+    assert sizes.dense() < sizes.dense(100) < sizes.dense(100, 4)  # the KV cache reads grow with positions, sequences

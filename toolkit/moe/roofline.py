@@ -244,6 +244,27 @@ def dense_bytes(config, dtype_bytes: int = 2, kv_tokens: int = 0, sequences: int
     return int((layers * (per_layer + kv_cache) + vocab * d + d) * dtype_bytes)
 
 
+@dataclass(frozen=True)
+class ModelBytes:
+    """The bytes a model's bounds count: one expert's weights, and the dense part of a pass (``dense``)."""
+
+    config: object  # a transformers config or a MoEPreset
+    expert_bytes: int
+    dtype_bytes: int
+
+    @classmethod
+    def of(cls, session) -> ModelBytes:
+        """From a ``MoESession`` (its preset and built model)."""
+        import torch
+
+        p = session.preset
+        return cls(session.model.config, int(p.expert_bytes()), torch.empty((), dtype=p.dtype).element_size())
+
+    def dense(self, kv_tokens: int = 0, sequences: int = 1) -> int:
+        """``dense_bytes`` of this model at ``kv_tokens`` cached positions for ``sequences`` sequences."""
+        return dense_bytes(self.config, self.dtype_bytes, kv_tokens, sequences)
+
+
 # -- measuring the ceilings ------------------------------------------------------------------------
 
 def calibrated_ceilings(cm, device: str = "cuda", nbytes: int = 1 << 30) -> tuple[Ceilings, Ceilings | None]:
