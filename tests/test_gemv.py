@@ -121,3 +121,26 @@ def test_the_benchmark_refuses_a_machine_without_a_gpu(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         load_benchmark("expert_gemv").main(["--out", str(tmp_path)])
     assert e.value.code == 2 and "needs a CUDA GPU and Triton" in capsys.readouterr().err
+
+
+def test_a_gemv_that_fails_here_falls_back_to_grouped_mm_with_a_warning(monkeypatch):
+    model = build_moe("tiny-mixtral", seed=0)
+    off = offload(model, "all", device="cpu", cost_model=CM)
+    try:
+        mod = off.experts[0]
+        hidden = torch.randn(1, model.config.hidden_size)
+        index, weights = torch.tensor([[3, 1]]), torch.tensor([[0.6, 0.4]])
+        grouped = mod._on_device(hidden, index, weights, "decode")
+        monkeypatch.setattr(gemv, "broken", None)
+        monkeypatch.setattr(gemv, "usable", lambda device, rows: gemv.broken is None)
+
+        def fails(*a):
+            raise RuntimeError("no compiler for this GPU")
+
+        monkeypatch.setattr(gemv, "expert_gemv", fails)
+        with pytest.warns(RuntimeWarning, match="no compiler for this GPU"):
+            got = mod._on_device(hidden, index, weights, "decode")
+        torch.testing.assert_close(got, grouped)
+        assert gemv.broken == "RuntimeError: no compiler for this GPU" and not gemv.usable(hidden.device, 2)
+    finally:
+        off.restore()

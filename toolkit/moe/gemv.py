@@ -55,9 +55,19 @@ def _kernel():
     return expert_gemv_kernel
 
 
+# why the GEMV is off in this process (a Triton that failed here), or None
+broken: str | None = None
+
+
+def disable(reason: str) -> None:
+    """Turn the GEMV off for this process (callers fall back to grouped_mm); ``reason`` is kept in ``broken``."""
+    global broken
+    broken = reason
+
+
 def usable(device: torch.device, rows: int) -> bool:
     """Whether ``expert_gemv`` runs here for this many rows: a CUDA device, Triton installed, few rows."""
-    if torch.device(device).type != "cuda" or rows > MAX_ROWS:
+    if broken is not None or torch.device(device).type != "cuda" or rows > MAX_ROWS:
         return False
     try:
         import triton  # noqa: F401

@@ -56,6 +56,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -595,11 +596,16 @@ class OffloadedExperts(nn.Module):
             eng.recorder.observe(self.layer, phase, top_k_index, top_k_weights)
         gate_up, down = self.stacked  # [E, 2I, D], [E, D, I]
         if gemv.usable(hidden.device, T * K):
-            x = hidden[:, None].expand(T, K, hidden.shape[1]).reshape(T * K, -1)  # [T*K, D] row t*K + k
-            gate, up = gemv.expert_gemv(x, flat, gate_up).chunk(2, dim=-1)  # [T*K, I] each
-            y = gemv.expert_gemv(self.act_fn(gate) * up, flat, down)  # [T*K, D]
-            y = (y * top_k_weights.reshape(-1, 1)).to(hidden.dtype)
-            return y.view(T, K, -1).sum(dim=1)  # [T, D]
+            try:
+                x = hidden[:, None].expand(T, K, hidden.shape[1]).reshape(T * K, -1)  # [T*K, D] row t*K + k
+                gate, up = gemv.expert_gemv(x, flat, gate_up).chunk(2, dim=-1)  # [T*K, I] each
+                y = gemv.expert_gemv(self.act_fn(gate) * up, flat, down)  # [T*K, D]
+                y = (y * top_k_weights.reshape(-1, 1)).to(hidden.dtype)
+                return y.view(T, K, -1).sum(dim=1)  # [T, D]
+            except Exception as e:  # e.g. a Triton that cannot compile for this GPU: grouped_mm, which also works
+                gemv.disable(f"{type(e).__name__}: {e}")
+                warnings.warn(f"the expert GEMV failed here ({gemv.broken}); sync-free layers use grouped_mm "
+                              "from now on", RuntimeWarning, stacklevel=2)
         order = torch.sort(flat, stable=True).indices  # [T*K] positions grouped by expert
         offs = counts.cumsum(0).to(torch.int32)  # [E] end of each expert's rows
         tok = order // K  # [T*K]
