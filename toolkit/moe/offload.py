@@ -30,6 +30,15 @@ and layer:
    GPU staging buffers on a side stream, pipelined with their compute;
 5. experts with no tokens cost nothing.
 
+A layer whose experts are all resident for good (a static placement, one
+device) skips all of that (``OffloadedExperts._on_device``): each row's
+expert is chosen on the device (the expert GEMV of ``toolkit.moe.gemv`` for
+decode rows, ``grouped_mm`` otherwise), its counts stay on the device until
+the statistics are read, and nothing syncs, so its experts replay from a
+CUDA graph (``DecodeGraphs.experts``). In a prefill with ``lookahead=True``,
+a layer starts copying the next layer's missed experts into the staging
+slots it has freed (``Offloaded.look_ahead``).
+
 The peer schemes are switches of the same engine (``toolkit.moe.baselines``):
 ``decision`` "cpu" / "copy" / "fiddler" (Fiddler's rule: copy when tokens x 7 >=
 70), ``serial=True`` (Fiddler's schedule: GPU experts first, then each CPU
