@@ -69,7 +69,11 @@ def test_used_only_on_cuda_with_triton_and_few_rows(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_triton)
-    assert not gemv.usable(torch.device("cuda"), 2)
+    gemv._has_triton.cache_clear()  # asked once per process: ask again under the patched import
+    try:
+        assert not gemv.usable(torch.device("cuda"), 2)
+    finally:
+        gemv._has_triton.cache_clear()
     assert gemv.launch_config(4096) == (128, 4) and gemv.launch_config(14336) == (256, 8)
 
 

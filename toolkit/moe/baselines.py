@@ -69,7 +69,7 @@ class Baseline:
     overlap: bool | None = None  # None: the engine's default (on with CUDA)
     token_cap: int | None = None  # measure decode over at most this many tokens (slow schemes)
     graphs: bool | None = None  # decode steps' dense part from CUDA graphs; None: the engine's default (on with CUDA)
-    sync_free: bool = True  # layers with every expert resident skip the routing sync (grouped GEMMs on the device)
+    sync_free: bool = True  # layers with every expert resident skip the routing sync (experts chosen on the device)
     lookahead: bool = False  # prefill: the next layer's copies start while this layer computes
 
     def placement_for(self, budget: int, n_layers: int, n_experts: int, popularity=None) -> np.ndarray:

@@ -13,7 +13,8 @@ CUDA graph can replay it, and streams the weight rows with one program per
 ``expert_gemv(x [R, K], index [R], weight [E, N, K]) -> [R, N]``: row r is
 ``x[r] @ weight[index[r]].T``, accumulated in float32, in ``x``'s dtype.
 It needs Triton and a CUDA device (``usable``); rows that share an expert read
-its weights once each (fine for decode and beams; prefill takes grouped_mm).
+its weights once each, so it takes at most ``MAX_ROWS`` rows (more, as in beam
+search or prefill, take grouped_mm).
 """
 
 from __future__ import annotations
@@ -67,8 +68,11 @@ def disable(reason: str) -> None:
 
 def usable(device: torch.device, rows: int) -> bool:
     """Whether ``expert_gemv`` runs here for this many rows: a CUDA device, Triton installed, few rows."""
-    if broken is not None or torch.device(device).type != "cuda" or rows > MAX_ROWS:
-        return False
+    return broken is None and torch.device(device).type == "cuda" and rows <= MAX_ROWS and _has_triton()
+
+
+@functools.cache
+def _has_triton() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:

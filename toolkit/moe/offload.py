@@ -954,8 +954,8 @@ class EngineOptions:
     graphs: replay the dense part of decode steps from CUDA graphs
     (``toolkit.moe.graphs``; on a CPU device the same static-input path runs
     eagerly, which tests use). sync_free: a layer whose experts are all
-    resident for good (a static placement) runs them as grouped GEMMs without
-    bringing its routing to the host (``OffloadedExperts._on_device``).
+    resident for good (a static placement) chooses each row's expert on the
+    device, without bringing its routing to the host (``OffloadedExperts._on_device``).
     lookahead: in long passes (prefill), start copying the next layer's
     missed experts into free staging slots while this layer computes
     (``Offloaded.look_ahead``).
@@ -1398,9 +1398,10 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     copy path and the CPU. graphs: replay the dense part of each decode step's
     layers from CUDA graphs (``toolkit.moe.graphs``; default: on with CUDA;
     ``generate`` then gives transformers a static KV cache). sync_free: a
-    layer whose experts are all resident under a static placement runs them
-    as two grouped GEMMs without bringing its routing to the host (no sync;
-    its counts stay on the device until the stats are read); False keeps the
+    layer whose experts are all resident under a static placement chooses
+    each row's expert on the device (the expert GEMV for decode rows, grouped
+    GEMMs otherwise) without bringing its routing to the host (no sync; its
+    counts stay on the device until the stats are read); False keeps the
     per-expert path with its one sync per layer. lookahead: in a long pass
     (prefill) start copying the next layer's missed experts into free staging
     slots while this layer computes (the makespan and copy decisions, one device).
