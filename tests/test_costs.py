@@ -52,6 +52,22 @@ def test_shared_host_bandwidth_counts_the_cpu_dtype_bytes():
     assert slow_host.decide([1]).tolist() == [True]
 
 
+def test_a_second_link_takes_copies_until_host_memory_binds():
+    """Two devices copy over their own links at once; the shared host memory still caps them both."""
+    cm = CostModel(**DEVICE, host_bandwidth_gbs=147.0)  # two H200s of one host: 2 x 55 GB/s of copies fit
+    one, two = cm.plan([1, 1, 1], split=False), cm.plan([1, 1, 1], split=False, links=2)
+    assert one.link is None and two.link is not None and two.link.shape == (3,)
+    assert sorted(two.link[two.copy].tolist()) == [0, 1]  # one copy on each link, the third expert on the CPU
+    assert two.copy.sum() == 2 and two.makespan_ms < one.makespan_ms
+    assert two.makespan_ms == pytest.approx(7.2)  # the CPU expert is the long pole now, not a second copy
+    narrow = CostModel(**DEVICE, host_bandwidth_gbs=60.0)  # host memory already saturated by one copy and the CPU
+    assert narrow.plan([1, 1, 1], split=False, links=2).makespan_ms == pytest.approx(
+        narrow.plan([1, 1, 1], split=False).makespan_ms)
+    hop = CostModel(**DEVICE, peer_tokens=(1, 1024), peer_ms=((50.0, 50.0),))  # rows that cannot travel: no copy there
+    assert not hop.plan([1, 1, 1], split=False, links=2).link.any()
+    assert cm.plan([1], links=2) is cm.plan([1], links=2) and cm.plan([1], links=2) is not cm.plan([1])
+
+
 def test_decide_is_vectorised_over_many_experts():
     cm = CostModel(**DEVICE)
     tokens = np.random.default_rng(0).integers(1, 200, size=64)

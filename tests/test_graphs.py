@@ -268,14 +268,12 @@ def test_gpu_all_resident_bf16_experts_never_sync_and_replay():
 
 
 def test_the_moe_command_prints_what_the_graphs_did():
+    from moe_records import run_record
+
     from toolkit.cli.moe import format_table
 
     graphs = {"layers": 8, "captures": 8, "replays": 504, "eager_calls": 24, "eager_layers": {"3": "inputs changed"}}
-    record = {"preset": "p", "layers": 8, "device": "cuda", "gpu_experts": 14, "total_experts": 64, "scheme": "ours",
-              "policy": "static", "routing": "uniform", "cpu_threads": 15, "mode": "greedy", "num_beams": 1,
-              "batch_size": 1, "prompt_tokens": 16, "new_tokens": 64, "prefill_ms": 300.0,
-              "decode_ms": {"median": 61.2, "p90": 66.0}, "decode_tokens_per_s": 16.3, "end_to_end_ms": 4300.0,
-              "cpu_expert_calls": 300, "engine": {"graphs": graphs}}
+    record = run_record(engine={"graphs": graphs})
     line = next(x for x in format_table(record).splitlines() if x.startswith("  decode graphs"))
     assert line.endswith("8 captured for 8 layers, 504 replays, 24 eager layer calls (prefill); "
                          "eager for good: layer 3: inputs changed")

@@ -212,6 +212,25 @@ def test_two_cuda_devices_equal_the_unoffloaded_model():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("overlap", [False, True])
+def test_copies_to_both_cuda_devices_equal_the_unoffloaded_model(overlap):
+    """Misses copied over both GPUs' links (side streams, staging slots, rows to the second GPU and back)."""
+    model = build_moe("tiny-mixtral", seed=0, device="cuda:0")
+    ids = torch.randint(3, 256, (3, 9), generator=torch.Generator().manual_seed(1)).to("cuda:0")
+    ref, ref_ids = greedy(model, ids, steps=6)
+    with offload(model, 4, device="cuda:0", devices=["cuda:0", "cuda:1"], cost_model=COPY_ALWAYS, copy_slots=1,
+                 overlap=overlap) as off:
+        for _ in range(2):  # the second time, each slot's copy waits for its previous expert's compute
+            got, got_ids = greedy(model, ids, steps=6)
+            assert max_diff(ref, got) < 1e-4 and torch.equal(ref_ids, got_ids)
+        copies = [x["copies"] for x in off.devices_dict()]
+        assert all(c > 0 for c in copies), copies
+        assert off._slots_on[1][0].gate_up.device == torch.device("cuda:1")
+    assert max_diff(ref, greedy(model, ids)[0]) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_a_run_on_two_gpus_records_where_each_expert_lives():
     from toolkit.moe.run import run_moe
 
@@ -279,9 +298,9 @@ def test_makespan_decision_waits_for_the_spread_rows(mixtral, monkeypatch):
     busy = []
     orig = CostModel.plan
 
-    def spy(self, tokens, gpu_busy_ms=0.0, copy_busy_ms=0.0, split=True):
+    def spy(self, tokens, gpu_busy_ms=0.0, copy_busy_ms=0.0, split=True, links=1):
         busy.append(gpu_busy_ms)
-        return orig(self, tokens, gpu_busy_ms, copy_busy_ms, split)
+        return orig(self, tokens, gpu_busy_ms, copy_busy_ms, split, links)
 
     monkeypatch.setattr(CostModel, "plan", spy)
     ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(3))
@@ -319,3 +338,60 @@ def test_a_one_device_calibration_gains_the_peer_hop_once(tmp_path, monkeypatch)
     assert costs.with_peer_hops(one, None) is one  # one device: nothing to add
     with pytest.raises(ToolkitError, match="devices"):  # one clear error, not a traceback from deep inside
         costs.with_peer_hops(one, ["cuda:1", "cpu"])
+
+
+def test_missed_experts_are_copied_to_both_devices(mixtral):
+    """Copies spread over the devices' links (each with its own slots), with outputs equal to the unoffloaded model."""
+    ids = torch.randint(3, 256, (3, 9), generator=torch.Generator().manual_seed(4))
+    ref, ref_ids = greedy(mixtral, ids)
+    with offload(mixtral, 4, device="cpu", devices=["cpu", "cpu"], cost_model=COPY_ALWAYS, copy_slots=1) as off:
+        got, got_ids = greedy(mixtral, ids)
+        d = off.to_dict()
+        assert len(off.copy_devices) == 2 and all(len(slots) == 1 for slots in off._slots_on)
+        copies = [x["copies"] for x in d["devices"]]
+    assert max_diff(ref, got) < 1e-4 and torch.equal(ref_ids, got_ids)
+    assert all(c > 0 for c in copies)  # both links carried copies
+    assert abs(copies[0] - copies[1]) <= sum(copies) // 2  # and shared them
+    assert d["copy_devices"] == ["cpu", "cpu"]
+    with offload(mixtral, 4, device="cpu", devices=["cpu", "cpu"], cost_model=COPY_ALWAYS,
+                 spread_copies=False) as off:
+        got = greedy(mixtral, ids)[0]
+        copies = [x["copies"] for x in off.devices_dict()]
+        assert len(off.copy_devices) == 1
+    assert max_diff(ref, got) < 1e-4
+    assert copies[0] > 0 and copies[1] == 0  # every copy to the first device
+    with offload(mixtral, 4, device="cpu", devices=["cpu", "cpu"], cost_model=COPY_ALWAYS, serial=True) as off:
+        assert len(off.copy_devices) == 1  # Fiddler's schedule copies to the dense part's device
+
+
+def test_a_copy_to_the_second_device_computes_there(mixtral, monkeypatch):
+    """A copied expert's rows go to its copy device, its results come back: count the transfers by destination."""
+    import toolkit.moe.offload as offload_module
+
+    with offload(mixtral, 4, device="cpu", devices=["cpu", "cpu"], cost_model=COPY_ALWAYS) as off:
+        links = []
+        orig = offload_module.OffloadedExperts._assign
+
+        def spy(self, *args, **kwargs):
+            out = orig(self, *args, **kwargs)
+            links.append(out[3])
+            return out
+
+        monkeypatch.setattr(offload_module.OffloadedExperts, "_assign", spy)
+        mixtral(torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(5)))
+        assert any(link for link in links) and all(set(link.values()) <= {1} for link in links)
+        assert off.device_copies[1] == sum(len(link) for link in links)
+
+
+def test_the_moe_command_prints_each_devices_experts_rows_and_copies():
+    from moe_records import run_record
+
+    from toolkit.cli.moe import format_table
+
+    devices = [{"device": "cuda:0", "experts": 14, "rows": 290, "copies": 41},
+               {"device": "cuda:1", "experts": 14, "rows": 1, "copies": 1}]
+    record = run_record(device="cuda:0", gpu_experts=28, engine={"devices": devices})
+    line = next(x for x in format_table(record).splitlines() if x.startswith("  per device"))
+    assert line.endswith("cuda:0: 14 experts, 290 resident rows, 41 copies in; "
+                         "cuda:1: 14 experts, 1 resident row, 1 copy in")
+    assert not any("per device" in x for x in format_table({**record, "engine": {}}).splitlines())

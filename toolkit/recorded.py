@@ -471,6 +471,8 @@ def recorded_multi_gpu(doc: dict | None, measure: str = "decode") -> pd.DataFram
         bound = (1e3 / bound_ms if measure == "decode" else bound_ms) if bound_ms else None
         gpus, per = run.get("gpus", 1), run.get("per_gpu_experts", run.get("budget"))
         label = f"{gpus} GPU{'s' if gpus != 1 else ''}, {per} experts{' each' if gpus != 1 else ''}"
+        if str(run.get("config", "")).endswith("one-link"):  # the ablation: every miss copied to the first GPU
+            label += ", copies to the first"
         rows.append({"scheme": label, "routing": run.get("routing"), key: rounds.get("median", m.get(key)),
                      f"bound_{key}": bound, "hit_rate": m.get("hit_rate"),
                      "anomalous": bool(rounds.get("anomalous", False)), "anomaly_reason": rounds.get("reason")})

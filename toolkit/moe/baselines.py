@@ -70,7 +70,8 @@ class Baseline:
     token_cap: int | None = None  # measure decode over at most this many tokens (slow schemes)
     graphs: bool | None = None  # decode steps' dense part from CUDA graphs; None: the engine's default (on with CUDA)
     sync_free: bool = True  # layers with every expert resident skip the routing sync (experts chosen on the device)
-    lookahead: bool = False  # prefill: the next layer's copies start while this layer computes
+    lookahead: bool = False  # prefill: the next layer's copies start while this layer computes (ours only)
+    spread_copies: bool = True  # several GPUs: a missed expert may be copied to any of them (each its own link)
 
     def placement_for(self, budget: int, n_layers: int, n_experts: int, popularity=None) -> np.ndarray:
         """Initial residency, bool [L, E]."""
@@ -93,7 +94,7 @@ class Baseline:
         """Keyword arguments of ``offload()`` for this scheme at a GPU expert budget."""
         kw = dict(decision=self.decision, serial=self.serial, pageable_copies=self.pageable_copies,
                   split=self.split, overlap=self.overlap, graphs=self.graphs, sync_free=self.sync_free,
-                  lookahead=self.lookahead)
+                  lookahead=self.lookahead, spread_copies=self.spread_copies)
         if self.policy is not None:
             from .policies import get_policy
 

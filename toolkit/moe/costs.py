@@ -129,12 +129,29 @@ class LayerPlan:
     ``copy`` [M]: copy the whole expert (else: compute it on the CPU); ``split``:
     index of the expert split between the paths (-1: none; its ``copy`` entry is
     ignored), ``fraction``: the share of its I gate/up rows the GPU computes.
+    ``link`` [M]: the device a copied expert goes to (an index into the
+    engine's devices; 0 where not copied); None: every copy to the first.
     """
 
     copy: np.ndarray
     split: int = -1
     fraction: float = 0.0
     makespan_ms: float = float("nan")
+    link: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class _Paths:
+    """Busy ms of a layer's resources under one assignment: per link its device's GPU and its copy engine."""
+
+    gpu: list
+    cpu: float
+    copy: list
+    host: float
+
+    @property
+    def span(self) -> float:
+        return max(*self.gpu, self.cpu, *self.copy, self.host)
 
 
 @dataclass
@@ -269,42 +286,54 @@ class CostModel:
         max(GPU, CPU, copy engine, host memory) least; ties go to less work.
         """
         tokens = [int(n) for n in np.asarray(tokens, dtype=np.int64).reshape(-1)]  # [M]
-        return np.array(self._decide(tokens, *self.times(tokens), gpu_busy_ms, copy_busy_ms), dtype=bool)
+        route = self._decide(tokens, *self.times(tokens), gpu_busy_ms, copy_busy_ms)
+        return np.array([r >= 0 for r in route], dtype=bool)
 
-    def _decide(self, tokens, cpu, gpu, gpu_busy_ms, copy_busy_ms) -> list[bool]:
+    def _decide(self, tokens, cpu, gpu, gpu_busy_ms, copy_busy_ms, links: int = 1) -> list[int]:
+        """The path of each missed expert: -1 the CPU, d >= 0 a copy over link d (to device d)."""
         # plain Python over M <= E floats: numpy's per-call overhead would dominate for Mixtral's 8 experts
-        copy = [False] * len(tokens)
+        route = [-1] * len(tokens)
         host_cpu, host_copy = self._host_per_expert()
-        t_gpu, t_cpu, t_copy = float(gpu_busy_ms), 0.0, float(copy_busy_ms)
-        t_host = t_copy / self.copy_ms * host_copy if self.copy_ms else 0.0
+        t_gpu, t_copy = [0.0] * links, [0.0] * links  # per link: its device's GPU, its copy engine
+        t_gpu[0], t_copy[0], t_cpu = float(gpu_busy_ms), float(copy_busy_ms), 0.0
+        t_host = t_copy[0] / self.copy_ms * host_copy if self.copy_ms else 0.0
         for i in sorted(range(len(tokens)), key=lambda i: -tokens[i]):  # stable: largest batch first
-            span_cpu = max(t_gpu, t_cpu + cpu[i], t_copy, t_host + host_cpu)
-            c_copy = t_copy + self.copy_ms
-            g_copy = max(t_gpu, c_copy) + gpu[i]  # the GPU computes it once its weights have landed
-            span_copy = max(g_copy, t_cpu, c_copy, t_host + host_copy)
+            g_max, c_max = max(t_gpu), max(t_copy)
+            span_cpu = max(g_max, t_cpu + cpu[i], c_max, t_host + host_cpu)
+            best = None  # (span, link, its copy end, its GPU end)
+            for d in range(links):
+                c_copy = t_copy[d] + self.copy_ms
+                g_copy = max(t_gpu[d], c_copy) + gpu[i] + self.peer_time(tokens[i], d)  # once its weights landed
+                span = max(g_copy, g_max, t_cpu, c_copy, c_max, t_host + host_copy)
+                if best is None or span < best[0]:
+                    best = (span, d, c_copy, g_copy)
+            span_copy, d, c_copy, g_copy = best
             if span_copy < span_cpu or (span_copy == span_cpu and self.copy_ms + gpu[i] < cpu[i]):
-                copy[i] = True
-                t_copy, t_gpu, t_host = c_copy, g_copy, t_host + host_copy
+                route[i] = d
+                t_copy[d], t_gpu[d], t_host = c_copy, g_copy, t_host + host_copy
             else:
                 t_cpu, t_host = t_cpu + cpu[i], t_host + host_cpu
-        return copy
+        return route
 
-    def _paths(self, tokens, cpu, gpu, copy, gpu_busy_ms=0.0, copy_busy_ms=0.0) -> tuple[float, float, float, float]:
-        """(GPU, CPU, copy engine, host memory) busy ms of whole-expert assignments, in decide()'s accounting."""
+    def _paths(self, tokens, cpu, gpu, route, gpu_busy_ms=0.0, copy_busy_ms=0.0, links: int = 1) -> _Paths:
+        """Busy ms of each resource under whole-expert assignments ``route`` (as ``_decide``), in its accounting."""
         host_cpu, host_copy = self._host_per_expert()
-        t_gpu, t_cpu, t_copy = float(gpu_busy_ms), 0.0, float(copy_busy_ms)
-        t_host = t_copy / self.copy_ms * host_copy if self.copy_ms else 0.0
+        t_gpu, t_copy = [0.0] * links, [0.0] * links
+        t_gpu[0], t_copy[0], t_cpu = float(gpu_busy_ms), float(copy_busy_ms), 0.0
+        t_host = t_copy[0] / self.copy_ms * host_copy if self.copy_ms else 0.0
         for i in sorted(range(len(tokens)), key=lambda i: -tokens[i]):
-            if copy[i]:
-                t_copy += self.copy_ms
-                t_gpu = max(t_gpu, t_copy) + gpu[i]
+            d = route[i]
+            if d >= 0:
+                t_copy[d] += self.copy_ms
+                t_gpu[d] = max(t_gpu[d], t_copy[d]) + gpu[i] + self.peer_time(tokens[i], d)
                 t_host += host_copy
             else:
                 t_cpu += cpu[i]
                 t_host += host_cpu
-        return t_gpu, t_cpu, t_copy, t_host
+        return _Paths(t_gpu, t_cpu, t_copy, t_host)
 
-    def plan(self, tokens, gpu_busy_ms: float = 0.0, copy_busy_ms: float = 0.0, split: bool = True) -> LayerPlan:
+    def plan(self, tokens, gpu_busy_ms: float = 0.0, copy_busy_ms: float = 0.0, split: bool = True,
+             links: int = 1) -> LayerPlan:
         """``decide``, then (if ``split``) the one expert split between copy and CPU that lowers the makespan most.
 
         The split expert s with GPU fraction f = j / SPLIT_STEPS of its gate/up
@@ -313,54 +342,64 @@ class CostModel:
         computes its own rows once they land and the down projection once the
         CPU's activations are back. Two candidates are tried: the slowest CPU
         expert and the smallest copied one; f is scanned on the grid.
+
+        ``links``: devices a missed expert may be copied to, each over its own
+        host-to-device link (``link`` of the plan; the first is the one holding
+        the dense part, where ``gpu_busy_ms`` and ``copy_busy_ms`` fall and a
+        split expert goes). A copy to device d > 0 adds the peer hop of its
+        rows (``peer_time``); all links draw on the one host memory.
         """
         tokens = [int(n) for n in np.asarray(tokens, dtype=np.int64).reshape(-1)]  # [M]
-        key = (tuple(tokens), float(gpu_busy_ms), float(copy_busy_ms), bool(split))
+        key = (tuple(tokens), float(gpu_busy_ms), float(copy_busy_ms), bool(split), int(links))
         cache = self.__dict__.setdefault("_plans", {})  # decode repeats a handful of layer shapes: plan each once
         if key not in cache:
             if len(cache) >= 4096:
                 cache.clear()
-            cache[key] = self._plan(tokens, gpu_busy_ms, copy_busy_ms, split)
+            cache[key] = self._plan(tokens, gpu_busy_ms, copy_busy_ms, split, max(1, int(links)))
         return cache[key]
 
-    def _plan(self, tokens, gpu_busy_ms, copy_busy_ms, split) -> LayerPlan:
+    def _plan(self, tokens, gpu_busy_ms, copy_busy_ms, split, links=1) -> LayerPlan:
         cpu, gpu = self.times(tokens)
-        copy = self._decide(tokens, cpu, gpu, gpu_busy_ms, copy_busy_ms)
-        whole = max(self._paths(tokens, cpu, gpu, copy, gpu_busy_ms, copy_busy_ms))
+        route = self._decide(tokens, cpu, gpu, gpu_busy_ms, copy_busy_ms, links)
+        state = self._paths(tokens, cpu, gpu, route, gpu_busy_ms, copy_busy_ms, links)
+        whole = state.span
         best = (float("inf"), 0.0, -1, 0.0)  # (makespan, balance, split expert, fraction)
         if split and tokens and self.copy_ms:
             host_cpu, host_copy = self._host_per_expert()
-            cands = [i for i in range(len(tokens)) if not copy[i]]
+            cands = [i for i in range(len(tokens)) if route[i] < 0]
             cands = [max(cands, key=lambda i: cpu[i])] if cands else []
-            copied = [i for i in range(len(tokens)) if copy[i]]
+            copied = [i for i in range(len(tokens)) if route[i] >= 0]
             cands += [min(copied, key=lambda i: tokens[i])] if copied else []
             for s in cands:
                 rest = [i for i in range(len(tokens)) if i != s]
-                t_gpu, t_cpu, t_copy, t_host = self._paths([tokens[i] for i in rest], [cpu[i] for i in rest],
-                                                           [gpu[i] for i in rest], [copy[i] for i in rest],
-                                                           gpu_busy_ms, copy_busy_ms)
+                st = self._paths([tokens[i] for i in rest], [cpu[i] for i in rest], [gpu[i] for i in rest],
+                                 [route[i] for i in rest], gpu_busy_ms, copy_busy_ms, links)
+                t_gpu, t_copy = st.gpu[0], st.copy[0]  # the split goes to the first device
+                others = max([*st.gpu[1:], *st.copy[1:]], default=0.0)
                 for j in range(SPLIT_STEPS):  # f = 1 would be a whole copy
                     f = j / SPLIT_STEPS
                     share = (1 + 2 * f) / 3  # GPU share of the expert's bytes
                     c_copy = t_copy + share * self.copy_ms  # the split is copied last
                     c_gpu = max(t_gpu, c_copy) + (2 * f / 3) * gpu[s]  # its GPU gate/up rows done
-                    c_cpu = t_cpu + (2 / 3) * (1 - f) * cpu[s] + SPLIT_OVERHEAD_MS
+                    c_cpu = st.cpu + (2 / 3) * (1 - f) * cpu[s] + SPLIT_OVERHEAD_MS
                     c_end = max(c_gpu, c_cpu) + gpu[s] / 3  # the down projection on the GPU
-                    c_host = t_host + share * host_copy + (1 - share) * host_cpu
+                    c_host = st.host + share * host_copy + (1 - share) * host_cpu
                     # among equal makespans (host-bound) prefer the balanced split: least exposed to contention
-                    best = min(best, (max(c_end, c_copy, c_host), max(c_cpu, c_copy), s, f))
-        copy = np.array(copy, dtype=bool)
-        copy.flags.writeable = False  # plans are cached and shared
+                    best = min(best, (max(c_end, c_copy, c_host, others), max(c_cpu, c_copy), s, f))
+        copy = np.array([r >= 0 for r in route], dtype=bool)
+        link = np.array([max(r, 0) for r in route], dtype=np.int64)
+        copy.flags.writeable = link.flags.writeable = False  # plans are cached and shared
+        link = link if links > 1 else None
         if whole - best[0] >= max(SPLIT_MIN_GAIN[0], SPLIT_MIN_GAIN[1] * whole):
-            return LayerPlan(copy, best[2], best[3], best[0])
-        return LayerPlan(copy, -1, 0.0, whole)
+            return LayerPlan(copy, best[2], best[3], best[0], link)
+        return LayerPlan(copy, -1, 0.0, whole, link)
 
     def layer_makespan(self, tokens, copy_mask, gpu_busy_ms: float = 0.0, copy_busy_ms: float = 0.0) -> float:
         """Predicted makespan (ms) of one layer's missed experts under a given split (same accounting as decide)."""
         tokens = [int(n) for n in np.asarray(tokens, dtype=np.int64).reshape(-1)]
         cpu, gpu = self.times(tokens)
-        copy = [bool(c) for c in np.asarray(copy_mask, dtype=bool).reshape(-1)]
-        return max(self._paths(tokens, cpu, gpu, copy, gpu_busy_ms, copy_busy_ms))
+        route = [0 if c else -1 for c in np.asarray(copy_mask, dtype=bool).reshape(-1)]
+        return self._paths(tokens, cpu, gpu, route, gpu_busy_ms, copy_busy_ms).span
 
     # -- construction and persistence -----------------------------------------------------------
     @classmethod
