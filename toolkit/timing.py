@@ -80,9 +80,14 @@ The design, and why:
   queued before the last call (plus 20 us, at most ``MAX_SPIN_NS`` = 0.2 s), all
   estimated from the call's previous burst. The stopping rule, the GPU monitor and
   the warm-up see each sample as before; the clock they read moves when a burst
-  completes. ``BURST_PREROLL_S`` (5 ms) opens each burst with untimed calls of
-  about that much GPU work, so the timed ones follow calls rather than the
-  light spin and run at the clock back-to-back work settles at;
+  completes. Once a call is known to be GPU-bound (it launches faster than it
+  runs), its next burst is launched before the current one is waited for, with no
+  spin and no preroll: the bursts queue back to back and the GPU never idles
+  while sampling lasts, as under ``do_bench`` (continuous bursts; the result's
+  ``bursts_continued`` counts them). ``BURST_PREROLL_S`` (5 ms) opens each burst
+  that follows a spin with untimed calls of about that much GPU work, so the
+  timed ones follow calls rather than the light spin and run at the clock
+  back-to-back work settles at;
   ``benchmarks/timer_clocks.py`` measures burst length and preroll against
   ``do_bench`` on compute-bound kernels.
 - **Optional: CUDA graphs** (``cuda_graph``): capture ``fn`` and time replays, which
@@ -698,31 +703,64 @@ class _BurstPlan:
     def spin_ns(self) -> float:
         return _spin_ns(self.preroll + self.k, self.host_ns, self.gpu_ns)  # the preroll's launches are covered too
 
-    def after(self, host_ns: float, gpu_ns: float) -> _BurstPlan:
-        """The plan after this burst: ``host_ns`` to launch its preroll and k calls, ``gpu_ns`` for the k timed ones."""
-        host = max(0.9 * self.host_ns, host_ns / (self.preroll + self.k))  # a slow launch is remembered, forgotten slowly
-        gpu = gpu_ns / self.k
-        return _BurstPlan(_burst_size(self.k, gpu, host), host, gpu, _preroll_calls(gpu, host_ns=host))
+    @property
+    def continuous(self) -> bool:
+        """GPU-bound (the host launches a call faster than the GPU runs it): the next burst may queue behind this one."""
+        return 0 < self.host_ns < self.gpu_ns
+
+    def after(self, host_ns: float, gpu_ns: float, k: int | None = None, preroll: int | None = None) -> _BurstPlan:
+        """The plan after a burst of ``k`` timed calls (default this plan's) opened by ``preroll`` untimed ones:
+        ``host_ns`` to launch them all, ``gpu_ns`` for the k timed ones."""
+        k = self.k if k is None else k
+        preroll = self.preroll if preroll is None else preroll
+        if self.gpu_ns == 0:  # the call's first burst: its launch may hold one-time set-up (a cuBLAS handle took
+            host = 0.9 * self.host_ns  # 112 ms on an H200), which would hold the spin at its cap for dozens of bursts
+        else:
+            host = max(0.9 * self.host_ns, host_ns / (preroll + k))  # a slow launch is remembered, forgotten slowly
+        gpu = gpu_ns / k
+        return _BurstPlan(_burst_size(k, gpu, host), host, gpu, _preroll_calls(gpu, host_ns=host))
+
+
+@dataclass
+class _Flight:
+    """A launched burst: ``k`` timed calls after ``preroll`` untimed ones, ``host_ns`` to launch them; ``handle``
+    is the launcher's (the event pairs on a GPU)."""
+
+    k: int
+    preroll: int
+    host_ns: float
+    handle: object = None
 
 
 class _Bursts:
     """``hide_launch``'s samples: a burst of back-to-back calls at a time, handed out one sample at a time.
 
-    ``run(call, k, spin_ns, preroll) -> (k samples in ms, host ns to launch the preroll and them, GPU ns from
-    the first start event to the last end event)`` runs one burst. Each call has its own plan (``compare`` alternates
+    ``launch(call, k, spin_ns, preroll) -> _Flight`` starts one burst (a spin, ``preroll`` untimed calls,
+    k timed ones) without waiting for it; ``collect(flight) -> (k samples in ms, GPU ns from the first
+    start event to the last end event)`` waits for it. Each call has its own plan (``compare`` alternates
     two calls); a sample left over when another call is sampled is dropped, so that no sample crosses
     into a later round. Every sample but a burst's last carries the clock reading taken when the burst
     was launched, the last one the reading after it completed: the stopping rule and the GPU monitor,
     which act when the clock moves, act once a burst has completed, on all of its samples.
+
+    Continuous bursts: once a call is known to be GPU-bound (``_BurstPlan.continuous``), its next
+    burst is launched before the current one is waited for, without spin or preroll. It queues behind
+    the current one, so the GPU runs the call back to back for as long as sampling lasts, as
+    ``do_bench`` does for 100 ms and more, instead of idling at every burst's synchronization (a
+    compute-bound kernel reads faster after an idle gap: the GPU's clock recovers in it). A burst
+    launched ahead and never read (sampling stopped, or another call came) is waited for by
+    ``finish()`` or dropped.
     """
 
-    def __init__(self, run: Callable, clock: Callable[[], int]):
-        self.run, self.clock = run, clock
+    def __init__(self, launch: Callable, collect: Callable, clock: Callable[[], int]):
+        self.launch, self.collect, self.clock = launch, collect, clock
         self.plans: dict[Callable, _BurstPlan] = {}
         self.queue: deque[tuple[float, int]] = deque()
         self.owner: Callable | None = None
+        self.ahead: tuple[Callable, _Flight] | None = None  # a burst launched behind the one being read
         self.largest = 0  # the most calls in one burst so far
         self.largest_preroll = 0  # the most untimed calls opening one burst so far
+        self.continued = 0  # bursts that queued behind the previous one (no spin, no idle GPU between)
 
     def __call__(self, call: Callable) -> tuple[float, int]:
         if not self.queue or self.owner != call:
@@ -733,12 +771,28 @@ class _Bursts:
     def _burst(self, call: Callable) -> deque[tuple[float, int]]:
         plan = self.plans.get(call, _BurstPlan())
         begun = self.clock()
-        samples, host_ns, gpu_ns = self.run(call, plan.k, plan.spin_ns, plan.preroll)
+        if self.ahead is not None and self.ahead[0] is call:
+            flight = self.ahead[1]
+            self.continued += 1
+        else:  # another call's burst launched ahead is not read: its samples would cross into this round
+            flight = self.launch(call, plan.k, plan.spin_ns, plan.preroll)
+        self.ahead = None
+        if plan.continuous:  # sized as the plan after this burst will be (this burst's estimates are the plan's)
+            self.ahead = (call, self.launch(call, _burst_size(plan.k, plan.gpu_ns, plan.host_ns), 0.0, 0))
+        samples, gpu_ns = self.collect(flight)
         now = self.clock()
-        self.plans[call] = plan.after(host_ns, gpu_ns)
-        self.largest = max(self.largest, plan.k)
-        self.largest_preroll = max(self.largest_preroll, plan.preroll)
+        self.plans[call] = plan.after(flight.host_ns, gpu_ns, flight.k, flight.preroll)
+        self.largest = max(self.largest, flight.k)
+        self.largest_preroll = max(self.largest_preroll, flight.preroll)
         return deque([(ms, begun) for ms in samples[:-1]] + [(samples[-1], now)])
+
+    def finish(self) -> None:
+        """Wait for a burst launched ahead and drop it (sampling is over: the GPU is left idle)."""
+        if self.ahead is not None:
+            self.collect(self.ahead[1])
+            self.ahead = None
+        self.queue.clear()
+        self.owner = None
 
 
 class _Sampler:
@@ -747,7 +801,8 @@ class _Sampler:
     ``hide_launch`` (CUDA events only) times the GPU's work alone, in the regime a model runs its
     calls and ``do_bench`` times them: back to back. Calls run in bursts (``_Bursts``): one spin kernel
     (``torch.cuda._sleep``, nvbench's "blocking kernel") holds the GPU while the host launches the whole
-    burst, then k times (L2 flush if any, start event, call, end event), one synchronization, k samples.
+    burst, then k times (L2 flush if any, start event, call, end event), one synchronization, k samples;
+    a GPU-bound call's next burst is launched before that synchronization (continuous bursts).
     One call at a time with the GPU idle in between reads compute-bound kernels 4-6% faster than
     ``do_bench`` on an H200: an idle GPU keeps its top clock, back-to-back calls run at the power
     limit. ``_burst_size`` and ``_spin_ns`` give the rules; the estimates come from the previous burst.
@@ -764,8 +819,10 @@ class _Sampler:
         if self.events:
             self.start = torch.cuda.Event(enable_timing=True)
             self.end = torch.cuda.Event(enable_timing=True)
-        self.pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # hide_launch: one pair per call of a burst
-        self.bursts = _Bursts(self._burst, self.clock) if self.hide else None
+        # hide_launch: one event pair per call of a burst, two sets (a burst being read, one launched behind it)
+        self._pair_sets: tuple[list, list] = ([], [])
+        self._next_set = 0
+        self.bursts = _Bursts(self._launch, self._collect, self.clock) if self.hide else None
         self.method = "cuda_event" if self.events else "host_clock"
 
     def __call__(self, call: Callable) -> tuple[float, int]:
@@ -787,13 +844,20 @@ class _Sampler:
         t1 = self.clock()
         return (t1 - t0) / 1e6, t1
 
-    def _burst(self, call: Callable, k: int, spin_ns: float, preroll: int = 0) -> tuple[list[float], int, float]:
-        """One burst of k back-to-back calls behind a spin and ``preroll`` untimed calls: (samples ms, host ns to
-        launch, GPU ns of the k timed calls)."""
-        while len(self.pairs) < k:
-            self.pairs.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
-        pairs = self.pairs[:k]
-        _spin(spin_ns)
+    def finish(self) -> None:
+        """Sampling is over: wait for a burst still in flight (the GPU is left idle)."""
+        if self.bursts is not None:
+            self.bursts.finish()
+
+    def _launch(self, call: Callable, k: int, spin_ns: float, preroll: int = 0) -> _Flight:
+        """Launch one burst of k back-to-back calls behind a spin (if ``spin_ns`` > 0) and ``preroll`` untimed calls."""
+        pairs = self._pair_sets[self._next_set]
+        self._next_set ^= 1
+        while len(pairs) < k:
+            pairs.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+        pairs = pairs[:k]
+        if spin_ns > 0:
+            _spin(spin_ns)
         t0 = time.perf_counter_ns()
         for _ in range(preroll):
             if self.flush is not None:
@@ -805,10 +869,15 @@ class _Sampler:
             start.record()
             call()
             end.record()
-        host_ns = time.perf_counter_ns() - t0
+        return _Flight(k, preroll, time.perf_counter_ns() - t0, pairs)
+
+    @staticmethod
+    def _collect(flight: _Flight) -> tuple[list[float], float]:
+        """Wait for a launched burst -> (samples ms, GPU ns from its first start event to its last end event)."""
+        pairs = flight.handle
         pairs[-1][1].synchronize()
         samples = [start.elapsed_time(end) for start, end in pairs]
-        return samples, host_ns, pairs[0][0].elapsed_time(pairs[-1][1]) * 1e6
+        return samples, pairs[0][0].elapsed_time(pairs[-1][1]) * 1e6
 
 
 def _graph_calls(replay_ms: float) -> int:
@@ -934,7 +1003,10 @@ class _Rig:
         torch.set_num_threads(self.threads)
         try:
             with torch.inference_mode():
-                yield self
+                try:
+                    yield self
+                finally:
+                    self.sample.finish()
         finally:
             torch.set_num_threads(prev)
 
@@ -962,6 +1034,7 @@ class _Rig:
         if self.sample.bursts is not None:
             out["burst_max_calls"] = self.sample.bursts.largest
             out["burst_max_preroll_calls"] = self.sample.bursts.largest_preroll
+            out["bursts_continued"] = self.sample.bursts.continued
         return out
 
 
