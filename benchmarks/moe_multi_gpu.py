@@ -13,8 +13,11 @@ OUT/moe_multi_gpu.json after every measurement so an interruption keeps what was
    of 64 experts at 8 layers, 56 of 256 at 32: the record's ``card_24gb`` gives the bytes): ``1-gpu``, 14
    experts resident on one GPU; ``2-gpu``, 28 resident, 14 on each (``MoESettings(gpus=2)``: the resident
    experts split evenly over the GPUs, ``toolkit.moe.memory.split_budget``; each layer's busiest ones
-   alternate between them, ``assign_devices``). The dense part, the KV cache and the copy slots stay on
-   the first GPU; a resident expert's token rows travel to its GPU and back;
+   alternate between them, ``assign_devices``). The dense part and the KV cache stay on the first GPU; a
+   resident expert's token rows travel to its GPU and back; a missed expert is computed on the CPU or
+   copied to either GPU, each over its own host link into its own two staging slots (the cost model picks
+   which). ``--configs`` adds ``2-gpu-one-link``: the same two GPUs, every copy to the first (the one-GPU
+   engine's copy path), which shows what the second link buys;
 4. two routings, replayed identically for both configurations: ``uniform`` (each token picks 2 distinct
    experts at random, seeded) and ``trace`` (the synthetic Mixtral trace: real popularity and locality,
    placement from its routing counts); uniform first, trace while the budget lasts;
@@ -65,6 +68,7 @@ from toolkit.env import resolve_device
 from toolkit.errors import ToolkitError
 from toolkit.formatting import fmt, pct
 from toolkit.moe import roofline as R
+from toolkit.moe.baselines import get_baseline
 from toolkit.moe.costs import calibrate
 from toolkit.moe.memory import check_host_memory
 from toolkit.moe.presets import from_name
@@ -81,6 +85,7 @@ CARD_MARGIN = 2**30  # what offload() keeps free on a GPU
 # seconds of one round (decode with its warm-up, prefill) at 8 layers and 64 tokens, before a round was
 # measured; scaled with layers and tokens. Later rounds use the configuration's own last round.
 EST_S = {1: 30.0, 2: 25.0}
+CONFIGS = {"1-gpu": (1, False), "2-gpu": (2, False), "2-gpu-one-link": (2, True)}  # name -> (gpus, one link)
 
 
 @dataclasses.dataclass
@@ -92,10 +97,16 @@ class Config:
     routing: str  # record label: uniform | trace
     est_s: float
     schedule: str  # the CPU-expert schedule; "auto" is replaced by round 1's pick
+    one_link: bool = False  # several GPUs, but every missed expert copied to the first (spread_copies=False)
 
     @property
     def name(self) -> str:
-        return "1-gpu" if self.gpus == 1 else f"{self.gpus}-gpu"
+        return "1-gpu" if self.gpus == 1 else f"{self.gpus}-gpu" + ("-one-link" if self.one_link else "")
+
+    @property
+    def scheme(self):
+        """The engine's scheme: ours, or ours copying only to the first GPU."""
+        return dataclasses.replace(get_baseline("ours"), spread_copies=not self.one_link)
 
     @property
     def budget(self) -> int:
@@ -119,7 +130,7 @@ class Bench:
     def decode(self, session, cfg: Config) -> dict:
         """``session.run``: warm-up, then batch-1 generation; timings, hits, where the rows went, the bound."""
         a = self.args
-        r = session.run(cfg.budget, new_tokens=a.new_tokens, schedule=cfg.schedule)
+        r = session.run(cfg.budget, new_tokens=a.new_tokens, schedule=cfg.schedule, scheme=cfg.scheme)
         g, d = r.generation, r.generation.decode_ms
         reads = R.reads_from_stats(r.stats, "decode")
         bound = R.decode_bound(reads, self.expert_bytes, self.ceilings, self.dense(a.prompt_tokens + a.new_tokens // 2))
@@ -144,13 +155,15 @@ class Bench:
                 "expert_devices": engine.expert_devices.tolist()}
 
     def card(self, cfg: Config) -> dict:
-        """Bytes each GPU of a configuration holds (estimate: experts; the first also the dense part, the KV
-        cache and two copy slots) against a 24 GB card less offload()'s 1 GiB margin."""
+        """Bytes each GPU of a configuration holds (estimate: experts and two copy slots, the others' only when
+        misses are copied to every GPU; the first also the dense part and the KV cache) against a 24 GB card less
+        offload()'s 1 GiB margin."""
         a = self.args
         experts = cfg.per_gpu * self.expert_bytes
+        slots = 2 * self.expert_bytes
         emb = self.preset.vocab * self.preset.hidden * self.dtype_bytes  # dense_bytes leaves the embedding out
-        first = experts + self.dense(a.prompt_tokens + a.new_tokens) + emb + 2 * self.expert_bytes
-        need = [first] + [experts] * (cfg.gpus - 1)
+        first = experts + self.dense(a.prompt_tokens + a.new_tokens) + emb + slots
+        need = [first] + [experts + (0 if cfg.one_link else slots)] * (cfg.gpus - 1)
         return {"card_bytes": CARD_BYTES, "margin_bytes": CARD_MARGIN, "bytes_per_gpu": need,
                 "fits": all(n <= CARD_BYTES - CARD_MARGIN for n in need)}
 
@@ -174,7 +187,7 @@ def measure_round(bench: Bench, cfg: Config, first: bool, refs: dict, tol_rel: f
     out = {"decode": bench.decode(session, cfg)}
     if cfg.schedule == "auto":  # later rounds and the prefill run the schedule round 1 picked
         cfg.schedule = out["decode"]["schedule"]["picked"]
-    with session.offload(cfg.budget, schedule=cfg.schedule) as engine:
+    with session.offload(cfg.budget, schedule=cfg.schedule, scheme=cfg.scheme) as engine:
         if first:
             logits = session.probe_logits(engine)
             if cfg.gpus == 1:
@@ -368,6 +381,9 @@ def parse_args(argv=None):
                                                                        "1 with --full-model or --quick)")
     ap.add_argument("--routings", default=None, help="comma-separated: uniform, trace (default both; trace with "
                                                      "--full-model)")
+    ap.add_argument("--configs", default="1-gpu,2-gpu",
+                    help="comma-separated, measured alternating: 1-gpu, 2-gpu (misses copied to both GPUs), "
+                         "2-gpu-one-link (every copy to the first GPU, as with one) (default 1-gpu,2-gpu)")
     ap.add_argument("--schedule", default="inline", choices=SCHEDULE_CHOICES,
                     help="CPU-expert schedule of both configurations (auto: measured in round 1 of each)")
     ap.add_argument("--threads", type=int, default=None, help="CPU expert threads (default: physical cores - 1)")
@@ -386,6 +402,11 @@ def parse_args(argv=None):
     unknown = [x for x in args.routings.split(",") if x not in ROUTINGS] if args.routings else []
     if unknown:  # nothing would be measured, and the build would have been for nothing
         ap.error(f"--routings: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(ROUTINGS)}")
+    configs = [x for x in args.configs.split(",") if x]
+    unknown = [x for x in configs if x not in CONFIGS]
+    if unknown or not configs:
+        ap.error(f"--configs: unknown {', '.join(map(repr, unknown)) or 'none given'}; choose from {', '.join(CONFIGS)}")
+    args.configs = list(dict.fromkeys(configs))
     q, full = args.quick, args.full_model
     if q and full:
         ap.error("--full-model and --quick exclude each other")
@@ -414,7 +435,7 @@ def main(argv=None, cuda_count=None) -> int:
     record = {
         "benchmark": "moe_multi_gpu", "status": "running", "provenance": provenance(device), "gpus": gpu_facts(device),
         "settings": {"preset": preset.name, "layers": preset.layers, "experts_per_layer": preset.experts,
-                     "total_experts": total, "per_gpu_experts": args.per_gpu, "configs": ["1-gpu", "2-gpu"],
+                     "total_experts": total, "per_gpu_experts": args.per_gpu, "configs": args.configs,
                      "dtype": str(preset.dtype).removeprefix("torch."), "expert_bytes": preset.expert_bytes(),
                      "full_model": args.full_model, "routings": args.routings, "schedule": args.schedule,
                      "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
@@ -467,7 +488,8 @@ def main(argv=None, cuda_count=None) -> int:
         deadline = lambda: args.budget_s - run.elapsed_s  # noqa: E731
         in_time = True
         for routing in dict.fromkeys(r for r, _ in sessions):
-            configs = [Config(g, args.per_gpu, routing, EST_S[g] * scale, args.schedule) for g in (1, 2)]
+            configs = [Config(CONFIGS[c][0], args.per_gpu, routing, EST_S[CONFIGS[c][0]] * scale, args.schedule,
+                              one_link=CONFIGS[c][1]) for c in args.configs]
             if in_time:
                 in_time = run_group(configs, bench, record, save, log, deadline, refs, tol_rel)
             else:  # an earlier routing used the budget up
@@ -505,6 +527,10 @@ def comparison(record: dict) -> dict:
                         "prefill_speedup": one["prefill"]["ms"] / two["prefill"]["ms"],
                         "hit_rate_1gpu": one["decode"]["hit_rate"], "hit_rate_2gpu": two["decode"]["hit_rate"],
                         "check_pass": (two.get("check") or {}).get("pass")}
+        link = _measured(record, "2-gpu-one-link", routing)
+        if link:  # what copying to both GPUs buys over copying to the first only
+            out[routing]["both_links_decode_speedup"] = two["decode"]["tokens_per_s"] / link["decode"]["tokens_per_s"]
+            out[routing]["both_links_prefill_speedup"] = link["prefill"]["ms"] / two["prefill"]["ms"]
     return out
 
 
@@ -556,24 +582,27 @@ def print_summary(record: dict) -> None:
     c = record.get("ceilings")
     if c:
         print(f"ceilings: GPU {c['gpu_gbs']:.0f} GB/s, host {c['host_gbs']:.1f} GB/s, H2D {c['h2d_gbs']:.1f} GB/s")
-    print(f"{'config':<6} {'routing':<8} {'k':>3} {'hit':>5} {'tok/s':>7} {'spread':>6} {'p50 ms':>7} {'bound':>6} "
+    print(f"{'config':<14} {'routing':<8} {'k':>3} {'hit':>5} {'tok/s':>7} {'spread':>6} {'p50 ms':>7} {'bound':>6} "
           f"{'%bnd':>5} {'prefill':>8} {'spread':>6} {'bound':>7} {'%bnd':>5} {'check':>5}  experts/rows per device")
     for e in record["runs"]:
         if "decode" not in e:
-            print(f"{e['config']:<6} {e['routing']:<8} {e['budget']:>3}  {e.get('skipped') or e.get('error') or '-'}")
+            print(f"{e['config']:<14} {e['routing']:<8} {e['budget']:>3}  {e.get('skipped') or e.get('error') or '-'}")
             continue
         d, p, ck = e["decode"], e["prefill"], e.get("check")
-        print(f"{e['config']:<6} {e['routing']:<8} {e['budget']:>3} {_f(d['hit_rate']):>5} {_f(d['tokens_per_s']):>7} "
+        print(f"{e['config']:<14} {e['routing']:<8} {e['budget']:>3} {_f(d['hit_rate']):>5} {_f(d['tokens_per_s']):>7} "
               f"{_spread(d):>6} {_f(d['median_ms']):>7} {_f(d['bound']['ms']):>6} {_pct(d['fraction_of_bound']):>5} "
               f"{_f(p['ms'], '.1f'):>8} {_spread(p):>6} {_f(p['bound']['ms'], '.1f'):>7} "
               f"{_pct(p['fraction_of_bound']):>5} {'-' if not ck else ('ok' if ck['pass'] else 'FAIL'):>5}  "
               f"{_devices(e)}{'  anomalous: ' + e['anomaly_reason'] if e.get('anomalous') else ''}")
     for routing, cmp in (record.get("comparison") or {}).items():
         print(f"2 GPUs over 1 ({routing}): decode x{_f(cmp['decode_speedup'])}, prefill x{_f(cmp['prefill_speedup'])}")
+        if "both_links_decode_speedup" in cmp:
+            print(f"copies to both GPUs over copies to the first ({routing}): decode "
+                  f"x{_f(cmp['both_links_decode_speedup'])}, prefill x{_f(cmp['both_links_prefill_speedup'])}")
     print(f"targets (>= {100 * TARGET:.0f}% of bound):")
     for name, t in (record.get("targets") or {}).items():
         met = {True: "MET", False: "not met", None: "n/a"}[t["met"]]
-        print(f"  {name:<24} {_pct(t['value']):>5}: {met}")
+        print(f"  {name:<32} {_pct(t['value']):>5}: {met}")
 
 
 if __name__ == "__main__":

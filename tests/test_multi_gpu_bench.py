@@ -137,3 +137,25 @@ def test_a_misspelt_routing_is_one_line_before_anything_is_built(capsys):
         load_benchmark("moe_multi_gpu").parse_args(["--routings", "uniform,zipf"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2 and "--routings: unknown 'zipf'; choose from uniform, trace" in err
+
+
+def test_moe_one_link_configuration_copies_to_the_first_gpu_only(tmp_path):
+    r = run_script("moe_multi_gpu", tmp_path, "--quick", "--device", "cpu", "--configs", "2-gpu,2-gpu-one-link",
+                   "--routings", "uniform", "--rounds", "1", "--warm-rounds", "0")
+    assert r["status"] == "complete" and r["settings"]["configs"] == ["2-gpu", "2-gpu-one-link"]
+    runs = {e["config"]: e for e in r["runs"]}
+    assert set(runs) == {"2-gpu", "2-gpu-one-link"} and all("error" not in e for e in runs.values())
+    link = runs["2-gpu-one-link"]
+    assert link["gpus"] == 2 and [d["copies"] for d in link["devices"]][1] == 0  # no copy went to the second
+    assert all("copies" in d for d in runs["2-gpu"]["devices"])
+    slot_bytes = 2 * r["settings"]["expert_bytes"]  # the second GPU holds staging slots only when it takes copies
+    assert runs["2-gpu"]["card_24gb"]["bytes_per_gpu"][1] - link["card_24gb"]["bytes_per_gpu"][1] == slot_bytes
+    cmp = r["comparison"].get("uniform") or {}
+    assert "decode_speedup" not in cmp  # no 1-gpu run to compare with
+
+
+def test_moe_a_misspelt_config_is_one_line(capsys):
+    bench = load_benchmark("moe_multi_gpu")
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(["--configs", "3-gpu"])
+    assert exc.value.code == 2 and "--configs: unknown '3-gpu'" in capsys.readouterr().err
