@@ -502,6 +502,25 @@ def test_bf16_logits_match_on_cuda(cost):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("overlap", [False, True])
+def test_lookahead_copies_on_cuda_equal_the_unoffloaded_model(overlap):
+    """Copies started before their layer's routing (side stream, staging slots reused) give the same logits."""
+    model = build_moe("tiny-mixtral", seed=0, device="cuda")  # float32: differences are summation order only
+    ids, mask = padded_batch()
+    ids, mask = ids.cuda(), mask.cuda()
+    ref = prefill_and_decode(model, ids, mask, steps=4)
+    off = offload(model, 0, device="cuda", cost_model=COPY_ALWAYS, overlap=overlap)
+    try:
+        assert off.options.lookahead  # the default
+        for _ in range(2):  # the second time, the slots hold the first run's experts
+            got = prefill_and_decode(model, ids, mask, steps=4)
+            assert max_diff(ref, got) < 1e-4
+        assert off.stats.lookahead_copies > 0
+    finally:
+        off.restore()
+
+
+@pytest.mark.gpu
 def test_bf16_four_layers_on_cuda_within_bf16_noise():
     """Deeper: offloading may change bf16 rounding (CPU kernels, accumulation order), and after
     four layers a near-tie in a router can flip; the offloaded error must stay at the scale of

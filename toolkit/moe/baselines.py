@@ -133,7 +133,7 @@ BASELINES: dict[str, Baseline] = {
         Baseline("fiddler-serial", "Fiddler (popularity placement, serial CPU experts, pageable copies)",
                  "popularity", "fiddler", serial=True, pageable_copies=True),
         Baseline("ours", "this engine (makespan split of CPU and pinned copies, overlapped)", "popularity",
-                 "makespan", split=True),
+                 "makespan", split=True, lookahead=True),
     ]
 }
 

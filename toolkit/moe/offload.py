@@ -1003,7 +1003,7 @@ class EngineOptions:
     copy_slots: int = 2
     graphs: bool = False
     sync_free: bool = True
-    lookahead: bool = False
+    lookahead: bool = True
     spread_copies: bool = True
 
     @property
@@ -1428,7 +1428,7 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
             cost_model: CostModel | str | os.PathLike | None = None, routing=None, cpu_threads: int | None = None,
             copy_slots: int = 2, overlap: bool | None = None, *, decision: str = "makespan", serial: bool = False,
             pageable_copies: bool = False, split: bool = True, devices=None, devices_budget=None,
-            ranking=None, graphs: bool | None = None, sync_free: bool = True, lookahead: bool = False,
+            ranking=None, graphs: bool | None = None, sync_free: bool = True, lookahead: bool = True,
             spread_copies: bool = True) -> Offloaded:
     """Split the experts of ``model`` between the GPU (``gpu_experts`` of them in total, or "all") and the CPU.
 
