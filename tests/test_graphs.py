@@ -319,3 +319,14 @@ def test_the_profiled_decode_step_replays_the_graphs_on_a_rewound_static_cache()
             d = engine.graphs.to_dict()
     assert all(torch.allclose(g, ref, atol=1e-5) for g in got)
     assert d["captures"] == 2 and d["replays"] == 6  # captured by decode_step itself, then replayed 3 times
+
+
+def test_an_inference_tensor_has_no_version_and_is_always_copied():
+    from toolkit.moe.graphs import _version
+
+    t = torch.ones(3)
+    v = _version(t)
+    t.add_(1)
+    assert _version(t) == v + 1
+    with torch.inference_mode():
+        assert _version(torch.ones(3)) is None  # asked, not caught: reading it would raise

@@ -190,10 +190,13 @@ def _rebuild(obj, name: str, static: dict):
 
 
 def _version(t: torch.Tensor):
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors keep no version counter: always copy them
-        return None
+    """The tensor's version counter, or None for an inference tensor (it keeps none: always copy it).
+
+    Asked first rather than caught: reading ``_version`` of an inference tensor raises, and the
+    exception cost ~27 us a call on a CPU, ~60 calls a decode step at 8 layers (1.7 ms a token
+    under ``torch.inference_mode``, as ``profile --moe`` runs).
+    """
+    return None if t.is_inference() else t._version
 
 
 @dataclass
