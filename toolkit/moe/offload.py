@@ -38,8 +38,8 @@ the statistics are read, and nothing syncs, so its experts replay from a
 CUDA graph (``DecodeGraphs.experts``). In a prefill (``lookahead``, on by
 default) a layer starts copying the next layer's missed experts into the
 staging slots it has freed (``Offloaded.look_ahead``): on an H200 a 512-token
-prefill at 14 of 64 experts took 257 ms with it and 327 ms without (medians of
-3 alternating rounds).
+prefill at 14 of 64 experts took 274 ms with it and 332 ms without (medians of
+3 alternating rounds at one schedule).
 
 The peer schemes are switches of the same engine (``toolkit.moe.baselines``):
 ``decision`` "cpu" / "copy" / "fiddler" (Fiddler's rule: copy when tokens x 7 >=
