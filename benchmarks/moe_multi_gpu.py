@@ -516,21 +516,28 @@ def _measured(record: dict, config: str, routing: str) -> dict | None:
     return None
 
 
+def _median(part: dict, key: str) -> float:
+    """A measure's median over its rounds (the entry's own record is the median *decode* round's)."""
+    return ((part or {}).get("rounds") or {}).get("median") or part[key]
+
+
 def comparison(record: dict) -> dict:
-    """Per routing: two GPUs over one, decode tok/s and prefill speed (the 1-gpu ms over the 2-gpu ms)."""
+    """Per routing: two GPUs over one, decode tok/s and prefill speed (the 1-gpu ms over the 2-gpu ms), from the
+    medians of each measure's rounds."""
     out = {}
     for routing in record.get("routings", {}):
         one, two = _measured(record, "1-gpu", routing), _measured(record, "2-gpu", routing)
         if not (one and two):
             continue
-        out[routing] = {"decode_speedup": two["decode"]["tokens_per_s"] / one["decode"]["tokens_per_s"],
-                        "prefill_speedup": one["prefill"]["ms"] / two["prefill"]["ms"],
+        out[routing] = {"decode_speedup": _median(two["decode"], "tokens_per_s") / _median(one["decode"], "tokens_per_s"),
+                        "prefill_speedup": _median(one["prefill"], "ms") / _median(two["prefill"], "ms"),
                         "hit_rate_1gpu": one["decode"]["hit_rate"], "hit_rate_2gpu": two["decode"]["hit_rate"],
                         "check_pass": (two.get("check") or {}).get("pass")}
         link = _measured(record, "2-gpu-one-link", routing)
         if link:  # what copying to both GPUs buys over copying to the first only
-            out[routing]["both_links_decode_speedup"] = two["decode"]["tokens_per_s"] / link["decode"]["tokens_per_s"]
-            out[routing]["both_links_prefill_speedup"] = link["prefill"]["ms"] / two["prefill"]["ms"]
+            out[routing]["both_links_decode_speedup"] = (_median(two["decode"], "tokens_per_s")
+                                                         / _median(link["decode"], "tokens_per_s"))
+            out[routing]["both_links_prefill_speedup"] = _median(link["prefill"], "ms") / _median(two["prefill"], "ms")
     return out
 
 
@@ -539,7 +546,10 @@ def targets(record: dict) -> dict:
     out = {}
     for e in record["runs"]:
         for phase in ("decode", "prefill"):
-            value = (e.get(phase) or {}).get("fraction_of_bound")
+            part = e.get(phase) or {}
+            value = part.get("fraction_of_bound")
+            if phase == "prefill" and value is not None:  # the median of its rounds against that round's bound
+                value = part["bound"]["ms"] / _median(part, "ms")
             ok = value is not None and math.isfinite(value)
             out[f"{e['config']} {e['routing']} {phase}"] = {"value": value if ok else None, "goal": TARGET,
                                                             "met": (value >= TARGET) if ok else None}
@@ -591,8 +601,8 @@ def print_summary(record: dict) -> None:
         d, p, ck = e["decode"], e["prefill"], e.get("check")
         print(f"{e['config']:<14} {e['routing']:<8} {e['budget']:>3} {_f(d['hit_rate']):>5} {_f(d['tokens_per_s']):>7} "
               f"{_spread(d):>6} {_f(d['median_ms']):>7} {_f(d['bound']['ms']):>6} {_pct(d['fraction_of_bound']):>5} "
-              f"{_f(p['ms'], '.1f'):>8} {_spread(p):>6} {_f(p['bound']['ms'], '.1f'):>7} "
-              f"{_pct(p['fraction_of_bound']):>5} {'-' if not ck else ('ok' if ck['pass'] else 'FAIL'):>5}  "
+              f"{_f(_median(p, 'ms'), '.1f'):>8} {_spread(p):>6} {_f(p['bound']['ms'], '.1f'):>7} "
+              f"{_pct(p['bound']['ms'] / _median(p, 'ms')):>5} {'-' if not ck else ('ok' if ck['pass'] else 'FAIL'):>5}  "
               f"{_devices(e)}{'  anomalous: ' + e['anomaly_reason'] if e.get('anomalous') else ''}")
     for routing, cmp in (record.get("comparison") or {}).items():
         print(f"2 GPUs over 1 ({routing}): decode x{_f(cmp['decode_speedup'])}, prefill x{_f(cmp['prefill_speedup'])}")

@@ -159,3 +159,23 @@ def test_moe_a_misspelt_config_is_one_line(capsys):
     with pytest.raises(SystemExit) as exc:
         bench.parse_args(["--configs", "3-gpu"])
     assert exc.value.code == 2 and "--configs: unknown '3-gpu'" in capsys.readouterr().err
+
+
+def test_comparison_and_targets_take_each_measures_median_of_rounds():
+    bench = load_benchmark("moe_multi_gpu")
+
+    def run(config, tok_s, prefill_picked, prefill_median):
+        return {"config": config, "routing": "uniform", "decode": {
+                    "tokens_per_s": tok_s, "hit_rate": 0.5, "fraction_of_bound": 0.5,
+                    "rounds": {"median": tok_s}},
+                "prefill": {"ms": prefill_picked, "bound": {"ms": 80.0}, "fraction_of_bound": 80.0 / prefill_picked,
+                            "rounds": {"median": prefill_median}}}
+
+    # the entry's prefill is the median *decode* round's; the comparison uses the prefill rounds' own median
+    record = {"routings": {"uniform": "u"},
+              "runs": [run("1-gpu", 18.0, 254.0, 248.0), run("2-gpu", 23.0, 153.0, 160.0),
+                       run("2-gpu-one-link", 23.0, 206.0, 200.0)]}
+    cmp = bench.comparison(record)["uniform"]
+    assert cmp["prefill_speedup"] == pytest.approx(248.0 / 160.0)
+    assert cmp["both_links_prefill_speedup"] == pytest.approx(200.0 / 160.0)
+    assert bench.targets(record)["2-gpu uniform prefill"]["value"] == pytest.approx(80.0 / 160.0)
