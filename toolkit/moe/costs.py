@@ -140,18 +140,39 @@ class LayerPlan:
     link: np.ndarray | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Paths:
-    """Busy ms of a layer's resources under one assignment: per link its device's GPU and its copy engine."""
+    """Busy ms of a layer's resources as experts are assigned: per link its device's GPU and its copy engine,
+    the CPU, host memory (shared by CPU experts and every link's copies)."""
 
     gpu: list
     cpu: float
     copy: list
     host: float
 
+    @classmethod
+    def start(cls, links: int, gpu_busy_ms: float, copy_busy_ms: float, host_busy_ms: float) -> _Paths:
+        """Work already in the layer: resident experts on the first GPU, copies the policy asked for on its link."""
+        return cls([float(gpu_busy_ms)] + [0.0] * (links - 1), 0.0, [float(copy_busy_ms)] + [0.0] * (links - 1),
+                   float(host_busy_ms))
+
     @property
     def span(self) -> float:
         return max(*self.gpu, self.cpu, *self.copy, self.host)
+
+    def copy_ends(self, d: int, copy_ms: float, gpu_ms: float, hop_ms: float) -> tuple[float, float]:
+        """(copy end, GPU end) of one more expert copied over link d: the GPU computes it once its weights landed,
+        and its rows hop to device d and back (``hop_ms``)."""
+        c = self.copy[d] + copy_ms
+        return c, max(self.gpu[d], c) + gpu_ms + hop_ms
+
+    def add(self, d: int, cpu_ms: float, copy_ms: float, gpu_ms: float, hop_ms: float, host_ms: float) -> None:
+        """One expert on the CPU (d < 0) or copied over link d."""
+        if d < 0:
+            self.cpu += cpu_ms
+        else:
+            self.copy[d], self.gpu[d] = self.copy_ends(d, copy_ms, gpu_ms, hop_ms)
+        self.host += host_ms
 
 
 @dataclass
@@ -289,48 +310,42 @@ class CostModel:
         route = self._decide(tokens, *self.times(tokens), gpu_busy_ms, copy_busy_ms)
         return np.array([r >= 0 for r in route], dtype=bool)
 
+    def _start(self, links: int, gpu_busy_ms: float, copy_busy_ms: float) -> _Paths:
+        host_copy = self._host_per_expert()[1]
+        return _Paths.start(links, gpu_busy_ms, copy_busy_ms,
+                            copy_busy_ms / self.copy_ms * host_copy if self.copy_ms else 0.0)
+
     def _decide(self, tokens, cpu, gpu, gpu_busy_ms, copy_busy_ms, links: int = 1) -> list[int]:
         """The path of each missed expert: -1 the CPU, d >= 0 a copy over link d (to device d)."""
         # plain Python over M <= E floats: numpy's per-call overhead would dominate for Mixtral's 8 experts
         route = [-1] * len(tokens)
         host_cpu, host_copy = self._host_per_expert()
-        t_gpu, t_copy = [0.0] * links, [0.0] * links  # per link: its device's GPU, its copy engine
-        t_gpu[0], t_copy[0], t_cpu = float(gpu_busy_ms), float(copy_busy_ms), 0.0
-        t_host = t_copy[0] / self.copy_ms * host_copy if self.copy_ms else 0.0
+        t = self._start(links, gpu_busy_ms, copy_busy_ms)
         for i in sorted(range(len(tokens)), key=lambda i: -tokens[i]):  # stable: largest batch first
-            g_max, c_max = max(t_gpu), max(t_copy)
-            span_cpu = max(g_max, t_cpu + cpu[i], c_max, t_host + host_cpu)
-            best = None  # (span, link, its copy end, its GPU end)
+            g_max, c_max = max(t.gpu), max(t.copy)
+            span_cpu = max(g_max, t.cpu + cpu[i], c_max, t.host + host_cpu)
+            span_copy, best = float("inf"), 0
             for d in range(links):
-                c_copy = t_copy[d] + self.copy_ms
-                g_copy = max(t_gpu[d], c_copy) + gpu[i] + self.peer_time(tokens[i], d)  # once its weights landed
-                span = max(g_copy, g_max, t_cpu, c_copy, c_max, t_host + host_copy)
-                if best is None or span < best[0]:
-                    best = (span, d, c_copy, g_copy)
-            span_copy, d, c_copy, g_copy = best
+                c_copy, g_copy = t.copy_ends(d, self.copy_ms, gpu[i], self.peer_time(tokens[i], d))
+                span = max(g_copy, g_max, t.cpu, c_copy, c_max, t.host + host_copy)
+                if span < span_copy:
+                    span_copy, best = span, d
             if span_copy < span_cpu or (span_copy == span_cpu and self.copy_ms + gpu[i] < cpu[i]):
-                route[i] = d
-                t_copy[d], t_gpu[d], t_host = c_copy, g_copy, t_host + host_copy
-            else:
-                t_cpu, t_host = t_cpu + cpu[i], t_host + host_cpu
+                route[i] = best
+            d = route[i]  # a CPU expert (-1) has no hop: the first link's (none) stands in, unused
+            t.add(d, cpu[i], self.copy_ms, gpu[i], self.peer_time(tokens[i], max(d, 0)),
+                  host_copy if d >= 0 else host_cpu)
         return route
 
     def _paths(self, tokens, cpu, gpu, route, gpu_busy_ms=0.0, copy_busy_ms=0.0, links: int = 1) -> _Paths:
         """Busy ms of each resource under whole-expert assignments ``route`` (as ``_decide``), in its accounting."""
         host_cpu, host_copy = self._host_per_expert()
-        t_gpu, t_copy = [0.0] * links, [0.0] * links
-        t_gpu[0], t_copy[0], t_cpu = float(gpu_busy_ms), float(copy_busy_ms), 0.0
-        t_host = t_copy[0] / self.copy_ms * host_copy if self.copy_ms else 0.0
+        t = self._start(links, gpu_busy_ms, copy_busy_ms)
         for i in sorted(range(len(tokens)), key=lambda i: -tokens[i]):
             d = route[i]
-            if d >= 0:
-                t_copy[d] += self.copy_ms
-                t_gpu[d] = max(t_gpu[d], t_copy[d]) + gpu[i] + self.peer_time(tokens[i], d)
-                t_host += host_copy
-            else:
-                t_cpu += cpu[i]
-                t_host += host_cpu
-        return _Paths(t_gpu, t_cpu, t_copy, t_host)
+            t.add(d, cpu[i], self.copy_ms, gpu[i], self.peer_time(tokens[i], max(d, 0)),
+                  host_copy if d >= 0 else host_cpu)
+        return t
 
     def plan(self, tokens, gpu_busy_ms: float = 0.0, copy_busy_ms: float = 0.0, split: bool = True,
              links: int = 1) -> LayerPlan:
