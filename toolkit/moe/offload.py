@@ -822,23 +822,12 @@ class OffloadedExperts(nn.Module):
             for j, (e, _) in enumerate(jobs):
                 issue_more()
                 gate_up, down, ready, slot = landed.pop(j)
-                d = link.get(e, 0)
-                if d:  # on another device: its rows go there, its results come back
-                    dev = eng.copy_devices[d]
-                    if p.counts[e]:
-                        r = p.rows[e]
-                        x, w = hidden[tok[r]].to(dev, non_blocking=True), wts[r].to(dev, non_blocking=True)
-                        if ready is not None:
-                            torch.cuda.current_stream(dev).wait_event(ready)
-                        y_e = self._expert(x, gate_up, down, w, out.dtype)  # [n, D] on dev
-                        out.index_add_(0, tok[r], y_e.to(hidden.device, non_blocking=True))
-                elif p.counts[e]:
-                    if ready is not None:
-                        torch.cuda.current_stream().wait_event(ready)
+                if p.counts[e]:  # on its copy device (another GPU: its rows go there, its results come back)
                     r = p.rows[e]
-                    y_e = self._expert(hidden[tok[r]], gate_up, down, wts[r], out.dtype)  # [n, D]
+                    y_e = self._expert_on(eng.copy_devices[link.get(e, 0)], hidden[tok[r]], gate_up, down, wts[r],
+                                          out.dtype, ready)  # [n, D]
                     out.index_add_(0, tok[r], y_e)
-                elif ready is not None:
+                elif ready is not None:  # a prefetch: later passes read it once it has landed
                     torch.cuda.current_stream().wait_event(ready)
                 if slot is not None:
                     eng.release(slot)  # its next copy waits for this compute
@@ -913,9 +902,17 @@ class OffloadedExperts(nn.Module):
         eng = self.engine
         d = self.tier.get(e, 0)
         eng.device_rows[d] += x.shape[0]
-        dev = eng.devices[d]
-        y = self._expert(x.to(dev, non_blocking=True), *self.gpu[e], w.to(dev, non_blocking=True), out_dtype)
-        return y.to(x.device, non_blocking=True)
+        return self._expert_on(eng.devices[d], x, *self.gpu[e], w, out_dtype)
+
+    def _expert_on(self, dev: torch.device, x, gate_up, down, w, out_dtype, ready=None):
+        """Rows x [n, D] with routing weights w [n] through an expert whose weights are on ``dev`` -> [n, D] on x's
+        device: the activations move, the weights stay. ``ready``: the event of the weights' copy, waited for by
+        ``dev``'s stream once the rows are on their way (moving them first keeps x's stream from waiting for it).
+        """
+        x_d, w_d = x.to(dev, non_blocking=True), w.to(dev, non_blocking=True)
+        if ready is not None:
+            torch.cuda.current_stream(dev).wait_event(ready)
+        return self._expert(x_d, gate_up, down, w_d, out_dtype).to(x.device, non_blocking=True)
 
     def _serial(self, p: _Pass, resident_used, cpu_experts, jobs, fresh, split):
         """Fiddler's schedule: GPU experts (resident, then blocking copies) in expert order, then each CPU
