@@ -1531,17 +1531,18 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
         if ranking is None and placement is not None and not isinstance(placement, (str, os.PathLike, Path)) \
                 and np.asarray(placement).dtype != bool:
             ranking = placement
-        shares = _device_shares(devices, devices_budget, int(resident.sum()), copy_slots, expert_bytes,
-                                n_experts, orig_devices, spread_copies)
+        # staging slots per device: on the first, or on every one that takes copies
+        slots = [copy_slots if i == 0 or spread_copies else 0 for i in range(len(devices))]
+        shares = _device_shares(devices, devices_budget, int(resident.sum()), slots, expert_bytes, n_experts,
+                                orig_devices)
         tiers = assign_devices(resident, shares, ranking)
         if device.type == "cuda":
             for i, dev in enumerate(devices):
-                leaving = sum(n_experts * expert_bytes for d in orig_devices if d == dev)
-                _check_fits(int((tiers == i).sum()), copy_slots if i == 0 or spread_copies else 0, expert_bytes, dev,
-                            leaving=leaving)
-    elif device.type == "cuda":  # experts now on this GPU will leave it: their memory counts as free
-        leaving = sum(n_experts * expert_bytes for d in orig_devices if d == device)
-        _check_fits(int(resident.sum()), copy_slots, expert_bytes, device, leaving=leaving)
+                _check_fits(int((tiers == i).sum()), slots[i], expert_bytes, dev,
+                            leaving=_leaving(dev, orig_devices, n_experts, expert_bytes))
+    elif device.type == "cuda":
+        _check_fits(int(resident.sum()), copy_slots, expert_bytes, device,
+                    leaving=_leaving(device, orig_devices, n_experts, expert_bytes))
     for b in blocks:
         _to_host(b.experts, pinned=device.type == "cuda")
     if device.type == "cuda":
@@ -1590,10 +1591,15 @@ def _several_devices(devices, device: torch.device) -> list[torch.device] | None
     return out if len(out) > 1 else None
 
 
-def _device_shares(devices, devices_budget, n_resident: int, copy_slots: int, expert_bytes: int,
-                   n_experts: int, orig_devices, spread_copies: bool = False) -> list[int]:
+def _leaving(dev, orig_devices, n_experts: int, expert_bytes: int) -> int:
+    """Bytes of the experts now on ``dev`` that offloading moves off it: free memory once they have gone."""
+    return sum(n_experts * expert_bytes for d in orig_devices if d == dev)
+
+
+def _device_shares(devices, devices_budget, n_resident: int, slots: list[int], expert_bytes: int,
+                   n_experts: int, orig_devices) -> list[int]:
     """Experts per device: an even split of the resident ones, capped by ``devices_budget`` or what fits
-    (besides the staging slots: on the first device, or on every one with ``spread_copies``)."""
+    besides each device's ``slots`` staging slots."""
     from .memory import split_budget
 
     if devices_budget is not None:
@@ -1610,8 +1616,8 @@ def _device_shares(devices, devices_budget, n_resident: int, copy_slots: int, ex
     caps = []
     for i, dev in enumerate(devices):
         free, _ = torch.cuda.mem_get_info(dev)
-        free += sum(n_experts * expert_bytes for d in orig_devices if d == dev)
-        caps.append(max(0, (free - (1 << 30)) // expert_bytes - (copy_slots if i == 0 or spread_copies else 0)))
+        free += _leaving(dev, orig_devices, n_experts, expert_bytes)
+        caps.append(max(0, (free - (1 << 30)) // expert_bytes - slots[i]))
     return split_budget(n_resident, caps)
 
 
