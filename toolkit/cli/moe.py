@@ -223,15 +223,16 @@ def format_table(r: dict) -> str:
     sched = schedule_line(r.get("schedule"))
     if sched:
         lines.append(f"  schedule                       {sched}")
-    graphs = (r.get("engine") or {}).get("graphs")
+    engine = r.get("engine") or {}
+    graphs = engine.get("graphs")
     if graphs:
         lines.append(f"  decode graphs                  {graphs_line(graphs)}")
-    devices = (r.get("engine") or {}).get("devices")
+    devices = engine.get("devices")
     if devices:
         lines.append("  per device                     " + "; ".join(
             f"{d['device']}: {plural(d['experts'], 'expert')}, {plural(d['rows'], 'resident row')}, "
             f"{plural(d.get('copies', 0), 'copy', 'copies')} in" for d in devices))
-    sync_free = (r.get("engine") or {}).get("sync_free_layers")
+    sync_free = engine.get("sync_free_layers")
     if sync_free:
         lines.append(f"  sync-free layers               {sync_free} of {r['layers']} (every expert resident: "
                      "the routing stays on the device)")
