@@ -20,8 +20,10 @@ OUT/moe_decode.json after every measurement so an interruption keeps what was me
    the worker thread on a GPU) and inline, no worker thread (``ours-inline``); ours and all-gpu with the
    dense part of decode steps eager instead of replayed from CUDA graphs (``ours-eager``, its schedule the
    engine's default; ``all-gpu-eager``); ours without the next layer's copies started during a prefill
-   layer (``ours-nolookahead``); all-gpu with its experts through the per-expert path and its
-   routing sync instead of the sync-free grouped GEMMs (``all-gpu-sync``); and ours with the engine's
+   layer (``ours-nolookahead``); ours planning each layer with the CPU experts' and copies' speeds
+   alone instead of the calibrated contention between them (``ours-nocontention``); all-gpu with its
+   experts through the per-expert path and its routing sync instead of the sync-free grouped GEMMs
+   (``all-gpu-sync``); and ours with the engine's
    default schedule (``ours-default``), which differs from each ours variant by that variant's one
    switch and alternates with them (``ablation``);
 4. each configuration is measured ``--rounds`` times (default 3), round-robin within its group (round
@@ -90,8 +92,8 @@ FULL_MODEL = {"preset": "mixtral-8x7b", "layers": 32, "budget": "56/256", "new_t
               "routings": "trace"}
 # "ours-default": ours with the engine's default schedule (a variant's schedule is not measured either), so that
 # each variant alternates in its group with a reference that differs from it by its one switch
-ABLATIONS = ("ours-default", "ours-nosplit", "ours-inline", "ours-eager", "ours-nolookahead", "all-gpu-eager",
-             "all-gpu-sync")
+ABLATIONS = ("ours-default", "ours-nosplit", "ours-inline", "ours-eager", "ours-nolookahead", "ours-nocontention",
+             "all-gpu-eager", "all-gpu-sync")
 GROUPS = ("compare", "sweep", "ablation")
 # seconds one round of a configuration may take on the GPU (conservative): skipped when less than this is left;
 # later rounds use the configuration's own first round instead. Round 1 of ours measures its candidate schedules.
@@ -450,6 +452,7 @@ def main(argv=None) -> int:
                                               (ours, "ours-inline", {"overlap": False}, budget),
                                               (ours, "ours-eager", {"graphs": False}, budget),
                                               (ours, "ours-nolookahead", {"lookahead": False}, budget),
+                                              (ours, "ours-nocontention", {"contention": False}, budget),
                                               (get_baseline("all-gpu"), "all-gpu-eager", {"graphs": False}, total),
                                               (get_baseline("all-gpu"), "all-gpu-sync", {"sync_free": False}, total))
              if variant in args.ablations.split(",")],

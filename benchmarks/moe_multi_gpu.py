@@ -16,8 +16,10 @@ OUT/moe_multi_gpu.json after every measurement so an interruption keeps what was
    alternate between them, ``assign_devices``). The dense part and the KV cache stay on the first GPU; a
    resident expert's token rows travel to its GPU and back; a missed expert is computed on the CPU or
    copied to either GPU, each over its own host link into its own two staging slots (the cost model picks
-   which). ``--configs`` adds ``2-gpu-one-link``: the same two GPUs, every copy to the first (the one-GPU
-   engine's copy path), which shows what the second link buys;
+   which). ``--configs`` adds ablations, each the engine with one switch changed: ``2-gpu-one-link``, the
+   same two GPUs, every copy to the first (the one-GPU engine's copy path), which shows what the second
+   link buys; ``1-gpu-nocontention`` and ``2-gpu-nocontention``, the layers planned with each path's speed
+   alone instead of the calibrated contention of CPU experts and copies for host memory;
 4. two routings, replayed identically for both configurations: ``uniform`` (each token picks 2 distinct
    experts at random, seeded) and ``trace`` (the synthetic Mixtral trace: real popularity and locality,
    placement from its routing counts); uniform first, trace while the budget lasts;
@@ -85,7 +87,11 @@ CARD_MARGIN = 2**30  # what offload() keeps free on a GPU
 # seconds of one round (decode with its warm-up, prefill) at 8 layers and 64 tokens, before a round was
 # measured; scaled with layers and tokens. Later rounds use the configuration's own last round.
 EST_S = {1: 30.0, 2: 25.0}
-CONFIGS = {"1-gpu": (1, False), "2-gpu": (2, False), "2-gpu-one-link": (2, True)}  # name -> (gpus, one link)
+# an ablation of the engine -> what it changes in scheme "ours"
+ABLATIONS = {"one-link": {"spread_copies": False},  # several GPUs, but every missed expert copied to the first
+             "nocontention": {"contention": False}}  # planned as if CPU experts and copies did not slow each other
+CONFIGS = {"1-gpu": (1, None), "2-gpu": (2, None), "2-gpu-one-link": (2, "one-link"),
+           "1-gpu-nocontention": (1, "nocontention"), "2-gpu-nocontention": (2, "nocontention")}  # name -> (gpus, ablation)
 
 
 @dataclasses.dataclass
@@ -97,16 +103,16 @@ class Config:
     routing: str  # record label: uniform | trace
     est_s: float
     schedule: str  # the CPU-expert schedule; "auto" is replaced by round 1's pick
-    one_link: bool = False  # several GPUs, but every missed expert copied to the first (spread_copies=False)
+    ablation: str | None = None  # an ``ABLATIONS`` name: the engine with that one switch changed
 
     @property
     def name(self) -> str:
-        return "1-gpu" if self.gpus == 1 else f"{self.gpus}-gpu" + ("-one-link" if self.one_link else "")
+        return f"{self.gpus}-gpu" + (f"-{self.ablation}" if self.ablation else "")
 
     @property
     def scheme(self):
-        """The engine's scheme: ours, or ours copying only to the first GPU."""
-        return dataclasses.replace(get_baseline("ours"), spread_copies=not self.one_link)
+        """The engine's scheme: ours, or ours with the ablation's switch changed."""
+        return dataclasses.replace(get_baseline("ours"), **ABLATIONS.get(self.ablation, {}))
 
     @property
     def budget(self) -> int:
@@ -163,7 +169,7 @@ class Bench:
         slots = 2 * self.expert_bytes
         emb = self.preset.vocab * self.preset.hidden * self.dtype_bytes  # dense_bytes leaves the embedding out
         first = experts + self.dense(a.prompt_tokens + a.new_tokens) + emb + slots
-        need = [first] + [experts + (0 if cfg.one_link else slots)] * (cfg.gpus - 1)
+        need = [first] + [experts + (slots if cfg.scheme.spread_copies else 0)] * (cfg.gpus - 1)
         return {"card_bytes": CARD_BYTES, "margin_bytes": CARD_MARGIN, "bytes_per_gpu": need,
                 "fits": all(n <= CARD_BYTES - CARD_MARGIN for n in need)}
 
@@ -190,7 +196,7 @@ def measure_round(bench: Bench, cfg: Config, first: bool, refs: dict, tol_rel: f
     with session.offload(cfg.budget, schedule=cfg.schedule, scheme=cfg.scheme) as engine:
         if first:
             logits = session.probe_logits(engine)
-            if cfg.gpus == 1:
+            if cfg.name == "1-gpu":
                 refs[cfg.routing] = logits
             elif cfg.routing in refs:
                 out["check"] = {**logits_check(logits, refs[cfg.routing], tol_rel), "against": "1-gpu"}
@@ -383,7 +389,9 @@ def parse_args(argv=None):
                                                      "--full-model)")
     ap.add_argument("--configs", default="1-gpu,2-gpu",
                     help="comma-separated, measured alternating: 1-gpu, 2-gpu (misses copied to both GPUs), "
-                         "2-gpu-one-link (every copy to the first GPU, as with one) (default 1-gpu,2-gpu)")
+                         "2-gpu-one-link (every copy to the first GPU, as with one), 1-gpu-nocontention and "
+                         "2-gpu-nocontention (planned as if CPU experts and copies did not slow each other) "
+                         "(default 1-gpu,2-gpu)")
     ap.add_argument("--schedule", default="inline", choices=SCHEDULE_CHOICES,
                     help="CPU-expert schedule of both configurations (auto: measured in round 1 of each)")
     ap.add_argument("--threads", type=int, default=None, help="CPU expert threads (default: physical cores - 1)")
@@ -489,7 +497,7 @@ def main(argv=None, cuda_count=None) -> int:
         in_time = True
         for routing in dict.fromkeys(r for r, _ in sessions):
             configs = [Config(CONFIGS[c][0], args.per_gpu, routing, EST_S[CONFIGS[c][0]] * scale, args.schedule,
-                              one_link=CONFIGS[c][1]) for c in args.configs]
+                              ablation=CONFIGS[c][1]) for c in args.configs]
             if in_time:
                 in_time = run_group(configs, bench, record, save, log, deadline, refs, tol_rel)
             else:  # an earlier routing used the budget up
@@ -538,6 +546,13 @@ def comparison(record: dict) -> dict:
             out[routing]["both_links_decode_speedup"] = (_median(two["decode"], "tokens_per_s")
                                                          / _median(link["decode"], "tokens_per_s"))
             out[routing]["both_links_prefill_speedup"] = _median(link["prefill"], "ms") / _median(two["prefill"], "ms")
+        for gpus, base in ((1, one), (2, two)):  # what planning with the measured contention buys
+            plain = _measured(record, f"{gpus}-gpu-nocontention", routing)
+            if plain:
+                out[routing][f"contention_{gpus}gpu_decode_speedup"] = (_median(base["decode"], "tokens_per_s")
+                                                                        / _median(plain["decode"], "tokens_per_s"))
+                out[routing][f"contention_{gpus}gpu_prefill_speedup"] = (_median(plain["prefill"], "ms")
+                                                                         / _median(base["prefill"], "ms"))
     return out
 
 
@@ -609,6 +624,11 @@ def print_summary(record: dict) -> None:
         if "both_links_decode_speedup" in cmp:
             print(f"copies to both GPUs over copies to the first ({routing}): decode "
                   f"x{_f(cmp['both_links_decode_speedup'])}, prefill x{_f(cmp['both_links_prefill_speedup'])}")
+        for gpus in (1, 2):
+            if f"contention_{gpus}gpu_decode_speedup" in cmp:
+                print(f"{gpus} GPU{'s' if gpus > 1 else ''}, planned with the contention over without ({routing}): "
+                      f"decode x{_f(cmp[f'contention_{gpus}gpu_decode_speedup'])}, "
+                      f"prefill x{_f(cmp[f'contention_{gpus}gpu_prefill_speedup'])}")
     print(f"targets (>= {100 * TARGET:.0f}% of bound):")
     for name, t in (record.get("targets") or {}).items():
         met = {True: "MET", False: "not met", None: "n/a"}[t["met"]]

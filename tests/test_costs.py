@@ -198,6 +198,94 @@ def test_calibrate_on_cuda_measures_copies_and_host_bandwidth(tmp_path):
     cm = calibrate(preset="mixtral-8x7b", device="cuda", tokens=(1, 32), repeats=3, path=tmp_path / "c.json")
     assert 0.5 < cm.copy_ms < 100 and cm.gpu_ms[0] < cm.cpu_ms[0]
     assert cm.host_bandwidth_gbs and cm.host_bandwidth_gbs > 1
+    # both paths read host memory: a CPU expert is not faster beside copies (within noise), nor 10x slower
+    assert cm.contention_links == 1 and len(cm.cpu_contention) == 2
+    assert all(0.9 < r < 10 for r in cm.cpu_contention) and 0.9 < cm.copy_contention < 10
+    assert "while copying over 1 link" in cm.summary()
+    stale = {k: v for k, v in cm.to_dict().items() if "contention" not in k}  # an entry without the contention
+    costs.save_cost_model(CostModel.from_dict(stale), tmp_path / "c.json")
+    again = calibrate(preset="mixtral-8x7b", device="cuda", tokens=(1, 32), repeats=3, path=tmp_path / "c.json")
+    assert again.cpu_contention is not None  # measured again rather than reused without it
+
+
+# -- contention: CPU experts and copies share host memory ------------------------------------------
+
+def test_overlapped_paths_run_at_their_contended_rates_until_one_ends():
+    # a 7.2 ms CPU expert that takes 9.0 ms during copies, beside one 6.4 ms copy the CPU does not slow:
+    # 6.4 ms under contention does 6.4 / 9.0 of its work, the rest runs alone
+    cpu, copy = costs.overlap_ends(7.2, 9.0, 6.4, 6.4)
+    assert copy == 6.4 and cpu == pytest.approx(6.4 + (1 - 6.4 / 9.0) * 7.2)
+    cpu, copy = costs.overlap_ends(3.0, 4.0, 12.8, 14.0)  # the CPU ends first; the copies then speed up
+    assert cpu == 4.0 and copy == pytest.approx(4.0 + (1 - 4.0 / 14.0) * 12.8)
+    assert costs.overlap_ends(7.2, 7.2, 6.4, 6.4) == (7.2, 6.4)  # no contention: each as alone
+    assert costs.overlap_ends(7.2, 9.0, 0.0, 0.0) == (7.2, 0.0)  # nothing to contend with
+    assert costs.overlap_ends(0.0, 0.0, 6.4, 7.0) == (0.0, 6.4)
+
+
+CONTENDED = dict(cpu_contention=(1.25, 1.25, 1.2, 1.5), copy_contention=1.0, contention_links=1)
+
+
+def test_a_model_without_contention_plans_exactly_as_before():
+    plain, measured = CostModel(**DEVICE), CostModel(**DEVICE, **CONTENDED)
+    assert measured.without_contention() == plain
+    assert plain.cpu_time_during_copies([1, 8]).tolist() == plain.cpu_time([1, 8]).tolist()
+    assert measured.cpu_time_during_copies([1]) == pytest.approx(7.2 * 1.25)
+    assert measured.copy_slowdown == 1.0 and CostModel(**DEVICE, **{**CONTENDED, "copy_contention": 1.1}).copy_slowdown \
+        == 1.1
+    # a CPU expert alone in its layer (no copies) runs at its own speed
+    assert measured.layer_makespan([1], [False]) == plain.layer_makespan([1], [False]) == pytest.approx(7.2)
+
+
+def test_contention_slows_a_cpu_expert_beside_a_copy():
+    plain, measured = CostModel(**DEVICE), CostModel(**DEVICE, **CONTENDED)
+    # one copied, one on the CPU: 7.2 ms alone, 9.0 ms under a copy of 6.4 ms
+    assert plain.layer_makespan([1, 1], [True, False]) == pytest.approx(7.2)
+    assert measured.layer_makespan([1, 1], [True, False]) == pytest.approx(6.4 + (1 - 6.4 / 9.0) * 7.2)
+    # the split expert weighs the slower CPU: the GPU takes a larger share of it
+    a, b = plain.plan([1]), measured.plan([1])
+    assert a.split == b.split == 0 and b.fraction > a.fraction
+
+
+@pytest.mark.parametrize("links", [1, 2])
+def test_planning_with_the_contention_is_never_worse_under_it(links):
+    """Judged under the contention the machine really has, the plan that knows it beats (or ties) the one that
+    does not: prefill layers of 128-token experts on two H200s of one host, where a CPU expert ran 2x slower
+    while both links copied."""
+    x2 = dict(DEVICE, cpu_ms=(3.8, 4.5, 6.0, 10.0), host_bandwidth_gbs=158.7)
+    truth = CostModel(**x2, cpu_contention=(2.0, 1.8, 1.6, 1.4), copy_contention=1.05, contention_links=links)
+    naive = CostModel(**x2)
+    for tokens in ([128] * 8, [128] * 5, [60, 40, 20, 9], [1, 1]):
+        planned, blind = truth.plan(tokens, split=False, links=links), naive.plan(tokens, split=False, links=links)
+        judge = lambda p: truth._paths(tokens, *truth.times(tokens), [int(d) if c else -1 for c, d in  # noqa: E731
+                                                                       zip(p.copy, p.link if p.link is not None else
+                                                                           [0] * len(tokens))], links=links).span
+        assert judge(planned) <= judge(blind) + 1e-9
+        assert planned.copy.sum() >= blind.copy.sum()  # the slower CPU gives experts to the links
+    if links == 2:  # two single-token misses: the CPU expert would finish after a copy once slowed, so both copy
+        assert truth.plan([1, 1], split=False, links=2).copy.sum() == 2
+        assert naive.plan([1, 1], split=False, links=2).copy.sum() == 1
+
+
+def test_contention_round_trips_and_is_reported():
+    cm = CostModel(**DEVICE, **CONTENDED, key="k")
+    d = json.loads(json.dumps(cm.to_dict()))
+    assert d["cpu_contention"] == [1.25, 1.25, 1.2, 1.5] and CostModel.from_dict(d) == cm
+    assert "while copying over 1 link: CPU expert x1.25 (n=1) .. x1.50 (n=128), copy x1.00" in cm.summary()
+    assert "while copying" not in CostModel(**DEVICE).summary()
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(cpu_contention=[1.2, 1.2]), "one slowdown per CPU token count"),
+    (dict(copy_contention=None), "measured together"),
+    (dict(cpu_contention=[1.2, -1.0, 1.2, 1.2]), "finite ratios > 0"),
+    (dict(copy_contention=float("inf")), "finite ratios > 0"),
+    (dict(contention_links=0), "contention_links must be"),
+])
+def test_malformed_contention_is_rejected(change, match):
+    d = {**json.loads(json.dumps(CostModel(**DEVICE, **CONTENDED).to_dict())), **change}
+    with pytest.raises(ToolkitError, match="malformed") as err:
+        CostModel.from_dict(d)
+    assert match in str(err.value)
 
 
 # -- the peer hop of resident experts on several devices ---------------------------------------------
@@ -307,6 +395,7 @@ def test_calibrate_on_two_gpus_measures_the_peer_hop(tmp_path):
                    devices=["cuda:0", "cuda:1"])
     assert cm.peer_devices == ("cuda:1",) and cm.key.endswith("|devices=cuda:0,cuda:1")
     assert all(0 < ms < 10 for ms in cm.peer_ms[0])  # 128 rows x 4096 x bf16 = 1 MiB each way: well under 10 ms
+    assert cm.contention_links == 2 and all(0.9 < r < 10 for r in cm.cpu_contention)  # both links copying
 
 
 @pytest.mark.gpu
@@ -320,3 +409,4 @@ def test_a_session_that_gains_a_gpu_measures_the_peer_hop(tmp_path, monkeypatch)
         two = one.with_settings(gpus=2)
         assert two.devices == ["cuda:0", "cuda:1"] and two.model is one.model
         assert two.cost_model.peer_devices == ("cuda:1",) and all(ms > 0 for ms in two.cost_model.peer_ms[0])
+        assert one.cost_model.contention_links == 1 and two.cost_model.contention_links == 2

@@ -154,6 +154,13 @@ def test_moe_one_link_configuration_copies_to_the_first_gpu_only(tmp_path):
     assert "decode_speedup" not in cmp  # no 1-gpu run to compare with
 
 
+def test_moe_nocontention_configuration_plans_without_the_contention(tmp_path):
+    bench = load_benchmark("moe_multi_gpu")
+    cfg = bench.Config(2, 4, "uniform", 1.0, "inline", ablation="nocontention")
+    assert cfg.name == "2-gpu-nocontention" and cfg.scheme.contention is False and cfg.scheme.spread_copies
+    assert bench.Config(1, 4, "uniform", 1.0, "inline").scheme.contention is True
+
+
 def test_moe_a_misspelt_config_is_one_line(capsys):
     bench = load_benchmark("moe_multi_gpu")
     with pytest.raises(SystemExit) as exc:
@@ -174,8 +181,11 @@ def test_comparison_and_targets_take_each_measures_median_of_rounds():
     # the entry's prefill is the median *decode* round's; the comparison uses the prefill rounds' own median
     record = {"routings": {"uniform": "u"},
               "runs": [run("1-gpu", 18.0, 254.0, 248.0), run("2-gpu", 23.0, 153.0, 160.0),
-                       run("2-gpu-one-link", 23.0, 206.0, 200.0)]}
+                       run("2-gpu-one-link", 23.0, 206.0, 200.0), run("2-gpu-nocontention", 20.0, 190.0, 192.0)]}
     cmp = bench.comparison(record)["uniform"]
     assert cmp["prefill_speedup"] == pytest.approx(248.0 / 160.0)
     assert cmp["both_links_prefill_speedup"] == pytest.approx(200.0 / 160.0)
+    assert cmp["contention_2gpu_prefill_speedup"] == pytest.approx(192.0 / 160.0)
+    assert cmp["contention_2gpu_decode_speedup"] == pytest.approx(23.0 / 20.0)
+    assert "contention_1gpu_decode_speedup" not in cmp  # no 1-gpu-nocontention run
     assert bench.targets(record)["2-gpu uniform prefill"]["value"] == pytest.approx(80.0 / 160.0)

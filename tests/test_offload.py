@@ -557,3 +557,35 @@ def test_worker_thread_runs_in_the_callers_inference_mode(mixtral):
         off.restore()
     assert off.stats.cpu_expert_calls > 0
     assert (first - ref).abs().max() < 1e-4 and (again - ref).abs().max() < 1e-4
+
+
+def test_the_engine_plans_with_the_measured_contention_unless_told_not_to(mixtral):
+    measured = CostModel.fixed(cpu=(1.0, 0.0), gpu=(0.01, 0.0), copy_ms=1.0, cpu_contention=(1.5, 1.5),
+                               copy_contention=1.1, contention_links=1)
+    for contention in (True, False):
+        off = offload(mixtral, 4, device="cpu", cost_model=measured, contention=contention)
+        try:
+            assert off.options.contention is contention
+            assert (off.cost_model.cpu_contention is not None) is contention
+            assert off.cost_model.cpu_ms == measured.cpu_ms  # only the contention is left out
+        finally:
+            off.restore()
+
+
+def test_the_moe_command_prints_the_contention_its_plan_counted():
+    from moe_records import run_record
+
+    from toolkit.cli.moe import format_table
+
+    cm = CostModel(cpu_tokens=(1, 128), cpu_ms=(7.2, 18.7), gpu_tokens=(1, 128), gpu_ms=(0.1, 0.13), copy_ms=6.4,
+                   device="cuda:0", cpu_contention=(1.25, 1.1), copy_contention=1.02, contention_links=1)
+
+    def line(model):
+        rows = format_table(run_record(cost_model=model.to_dict())).splitlines()
+        return next((x for x in rows if x.startswith("  contention")), None)
+
+    assert line(cm).endswith("while copying over 1 link: CPU expert x1.25 (n=1) .. x1.10 (n=128), copy x1.02 beside "
+                             "a CPU expert (the plan counts it)")
+    assert line(cm.without_contention()).endswith("not counted: the plan takes CPU experts and copies at their "
+                                                  "speeds alone")
+    assert line(CostModel.fixed()) is None  # a CPU run: no copy engine to contend with

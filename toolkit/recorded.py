@@ -473,6 +473,8 @@ def recorded_multi_gpu(doc: dict | None, measure: str = "decode") -> pd.DataFram
         label = f"{gpus} GPU{'s' if gpus != 1 else ''}, {per} experts{' each' if gpus != 1 else ''}"
         if str(run.get("config", "")).endswith("one-link"):  # the ablation: every miss copied to the first GPU
             label += ", copies to the first"
+        if str(run.get("config", "")).endswith("nocontention"):  # the ablation: planned with each path's speed alone
+            label += ", planned without contention"
         rows.append({"scheme": label, "routing": run.get("routing"), key: rounds.get("median", m.get(key)),
                      f"bound_{key}": bound, "hit_rate": m.get("hit_rate"),
                      "anomalous": bool(rounds.get("anomalous", False)), "anomaly_reason": rounds.get("reason")})

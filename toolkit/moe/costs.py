@@ -69,6 +69,7 @@ SPLIT_STEPS = 32  # a split expert's gate/up rows go to the GPU in steps of I / 
 SPLIT_OVERHEAD_MS = 0.05  # a split adds one small host-to-device transfer and a few kernel launches
 SPLIT_MIN_GAIN = (0.25, 0.03)  # the cost model is approximate: split only to save >= 0.25 ms and >= 3%
 LUT_TOKENS = 4096  # per-expert times are tabulated up to this many tokens
+IMPROVE_ROUNDS, IMPROVE_MOVES = 4, 3  # after the greedy: rounds of single moves, of each path's smallest experts
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
@@ -140,39 +141,92 @@ class LayerPlan:
     link: np.ndarray | None = None
 
 
+def overlap_ends(cpu_ms: float, cpu_during_ms: float, copy_ms: float, copy_during_ms: float) -> tuple[float, float]:
+    """(CPU end, copy end) of CPU work and copies that start together and slow each other while both run.
+
+    ``cpu_ms`` / ``copy_ms``: each alone; ``cpu_during_ms``: the same CPU work
+    if all of it ran while copies stream in, ``copy_during_ms``: the copies if
+    all of them ran while the CPU computes. Each progresses at its contended
+    rate until the first finishes, then at its own: e.g. a CPU expert of 7.2 ms
+    alone and 9.0 ms during copies, against one 6.4 ms copy that the CPU does
+    not slow, ends at 6.4 + (1 - 6.4 / 9.0) x 7.2 = 8.5 ms.
+    """
+    if cpu_ms <= 0 or copy_ms <= 0 or (cpu_during_ms == cpu_ms and copy_during_ms == copy_ms):
+        return cpu_ms, copy_ms
+    if cpu_during_ms <= copy_during_ms:  # the CPU work ends first, under contention the whole time
+        return cpu_during_ms, cpu_during_ms + (1 - cpu_during_ms / copy_during_ms) * copy_ms
+    return copy_during_ms + (1 - copy_during_ms / cpu_during_ms) * cpu_ms, copy_during_ms
+
+
 @dataclass
 class _Paths:
     """Busy ms of a layer's resources as experts are assigned: per link its device's GPU and its copy engine,
-    the CPU, host memory (shared by CPU experts and every link's copies)."""
+    the CPU, host memory (shared by CPU experts and every link's copies).
+
+    ``cpu`` and ``copy`` are each path's work alone; ``cpu_during`` is the CPU
+    work as it runs while copies stream in and ``copy_slowdown`` the copies'
+    factor while the CPU computes (measured contention, ``CostModel.cpu_contention``;
+    equal to ``cpu`` and 1 when not calibrated). ``ends()`` gives the ends with
+    the two overlapped; ``span`` the layer's makespan.
+    """
 
     gpu: list
     cpu: float
     copy: list
     host: float
+    cpu_during: float = 0.0
+    copy_slowdown: float = 1.0
 
     @classmethod
-    def start(cls, links: int, gpu_busy_ms: float, copy_busy_ms: float, host_busy_ms: float) -> _Paths:
+    def start(cls, links: int, gpu_busy_ms: float, copy_busy_ms: float, host_busy_ms: float,
+              copy_slowdown: float = 1.0) -> _Paths:
         """Work already in the layer: resident experts on the first GPU, copies the policy asked for on its link."""
         return cls([float(gpu_busy_ms)] + [0.0] * (links - 1), 0.0, [float(copy_busy_ms)] + [0.0] * (links - 1),
-                   float(host_busy_ms))
+                   float(host_busy_ms), 0.0, float(copy_slowdown))
+
+    def ends(self) -> tuple[float, list, list]:
+        """(CPU end, copy end per link, GPU end per link) with CPU work and copies overlapped.
+
+        The CPU computes during the longest link's copies; a link whose copies
+        end later than alone delays its GPU by as much (its copied experts wait
+        for their weights), which overstates the delay when resident work kept
+        that GPU busy past the copies anyway.
+        """
+        if self.cpu_during == self.cpu and self.copy_slowdown == 1.0:
+            return self.cpu, self.copy, self.gpu
+        k = self.copy_slowdown
+        cpu_end = overlap_ends(self.cpu, self.cpu_during, max(self.copy), k * max(self.copy))[0]
+        copy = [overlap_ends(self.cpu, self.cpu_during, c, k * c)[1] for c in self.copy]
+        gpu = [g + (c1 - c0) for g, c0, c1 in zip(self.gpu, self.copy, copy)]
+        return cpu_end, copy, gpu
 
     @property
     def span(self) -> float:
-        return max(*self.gpu, self.cpu, *self.copy, self.host)
+        cpu, copy, gpu = self.ends()
+        return max(*gpu, cpu, *copy, self.host)
 
     def copy_ends(self, d: int, copy_ms: float, gpu_ms: float, hop_ms: float) -> tuple[float, float]:
         """(copy end, GPU end) of one more expert copied over link d: the GPU computes it once its weights landed,
-        and its rows hop to device d and back (``hop_ms``)."""
+        and its rows hop to device d and back (``hop_ms``). Alone, without the CPU's contention."""
         c = self.copy[d] + copy_ms
         return c, max(self.gpu[d], c) + gpu_ms + hop_ms
 
-    def add(self, d: int, cpu_ms: float, copy_ms: float, gpu_ms: float, hop_ms: float, host_ms: float) -> None:
-        """One expert on the CPU (d < 0) or copied over link d."""
+    def add(self, d: int, cpu_ms: float, copy_ms: float, gpu_ms: float, hop_ms: float, host_ms: float,
+            cpu_during_ms: float | None = None) -> None:
+        """One expert on the CPU (d < 0; ``cpu_during_ms``: its time while copies run) or copied over link d."""
         if d < 0:
             self.cpu += cpu_ms
+            self.cpu_during += cpu_ms if cpu_during_ms is None else cpu_during_ms
         else:
             self.copy[d], self.gpu[d] = self.copy_ends(d, copy_ms, gpu_ms, hop_ms)
         self.host += host_ms
+
+    def with_expert(self, d: int, cpu_ms: float, copy_ms: float, gpu_ms: float, hop_ms: float, host_ms: float,
+                    cpu_during_ms: float | None = None) -> _Paths:
+        """A copy of these paths with one more expert (``add``): a candidate the greedy decision weighs."""
+        out = _Paths(list(self.gpu), self.cpu, list(self.copy), self.host, self.cpu_during, self.copy_slowdown)
+        out.add(d, cpu_ms, copy_ms, gpu_ms, hop_ms, host_ms, cpu_during_ms)
+        return out
 
 
 @dataclass
@@ -204,12 +258,31 @@ class CostModel:
     peer_tokens: tuple[int, ...] | None = None  # token rows of the measured peer hops
     peer_ms: tuple[tuple[float, ...], ...] | None = None  # [devices - 1][tokens] round trip first device -> d -> first
     peer_devices: tuple[str, ...] = ()  # the device of each peer_ms row (devices[1:] at calibration)
+    # contention of the two paths for host memory (None: not measured, each path as fast as alone):
+    cpu_contention: tuple[float, ...] | None = None  # CPU expert while every link copies / alone, at cpu_tokens
+    copy_contention: float | None = None  # a copy on every link while a CPU expert runs / alone
+    contention_links: int = 0  # links that copied during the measurement
     key: str = ""
     meta: dict = field(default_factory=dict)
 
     # -- evaluation (vectorised over experts) ---------------------------------------------------
     def cpu_time(self, n) -> np.ndarray:
         return _interp(n, self.cpu_tokens, self.cpu_ms)
+
+    def cpu_time_during_copies(self, n) -> np.ndarray:
+        """CPU ms of one expert at ``n`` tokens while copies stream in (``cpu_time`` when contention is not measured)."""
+        if not self.cpu_contention:
+            return self.cpu_time(n)
+        return self.cpu_time(n) * _interp(n, self.cpu_tokens, self.cpu_contention)
+
+    @property
+    def copy_slowdown(self) -> float:
+        """How much longer a copy takes while a CPU expert runs (1: not measured)."""
+        return float(self.copy_contention) if self.copy_contention else 1.0
+
+    def without_contention(self) -> CostModel:
+        """This model planning as if CPU experts and copies did not slow each other (an ablation)."""
+        return replace(self, cpu_contention=None, copy_contention=None, contention_links=0)
 
     def gpu_time(self, n) -> np.ndarray:
         return _interp(n, self.gpu_tokens, self.gpu_ms)
@@ -276,10 +349,11 @@ class CostModel:
         return nbytes / (self.host_bandwidth_gbs * 1e9) * 1e3
 
     @cached_property
-    def _lut(self) -> tuple[list[float], list[float]]:
-        """CPU and GPU ms for 0..LUT_TOKENS tokens as Python floats: a layer's decision is a few list lookups."""
+    def _lut(self) -> tuple[list[float], list[float], list[float]]:
+        """CPU, GPU and contended CPU ms for 0..LUT_TOKENS tokens as Python floats: a layer's decision is a few
+        list lookups."""
         n = np.arange(LUT_TOKENS + 1)
-        return self.cpu_time(n).tolist(), self.gpu_time(n).tolist()
+        return self.cpu_time(n).tolist(), self.gpu_time(n).tolist(), self.cpu_time_during_copies(n).tolist()
 
     def times(self, tokens: list[int]) -> tuple[list[float], list[float]]:
         """(CPU ms, GPU ms) of one expert at each token count in ``tokens``, as lists of Python floats.
@@ -289,8 +363,15 @@ class CostModel:
         """
         if tokens and max(tokens) > LUT_TOKENS:
             return self.cpu_time(tokens).tolist(), self.gpu_time(tokens).tolist()
-        cpu, gpu = self._lut
+        cpu, gpu, _ = self._lut
         return [cpu[n] for n in tokens], [gpu[n] for n in tokens]
+
+    def _during(self, tokens: list[int]) -> list[float]:
+        """Contended CPU ms of one expert at each count in ``tokens`` (``times``' CPU ms where not measured)."""
+        if tokens and max(tokens) > LUT_TOKENS:
+            return self.cpu_time_during_copies(tokens).tolist()
+        during = self._lut[2]
+        return [during[n] for n in tokens]
 
     def _host_per_expert(self) -> tuple[float, float]:
         """Host-memory ms of one CPU expert (its bytes in the CPU dtype) and of one copy."""
@@ -313,38 +394,68 @@ class CostModel:
     def _start(self, links: int, gpu_busy_ms: float, copy_busy_ms: float) -> _Paths:
         host_copy = self._host_per_expert()[1]
         return _Paths.start(links, gpu_busy_ms, copy_busy_ms,
-                            copy_busy_ms / self.copy_ms * host_copy if self.copy_ms else 0.0)
+                            copy_busy_ms / self.copy_ms * host_copy if self.copy_ms else 0.0, self.copy_slowdown)
 
     def _decide(self, tokens, cpu, gpu, gpu_busy_ms, copy_busy_ms, links: int = 1) -> list[int]:
         """The path of each missed expert: -1 the CPU, d >= 0 a copy over link d (to device d)."""
         # plain Python over M <= E floats: numpy's per-call overhead would dominate for Mixtral's 8 experts
         route = [-1] * len(tokens)
         host_cpu, host_copy = self._host_per_expert()
+        during = self._during(tokens)
         t = self._start(links, gpu_busy_ms, copy_busy_ms)
         for i in sorted(range(len(tokens)), key=lambda i: -tokens[i]):  # stable: largest batch first
-            g_max, c_max = max(t.gpu), max(t.copy)
-            span_cpu = max(g_max, t.cpu + cpu[i], c_max, t.host + host_cpu)
+            span_cpu = t.with_expert(-1, cpu[i], self.copy_ms, gpu[i], 0.0, host_cpu, during[i]).span
             span_copy, best = float("inf"), 0
             for d in range(links):
-                c_copy, g_copy = t.copy_ends(d, self.copy_ms, gpu[i], self.peer_time(tokens[i], d))
-                span = max(g_copy, g_max, t.cpu, c_copy, c_max, t.host + host_copy)
+                span = t.with_expert(d, cpu[i], self.copy_ms, gpu[i], self.peer_time(tokens[i], d), host_copy).span
                 if span < span_copy:
                     span_copy, best = span, d
             if span_copy < span_cpu or (span_copy == span_cpu and self.copy_ms + gpu[i] < cpu[i]):
                 route[i] = best
             d = route[i]  # a CPU expert (-1) has no hop: the first link's (none) stands in, unused
             t.add(d, cpu[i], self.copy_ms, gpu[i], self.peer_time(tokens[i], max(d, 0)),
-                  host_copy if d >= 0 else host_cpu)
+                  host_copy if d >= 0 else host_cpu, during[i])
+        return route
+
+    def _improve(self, tokens, cpu, gpu, route, gpu_busy_ms, copy_busy_ms, links: int = 1) -> list[int]:
+        """``route`` after moving single experts to another path while that shortens the layer.
+
+        With contention the paths' ends depend on each other (a CPU expert
+        runs slower while copies stream), so the greedy's choice for one
+        expert can look worse than it turns out once later experts are placed:
+        e.g. eight equal experts split 5 copies / 3 CPU where 6 / 2 ends
+        sooner. A few rounds of moving one of each path's smallest experts
+        (the moves that fine-tune the balance) fix that at a bounded cost.
+        """
+        if not self.cpu_contention or len(tokens) < 2:
+            return route  # without contention the paths are independent: the greedy's balance stands
+        span = self._paths(tokens, cpu, gpu, route, gpu_busy_ms, copy_busy_ms, links).span
+        for _ in range(IMPROVE_ROUNDS):
+            best = None
+            for path in range(-1, links):
+                mine = sorted((i for i in range(len(tokens)) if route[i] == path), key=lambda i: tokens[i])
+                for i in list({tokens[i]: i for i in reversed(mine)}.values())[:IMPROVE_MOVES]:
+                    for d in range(-1, links):
+                        if d == path:
+                            continue
+                        moved = [*route[:i], d, *route[i + 1:]]
+                        t = self._paths(tokens, cpu, gpu, moved, gpu_busy_ms, copy_busy_ms, links).span
+                        if t < span - 1e-9 and (best is None or t < best[0]):
+                            best = (t, moved)
+            if best is None:
+                break
+            span, route = best
         return route
 
     def _paths(self, tokens, cpu, gpu, route, gpu_busy_ms=0.0, copy_busy_ms=0.0, links: int = 1) -> _Paths:
         """Busy ms of each resource under whole-expert assignments ``route`` (as ``_decide``), in its accounting."""
         host_cpu, host_copy = self._host_per_expert()
+        during = self._during(tokens)
         t = self._start(links, gpu_busy_ms, copy_busy_ms)
         for i in sorted(range(len(tokens)), key=lambda i: -tokens[i]):
             d = route[i]
             t.add(d, cpu[i], self.copy_ms, gpu[i], self.peer_time(tokens[i], max(d, 0)),
-                  host_copy if d >= 0 else host_cpu)
+                  host_copy if d >= 0 else host_cpu, during[i])
         return t
 
     def plan(self, tokens, gpu_busy_ms: float = 0.0, copy_busy_ms: float = 0.0, split: bool = True,
@@ -376,11 +487,13 @@ class CostModel:
     def _plan(self, tokens, gpu_busy_ms, copy_busy_ms, split, links=1) -> LayerPlan:
         cpu, gpu = self.times(tokens)
         route = self._decide(tokens, cpu, gpu, gpu_busy_ms, copy_busy_ms, links)
+        route = self._improve(tokens, cpu, gpu, route, gpu_busy_ms, copy_busy_ms, links)
         state = self._paths(tokens, cpu, gpu, route, gpu_busy_ms, copy_busy_ms, links)
         whole = state.span
         best = (float("inf"), 0.0, -1, 0.0)  # (makespan, balance, split expert, fraction)
         if split and tokens and self.copy_ms:
             host_cpu, host_copy = self._host_per_expert()
+            during = self._during(tokens)
             cands = [i for i in range(len(tokens)) if route[i] < 0]
             cands = [max(cands, key=lambda i: cpu[i])] if cands else []
             copied = [i for i in range(len(tokens)) if route[i] >= 0]
@@ -389,18 +502,20 @@ class CostModel:
                 rest = [i for i in range(len(tokens)) if i != s]
                 st = self._paths([tokens[i] for i in rest], [cpu[i] for i in rest], [gpu[i] for i in rest],
                                  [route[i] for i in rest], gpu_busy_ms, copy_busy_ms, links)
-                t_gpu, t_copy = st.gpu[0], st.copy[0]  # the split goes to the first device
-                others = max([*st.gpu[1:], *st.copy[1:]], default=0.0)
                 for j in range(SPLIT_STEPS):  # f = 1 would be a whole copy
                     f = j / SPLIT_STEPS
                     share = (1 + 2 * f) / 3  # GPU share of the expert's bytes
-                    c_copy = t_copy + share * self.copy_ms  # the split is copied last
-                    c_gpu = max(t_gpu, c_copy) + (2 * f / 3) * gpu[s]  # its GPU gate/up rows done
-                    c_cpu = st.cpu + (2 / 3) * (1 - f) * cpu[s] + SPLIT_OVERHEAD_MS
+                    cpu_share = (2 / 3) * (1 - f)  # the CPU's share of its time: the other gate/up rows
+                    sp = _Paths(list(st.gpu), st.cpu + cpu_share * cpu[s] + SPLIT_OVERHEAD_MS, list(st.copy),
+                                st.host + share * host_copy + (1 - share) * host_cpu,
+                                st.cpu_during + cpu_share * during[s] + SPLIT_OVERHEAD_MS, st.copy_slowdown)
+                    sp.copy[0] += share * self.copy_ms  # the split goes to the first device, copied last
+                    c_cpu, c_copy, c_gpus = sp.ends()
+                    c_gpu = max(c_gpus[0], c_copy[0]) + (2 * f / 3) * gpu[s]  # its GPU gate/up rows done
                     c_end = max(c_gpu, c_cpu) + gpu[s] / 3  # the down projection on the GPU
-                    c_host = st.host + share * host_copy + (1 - share) * host_cpu
+                    others = max([*c_gpus[1:], *c_copy[1:]], default=0.0)
                     # among equal makespans (host-bound) prefer the balanced split: least exposed to contention
-                    best = min(best, (max(c_end, c_copy, c_host, others), max(c_cpu, c_copy), s, f))
+                    best = min(best, (max(c_end, c_copy[0], sp.host, others), max(c_cpu, c_copy[0]), s, f))
         copy = np.array([r >= 0 for r in route], dtype=bool)
         link = np.array([max(r, 0) for r in route], dtype=np.int64)
         copy.flags.writeable = link.flags.writeable = False  # plans are cached and shared
@@ -452,6 +567,8 @@ class CostModel:
                     raise ValueError(f"{k} must be a list of measured points, got {kw[k]!r}")
                 kw[k] = tuple(kw[k])
             kw["thread_scaling"] = {int(k): float(v) for k, v in kw.get("thread_scaling", {}).items()}
+            if isinstance(kw.get("cpu_contention"), list):
+                kw["cpu_contention"] = tuple(kw["cpu_contention"])
             kw.update(_peer_fields(kw))
             model = cls(**kw)
             if not (len(model.cpu_tokens) == len(model.cpu_ms) >= 1 and len(model.gpu_tokens) == len(model.gpu_ms) >= 1):
@@ -463,6 +580,7 @@ class CostModel:
             _check_ms("copy_ms", model.copy_ms)
             for row in model.peer_ms or ():
                 _check_points("peer", model.peer_tokens, row)
+            _check_contention(model)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ToolkitError(f"calibration entry is malformed ({type(e).__name__}: {e}); delete it and recalibrate") from None
         return model
@@ -475,7 +593,18 @@ class CostModel:
                                                                  [""] * len(self.peer_fit))))
         return (f"CPU expert ({self.cpu_dtype}, {self.cpu_threads} threads): {a:.3f} + {b:.4f}*n ms | "
                 f"GPU expert: {ga:.3f} + {gb:.5f}*n ms | copy: {self.copy_ms:.3f} ms/expert | "
-                f"copy pays from n >= {self.breakeven_tokens:g}{peers}")
+                f"copy pays from n >= {self.breakeven_tokens:g}{peers}{self.contention_line()}")
+
+    def contention_line(self) -> str:
+        """' | while copying over 1 link: CPU expert x1.25 (n=1) .. x1.10 (n=128), copy x1.02 beside a CPU expert',
+        or '' where not measured."""
+        if not self.cpu_contention:
+            return ""
+        links = f"{self.contention_links} link{'s' if self.contention_links != 1 else ''}"
+        first, last = (self.cpu_tokens[0], self.cpu_contention[0]), (self.cpu_tokens[-1], self.cpu_contention[-1])
+        cpu = f"x{first[1]:.2f} (n={first[0]})" + (f" .. x{last[1]:.2f} (n={last[0]})" if len(self.cpu_tokens) > 1
+                                                   else "")
+        return f" | while copying over {links}: CPU expert {cpu}, copy x{self.copy_slowdown:.2f} beside a CPU expert"
 
 
 def _peer_fields(kw: dict) -> dict:
@@ -512,6 +641,25 @@ def _check_points(name: str, tokens, ms) -> None:
         raise ValueError(f"{name}_tokens must increase, got {list(tokens)}")
     for v in ms:
         _check_ms(f"{name}_ms", v)
+
+
+def _check_contention(model: CostModel) -> None:
+    """The measured contention: a slowdown > 0 per CPU token count and one for copies, or none of them."""
+    cpu, copy = model.cpu_contention, model.copy_contention
+    if cpu is None and copy is None:
+        return
+    if cpu is None or copy is None:
+        raise ValueError("cpu_contention and copy_contention are measured together; one is missing")
+    if len(cpu) != len(model.cpu_tokens):
+        raise ValueError(f"cpu_contention needs one slowdown per CPU token count ({len(model.cpu_tokens)}), "
+                         f"got {len(cpu)}")
+    for v in (*cpu, copy):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v > 0):
+            raise ValueError(f"contention slowdowns must be finite ratios > 0, got {v!r}")
+    if isinstance(model.contention_links, bool) or not isinstance(model.contention_links, int) \
+            or model.contention_links < 1:
+        raise ValueError(f"contention_links must be the number of links that copied (>= 1), "
+                         f"got {model.contention_links!r}")
 
 
 def _read_cache(path: Path) -> dict:
@@ -632,14 +780,20 @@ def _warmups(hidden: int, intermediate: int) -> int:
     return 1 if hidden * intermediate > 1e7 else 3  # a Mixtral-sized expert is steady after one call
 
 
-@torch.no_grad()
-def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thread_counts, clock):
-    dev = torch.device(device)
-    cuda = dev.type == "cuda"
+def _expert_weights(hidden: int, intermediate: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert's random weights, seeded: gate_up [2I, D], down [D, I]."""
     gen = torch.Generator().manual_seed(0)
     std = hidden ** -0.5
     gu = (torch.randn(2 * intermediate, hidden, generator=gen) * std).to(dtype)  # [2I, D]
     dn = (torch.randn(hidden, intermediate, generator=gen) * std).to(dtype)  # [D, I]
+    return gu, dn
+
+
+@torch.no_grad()
+def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thread_counts, clock, devices=None):
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    gu, dn = _expert_weights(hidden, intermediate, dtype)
     warm = _warmups(hidden, intermediate)
 
     cpu_by_dtype: dict[str, list[float]] = {}
@@ -676,7 +830,10 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
 
         copy_ms = _median_ms(copy, repeats, warm, sync=sync, clock=clock)
         del g1, g2, h1, h2
+        contention = _measure_contention(gu, dn, DTYPES[cpu_dtype], threads, tokens, devices or [device], repeats,
+                                         warm, clock)
     else:  # both tiers on the CPU: the "GPU" is the CPU in the model dtype, a "copy" is a memcpy
+        contention = {}  # no copy engine: nothing runs beside the CPU experts
         with torch_threads(threads):
             gpu_ms = cpu_by_dtype[dtype_name(dtype)]
             s1, s2 = torch.empty_like(gu), torch.empty_like(dn)
@@ -689,7 +846,98 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
             ms = _median_ms(lambda: buf.sum(), repeats, 1, clock=clock)
         host_bw = buf.numel() * 4 / (ms * 1e-3) / 1e9
     return dict(cpu_by_dtype=cpu_by_dtype, cpu_dtype=cpu_dtype, gpu_ms=gpu_ms, copy_ms=copy_ms,
-                scaling=scaling, host_bw=host_bw, expert_bytes=(gu.numel() + dn.numel()) * gu.element_size())
+                scaling=scaling, host_bw=host_bw, expert_bytes=(gu.numel() + dn.numel()) * gu.element_size(),
+                contention=contention)
+
+
+CONTENTION_MAX_QUEUE = 64  # copies queued per link at most while one CPU expert is timed
+
+
+@torch.no_grad()
+def _measure_contention(gu, dn, cpu_dtype, threads, tokens, devices, repeats, warm, clock) -> dict:
+    """How CPU experts and pinned copies slow each other, as the engine overlaps them.
+
+    Host memory feeds both the CPU experts and every link's copies, so each
+    runs slower beside the other than alone (on the lent H200 host a CPU
+    expert went from 7.3 to 9.0 ms during a copy; on two H200s of one host
+    from 3.8 to 7.4 ms while both links copied). Per token count the CPU
+    expert is timed alone and then while every device in ``devices`` has
+    copies of the expert queued that outlast it (a sample whose copies ran
+    out first is taken again with twice as many), alternately, so a slow
+    spell of the machine hits both; and one copy on every link is timed with
+    CUDA events alone and while CPU experts run until it lands.
+    -> {"cpu_contention": ratios at ``tokens``, "copy_contention": ratio, "contention_links": len(devices)}
+    """
+    devs = [torch.device(d) for d in devices]
+    h1, h2 = gu.pin_memory(), dn.pin_memory()
+    dst = [(torch.empty_like(gu, device=d), torch.empty_like(dn, device=d)) for d in devs]  # [2I, D], [D, I]
+    streams = [torch.cuda.Stream(d) for d in devs]
+    w1, w2 = gu.to(cpu_dtype), dn.to(cpu_dtype)
+
+    def sync():
+        for d in devs:
+            torch.cuda.synchronize(d)
+
+    def queue(k: int) -> list:
+        """k copies of the expert on every link; -> an event after each link's last."""
+        ends = []
+        for (g1, g2), stream in zip(dst, streams):
+            with torch.cuda.stream(stream):
+                for _ in range(k):
+                    g1.copy_(h1, non_blocking=True)
+                    g2.copy_(h2, non_blocking=True)
+                ends.append(torch.cuda.Event())
+                ends[-1].record(stream)
+        return ends
+
+    def cpu_ms(x) -> float:
+        t0 = clock()
+        expert_forward(x, w1, w2)
+        return (clock() - t0) * 1e3
+
+    def copy_ms(busy=None) -> float:
+        """ms of one copy on every link at once (the slowest link), with ``busy()`` run until they all land."""
+        marks = []
+        for (g1, g2), stream in zip(dst, streams):
+            with torch.cuda.stream(stream):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                g1.copy_(h1, non_blocking=True)
+                g2.copy_(h2, non_blocking=True)
+                end.record(stream)
+                marks.append((start, end))
+        while busy is not None and not all(end.query() for _, end in marks):
+            busy()
+        sync()
+        return max(start.elapsed_time(end) for start, end in marks)
+
+    ratios = []
+    with torch_threads(threads):
+        for n in tokens:
+            x = torch.full((n, gu.shape[1]), 0.1, dtype=cpu_dtype)  # [n, D]
+            alone, during, k = [], [], 2
+            while len(during) < warm + repeats:
+                alone.append(cpu_ms(x))
+                ends = queue(k)
+                ms = cpu_ms(x)
+                outlasted = not all(e.query() for e in ends)  # the copies were still streaming when it finished
+                sync()
+                if outlasted:
+                    during.append(ms)
+                elif k >= CONTENTION_MAX_QUEUE:
+                    raise ToolkitError(f"contention calibration: {k} queued copies ran out before one CPU expert of "
+                                       f"{n} tokens finished ({ms:.1f} ms); the CPU expert is too slow to measure")
+                else:
+                    k *= 2
+            ratios.append(statistics.median(during[warm:]) / statistics.median(alone[warm:]))
+        x1 = torch.full((1, gu.shape[1]), 0.1, dtype=cpu_dtype)  # [1, D]: the most memory-bound CPU expert
+        copies_alone, copies_during = [], []
+        for r in range(warm + repeats):
+            copies_alone.append(copy_ms())
+            copies_during.append(copy_ms(lambda: expert_forward(x1, w1, w2)))
+    return {"cpu_contention": tuple(ratios),
+            "copy_contention": statistics.median(copies_during[warm:]) / statistics.median(copies_alone[warm:]),
+            "contention_links": len(devs)}
 
 
 def with_peer_hops(model: CostModel, devices, *, repeats: int = 5, path: str | os.PathLike | None = None,
@@ -700,8 +948,9 @@ def with_peer_hops(model: CostModel, devices, *, repeats: int = 5, path: str | o
     for one device (``MoESession.with_settings(gpus=2)`` reuses its session's)
     lacks the hop of a spread expert's token rows, so the engine would plan a
     layer as if the second GPU's experts were free to reach. This measures only
-    the hop (the cache entry of the full calibration with these devices is
-    used where it exists) and returns the model under that entry's key.
+    the hop and, on GPUs, how CPU experts contend with copies over every link
+    (the cache entry of the full calibration with these devices is used where
+    it exists) and returns the model under that entry's key.
     ``devices``: as ``calibrate`` takes them, the model's device first.
     """
     devices = calibration_devices(model.device, devices)
@@ -711,13 +960,18 @@ def with_peer_hops(model: CostModel, devices, *, repeats: int = 5, path: str | o
     key = calibration_key(model.hidden, model.intermediate, dtype, model.device, model.cpu_threads, devices)
     file = Path(path) if path is not None else cache_path()
     cached = _cached(file, key) if reuse else None
-    if cached is not None:
+    if cached is not None and (cached.cpu_contention is not None or not str(devices[0]).startswith("cuda")):
         return cached
     tokens = tuple(sorted(model.gpu_tokens))
-    ms = _measure_peer(model.hidden, dtype, devices, tokens, repeats, _warmups(model.hidden, model.intermediate),
-                       clock)
+    warm = _warmups(model.hidden, model.intermediate)
+    ms = _measure_peer(model.hidden, dtype, devices, tokens, repeats, warm, clock)
+    contention = {}
+    if str(devices[0]).startswith("cuda"):  # the CPU experts now compete with every device's link
+        gu, dn = _expert_weights(model.hidden, model.intermediate, dtype)
+        contention = _measure_contention(gu, dn, DTYPES[model.cpu_dtype], model.cpu_threads, model.cpu_tokens,
+                                         devices, repeats, warm, clock)
     out = replace(model, peer_tokens=tokens, peer_devices=tuple(devices[1:]),
-                  peer_ms=tuple(tuple(row) for row in ms), key=key)
+                  peer_ms=tuple(tuple(row) for row in ms), key=key, **contention)
     if save:
         save_cost_model(out, file)
     return out
@@ -789,10 +1043,11 @@ def calibrate(hidden: int = 4096, intermediate: int = 14336, dtype: torch.dtype 
     key = calibration_key(hidden, intermediate, dtype, device, threads, devices)
     file = Path(path) if path is not None else cache_path()
     cached = _cached(file, key) if reuse else None
-    if cached is not None:
-        return cached
+    if cached is not None and (cached.cpu_contention is not None or not device.startswith("cuda")):
+        return cached  # (a GPU entry without the contention of its two paths is measured again)
 
-    m = _measure(hidden, intermediate, dtype, device, threads, tuple(sorted(tokens)), repeats, thread_counts, clock)
+    m = _measure(hidden, intermediate, dtype, device, threads, tuple(sorted(tokens)), repeats, thread_counts, clock,
+                 devices)
     peer = {}
     if devices:
         peer = dict(peer_tokens=tuple(sorted(tokens)), peer_devices=tuple(devices[1:]), peer_ms=tuple(
@@ -805,7 +1060,7 @@ def calibrate(hidden: int = 4096, intermediate: int = 14336, dtype: torch.dtype 
         gpu_tokens=tuple(sorted(tokens)), gpu_ms=tuple(m["gpu_ms"]), copy_ms=float(m["copy_ms"]),
         cpu_dtype=m["cpu_dtype"], dtype=dtype_name(dtype), hidden=hidden, intermediate=intermediate,
         expert_bytes=int(m["expert_bytes"]), device=device, cpu_threads=threads, host_bandwidth_gbs=m["host_bw"],
-        cpu_ms_by_dtype=m["cpu_by_dtype"], thread_scaling=m["scaling"], key=key, **peer,
+        cpu_ms_by_dtype=m["cpu_by_dtype"], thread_scaling=m["scaling"], key=key, **peer, **m["contention"],
         meta={"repeats": repeats, "env": environment(device, threads)},
     )
     if save:

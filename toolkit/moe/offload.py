@@ -989,6 +989,9 @@ class EngineOptions:
     (``Offloaded.look_ahead``). spread_copies: with several devices, a
     missed expert may be copied to any of them, each over its own host link
     (the makespan decision picks the device), not only to the first.
+    contention: the makespan decision counts how CPU experts and copies slow
+    each other (as calibrated); the cost model the engine holds says whether
+    any was measured.
     """
 
     cpu_threads: int
@@ -1003,6 +1006,7 @@ class EngineOptions:
     sync_free: bool = True
     lookahead: bool = True
     spread_copies: bool = True
+    contention: bool = True
 
     @property
     def splits(self) -> bool:
@@ -1427,7 +1431,7 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
             copy_slots: int = 2, overlap: bool | None = None, *, decision: str = "makespan", serial: bool = False,
             pageable_copies: bool = False, split: bool = True, devices=None, devices_budget=None,
             ranking=None, graphs: bool | None = None, sync_free: bool = True, lookahead: bool = True,
-            spread_copies: bool = True) -> Offloaded:
+            spread_copies: bool = True, contention: bool = True) -> Offloaded:
     """Split the experts of ``model`` between the GPU (``gpu_experts`` of them in total, or "all") and the CPU.
 
     placement: bool [L, E] (which experts), numeric [L, E] (a popularity
@@ -1455,7 +1459,10 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     per-expert path with its one sync per layer. lookahead (default on): in a
     long pass (prefill) start copying the next layer's missed experts into free
     staging slots while this layer computes (the makespan and copy decisions,
-    one device); False waits for each layer's routing.
+    one device); False waits for each layer's routing. contention (default
+    on): the makespan decision plans CPU experts and copies at the speeds the
+    calibration measured with both running (``CostModel.cpu_contention``);
+    False plans each at its speed alone (an ablation).
 
     Several devices of one host (``devices``, e.g. ["cuda:0", "cuda:1"]; the
     first is ``device``): the dense part stays on ``device``, the resident
@@ -1523,6 +1530,8 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
         # decide with the CPU timings of the dtype the CPU experts will really use
         cost_model = dataclasses.replace(cost_model, cpu_dtype=dtype_name(cpu_dtype),
                                          cpu_ms=tuple(cost_model.cpu_ms_by_dtype[dtype_name(cpu_dtype)]))
+    if not contention:
+        cost_model = cost_model.without_contention()
 
     expert_bytes = 3 * (two_i // 2) * hidden * first.gate_up_proj.element_size()
     orig_devices = [b.experts.gate_up_proj.device for b in blocks]
@@ -1554,7 +1563,7 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     options = EngineOptions(cpu_threads=cpu_threads, cpu_dtype=cpu_dtype, decision=decision, serial=bool(serial),
                             pageable_copies=bool(pageable_copies), split=bool(split), overlap=bool(overlap),
                             copy_slots=int(copy_slots), graphs=bool(graphs), sync_free=bool(sync_free),
-                            lookahead=bool(lookahead), spread_copies=spread_copies)
+                            lookahead=bool(lookahead), spread_copies=spread_copies, contention=bool(contention))
     off = Offloaded(model, blocks, policy=policy, resident=resident, device=device, cost_model=cost_model,
                     routing=routing, gpu_experts=gpu_experts, original_devices=orig_devices, options=options,
                     devices=devices, tiers=tiers)
