@@ -254,12 +254,15 @@ def test_planning_with_the_contention_is_never_worse_under_it(links):
     x2 = dict(DEVICE, cpu_ms=(3.8, 4.5, 6.0, 10.0), host_bandwidth_gbs=158.7)
     truth = CostModel(**x2, cpu_contention=(2.0, 1.8, 1.6, 1.4), copy_contention=1.05, contention_links=links)
     naive = CostModel(**x2)
+
+    def judge(tokens, plan) -> float:  # the layer's makespan under the real contention
+        route = [int(d) if c else -1 for c, d in zip(plan.copy, plan.link if plan.link is not None else
+                                                    [0] * len(tokens))]
+        return truth._paths(tokens, *truth.times(tokens), route, links=links).span
+
     for tokens in ([128] * 8, [128] * 5, [60, 40, 20, 9], [1, 1]):
         planned, blind = truth.plan(tokens, split=False, links=links), naive.plan(tokens, split=False, links=links)
-        judge = lambda p: truth._paths(tokens, *truth.times(tokens), [int(d) if c else -1 for c, d in  # noqa: E731
-                                                                       zip(p.copy, p.link if p.link is not None else
-                                                                           [0] * len(tokens))], links=links).span
-        assert judge(planned) <= judge(blind) + 1e-9
+        assert judge(tokens, planned) <= judge(tokens, blind) + 1e-9
         assert planned.copy.sum() >= blind.copy.sum()  # the slower CPU gives experts to the links
     if links == 2:  # two single-token misses: the CPU expert would finish after a copy once slowed, so both copy
         assert truth.plan([1, 1], split=False, links=2).copy.sum() == 2

@@ -932,7 +932,7 @@ def _measure_contention(gu, dn, cpu_dtype, threads, tokens, devices, repeats, wa
             ratios.append(statistics.median(during[warm:]) / statistics.median(alone[warm:]))
         x1 = torch.full((1, gu.shape[1]), 0.1, dtype=cpu_dtype)  # [1, D]: the most memory-bound CPU expert
         copies_alone, copies_during = [], []
-        for r in range(warm + repeats):
+        for _ in range(warm + repeats):
             copies_alone.append(copy_ms())
             copies_during.append(copy_ms(lambda: expert_forward(x1, w1, w2)))
     return {"cpu_contention": tuple(ratios),
