@@ -607,14 +607,14 @@ def print_summary(record: dict) -> None:
     c = record.get("ceilings")
     if c:
         print(f"ceilings: GPU {c['gpu_gbs']:.0f} GB/s, host {c['host_gbs']:.1f} GB/s, H2D {c['h2d_gbs']:.1f} GB/s")
-    print(f"{'config':<14} {'routing':<8} {'k':>3} {'hit':>5} {'tok/s':>7} {'spread':>6} {'p50 ms':>7} {'bound':>6} "
+    print(f"{'config':<18} {'routing':<8} {'k':>3} {'hit':>5} {'tok/s':>7} {'spread':>6} {'p50 ms':>7} {'bound':>6} "
           f"{'%bnd':>5} {'prefill':>8} {'spread':>6} {'bound':>7} {'%bnd':>5} {'check':>5}  experts/rows per device")
     for e in record["runs"]:
         if "decode" not in e:
-            print(f"{e['config']:<14} {e['routing']:<8} {e['budget']:>3}  {e.get('skipped') or e.get('error') or '-'}")
+            print(f"{e['config']:<18} {e['routing']:<8} {e['budget']:>3}  {e.get('skipped') or e.get('error') or '-'}")
             continue
         d, p, ck = e["decode"], e["prefill"], e.get("check")
-        print(f"{e['config']:<14} {e['routing']:<8} {e['budget']:>3} {_f(d['hit_rate']):>5} {_f(d['tokens_per_s']):>7} "
+        print(f"{e['config']:<18} {e['routing']:<8} {e['budget']:>3} {_f(d['hit_rate']):>5} {_f(d['tokens_per_s']):>7} "
               f"{_spread(d):>6} {_f(d['median_ms']):>7} {_f(d['bound']['ms']):>6} {_pct(d['fraction_of_bound']):>5} "
               f"{_f(_median(p, 'ms'), '.1f'):>8} {_spread(p):>6} {_f(p['bound']['ms'], '.1f'):>7} "
               f"{_pct(p['bound']['ms'] / _median(p, 'ms')):>5} {'-' if not ck else ('ok' if ck['pass'] else 'FAIL'):>5}  "
@@ -632,7 +632,7 @@ def print_summary(record: dict) -> None:
     print(f"targets (>= {100 * TARGET:.0f}% of bound):")
     for name, t in (record.get("targets") or {}).items():
         met = {True: "MET", False: "not met", None: "n/a"}[t["met"]]
-        print(f"  {name:<32} {_pct(t['value']):>5}: {met}")
+        print(f"  {name:<36} {_pct(t['value']):>5}: {met}")
 
 
 if __name__ == "__main__":
