@@ -20,6 +20,8 @@ OUT/moe_multi_gpu.json after every measurement so an interruption keeps what was
    same two GPUs, every copy to the first (the one-GPU engine's copy path), which shows what the second
    link buys; ``1-gpu-nocontention`` and ``2-gpu-nocontention``, the layers planned with each path's speed
    alone instead of the calibrated contention of CPU experts and copies for host memory;
+   ``2-gpu-nolookahead``, a prefill layer's copies started only once its routing is known instead of
+   while the previous layer computes;
 4. two routings, replayed identically for both configurations: ``uniform`` (each token picks 2 distinct
    experts at random, seeded) and ``trace`` (the synthetic Mixtral trace: real popularity and locality,
    placement from its routing counts); uniform first, trace while the budget lasts;
@@ -89,9 +91,11 @@ CARD_MARGIN = 2**30  # what offload() keeps free on a GPU
 EST_S = {1: 30.0, 2: 25.0}
 # an ablation of the engine -> what it changes in scheme "ours"
 ABLATIONS = {"one-link": {"spread_copies": False},  # several GPUs, but every missed expert copied to the first
-             "nocontention": {"contention": False}}  # planned as if CPU experts and copies did not slow each other
+             "nocontention": {"contention": False},  # planned as if CPU experts and copies did not slow each other
+             "nolookahead": {"lookahead": False}}  # a prefill layer's copies wait for its routing
 CONFIGS = {"1-gpu": (1, None), "2-gpu": (2, None), "2-gpu-one-link": (2, "one-link"),
-           "1-gpu-nocontention": (1, "nocontention"), "2-gpu-nocontention": (2, "nocontention")}  # name -> (gpus, ablation)
+           "1-gpu-nocontention": (1, "nocontention"), "2-gpu-nocontention": (2, "nocontention"),
+           "2-gpu-nolookahead": (2, "nolookahead")}  # name -> (gpus, ablation)
 
 
 @dataclasses.dataclass
@@ -390,8 +394,8 @@ def parse_args(argv=None):
     ap.add_argument("--configs", default="1-gpu,2-gpu",
                     help="comma-separated, measured alternating: 1-gpu, 2-gpu (misses copied to both GPUs), "
                          "2-gpu-one-link (every copy to the first GPU, as with one), 1-gpu-nocontention and "
-                         "2-gpu-nocontention (planned as if CPU experts and copies did not slow each other) "
-                         "(default 1-gpu,2-gpu)")
+                         "2-gpu-nocontention (planned as if CPU experts and copies did not slow each other), "
+                         "2-gpu-nolookahead (no copies before a prefill layer's routing) (default 1-gpu,2-gpu)")
     ap.add_argument("--schedule", default="inline", choices=SCHEDULE_CHOICES,
                     help="CPU-expert schedule of both configurations (auto: measured in round 1 of each)")
     ap.add_argument("--threads", type=int, default=None, help="CPU expert threads (default: physical cores - 1)")
@@ -546,6 +550,9 @@ def comparison(record: dict) -> dict:
             out[routing]["both_links_decode_speedup"] = (_median(two["decode"], "tokens_per_s")
                                                          / _median(link["decode"], "tokens_per_s"))
             out[routing]["both_links_prefill_speedup"] = _median(link["prefill"], "ms") / _median(two["prefill"], "ms")
+        ahead = _measured(record, "2-gpu-nolookahead", routing)
+        if ahead:  # what starting the next layer's copies early buys a two-GPU prefill
+            out[routing]["lookahead_prefill_speedup"] = _median(ahead["prefill"], "ms") / _median(two["prefill"], "ms")
         for gpus, base in ((1, one), (2, two)):  # what planning with the measured contention buys
             plain = _measured(record, f"{gpus}-gpu-nocontention", routing)
             if plain:
@@ -624,6 +631,9 @@ def print_summary(record: dict) -> None:
         if "both_links_decode_speedup" in cmp:
             print(f"copies to both GPUs over copies to the first ({routing}): decode "
                   f"x{_f(cmp['both_links_decode_speedup'])}, prefill x{_f(cmp['both_links_prefill_speedup'])}")
+        if "lookahead_prefill_speedup" in cmp:
+            print(f"2 GPUs, prefill with lookahead copies over without ({routing}): "
+                  f"x{_f(cmp['lookahead_prefill_speedup'])}")
         for gpus in (1, 2):
             if f"contention_{gpus}gpu_decode_speedup" in cmp:
                 print(f"{gpus} GPU{'s' if gpus > 1 else ''}, planned with the contention over without ({routing}): "

@@ -226,6 +226,7 @@ def test_copies_to_both_cuda_devices_equal_the_unoffloaded_model(overlap):
         copies = [x["copies"] for x in off.devices_dict()]
         assert all(c > 0 for c in copies), copies
         assert off._slots_on[1][0].gate_up.device == torch.device("cuda:1")
+        assert off.stats.lookahead_copies > 0  # the prefill's next-layer copies, over both links
     assert max_diff(ref, greedy(model, ids)[0]) == 0
 
 
@@ -395,3 +396,20 @@ def test_the_moe_command_prints_each_devices_experts_rows_and_copies():
     assert line.endswith("cuda:0: 14 experts, 290 resident rows, 41 copies in; "
                          "cuda:1: 14 experts, 1 resident row, 1 copy in")
     assert not any("per device" in x for x in format_table({**record, "engine": {}}).splitlines())
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_lookahead_copies_go_over_both_links_and_keep_the_outputs(mixtral, lookahead):
+    """A prefill starts the next layer's copies over every link with a free slot; each is computed where it landed."""
+    ids = torch.randint(3, 256, (3, 9), generator=torch.Generator().manual_seed(6))  # 27 prefill rows: a long pass
+    ref, ref_ids = greedy(mixtral, ids)
+    with offload(mixtral, 4, device="cpu", devices=["cpu", "cpu"], cost_model=COPY_ALWAYS, copy_slots=1,
+                 lookahead=lookahead) as off:
+        got, got_ids = greedy(mixtral, ids)
+        ahead = off.stats.lookahead_copies
+        copies = [x["copies"] for x in off.devices_dict()]
+        assert off._ahead == {} and not any(s.busy for slots in off._slots_on for s in slots)  # every slot back
+    assert max_diff(ref, got) < 1e-4 and torch.equal(ref_ids, got_ids)
+    assert all(c > 0 for c in copies)
+    # one slot per link: the next layer gets one copy on each link ahead of its routing
+    assert ahead == (2 * (len(off.experts) - 1) if lookahead else 0)

@@ -475,6 +475,8 @@ def recorded_multi_gpu(doc: dict | None, measure: str = "decode") -> pd.DataFram
             label += ", copies to the first"
         if str(run.get("config", "")).endswith("nocontention"):  # the ablation: planned with each path's speed alone
             label += ", planned without contention"
+        if str(run.get("config", "")).endswith("nolookahead"):  # the ablation: no copies before a layer's routing
+            label += ", no lookahead"
         rows.append({"scheme": label, "routing": run.get("routing"), key: rounds.get("median", m.get(key)),
                      f"bound_{key}": bound, "hit_rate": m.get("hit_rate"),
                      "anomalous": bool(rounds.get("anomalous", False)), "anomaly_reason": rounds.get("reason")})

@@ -405,8 +405,9 @@ class _DeviceCounts:
 class _Slot:
     """One reused GPU staging buffer for a copied expert; ``free``: the event after its last compute."""
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor):
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, link: int = 0):
         self.gate_up, self.down = gate_up, down  # [2I, D], [D, I]
+        self.link = link  # the copy device it lives on (an index into ``Offloaded.copy_devices``)
         self.free: torch.cuda.Event | None = None
         self.busy = False  # handed out, its compute not yet enqueued
 
@@ -654,6 +655,7 @@ class OffloadedExperts(nn.Module):
         keep = {int(e) for e in load}
         ahead = eng.take_lookahead(layer, missed)  # expert -> its copy, started while the previous layer computed
         cpu_experts, copy_experts, split, link = self._assign(counts, resident_used, missed, keep, ahead)
+        link.update({e: copy[3].link for e, copy in ahead.items() if copy[3] is not None and copy[3].link})
         copy_experts = sorted(copy_experts, key=lambda e: int(e) not in ahead)  # the copies already landing first
         jobs = [(int(e), int(e) in keep) for e in copy_experts]
         if link:  # copies to several devices: in the order they land, each device's k-th copy with the others'
@@ -701,8 +703,9 @@ class OffloadedExperts(nn.Module):
 
         ``keep``: experts the policy keeps (copied); ``ahead``: experts whose copy
         is already under way (lookahead): copied, and their copy time is spent.
-        Both go to the first device; with several copy devices the makespan
-        decision sends the others' copies where the layer ends soonest.
+        Kept experts go to the first device, lookahead copies stay where they
+        landed (the caller adds their devices); with several copy devices the
+        makespan decision sends the others' copies where the layer ends soonest.
         """
         eng = self.engine
         kept = np.array([int(e) in keep for e in missed], dtype=bool)  # [M] the policy keeps it: copy it
@@ -1082,8 +1085,8 @@ class Offloaded:
         first = self.experts[0]
         with persistent():
             self._slots_on = [[_Slot(torch.empty_like(first.host_gate_up[0], device=d),
-                                     torch.empty_like(first.host_down[0], device=d)) for _ in range(copy_slots)]
-                              for d in self.copy_devices]
+                                     torch.empty_like(first.host_down[0], device=d), link) for _ in range(copy_slots)]
+                              for link, d in enumerate(self.copy_devices)]
         self._slots = self._slots_on[0]
         self._install_hooks()
         self.graphs = None  # DecodeGraphs of the decoder layers' dense part (options.graphs)
@@ -1212,24 +1215,30 @@ class Offloaded:
         routing reaches the host. The experts the cost model would copy at
         ``rows`` (token, slot) rows spread evenly go first, as many as there
         are free slots; ``take_lookahead`` hands them to that layer's pass.
-        Only with ``options.lookahead``, the makespan or copy decision, one device.
+        With several copy devices each copy goes over the link the plan gives
+        it, or another with a free slot (its rows go where it lands). Only with
+        ``options.lookahead`` and the makespan or copy decision.
         """
-        if (not self.options.lookahead or self.serial or self.spread or layer >= len(self.experts)
+        if (not self.options.lookahead or self.serial or layer >= len(self.experts)
                 or self.decision not in ("makespan", "copy")):
             return
+        links = range(len(self.copy_devices))
         mod = self.experts[layer]
         todo = [e for e in range(mod.n_experts) if e not in mod.gpu and (layer, e) not in self._ahead]
-        if not todo or not self.slot_available():
+        if not todo or not any(self.slot_available(d) for d in links):
             return
+        where = [0] * len(todo)
         if self.decision == "makespan":  # the copies the plan would make at the expected token counts
             n = max(1, int(round(int(rows) / mod.n_experts)))
-            plan = self.cost_model.plan([n] * len(todo), 0.0, 0.0, split=False)
+            plan = self.cost_model.plan([n] * len(todo), 0.0, 0.0, split=False, links=len(links))
+            where = [int(d) for d, c in zip(plan.link if plan.link is not None else where, plan.copy) if c]
             todo = [e for e, c in zip(todo, plan.copy) if c]
         with _label(f"moe.lookahead[L{layer}]"):
-            for e in todo:
-                if not self.slot_available():
+            for e, d in zip(todo, where):
+                d = next((x for x in (d, *links) if self.slot_available(x)), None)
+                if d is None:
                     break
-                self._ahead[(layer, e)] = self.copy_in(mod, e)
+                self._ahead[(layer, e)] = self.copy_in(mod, e, link=d)
                 self._stats.lookahead_copies += 1
                 self._stats.bytes_copied += mod.expert_bytes
 
@@ -1458,8 +1467,9 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     counts stay on the device until the stats are read); False keeps the
     per-expert path with its one sync per layer. lookahead (default on): in a
     long pass (prefill) start copying the next layer's missed experts into free
-    staging slots while this layer computes (the makespan and copy decisions,
-    one device); False waits for each layer's routing. contention (default
+    staging slots while this layer computes (the makespan and copy decisions;
+    with several devices over every link that takes copies); False waits for
+    each layer's routing. contention (default
     on): the makespan decision plans CPU experts and copies at the speeds the
     calibration measured with both running (``CostModel.cpu_contention``);
     False plans each at its speed alone (an ablation).
