@@ -568,6 +568,9 @@ def test_the_engine_plans_with_the_measured_contention_unless_told_not_to(mixtra
             assert off.options.contention is contention
             assert (off.cost_model.cpu_contention is not None) is contention
             assert off.cost_model.cpu_ms == measured.cpu_ms  # only the contention is left out
+            assert off.plan_model(small=False) is off.cost_model  # long passes (prefill) plan with it
+            assert off.plan_model(small=True).cpu_contention is None  # decode passes without
+            assert off.plan_model(small=True) is off.plan_model(small=True)
         finally:
             off.restore()
 
@@ -585,7 +588,23 @@ def test_the_moe_command_prints_the_contention_its_plan_counted():
         return next((x for x in rows if x.startswith("  contention")), None)
 
     assert line(cm).endswith("while copying over 1 link: CPU expert x1.25 (n=1) .. x1.10 (n=128), copy x1.02 beside "
-                             "a CPU expert (the plan counts it)")
+                             "a CPU expert (prefill plans count it)")
     assert line(cm.without_contention()).endswith("not counted: the plan takes CPU experts and copies at their "
                                                   "speeds alone")
     assert line(CostModel.fixed()) is None  # a CPU run: no copy engine to contend with
+
+
+def test_prefill_passes_plan_with_the_contention_and_decode_passes_without(mixtral, monkeypatch):
+    from toolkit.moe.offload import Offloaded
+
+    measured = CostModel.fixed(cpu=(1.0, 0.0), gpu=(0.01, 0.0), copy_ms=1.0, cpu_contention=(1.5, 1.5),
+                               copy_contention=1.1, contention_links=1)
+    asked = []
+    real = Offloaded.plan_model
+    monkeypatch.setattr(Offloaded, "plan_model", lambda self, small: asked.append((self.phase, small))
+                        or real(self, small))
+    ids, mask = padded_batch()  # 27 prefill rows, 3 a decode step
+    with offload(mixtral, 4, device="cpu", cost_model=measured):
+        prefill_and_decode(mixtral, ids, mask, steps=2)
+    assert {small for phase, small in asked if phase == "prefill"} == {False}
+    assert {small for phase, small in asked if phase == "decode"} == {True}

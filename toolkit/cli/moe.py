@@ -253,7 +253,7 @@ def format_table(r: dict) -> str:
 
             line = CostModel.from_dict(cm).contention_line().removeprefix(" | ")
             lines.append("  contention                     " + (
-                f"{line} (the plan counts it)" if line else
+                f"{line} (prefill plans count it)" if line else
                 "not counted: the plan takes CPU experts and copies at their speeds alone"))
     lines += [f"  WARNING: {w}" for w in r.get("warnings") or ()]
     return "\n".join(lines)

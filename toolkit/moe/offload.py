@@ -654,7 +654,8 @@ class OffloadedExperts(nn.Module):
                                "were never loaded (its load/evict lists and hits disagree)")
         keep = {int(e) for e in load}
         ahead = eng.take_lookahead(layer, missed)  # expert -> its copy, started while the previous layer computed
-        cpu_experts, copy_experts, split, link = self._assign(counts, resident_used, missed, keep, ahead)
+        cpu_experts, copy_experts, split, link = self._assign(counts, resident_used, missed, keep, ahead,
+                                                              small=p.x_host is not None)
         link.update({e: copy[3].link for e, copy in ahead.items() if copy[3] is not None and copy[3].link})
         copy_experts = sorted(copy_experts, key=lambda e: int(e) not in ahead)  # the copies already landing first
         jobs = [(int(e), int(e) in keep) for e in copy_experts]
@@ -698,7 +699,7 @@ class OffloadedExperts(nn.Module):
         hidden, inter = self.host_down.shape[1], self.intermediate
         return (2 * k * hidden + hidden * inter) * self.host_gate_up.element_size()
 
-    def _assign(self, counts, resident_used, missed, keep, ahead=()):
+    def _assign(self, counts, resident_used, missed, keep, ahead=(), small: bool = False):
         """-> (CPU experts, copied experts, (split expert, k) or None, {copied expert: its copy device > 0}).
 
         ``keep``: experts the policy keeps (copied); ``ahead``: experts whose copy
@@ -706,6 +707,7 @@ class OffloadedExperts(nn.Module):
         Kept experts go to the first device, lookahead copies stay where they
         landed (the caller adds their devices); with several copy devices the
         makespan decision sends the others' copies where the layer ends soonest.
+        ``small``: a decode-sized pass, planned without the contention (``Offloaded.plan_model``).
         """
         eng = self.engine
         kept = np.array([int(e) in keep for e in missed], dtype=bool)  # [M] the policy keeps it: copy it
@@ -716,7 +718,7 @@ class OffloadedExperts(nn.Module):
         if len(free):
             n = counts[free]
             if eng.decision == "makespan":
-                cm = eng.cost_model
+                cm = eng.plan_model(small)
                 tiers = [self.tier.get(int(e), 0) for e in resident_used] if eng.spread else None
                 gpu_busy = cm.resident_ms(counts[resident_used].tolist(), tiers)  # with the peer hops of spread rows
                 plan = cm.plan(n, gpu_busy, float(kept.sum()) * cm.copy_ms, split=eng.split,
@@ -993,8 +995,8 @@ class EngineOptions:
     missed expert may be copied to any of them, each over its own host link
     (the makespan decision picks the device), not only to the first.
     contention: the makespan decision counts how CPU experts and copies slow
-    each other (as calibrated); the cost model the engine holds says whether
-    any was measured.
+    each other (as calibrated) in long passes (``Offloaded.plan_model``); the
+    cost model the engine holds says whether any was measured.
     """
 
     cpu_threads: int
@@ -1044,6 +1046,7 @@ class Offloaded:
         self.device_rows = [0] * len(self.devices)  # (token, expert) rows computed by each device's resident experts
         self.policy = policy
         self.cost_model = cost_model
+        self._small_pass_model = (cost_model, cost_model.without_contention())  # (its source, the model)
         self.routing = routing
         self.recorder = None  # object with observe(layer, phase, top_k_index [T, K], top_k_weights [T, K])
         self.cpu_threads = cpu_threads
@@ -1205,6 +1208,26 @@ class Offloaded:
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # pinned copies return early; Fiddler's waited
         return dest
+
+    def plan_model(self, small: bool) -> CostModel:
+        """The cost model that plans a pass: with the calibrated contention for long passes (prefill), without for
+        small ones (decode, beams).
+
+        Why: the contention is measured with copies streaming through a whole
+        CPU expert, which is what a prefill layer does (several experts on
+        each path for tens of ms); there it moved experts to the links and a
+        two-GPU 512-token prefill on two H200s went from 166 to 136 ms
+        (``data/gpu/moe_multi_gpu_contention.json``). A decode layer has one or
+        two single-token misses; planned with the contention it split more of
+        them between the CPU and a copy, and decode on a one-H200 host ran at
+        15.0 tok/s against 17.1 without it (``moe_decode_h200_contention.json``);
+        on the two-H200 host decode was even either way.
+        """
+        if not small:
+            return self.cost_model
+        if self._small_pass_model[0] is not self.cost_model:  # (the cost model may be swapped after offloading)
+            self._small_pass_model = (self.cost_model, self.cost_model.without_contention())
+        return self._small_pass_model[1]
 
     # -- lookahead ------------------------------------------------------------------------------
     def look_ahead(self, layer: int, rows: int) -> None:
@@ -1470,9 +1493,11 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     staging slots while this layer computes (the makespan and copy decisions;
     with several devices over every link that takes copies); False waits for
     each layer's routing. contention (default
-    on): the makespan decision plans CPU experts and copies at the speeds the
-    calibration measured with both running (``CostModel.cpu_contention``);
-    False plans each at its speed alone (an ablation).
+    on): the makespan decision plans a long pass's (prefill) CPU experts and
+    copies at the speeds the calibration measured with both running
+    (``CostModel.cpu_contention``; decode passes at their speeds alone,
+    ``Offloaded.plan_model`` says why); False plans every pass at the speeds
+    alone (an ablation).
 
     Several devices of one host (``devices``, e.g. ["cuda:0", "cuda:1"]; the
     first is ``device``): the dense part stays on ``device``, the resident
