@@ -767,7 +767,7 @@ def scheme_comparison(frame, value: str = "tokens_per_s", label: str = "decode t
     ``bound_<value>``: the best the hardware allows for what that run read; optional ``anomalous`` /
     ``anomaly_reason`` (``toolkit.recorded.flag_anomalies``). An anomalous run is never drawn: "excluded"
     stands in its place and a note under the figure says why. A bound far past every measurement (every
-    expert on the GPU: no host traffic) is written at the axis' end instead of stretching the axis.
+    expert on the GPU: no host traffic) is written after its run's value instead of stretching the axis.
     """
     df = pd.DataFrame(frame).reset_index(drop=True)
     odd = df["anomalous"].fillna(False).astype(bool) if "anomalous" in df.columns else pd.Series(False, df.index)
@@ -778,8 +778,8 @@ def scheme_comparison(frame, value: str = "tokens_per_s", label: str = "decode t
     top = float(shown.max()) if len(shown) and shown.notna().any() else 1.0
     bounds = df.loc[~odd, bcol].astype(float) if bcol in df.columns else pd.Series(dtype=float)
     near = bounds[bounds <= 2.0 * top]  # bounds close to the measurements set the axis; the rest are written
-    far = bool((bounds > 2.0 * top).any())  # room at the right end for "bound N >"
-    xmax = (1.8 if far else 1.18) * max(top, float(near.max()) if len(near) else 0.0)  # far: room for "bound N >"
+    far = bool((bounds > 2.0 * top).any())  # room after the value for "(bound N)"
+    xmax = (2.3 if far else 1.18) * max(top, float(near.max()) if len(near) else 0.0)  # far: room for "(bound N)"
     notes = [f"excluded {s}, {r} routing: {why}" if r else f"excluded {s}: {why}"
              for s, r, why in zip(df["scheme"][odd], df["routing"][odd],
                                   df["anomaly_reason"][odd] if "anomaly_reason" in df.columns else [""] * odd.sum())]
@@ -802,22 +802,25 @@ def scheme_comparison(frame, value: str = "tokens_per_s", label: str = "decode t
                 if excluded:
                     ax.text(0.01 * xmax, yi, "excluded: anomalous run", va="center", fontsize="x-small",
                             color="#C44E52", style="italic")
-                elif np.isfinite(v):  # the value right of its bar and of its bound tick, whichever ends later
-                    ax.annotate(f"{v:.3g}", (max(v, bv) if ins else v, yi), xytext=(4, 0), textcoords="offset points",
+                elif np.isfinite(v):  # the value right of its bar and of its bound tick, whichever ends later;
+                    far_bound = np.isfinite(bv) and not ins  # a bound off the axis is written after the value
+                    ax.annotate(f"{v:.3g}" + (f" (bound {bv:.0f})" if far_bound else ""),
+                                (max(v, bv) if ins else v, yi), xytext=(4, 0), textcoords="offset points",
                                 va="center", fontsize="x-small")
             if bcol in sub.columns:
                 ax.scatter(b[inside], y[inside.to_numpy()], marker="|", s=160, color="#C44E52", zorder=3,
                            label="roofline bound")
-                for yi, bv in zip(y[(~inside & b.notna()).to_numpy()], b[~inside & b.notna()]):
-                    ax.annotate(f"bound {bv:.0f} >", (xmax, yi), xytext=(-2, 0), textcoords="offset points",
-                                ha="right", va="center", fontsize="x-small", color="#C44E52")
             ax.set_yticks(y, schemes)
             ax.set_ylim(len(schemes) - 0.5, -0.5)
             ax.set_xlim(0, xmax)
-            ax.set_xlabel(label)
+            if len(axes) == 1:
+                ax.set_xlabel(label)
             ax.grid(False, axis="y")
             ax.set_title(f"{routing} routing" if routing else None, fontsize="small")
-        axes[0].legend(loc="best", fontsize="x-small")  # inside: the note on excluded runs goes under the figure
+        if len(axes) > 1:  # one label for the shared axis: a long one per panel would run into the next
+            fig.supxlabel(label, fontsize="medium")
+        # right of the panels, clear of bars, bound ticks and "excluded" notes; warnings go under the figure
+        axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="x-small", frameon=False)
         set_title(fig, title)
     annotate_warnings(fig, notes)
     return fig
