@@ -413,3 +413,27 @@ def test_a_session_that_gains_a_gpu_measures_the_peer_hop(tmp_path, monkeypatch)
         assert two.devices == ["cuda:0", "cuda:1"] and two.model is one.model
         assert two.cost_model.peer_devices == ("cuda:1",) and all(ms > 0 for ms in two.cost_model.peer_ms[0])
         assert one.cost_model.contention_links == 1 and two.cost_model.contention_links == 2
+
+
+def test_cpu_slowdown_samples_alternately_and_queues_more_copies_until_they_outlast_the_expert():
+    """Fakes: the CPU expert takes 4 ms alone and 5 ms beside copies; a copy takes 1 ms, so 2 copies end first."""
+    state = {"copying": False, "queued": []}
+
+    def cpu_ms():
+        return 5.0 if state["copying"] else 4.0
+
+    def queue(k):
+        state["copying"] = True
+        state["queued"].append(k)
+        return k
+
+    def sync():
+        state["copying"] = False
+
+    slowdown = costs.cpu_slowdown(cpu_ms, queue, lambda k: k * 1.0 < 5.0, sync, warm=1, repeats=3)
+    assert slowdown == pytest.approx(5.0 / 4.0)
+    assert state["queued"] == [2, 4, 8, 8, 8, 8]  # doubled until 8 copies (8 ms) outlast a 5 ms expert
+    # copies that always land before the expert ends (a tiny expert): nothing to measure, no slowdown
+    state["queued"].clear()
+    assert costs.cpu_slowdown(cpu_ms, queue, lambda k: True, sync, warm=1, repeats=3) == 1.0
+    assert state["queued"][-1] == costs.CONTENTION_MAX_QUEUE

@@ -853,6 +853,32 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
 CONTENTION_MAX_QUEUE = 64  # copies queued per link at most while one CPU expert is timed
 
 
+def cpu_slowdown(cpu_ms, queue, landed, sync, warm: int, repeats: int) -> float:
+    """A CPU expert's time while copies stream over its time alone: the median of each, sampled alternately.
+
+    ``cpu_ms()``: one CPU expert, its ms; ``queue(k)``: k copies queued on
+    every link -> a handle; ``landed(handle)``: whether they have all landed;
+    ``sync()``: wait for every link. A contended sample counts only if the
+    copies outlasted the CPU expert; otherwise it is taken again with twice
+    as many queued. A small expert whose copies land as fast as they are
+    queued (``CONTENTION_MAX_QUEUE`` of them) cannot be slowed by them: 1.
+    """
+    alone, during, k = [], [], 2
+    while len(during) < warm + repeats:
+        alone.append(cpu_ms())
+        handle = queue(k)
+        ms = cpu_ms()
+        outlasted = not landed(handle)  # the copies were still streaming when it finished
+        sync()
+        if outlasted:
+            during.append(ms)
+        elif k >= CONTENTION_MAX_QUEUE:
+            return 1.0
+        else:
+            k *= 2
+    return statistics.median(during[warm:]) / statistics.median(alone[warm:])
+
+
 @torch.no_grad()
 def _measure_contention(gu, dn, cpu_dtype, threads, tokens, devices, repeats, warm, clock) -> dict:
     """How CPU experts and pinned copies slow each other, as the engine overlaps them.
@@ -917,22 +943,8 @@ def _measure_contention(gu, dn, cpu_dtype, threads, tokens, devices, repeats, wa
     with torch_threads(threads):
         for n in tokens:
             x = torch.full((n, gu.shape[1]), 0.1, dtype=cpu_dtype)  # [n, D]
-            alone, during, k = [], [], 2
-            while len(during) < warm + repeats:
-                alone.append(cpu_ms(x))
-                ends = queue(k)
-                ms = cpu_ms(x)
-                outlasted = not all(e.query() for e in ends)  # the copies were still streaming when it finished
-                sync()
-                if outlasted:
-                    during.append(ms)
-                elif k >= CONTENTION_MAX_QUEUE:  # a small expert: its copies land as fast as they are queued
-                    break
-                else:
-                    k *= 2
-            # copies too short to overlap one CPU expert cannot slow it: nothing to plan for
-            ratios.append(statistics.median(during[warm:]) / statistics.median(alone[warm:])
-                          if len(during) >= warm + repeats else 1.0)
+            ratios.append(cpu_slowdown(lambda x=x: cpu_ms(x), queue, lambda ends: all(e.query() for e in ends),
+                                       sync, warm, repeats))
         x1 = torch.full((1, gu.shape[1]), 0.1, dtype=cpu_dtype)  # [1, D]: the most memory-bound CPU expert
         copies_alone, copies_during = [], []
         for _ in range(warm + repeats):
