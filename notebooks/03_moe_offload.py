@@ -60,6 +60,9 @@ print(f"{nb}, preset: {S.moe_preset} with {S.moe_layers} layers")
 # time of one expert against its token count, the GPU time, and the host-to-device copy of one
 # expert's weights. A missed expert with few tokens (decode: one token) is cheaper on the CPU;
 # with many tokens (prefill) copying its weights pays off beyond the break-even token count.
+# On a GPU it also times a CPU expert while copies stream in, and a copy beside a CPU expert:
+# both read host memory, so each slows the other (the summary's "while copying" part), and a
+# prefill layer is planned with those slower speeds.
 # A tiny Mixtral-shaped model replays the routing of a synthetic Mixtral-8x7B trace, so it sees
 # Mixtral's expert popularity and locality. `moe_settings(S, device)` are the report's settings.
 
