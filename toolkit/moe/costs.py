@@ -221,10 +221,14 @@ class _Paths:
             self.copy[d], self.gpu[d] = self.copy_ends(d, copy_ms, gpu_ms, hop_ms)
         self.host += host_ms
 
+    def clone(self) -> _Paths:
+        """A copy whose per-link lists can grow apart from these."""
+        return _Paths(list(self.gpu), self.cpu, list(self.copy), self.host, self.cpu_during, self.copy_slowdown)
+
     def with_expert(self, d: int, cpu_ms: float, copy_ms: float, gpu_ms: float, hop_ms: float, host_ms: float,
                     cpu_during_ms: float | None = None) -> _Paths:
         """A copy of these paths with one more expert (``add``): a candidate the greedy decision weighs."""
-        out = _Paths(list(self.gpu), self.cpu, list(self.copy), self.host, self.cpu_during, self.copy_slowdown)
+        out = self.clone()
         out.add(d, cpu_ms, copy_ms, gpu_ms, hop_ms, host_ms, cpu_during_ms)
         return out
 
@@ -281,8 +285,14 @@ class CostModel:
         return float(self.copy_contention) if self.copy_contention else 1.0
 
     def without_contention(self) -> CostModel:
-        """This model planning as if CPU experts and copies did not slow each other (an ablation)."""
-        return replace(self, cpu_contention=None, copy_contention=None, contention_links=0)
+        """This model planning as if CPU experts and copies did not slow each other (an ablation, and decode
+        passes); one instance per model, so its plans are cached across the layers that ask for it."""
+        if self.cpu_contention is None and self.copy_contention is None and not self.contention_links:
+            return self
+        if "_without_contention" not in self.__dict__:
+            self.__dict__["_without_contention"] = replace(self, cpu_contention=None, copy_contention=None,
+                                                           contention_links=0)
+        return self.__dict__["_without_contention"]
 
     def gpu_time(self, n) -> np.ndarray:
         return _interp(n, self.gpu_tokens, self.gpu_ms)
@@ -506,9 +516,10 @@ class CostModel:
                     f = j / SPLIT_STEPS
                     share = (1 + 2 * f) / 3  # GPU share of the expert's bytes
                     cpu_share = (2 / 3) * (1 - f)  # the CPU's share of its time: the other gate/up rows
-                    sp = _Paths(list(st.gpu), st.cpu + cpu_share * cpu[s] + SPLIT_OVERHEAD_MS, list(st.copy),
-                                st.host + share * host_copy + (1 - share) * host_cpu,
-                                st.cpu_during + cpu_share * during[s] + SPLIT_OVERHEAD_MS, st.copy_slowdown)
+                    sp = st.clone()
+                    sp.cpu = st.cpu + cpu_share * cpu[s] + SPLIT_OVERHEAD_MS
+                    sp.cpu_during = st.cpu_during + cpu_share * during[s] + SPLIT_OVERHEAD_MS
+                    sp.host = st.host + share * host_copy + (1 - share) * host_cpu
                     sp.copy[0] += share * self.copy_ms  # the split goes to the first device, copied last
                     c_cpu, c_copy, c_gpus = sp.ends()
                     c_gpu = max(c_gpus[0], c_copy[0]) + (2 * f / 3) * gpu[s]  # its GPU gate/up rows done
@@ -672,11 +683,15 @@ def _read_cache(path: Path) -> dict:
 
 
 def _cached(file: Path, key: str) -> CostModel | None:
-    """The calibration cached under ``key`` in ``file``, or None (no file, or no such entry)."""
+    """The calibration cached under ``key`` in ``file``, or None (no file, no such entry, or a GPU entry without
+    the contention of its two paths, which is measured again)."""
     if not file.exists():
         return None
     models = _read_cache(file)["models"]
-    return CostModel.from_dict(models[key]) if key in models else None
+    if key not in models:
+        return None
+    model = CostModel.from_dict(models[key])
+    return model if model.cpu_contention is not None or not model.device.startswith("cuda") else None
 
 
 def load_cost_model(path: str | os.PathLike, key: str | None = None) -> CostModel:
@@ -829,9 +844,10 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
             g2.copy_(h2, non_blocking=True)
 
         copy_ms = _median_ms(copy, repeats, warm, sync=sync, clock=clock)
-        del g1, g2, h1, h2
-        contention = _measure_contention(gu, dn, DTYPES[cpu_dtype], threads, tokens, devices or [device], repeats,
+        del g1, g2
+        contention = _measure_contention(h1, h2, DTYPES[cpu_dtype], threads, tokens, devices or [device], repeats,
                                          warm, clock)
+        del h1, h2
     else:  # both tiers on the CPU: the "GPU" is the CPU in the model dtype, a "copy" is a memcpy
         contention = {}  # no copy engine: nothing runs beside the CPU experts
         with torch_threads(threads):
@@ -897,7 +913,7 @@ def _measure_contention(gu, dn, cpu_dtype, threads, tokens, devices, repeats, wa
     -> {"cpu_contention": ratios at ``tokens``, "copy_contention": ratio, "contention_links": len(devices)}
     """
     devs = [torch.device(d) for d in devices]
-    h1, h2 = gu.pin_memory(), dn.pin_memory()
+    h1, h2 = (t if t.is_pinned() else t.pin_memory() for t in (gu, dn))  # the copies' source
     dst = [(torch.empty_like(gu, device=d), torch.empty_like(dn, device=d)) for d in devs]  # [2I, D], [D, I]
     streams = [torch.cuda.Stream(d) for d in devs]
     w1, w2 = gu.to(cpu_dtype), dn.to(cpu_dtype)
@@ -975,7 +991,7 @@ def with_peer_hops(model: CostModel, devices, *, repeats: int = 5, path: str | o
     key = calibration_key(model.hidden, model.intermediate, dtype, model.device, model.cpu_threads, devices)
     file = Path(path) if path is not None else cache_path()
     cached = _cached(file, key) if reuse else None
-    if cached is not None and (cached.cpu_contention is not None or not str(devices[0]).startswith("cuda")):
+    if cached is not None:
         return cached
     tokens = tuple(sorted(model.gpu_tokens))
     warm = _warmups(model.hidden, model.intermediate)
@@ -1058,8 +1074,8 @@ def calibrate(hidden: int = 4096, intermediate: int = 14336, dtype: torch.dtype 
     key = calibration_key(hidden, intermediate, dtype, device, threads, devices)
     file = Path(path) if path is not None else cache_path()
     cached = _cached(file, key) if reuse else None
-    if cached is not None and (cached.cpu_contention is not None or not device.startswith("cuda")):
-        return cached  # (a GPU entry without the contention of its two paths is measured again)
+    if cached is not None:
+        return cached
 
     m = _measure(hidden, intermediate, dtype, device, threads, tuple(sorted(tokens)), repeats, thread_counts, clock,
                  devices)
