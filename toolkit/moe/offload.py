@@ -656,7 +656,6 @@ class OffloadedExperts(nn.Module):
         ahead = eng.take_lookahead(layer, missed)  # expert -> its copy, started while the previous layer computed
         cpu_experts, copy_experts, split, link = self._assign(counts, resident_used, missed, keep, ahead,
                                                               small=p.x_host is not None)
-        link.update({e: copy[3].link for e, copy in ahead.items() if copy[3] is not None and copy[3].link})
         copy_experts = sorted(copy_experts, key=lambda e: int(e) not in ahead)  # the copies already landing first
         jobs = [(int(e), int(e) in keep) for e in copy_experts]
         if link:  # copies to several devices: in the order they land, each device's k-th copy with the others'
@@ -705,15 +704,16 @@ class OffloadedExperts(nn.Module):
         ``keep``: experts the policy keeps (copied); ``ahead``: experts whose copy
         is already under way (lookahead): copied, and their copy time is spent.
         Kept experts go to the first device, lookahead copies stay where they
-        landed (the caller adds their devices); with several copy devices the
-        makespan decision sends the others' copies where the layer ends soonest.
+        landed; with several copy devices the makespan decision sends the
+        others' copies where the layer ends soonest.
         ``small``: a decode-sized pass, planned without the contention (``Offloaded.plan_model``).
         """
         eng = self.engine
         kept = np.array([int(e) in keep for e in missed], dtype=bool)  # [M] the policy keeps it: copy it
         forced = kept | np.array([int(e) in ahead for e in missed], dtype=bool)  # [M]
         to_copy = forced.copy()  # [M]
-        split, link = None, {}
+        split = None
+        link = {e: copy[3].link for e, copy in ahead.items() if copy[3] is not None and copy[3].link}
         free = missed[~forced]  # experts the decision may place
         if len(free):
             n = counts[free]
@@ -728,7 +728,7 @@ class OffloadedExperts(nn.Module):
                     choice[plan.split] = False
                     split = (int(free[plan.split]), int(round(plan.fraction * self.intermediate)))
                 if plan.link is not None:
-                    link = {int(e): int(d) for e, d, c in zip(free, plan.link, choice) if c and d > 0}
+                    link.update({int(e): int(d) for e, d, c in zip(free, plan.link, choice) if c and d > 0})
             elif eng.decision == "copy":
                 choice = np.ones(len(free), dtype=bool)
             elif eng.decision == "cpu":
@@ -1046,7 +1046,6 @@ class Offloaded:
         self.device_rows = [0] * len(self.devices)  # (token, expert) rows computed by each device's resident experts
         self.policy = policy
         self.cost_model = cost_model
-        self._small_pass_model = (cost_model, cost_model.without_contention())  # (its source, the model)
         self.routing = routing
         self.recorder = None  # object with observe(layer, phase, top_k_index [T, K], top_k_weights [T, K])
         self.cpu_threads = cpu_threads
@@ -1223,11 +1222,7 @@ class Offloaded:
         15.0 tok/s against 17.1 without it (``moe_decode_h200_contention.json``);
         on the two-H200 host decode was even either way.
         """
-        if not small:
-            return self.cost_model
-        if self._small_pass_model[0] is not self.cost_model:  # (the cost model may be swapped after offloading)
-            self._small_pass_model = (self.cost_model, self.cost_model.without_contention())
-        return self._small_pass_model[1]
+        return self.cost_model.without_contention() if small else self.cost_model
 
     # -- lookahead ------------------------------------------------------------------------------
     def look_ahead(self, layer: int, rows: int) -> None:
