@@ -449,6 +449,12 @@ def recorded_moe_decode_sweep(doc: dict | None, routing: str = "trace") -> pd.Da
 MULTI_GPU_MEASURES = {"decode": ("tokens_per_s", "decode tokens/s"), "prefill": ("ms", "prefill ms")}
 
 
+# the ablations of ``benchmarks/moe_multi_gpu.py`` (a configuration's name ends with one) -> what the label adds
+MULTI_GPU_ABLATIONS = {"one-link": ", copies to the first",  # every miss copied to the first GPU
+                       "nocontention": ", planned without contention",  # each path planned at its speed alone
+                       "nolookahead": ", no lookahead"}  # no copies before a prefill layer's routing
+
+
 def recorded_multi_gpu(doc: dict | None, measure: str = "decode") -> pd.DataFrame:
     """One GPU against two at the same per-GPU expert budget (``benchmarks/moe_multi_gpu.py``), one row per run.
 
@@ -471,12 +477,8 @@ def recorded_multi_gpu(doc: dict | None, measure: str = "decode") -> pd.DataFram
         bound = (1e3 / bound_ms if measure == "decode" else bound_ms) if bound_ms else None
         gpus, per = run.get("gpus", 1), run.get("per_gpu_experts", run.get("budget"))
         label = f"{gpus} GPU{'s' if gpus != 1 else ''}, {per} experts{' each' if gpus != 1 else ''}"
-        if str(run.get("config", "")).endswith("one-link"):  # the ablation: every miss copied to the first GPU
-            label += ", copies to the first"
-        if str(run.get("config", "")).endswith("nocontention"):  # the ablation: planned with each path's speed alone
-            label += ", planned without contention"
-        if str(run.get("config", "")).endswith("nolookahead"):  # the ablation: no copies before a layer's routing
-            label += ", no lookahead"
+        label += next((what for suffix, what in MULTI_GPU_ABLATIONS.items()
+                       if str(run.get("config", "")).endswith(suffix)), "")
         rows.append({"scheme": label, "routing": run.get("routing"), key: rounds.get("median", m.get(key)),
                      f"bound_{key}": bound, "hit_rate": m.get("hit_rate"),
                      "anomalous": bool(rounds.get("anomalous", False)), "anomaly_reason": rounds.get("reason")})
@@ -491,4 +493,4 @@ __all__ = ["Recording", "recording", "is_calibration_cache", "recorded_results",
            "TIMER_LABELS", "recorded_timer_agreement", "workload_label", "recorded_timer_differences",
            "recorded_throughput_curves", "THROUGHPUT_COLUMNS", "recorded_throughput_cases", "recorded_moe_sweep",
            "recorded_decode_samples", "recorded_timeline", "SCHEME_COLUMNS", "recorded_moe_schemes",
-           "recorded_moe_decode_sweep", "SWEEP_COLUMNS", "PITFALL_COLUMNS", "MULTI_GPU_MEASURES", "recorded_multi_gpu"]
+           "recorded_moe_decode_sweep", "SWEEP_COLUMNS", "PITFALL_COLUMNS", "MULTI_GPU_MEASURES", "MULTI_GPU_ABLATIONS", "recorded_multi_gpu"]
