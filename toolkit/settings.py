@@ -24,6 +24,11 @@ def data_dir() -> Path:
     return Path(override) if override else Path(__file__).resolve().parents[1] / "data"
 
 
+def cache_dir() -> Path:
+    """The per-machine cache folder (calibrations, built kernels): ``$TOOLKIT_CACHE_DIR`` or ``~/.cache/toolkit``."""
+    return Path(os.environ.get("TOOLKIT_CACHE_DIR") or Path.home() / ".cache" / "toolkit")
+
+
 def smoke_mode() -> bool:
     """True when TOOLKIT_SMOKE=1: notebooks use their smallest settings (CI)."""
     return os.environ.get("TOOLKIT_SMOKE", "").strip().lower() in ("1", "true", "yes")

@@ -248,10 +248,12 @@ def format_table(r: dict) -> str:
                 "an expert alongside the CPU's)")
         lines.append(f"  cost model                     CPU expert {_f(a)} + {_f(b, '.4f')}*n ms, "
                      f"copy {_f(cm.get('copy_ms'))} ms; {pays}")
-        if str(cm.get("device", "")).startswith("cuda"):
-            from ..moe.costs import CostModel
+        from ..moe.costs import CostModel
 
-            line = CostModel.from_dict(cm).contention_line().removeprefix(" | ")
+        model = CostModel.from_dict(cm)
+        lines.append(f"  CPU experts multiply with      {model.kernel_line()}")
+        if str(cm.get("device", "")).startswith("cuda"):
+            line = model.contention_line().removeprefix(" | ")
             lines.append("  contention                     " + (
                 f"{line} (prefill plans count it)" if line else
                 "not counted: the plan takes CPU experts and copies at their speeds alone"))

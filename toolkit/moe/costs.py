@@ -88,8 +88,9 @@ def choose_threads(override: int | None = None) -> int:
 def cache_path() -> Path:
     """The per-machine calibration file; in the temporary folder, with a warning, where its folder is not writable."""
     from ..results import check_writable
+    from ..settings import cache_dir
 
-    root = Path(os.environ.get("TOOLKIT_CACHE_DIR") or Path.home() / ".cache" / "toolkit")
+    root = cache_dir()
     try:
         check_writable(root, "calibration cache", folder=True)
     except ToolkitError as e:
@@ -266,6 +267,10 @@ class CostModel:
     cpu_contention: tuple[float, ...] | None = None  # CPU expert while every link copies / alone, at cpu_tokens
     copy_contention: float | None = None  # a copy on every link while a CPU expert runs / alone
     contention_links: int = 0  # links that copied during the measurement
+    # CPU experts' linear layers: passes of up to this many tokens take toolkit.moe.cpu_gemv (0: torch's matmul)
+    cpu_kernel_tokens: int = 0
+    cpu_ms_torch: tuple[float, ...] | None = None  # torch's CPU expert ms at cpu_tokens, where the kernel was timed too
+    cpu_ms_kernel: tuple[float | None, ...] | None = None  # the kernel's at cpu_tokens (None: not offered that many)
     key: str = ""
     meta: dict = field(default_factory=dict)
 
@@ -296,6 +301,21 @@ class CostModel:
 
     def gpu_time(self, n) -> np.ndarray:
         return _interp(n, self.gpu_tokens, self.gpu_ms)
+
+    @property
+    def cpu_linear(self):
+        """The linear layer CPU experts use: ``cpu_gemv``'s kernel for passes of up to ``cpu_kernel_tokens``."""
+        from . import cpu_gemv
+
+        return cpu_gemv.linear_up_to(self.cpu_kernel_tokens if self.cpu_dtype == "bfloat16" else 0)
+
+    def without_cpu_kernel(self) -> CostModel:
+        """This model with CPU experts on torch's matmul at its measured times (the ablation of the kernel)."""
+        if not self.cpu_kernel_tokens:
+            return self
+        ms = self.cpu_ms_torch if self.cpu_dtype == "bfloat16" else self.cpu_ms
+        by_dtype = {**self.cpu_ms_by_dtype, "bfloat16": list(self.cpu_ms_torch)}
+        return replace(self, cpu_kernel_tokens=0, cpu_ms=tuple(ms), cpu_ms_by_dtype=by_dtype)
 
     def peer_time(self, n, d: int) -> float:
         """ms for ``n`` token rows to go from the first device to device ``d`` (an index into the devices) and back.
@@ -578,8 +598,9 @@ class CostModel:
                     raise ValueError(f"{k} must be a list of measured points, got {kw[k]!r}")
                 kw[k] = tuple(kw[k])
             kw["thread_scaling"] = {int(k): float(v) for k, v in kw.get("thread_scaling", {}).items()}
-            if isinstance(kw.get("cpu_contention"), list):
-                kw["cpu_contention"] = tuple(kw["cpu_contention"])
+            for k in ("cpu_contention", "cpu_ms_torch", "cpu_ms_kernel"):
+                if isinstance(kw.get(k), list):
+                    kw[k] = tuple(kw[k])
             kw.update(_peer_fields(kw))
             model = cls(**kw)
             if not (len(model.cpu_tokens) == len(model.cpu_ms) >= 1 and len(model.gpu_tokens) == len(model.gpu_ms) >= 1):
@@ -592,6 +613,7 @@ class CostModel:
             for row in model.peer_ms or ():
                 _check_points("peer", model.peer_tokens, row)
             _check_contention(model)
+            _check_kernel(model)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ToolkitError(f"calibration entry is malformed ({type(e).__name__}: {e}); delete it and recalibrate") from None
         return model
@@ -602,9 +624,31 @@ class CostModel:
         peers = "".join(f" | rows to {name or f'device {d + 1}'} and back: {pa:.3f} + {pb:.5f}*n ms"
                         for d, ((pa, pb), name) in enumerate(zip(self.peer_fit, self.peer_devices or
                                                                  [""] * len(self.peer_fit))))
-        return (f"CPU expert ({self.cpu_dtype}, {self.cpu_threads} threads): {a:.3f} + {b:.4f}*n ms | "
+        return (f"CPU expert ({self.cpu_dtype}, {self.cpu_threads} threads{self.kernel_note()}): {a:.3f} + {b:.4f}*n ms | "
                 f"GPU expert: {ga:.3f} + {gb:.5f}*n ms | copy: {self.copy_ms:.3f} ms/expert | "
                 f"copy pays from n >= {self.breakeven_tokens:g}{peers}{self.contention_line()}")
+
+    def kernel_note(self) -> str:
+        """', toolkit kernel up to 8 tokens (x1.42 torch's at n=1)' where CPU experts use it, else ''."""
+        if not self.cpu_kernel_tokens or self.cpu_dtype != "bfloat16" or not self.cpu_ms_torch:
+            return ""
+        gain = self.cpu_ms_torch[0] / self.cpu_ms[0]
+        return (f", toolkit kernel up to {self.cpu_kernel_tokens} token{'s' if self.cpu_kernel_tokens != 1 else ''} "
+                f"(x{gain:.2f} torch's at n={self.cpu_tokens[0]})")
+
+    def kernel_line(self) -> str:
+        """What CPU experts multiply with, for the ``moe`` command: the kernel and its measured gain, or torch's."""
+        if self.kernel_note():
+            return (f"toolkit kernel for passes of up to {self.cpu_kernel_tokens} tokens "
+                    f"(x{self.cpu_ms_torch[0] / self.cpu_ms[0]:.2f} torch's matmul at n={self.cpu_tokens[0]})")
+        if self.cpu_ms_torch is not None and self.cpu_dtype == "bfloat16":
+            k = (self.cpu_ms_kernel or (None,))[0]
+            if k is None:
+                return "torch's matmul (the toolkit kernel was measured too, and is not used)"
+            gain = self.cpu_ms_torch[0] / k
+            why = "switched off" if gain > 1 else "slower here"
+            return f"torch's matmul (the toolkit kernel, x{gain:.2f} torch's at n={self.cpu_tokens[0]}, is {why})"
+        return f"torch's matmul ({self.cpu_dtype})"
 
     def contention_line(self) -> str:
         """' | while copying over 1 link: CPU expert x1.25 (n=1) .. x1.10 (n=128), copy x1.02 beside a CPU expert',
@@ -673,6 +717,40 @@ def _check_contention(model: CostModel) -> None:
                          f"got {model.contention_links!r}")
 
 
+def _check_kernel(model: CostModel) -> None:
+    """The CPU kernel's choice: a token count >= 0, and torch's times (one per CPU token count) wherever it is used."""
+    n = model.cpu_kernel_tokens
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"cpu_kernel_tokens must be a token count >= 0, got {n!r}")
+    if model.cpu_ms_torch is None:
+        if n:
+            raise ValueError("cpu_kernel_tokens needs cpu_ms_torch, torch's times it was compared with")
+        return
+    if model.cpu_ms_kernel is not None:
+        if len(model.cpu_ms_kernel) != len(model.cpu_tokens):
+            raise ValueError(f"cpu_ms_kernel needs one entry per CPU token count ({len(model.cpu_tokens)}), "
+                             f"got {len(model.cpu_ms_kernel)}")
+        for v in model.cpu_ms_kernel:
+            if v is not None:
+                _check_ms("cpu_ms_kernel", v)
+    if len(model.cpu_ms_torch) != len(model.cpu_tokens):
+        raise ValueError(f"cpu_ms_torch needs one time per CPU token count ({len(model.cpu_tokens)}), "
+                         f"got {len(model.cpu_ms_torch)}")
+    for v in model.cpu_ms_torch:
+        _check_ms("cpu_ms_torch", v)
+
+
+def kernel_tokens(tokens, torch_ms, kernel_ms: dict) -> int:
+    """Up to how many tokens the CPU kernel beats torch: the largest calibrated count n such that at n and at
+    every calibrated count below it the kernel was measured faster (0: never, or not at the first count)."""
+    best = 0
+    for n, t in zip(tokens, torch_ms):
+        if n not in kernel_ms or not kernel_ms[n] < t:
+            break
+        best = n
+    return best
+
+
 def _read_cache(path: Path) -> dict:
     if not path.exists():
         return {"version": CACHE_VERSION, "models": {}}
@@ -683,15 +761,23 @@ def _read_cache(path: Path) -> dict:
 
 
 def _cached(file: Path, key: str) -> CostModel | None:
-    """The calibration cached under ``key`` in ``file``, or None (no file, no such entry, or a GPU entry without
-    the contention of its two paths, which is measured again)."""
+    """The calibration cached under ``key`` in ``file``, or None (no file, no such entry, or an entry that lacks a
+    measurement this version makes: a GPU entry without the contention of its two paths, or a bf16 entry from
+    before the CPU kernel was compared with torch where the kernel runs; those are measured again)."""
     if not file.exists():
         return None
     models = _read_cache(file)["models"]
     if key not in models:
         return None
     model = CostModel.from_dict(models[key])
-    return model if model.cpu_contention is not None or not model.device.startswith("cuda") else None
+    if model.cpu_contention is None and model.device.startswith("cuda"):
+        return None
+    if model.cpu_ms_torch is None and "bfloat16" in model.cpu_ms_by_dtype:
+        from . import cpu_gemv
+
+        if cpu_gemv.usable():
+            return None
+    return model
 
 
 def load_cost_model(path: str | os.PathLike, key: str | None = None) -> CostModel:
@@ -750,10 +836,13 @@ def calibration_devices(device: str, devices) -> list[str] | None:
 
 # -- measurement ----------------------------------------------------------------------------------
 
-def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act=F.silu) -> torch.Tensor:
-    """One SwiGLU expert as transformers computes it: x [n, D], gate_up [2I, D], down [D, I] -> [n, D]."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each
-    return F.linear(act(gate) * up, down)  # [n, D]
+def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act=F.silu,
+                   linear=F.linear) -> torch.Tensor:
+    """One SwiGLU expert as transformers computes it: x [n, D], gate_up [2I, D], down [D, I] -> [n, D].
+
+    ``linear``: the matmul (``F.linear``, or ``CostModel.cpu_linear`` for CPU experts)."""
+    gate, up = linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each
+    return linear(act(gate) * up, down)  # [n, D]
 
 
 def _median_ms(fn, repeats: int, warmup: int, sync=None, clock=time.perf_counter) -> float:
@@ -769,6 +858,21 @@ def _median_ms(fn, repeats: int, warmup: int, sync=None, clock=time.perf_counter
             sync()
         out.append((clock() - t0) * 1e3)
     return statistics.median(out)
+
+
+def _alternating_ms(fns: dict, repeats: int, warmup: int, clock=time.perf_counter) -> dict:
+    """Median ms of each of ``fns`` (name -> callable), timed in turn within every repeat, so that a slow spell of
+    the machine hits all of them alike (the comparison is what decides)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    out: dict = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = clock()
+            fn()
+            out[k].append((clock() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in out.items()}
 
 
 @contextlib.contextmanager
@@ -806,21 +910,39 @@ def _expert_weights(hidden: int, intermediate: int, dtype) -> tuple[torch.Tensor
 
 @torch.no_grad()
 def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thread_counts, clock, devices=None):
+    from . import cpu_gemv
+
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     gu, dn = _expert_weights(hidden, intermediate, dtype)
     warm = _warmups(hidden, intermediate)
 
-    cpu_by_dtype: dict[str, list[float]] = {}
+    cpu_by_dtype: dict[str, list[float]] = {}  # torch's matmul
+    kernel_ms: dict[int, float] = {}  # tokens -> ms with the CPU kernel (bf16, few tokens)
+    kernel = cpu_gemv.usable()
     with torch_threads(threads):
         for dt in dict.fromkeys([dtype, torch.float32, torch.bfloat16]):
             w1, w2 = gu.to(dt), dn.to(dt)
-            xs = {n: torch.full((n, hidden), 0.1, dtype=dt) for n in tokens}  # [n, D]
-            cpu_by_dtype[dtype_name(dt)] = [
-                _median_ms(lambda x=xs[n], w1=w1, w2=w2: expert_forward(x, w1, w2), repeats, warm, clock=clock)
-                for n in tokens]
+            row = []
+            for n in tokens:
+                x = torch.full((n, hidden), 0.1, dtype=dt)  # [n, D]
+                fns = {"torch": lambda x=x, w1=w1, w2=w2: expert_forward(x, w1, w2)}
+                if dt == torch.bfloat16 and kernel and n <= cpu_gemv.MAX_TOKENS:  # both, in turn
+                    fns["kernel"] = lambda x=x, w1=w1, w2=w2: expert_forward(x, w1, w2, linear=cpu_gemv.linear)
+                ms = _alternating_ms(fns, repeats + 2 * (len(fns) - 1), warm, clock)
+                row.append(ms["torch"])
+                if "kernel" in ms:
+                    kernel_ms[n] = ms["kernel"]
+            cpu_by_dtype[dtype_name(dt)] = row
             del w1, w2
+    torch_bf16 = cpu_by_dtype.get("bfloat16")
+    n_kernel = kernel_tokens(tokens, torch_bf16, kernel_ms) if kernel_ms else 0
+    cpu_ms_torch = list(torch_bf16) if kernel_ms else None
+    on_cpu = list(cpu_by_dtype[dtype_name(dtype)])  # the "GPU" tier of a CPU-only engine: torch in the model dtype
+    if n_kernel:
+        cpu_by_dtype["bfloat16"] = [kernel_ms[n] if n <= n_kernel else t for n, t in zip(tokens, torch_bf16)]
     cpu_dtype = min(cpu_by_dtype, key=lambda k: sum(cpu_by_dtype[k]))
+    linear = cpu_gemv.linear_up_to(n_kernel if cpu_dtype == "bfloat16" else 0)
 
     scaling = {}
     if thread_counts:
@@ -828,7 +950,8 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
         x1 = torch.ones(1, hidden, dtype=w1.dtype)
         for t in thread_counts:
             with torch_threads(t):
-                scaling[int(t)] = _median_ms(lambda w1=w1, w2=w2: expert_forward(x1, w1, w2), repeats, warm, clock=clock)
+                scaling[int(t)] = _median_ms(lambda w1=w1, w2=w2: expert_forward(x1, w1, w2, linear=linear), repeats,
+                                             warm, clock=clock)
         del w1, w2
 
     if cuda:
@@ -846,12 +969,12 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
         copy_ms = _median_ms(copy, repeats, warm, sync=sync, clock=clock)
         del g1, g2
         contention = _measure_contention(h1, h2, DTYPES[cpu_dtype], threads, tokens, devices or [device], repeats,
-                                         warm, clock)
+                                         warm, clock, linear)
         del h1, h2
     else:  # both tiers on the CPU: the "GPU" is the CPU in the model dtype, a "copy" is a memcpy
         contention = {}  # no copy engine: nothing runs beside the CPU experts
         with torch_threads(threads):
-            gpu_ms = cpu_by_dtype[dtype_name(dtype)]
+            gpu_ms = on_cpu
             s1, s2 = torch.empty_like(gu), torch.empty_like(dn)
             copy_ms = _median_ms(lambda: (s1.copy_(gu), s2.copy_(dn)), repeats, warm, clock=clock)
 
@@ -861,7 +984,8 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
         with torch_threads(threads):
             ms = _median_ms(lambda: buf.sum(), repeats, 1, clock=clock)
         host_bw = buf.numel() * 4 / (ms * 1e-3) / 1e9
-    return dict(cpu_by_dtype=cpu_by_dtype, cpu_dtype=cpu_dtype, gpu_ms=gpu_ms, copy_ms=copy_ms,
+    return dict(cpu_by_dtype=cpu_by_dtype, cpu_dtype=cpu_dtype, gpu_ms=gpu_ms, copy_ms=copy_ms, cpu_kernel_tokens=n_kernel,
+                cpu_ms_torch=cpu_ms_torch, cpu_ms_kernel=tuple(kernel_ms.get(n) for n in tokens) if kernel_ms else None,
                 scaling=scaling, host_bw=host_bw, expert_bytes=(gu.numel() + dn.numel()) * gu.element_size(),
                 contention=contention)
 
@@ -896,7 +1020,7 @@ def cpu_slowdown(cpu_ms, queue, landed, sync, warm: int, repeats: int) -> float:
 
 
 @torch.no_grad()
-def _measure_contention(gu, dn, cpu_dtype, threads, tokens, devices, repeats, warm, clock) -> dict:
+def _measure_contention(gu, dn, cpu_dtype, threads, tokens, devices, repeats, warm, clock, linear=F.linear) -> dict:
     """How CPU experts and pinned copies slow each other, as the engine overlaps them.
 
     Host memory feeds both the CPU experts and every link's copies, so each
@@ -936,7 +1060,7 @@ def _measure_contention(gu, dn, cpu_dtype, threads, tokens, devices, repeats, wa
 
     def cpu_ms(x) -> float:
         t0 = clock()
-        expert_forward(x, w1, w2)
+        expert_forward(x, w1, w2, linear=linear)
         return (clock() - t0) * 1e3
 
     def copy_ms(busy=None) -> float:
@@ -965,7 +1089,7 @@ def _measure_contention(gu, dn, cpu_dtype, threads, tokens, devices, repeats, wa
         copies_alone, copies_during = [], []
         for _ in range(warm + repeats):
             copies_alone.append(copy_ms())
-            copies_during.append(copy_ms(lambda: expert_forward(x1, w1, w2)))
+            copies_during.append(copy_ms(lambda: expert_forward(x1, w1, w2, linear=linear)))
     return {"cpu_contention": tuple(ratios),
             "copy_contention": statistics.median(copies_during[warm:]) / statistics.median(copies_alone[warm:]),
             "contention_links": len(devs)}
@@ -1000,7 +1124,7 @@ def with_peer_hops(model: CostModel, devices, *, repeats: int = 5, path: str | o
     if str(devices[0]).startswith("cuda"):  # the CPU experts now compete with every device's link
         gu, dn = _expert_weights(model.hidden, model.intermediate, dtype)
         contention = _measure_contention(gu, dn, DTYPES[model.cpu_dtype], model.cpu_threads, model.cpu_tokens,
-                                         devices, repeats, warm, clock)
+                                         devices, repeats, warm, clock, model.cpu_linear)
     out = replace(model, peer_tokens=tokens, peer_devices=tuple(devices[1:]),
                   peer_ms=tuple(tuple(row) for row in ms), key=key, **contention)
     if save:
@@ -1092,6 +1216,8 @@ def calibrate(hidden: int = 4096, intermediate: int = 14336, dtype: torch.dtype 
         cpu_dtype=m["cpu_dtype"], dtype=dtype_name(dtype), hidden=hidden, intermediate=intermediate,
         expert_bytes=int(m["expert_bytes"]), device=device, cpu_threads=threads, host_bandwidth_gbs=m["host_bw"],
         cpu_ms_by_dtype=m["cpu_by_dtype"], thread_scaling=m["scaling"], key=key, **peer, **m["contention"],
+        cpu_kernel_tokens=m["cpu_kernel_tokens"], cpu_ms_kernel=m["cpu_ms_kernel"],
+        cpu_ms_torch=None if m["cpu_ms_torch"] is None else tuple(m["cpu_ms_torch"]),
         meta={"repeats": repeats, "env": environment(device, threads)},
     )
     if save:

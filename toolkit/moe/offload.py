@@ -553,13 +553,14 @@ class OffloadedExperts(nn.Module):
             return self.host_gate_up[e].to(dev), self.host_down[e].to(dev)
 
     # the per-expert compute: x [n, D] rows of this expert, w [n] their routing weights -> [n, D] in out dtype
-    def _expert(self, x, gate_up, down, w, out_dtype):
-        return (expert_forward(x, gate_up, down, self.act_fn) * w[:, None]).to(out_dtype)
+    # (``linear``: the matmul, ``Offloaded.cpu_linear`` for CPU experts)
+    def _expert(self, x, gate_up, down, w, out_dtype, linear=F.linear):
+        return (expert_forward(x, gate_up, down, self.act_fn, linear) * w[:, None]).to(out_dtype)
 
-    def _gate_up(self, x, gate_up, lo: int, hi: int):
+    def _gate_up(self, x, gate_up, lo: int, hi: int, linear=F.linear):
         """Activations of intermediate units [lo, hi): x [n, D], gate_up [2I, D] -> act(gate) * up [n, hi - lo]."""
         up = self.intermediate  # up rows start here
-        return self.act_fn(F.linear(x, gate_up[lo:hi])) * F.linear(x, gate_up[up + lo:up + hi])
+        return self.act_fn(linear(x, gate_up[lo:hi])) * linear(x, gate_up[up + lo:up + hi])
 
     def _cpu_job_in_modes(self, modes, *job):
         inference, grad = modes
@@ -576,11 +577,13 @@ class OffloadedExperts(nn.Module):
             ready.synchronize()  # the activations have landed in pinned memory
         with _label(f"moe.cpu_experts[L{self.layer}]"):
             x = x_host.to(self.cpu_gate_up.dtype)  # [R, D]
+            linear = self.engine.cpu_linear
             for e, s, n in segments:
-                y[s:s + n] = self._expert(x[s:s + n], self.cpu_gate_up[e], self.cpu_down[e], w_host[s:s + n], y.dtype)
+                y[s:s + n] = self._expert(x[s:s + n], self.cpu_gate_up[e], self.cpu_down[e], w_host[s:s + n], y.dtype,
+                                          linear)
             if split is not None:
                 e, s, n, k = split
-                h.copy_(self._gate_up(x[s:s + n], self.cpu_gate_up[e], k, self.intermediate))
+                h.copy_(self._gate_up(x[s:s + n], self.cpu_gate_up[e], k, self.intermediate, linear))
         return y, h
 
     @property
@@ -944,7 +947,8 @@ class OffloadedExperts(nn.Module):
                         r = p.rows[e]
                         x = hidden[tok[r]].cpu().to(self.cpu_gate_up.dtype)  # [n, D] a sync per expert
                         w = wts[r].cpu()  # [n]
-                        y_e = self._expert(x, self.cpu_gate_up[e], self.cpu_down[e], w, out.dtype)  # [n, D]
+                        y_e = self._expert(x, self.cpu_gate_up[e], self.cpu_down[e], w, out.dtype,
+                                           eng.cpu_linear)  # [n, D]
                         out.index_add_(0, tok[r], y_e.to(hidden.device))
         return out
 
@@ -996,7 +1000,9 @@ class EngineOptions:
     (the makespan decision picks the device), not only to the first.
     contention: the makespan decision counts how CPU experts and copies slow
     each other (as calibrated) in long passes (``Offloaded.plan_model``); the
-    cost model the engine holds says whether any was measured.
+    cost model the engine holds says whether any was measured. cpu_kernel:
+    CPU experts of few tokens take ``toolkit.moe.cpu_gemv`` where the
+    calibration found it faster than torch's matmul (off: torch's everywhere).
     """
 
     cpu_threads: int
@@ -1012,6 +1018,7 @@ class EngineOptions:
     lookahead: bool = True
     spread_copies: bool = True
     contention: bool = True
+    cpu_kernel: bool = True
 
     @property
     def splits(self) -> bool:
@@ -1050,6 +1057,7 @@ class Offloaded:
         self.recorder = None  # object with observe(layer, phase, top_k_index [T, K], top_k_weights [T, K])
         self.cpu_threads = cpu_threads
         self.cpu_dtype = cpu_dtype
+        self.cpu_linear = cost_model.cpu_linear  # CPU experts' matmul: the calibrated kernel for few tokens, or torch's
         self.gpu_experts = gpu_experts
         self.decision, self.serial, self.pageable_copies = options.decision, options.serial, options.pageable_copies
         self.split = options.splits
@@ -1395,6 +1403,7 @@ class Offloaded:
             "gpu_experts": self.gpu_experts, "total_experts": self.n_layers * self.n_experts,
             "device": str(self.device), "policy": getattr(self.policy, "name", type(self.policy).__name__),
             "cpu_threads": self.cpu_threads, "cpu_dtype": dtype_name(self.cpu_dtype), "copy_slots": self.copy_slots,
+            "cpu_kernel_tokens": getattr(self.cpu_linear, "tokens", 0),
             "overlap": self.executor is not None, "decision": self.decision, "serial": self.serial,
             "pageable_copies": self.pageable_copies, "split": self.split, "sync_free_layers": self.sync_free_layers,
             "graphs": self.graphs.to_dict() if self.graphs is not None else None,
@@ -1458,7 +1467,7 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
             copy_slots: int = 2, overlap: bool | None = None, *, decision: str = "makespan", serial: bool = False,
             pageable_copies: bool = False, split: bool = True, devices=None, devices_budget=None,
             ranking=None, graphs: bool | None = None, sync_free: bool = True, lookahead: bool = True,
-            spread_copies: bool = True, contention: bool = True) -> Offloaded:
+            spread_copies: bool = True, contention: bool = True, cpu_kernel: bool = True) -> Offloaded:
     """Split the experts of ``model`` between the GPU (``gpu_experts`` of them in total, or "all") and the CPU.
 
     placement: bool [L, E] (which experts), numeric [L, E] (a popularity
@@ -1492,7 +1501,10 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     copies at the speeds the calibration measured with both running
     (``CostModel.cpu_contention``; decode passes at their speeds alone,
     ``Offloaded.plan_model`` says why); False plans every pass at the speeds
-    alone (an ablation).
+    alone (an ablation). cpu_kernel (default on): CPU experts of a few tokens
+    (decode) use ``toolkit.moe.cpu_gemv`` where the calibration measured it
+    faster than torch's matmul (``CostModel.cpu_kernel_tokens``); False keeps
+    torch's matmul and its times (an ablation).
 
     Several devices of one host (``devices``, e.g. ["cuda:0", "cuda:1"]; the
     first is ``device``): the dense part stays on ``device``, the resident
@@ -1562,6 +1574,8 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
                                          cpu_ms=tuple(cost_model.cpu_ms_by_dtype[dtype_name(cpu_dtype)]))
     if not contention:
         cost_model = cost_model.without_contention()
+    if not cpu_kernel:
+        cost_model = cost_model.without_cpu_kernel()
 
     expert_bytes = 3 * (two_i // 2) * hidden * first.gate_up_proj.element_size()
     orig_devices = [b.experts.gate_up_proj.device for b in blocks]
@@ -1593,7 +1607,8 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     options = EngineOptions(cpu_threads=cpu_threads, cpu_dtype=cpu_dtype, decision=decision, serial=bool(serial),
                             pageable_copies=bool(pageable_copies), split=bool(split), overlap=bool(overlap),
                             copy_slots=int(copy_slots), graphs=bool(graphs), sync_free=bool(sync_free),
-                            lookahead=bool(lookahead), spread_copies=spread_copies, contention=bool(contention))
+                            lookahead=bool(lookahead), spread_copies=spread_copies, contention=bool(contention),
+                            cpu_kernel=bool(cpu_kernel))
     off = Offloaded(model, blocks, policy=policy, resident=resident, device=device, cost_model=cost_model,
                     routing=routing, gpu_experts=gpu_experts, original_devices=orig_devices, options=options,
                     devices=devices, tiers=tiers)

@@ -1,0 +1,118 @@
+"""CPU experts at a few tokens: the toolkit's bf16 kernel against torch's matmul, as the engine runs them.
+
+One Mixtral-sized SwiGLU expert (``toolkit.moe.costs.expert_forward``: gate/up
+[2I, D], act, down [D, I]) in bf16 on the CPU threads the engine uses
+(``choose_threads``), at 1, 2, 4, 8 and 16 tokens, with ``F.linear`` (torch)
+and with ``toolkit.moe.cpu_gemv.linear`` (the kernel). Rounds alternate the
+two, so a slow spell of the host hits both; per token count the median over
+rounds of each round's median, the rate the weights are read at, the ratio
+(torch / kernel) and each side's spread over rounds. For scale: the host's
+read rate with the same threads (a sum over 4 GiB) and the same expert with
+float32 weights (twice the bytes, torch's matmul), and the largest difference
+between the two results. Saved to OUT/cpu_gemv.json; a ratio below 1 at one
+token says the kernel does not pay on this machine (the calibration then
+keeps torch's matmul).
+
+  PYTHONPATH=. python benchmarks/cpu_gemv.py --out data/gpu              # the H200 host, ~1 min
+  PYTHONPATH=. python benchmarks/cpu_gemv.py --quick --out /tmp/x        # small expert, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from toolkit.moe import cpu_gemv
+from toolkit.moe.costs import _expert_weights, choose_threads, expert_forward, torch_threads
+from toolkit.results import provenance, save_json
+
+
+def median_ms(fn, reps: int) -> float:
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(out)
+
+
+def spread(values) -> float:
+    """(max - min) / median over rounds."""
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="out")
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=14336)
+    p.add_argument("--tokens", default="1,2,4,8,16")
+    p.add_argument("--threads", type=int, default=None, help="default: the engine's (physical cores - 1)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--reps", type=int, default=10, help="calls per round and side")
+    p.add_argument("--quick", action="store_true", help="a small expert, 2 rounds")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.hidden, a.intermediate, a.rounds, a.reps = 512, 1792, 2, 3
+    reason = cpu_gemv.why_not()
+    if reason is not None:
+        print(f"error: the CPU kernel cannot run here: {reason}", file=sys.stderr)
+        return 2
+    try:
+        tokens = [int(t) for t in a.tokens.split(",")]
+    except ValueError:
+        p.error(f"--tokens takes comma-separated token counts, got {a.tokens!r}")
+    threads = choose_threads(a.threads)
+    gu, dn = _expert_weights(a.hidden, a.intermediate, torch.bfloat16)
+    nbytes = (gu.numel() + dn.numel()) * 2
+    result = {"benchmark": "cpu_gemv",
+              "provenance": provenance("cpu", " ".join(["cpu_gemv.py", *(argv if argv is not None else sys.argv[1:])])),
+              "settings": {"hidden": a.hidden, "intermediate": a.intermediate, "dtype": "bfloat16",
+                           "threads": threads, "rounds": a.rounds, "reps": a.reps, "expert_bytes": nbytes},
+              "cases": {}}
+    out = Path(a.out) / "cpu_gemv.json"
+    with torch_threads(threads), torch.inference_mode():
+        buf = torch.ones(4 << 30 >> 2, dtype=torch.float32) if not a.quick else torch.ones(1 << 24)
+        buf.sum()
+        result["host_read_gbs"] = buf.numel() * 4 / median_ms(buf.sum, 5) * 1e-6
+        del buf
+        w32 = (gu.float(), dn.float())
+        x1 = torch.full((1, a.hidden), 0.1)
+        expert_forward(x1, *w32)
+        ms32 = median_ms(lambda w32=w32: expert_forward(x1, *w32), a.reps)
+        result["float32_weights"] = {"ms": ms32, "gbs": 2 * nbytes / ms32 * 1e-6}
+        del w32
+        print(f"host read {result['host_read_gbs']:.1f} GB/s with {threads} threads; float32 weights at 1 token "
+              f"{ms32:.2f} ms ({2 * nbytes / ms32 * 1e-6:.1f} GB/s)", flush=True)
+        for n in tokens:
+            x = torch.randn(n, a.hidden, generator=torch.Generator().manual_seed(n)).bfloat16()
+            sides = {"torch": lambda x=x: expert_forward(x, gu, dn),
+                     "kernel": lambda x=x: expert_forward(x, gu, dn, linear=cpu_gemv.linear)}
+            for fn in sides.values():  # warm: first calls page in, build, wake threads
+                fn(), fn()
+            rounds = {k: [] for k in sides}
+            for _ in range(a.rounds):
+                for k, fn in sides.items():
+                    rounds[k].append(median_ms(fn, a.reps))
+            ms = {k: statistics.median(v) for k, v in rounds.items()}
+            diff = (sides["torch"]().float() - sides["kernel"]().float()).abs().max().item()
+            case = {"tokens": n, "torch_ms": ms["torch"], "kernel_ms": ms["kernel"],
+                    "torch_gbs": nbytes / ms["torch"] * 1e-6, "kernel_gbs": nbytes / ms["kernel"] * 1e-6,
+                    "speedup": ms["torch"] / ms["kernel"], "torch_spread": spread(rounds["torch"]),
+                    "kernel_spread": spread(rounds["kernel"]), "rounds_ms": rounds, "max_abs_diff": diff}
+            result["cases"][str(n)] = case
+            print(f"{n:3d} tokens: torch {ms['torch']:6.2f} ms ({case['torch_gbs']:5.1f} GB/s)  kernel "
+                  f"{ms['kernel']:6.2f} ms ({case['kernel_gbs']:5.1f} GB/s)  x{case['speedup']:.2f}  spread "
+                  f"{case['torch_spread']:.0%}/{case['kernel_spread']:.0%}  max diff {diff:.3g}", flush=True)
+            save_json(result, out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The CPU experts' few-token bf16 kernel: torch's results, its build and fallback, and where the engine uses it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from toolkit.errors import ToolkitError
+from toolkit.moe import cpu_gemv
+from toolkit.moe.costs import CostModel, kernel_tokens
+
+needs_kernel = pytest.mark.skipif(not cpu_gemv.usable(), reason=f"no CPU kernel here: {cpu_gemv.why_not()}")
+
+
+def reference(x, w):
+    """float32 products and sums, rounded once to bf16: what the kernel computes up to summation order."""
+    return (x.float() @ w.float().T).to(torch.bfloat16)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k,rows", [(1, 4096, 300), (2, 64, 7), (3, 4100, 37), (4, 33, 5), (5, 96, 17),
+                                      (16, 300, 99), (1, 7, 3)])
+def test_kernel_equals_float32_products_rounded_to_bf16(n, k, rows):
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    x = torch.randn(n, k, generator=g).bfloat16()
+    w = torch.randn(rows, k, generator=g).bfloat16()
+    got = cpu_gemv.linear(x, w)
+    ref = reference(x, w)
+    assert got.dtype == torch.bfloat16 and got.shape == (n, rows)
+    # summation order differs: one bf16 unit in the last place, plus float32 rounding of the terms' magnitude
+    tol = ref.float().abs() * 2 ** -7 + (x.float().abs() @ w.float().abs().T) * 2 ** -18
+    assert ((got.float() - ref.float()).abs() <= tol).all()
+    assert (got == ref).float().mean() > 0.97
+
+
+@needs_kernel
+def test_kernel_reads_row_slices_and_strided_inputs_as_the_engine_passes_them():
+    g = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(2 * 48, 64, generator=g).bfloat16()  # [2I, D]
+    x = torch.randn(6, 64, generator=g).bfloat16()[1:5]  # rows of a bigger batch
+    lo, hi = 10, 40
+    assert torch.equal(cpu_gemv.linear(x, gate_up[lo:hi]), cpu_gemv.linear(x.clone(), gate_up[lo:hi].clone()))
+    xt = torch.randn(64, 3, generator=g).bfloat16().T  # unit stride along the wrong dimension
+    assert torch.equal(cpu_gemv.linear(xt, gate_up), cpu_gemv.linear(xt.contiguous(), gate_up))
+    assert cpu_gemv.linear(x[:0], gate_up).shape == (0, 96)
+
+
+@needs_kernel
+def test_kernel_runs_on_the_callers_torch_threads():
+    x, w = torch.ones(1, 256).bfloat16(), torch.ones(64, 256).bfloat16()
+    old = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert torch.equal(cpu_gemv.linear(x, w), torch.full((1, 64), 256.0).bfloat16())
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_kernel_refuses_what_it_does_not_compute():
+    with pytest.raises(ValueError, match="bf16 CPU tensors"):
+        cpu_gemv.linear(torch.ones(1, 8), torch.ones(4, 8))
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_gemv.linear(torch.ones(1, 8).bfloat16(), torch.ones(4, 9).bfloat16())
+
+
+def test_without_a_compiler_the_kernel_says_why_and_callers_keep_torch(monkeypatch):
+    monkeypatch.setattr(cpu_gemv, "_compiler", lambda: None)
+    cpu_gemv._library.cache_clear()
+    try:
+        assert not cpu_gemv.usable()
+        assert "no C compiler" in cpu_gemv.why_not()
+        assert cpu_gemv.linear_up_to(8) is F.linear
+        with pytest.raises(RuntimeError, match="cannot run here: no C compiler"):
+            cpu_gemv.linear(torch.ones(1, 8).bfloat16(), torch.ones(4, 8).bfloat16())
+    finally:
+        cpu_gemv._library.cache_clear()
+
+
+def test_a_failed_build_is_reported_with_the_compilers_message(monkeypatch, tmp_path):
+    broken_source = tmp_path / "broken.c"
+    broken_source.write_text("this is not C;\n")
+    monkeypatch.setattr(cpu_gemv, "SOURCE", broken_source)
+    monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(tmp_path / "cache"))
+    cpu_gemv._library.cache_clear()
+    try:
+        if cpu_gemv._compiler() is None:
+            pytest.skip("no C compiler here")
+        assert "could not build broken.c" in cpu_gemv.why_not()
+        assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-written is left to load
+    finally:
+        cpu_gemv._library.cache_clear()
+
+
+@needs_kernel
+def test_linear_up_to_takes_the_kernel_only_for_few_bf16_rows(monkeypatch):
+    calls = []
+    real = cpu_gemv.linear
+    monkeypatch.setattr(cpu_gemv, "linear", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    assert cpu_gemv.linear_up_to(0) is F.linear
+    lin = cpu_gemv.linear_up_to(4)
+    w = torch.ones(8, 16).bfloat16()
+    for n in (1, 4, 5):
+        lin(torch.ones(n, 16).bfloat16(), w)
+    lin(torch.ones(1, 16), torch.ones(8, 16))  # float32: torch's
+    assert calls == [1, 4] and lin.tokens == 4
+
+
+def test_kernel_tokens_is_the_prefix_of_counts_where_the_kernel_won():
+    tokens, torch_ms = (1, 8, 32, 128), (7.0, 7.2, 9.0, 16.0)
+    assert kernel_tokens(tokens, torch_ms, {1: 4.5, 8: 5.0}) == 8
+    assert kernel_tokens(tokens, torch_ms, {1: 4.5, 8: 7.5}) == 1
+    assert kernel_tokens(tokens, torch_ms, {1: 7.5, 8: 5.0}) == 0  # slower at one token: never
+    assert kernel_tokens(tokens, torch_ms, {}) == 0
+
+
+def kernel_model(**kw):
+    kw.setdefault("cpu_ms_kernel", (4.0, None))
+    return CostModel.fixed(cpu=(4.0, 0.0), copy_ms=6.0, cpu_dtype="bfloat16", dtype="bfloat16",
+                           cpu_kernel_tokens=8, cpu_ms_torch=(7.0, 20.0),
+                           cpu_ms_by_dtype={"bfloat16": [4.0, 20.0], "float32": [8.0, 60.0]}, **kw)
+
+
+def test_cost_model_keeps_the_kernels_choice_and_its_ablation():
+    cm = kernel_model()
+    assert CostModel.from_dict(cm.to_dict()) == cm
+    torch_only = cm.without_cpu_kernel()
+    assert torch_only.cpu_kernel_tokens == 0 and torch_only.cpu_ms == (7.0, 20.0)
+    assert torch_only.cpu_ms_by_dtype["bfloat16"] == [7.0, 20.0] and torch_only.cpu_linear is F.linear
+    assert CostModel.fixed().without_cpu_kernel() == CostModel.fixed()
+    assert "toolkit kernel up to 8 tokens (x1.75 torch's at n=1)" in cm.summary()
+    assert "kernel" not in torch_only.summary()
+    assert CostModel.fixed(cpu_dtype="float32").cpu_linear is F.linear
+
+
+@pytest.mark.parametrize("bad,match", [({"cpu_kernel_tokens": -1}, "token count"),
+                                       ({"cpu_kernel_tokens": True}, "token count"),
+                                       ({"cpu_ms_torch": None}, "needs cpu_ms_torch"),
+                                       ({"cpu_ms_torch": [1.0]}, "cpu_ms_torch"),
+                                       ({"cpu_ms_kernel": [1.0]}, "cpu_ms_kernel"),
+                                       ({"cpu_ms_kernel": [-1.0, None]}, "cpu_ms_kernel")])
+def test_malformed_kernel_entries_are_rejected(bad, match):
+    d = {**kernel_model().to_dict(), **bad}
+    with pytest.raises(ToolkitError, match=match):
+        CostModel.from_dict(d)
+
+
+@needs_kernel
+def test_calibration_times_the_kernel_against_torch_and_records_both(tmp_path):
+    from toolkit.moe.costs import calibrate
+
+    cm = calibrate(hidden=64, intermediate=128, dtype="bfloat16", device="cpu", tokens=(1, 8, 32), repeats=2,
+                   path=tmp_path / "costs.json")
+    assert cm.cpu_ms_torch is not None and len(cm.cpu_ms_torch) == 3
+    assert cm.cpu_ms_kernel[:2] == tuple(cm.cpu_ms_kernel[:2]) and cm.cpu_ms_kernel[2] is None  # offered at 1 and 8
+    assert all(v > 0 for v in cm.cpu_ms_kernel[:2])
+    assert 0 <= cm.cpu_kernel_tokens <= 8  # offered for up to MAX_TOKENS rows: 1 and 8 of these counts
+    n = cm.cpu_kernel_tokens
+    if n and cm.cpu_dtype == "bfloat16":
+        assert cm.cpu_ms[0] < cm.cpu_ms_torch[0]  # where the kernel won, the plan takes its time
+    assert cm.gpu_ms == tuple(cm.cpu_ms_torch)  # the CPU-only engine's "GPU" tier computes with torch
+    again = calibrate(hidden=64, intermediate=128, dtype="bfloat16", device="cpu", tokens=(1, 8, 32), repeats=2,
+                      path=tmp_path / "costs.json")
+    assert again == cm  # cached
+
+
+@needs_kernel
+def test_engine_computes_cpu_experts_with_the_kernel_and_matches_torch(monkeypatch):
+    from test_offload import padded_batch, prefill_and_decode
+
+    from toolkit.moe.offload import offload
+    from toolkit.moe.presets import build_moe
+
+    # one layer: its router sees the same input either way, so only the experts' bf16 rounding can differ
+    # (with two, a near-tie in the second router may flip, as any change of CPU kernel can make it)
+    model = build_moe("tiny-mixtral", layers=1, seed=0, dtype=torch.bfloat16)
+    ids, mask = padded_batch()
+    ref = prefill_and_decode(model, ids, mask)
+    calls = []
+    real = cpu_gemv.linear
+    monkeypatch.setattr(cpu_gemv, "linear", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    for use in (True, False):
+        calls.clear()
+        off = offload(model, 0, device="cpu", cost_model=kernel_model(), cpu_kernel=use)
+        try:
+            got = prefill_and_decode(model, ids, mask, like=ref)
+            assert off.options.cpu_kernel is use and off.to_dict()["cpu_kernel_tokens"] == (8 if use else 0)
+        finally:
+            off.restore()
+        scale = max(r.float().abs().max().item() for r in ref)
+        diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(ref, got))
+        assert diff < 0.02 * scale
+        if use:  # decode passes (and prefill experts with few rows) took the kernel; never more than 8 rows
+            assert calls and max(calls) <= 8
+        else:
+            assert not calls
+
+
+def test_the_moe_command_says_what_cpu_experts_multiply_with():
+    from moe_records import run_record
+
+    from toolkit.cli.moe import format_table
+
+    def line(model):
+        rows = format_table(run_record(cost_model=model.to_dict())).splitlines()
+        return next(x for x in rows if x.startswith("  CPU experts multiply with"))
+
+    assert line(kernel_model()).endswith("toolkit kernel for passes of up to 8 tokens (x1.75 torch's matmul at n=1)")
+    assert line(kernel_model().without_cpu_kernel()).endswith("torch's matmul (the toolkit kernel, x1.75 torch's at "
+                                                              "n=1, is switched off)")
+    slower = kernel_model(cpu_ms_kernel=(8.0, None)).without_cpu_kernel()
+    assert line(slower).endswith("torch's matmul (the toolkit kernel, x0.88 torch's at n=1, is slower here)")
+    assert line(CostModel.fixed()).endswith("torch's matmul (float32)")
+
+
+def test_the_calibration_times_kernel_and_torch_in_turn():
+    from toolkit.moe.costs import _alternating_ms
+
+    order, now = [], [0.0]
+    cost = {"torch": 0.007, "kernel": 0.004}
+
+    def run(name):
+        order.append(name)
+        now[0] += cost[name] * (3 if len(order) == 3 else 1)  # one slow spell, during the first timed torch call
+
+    ms = _alternating_ms({k: (lambda k=k: run(k)) for k in cost}, repeats=3, warmup=1, clock=lambda: now[0])
+    assert order == ["torch", "kernel"] * 4  # warm-up, then each repeat times both
+    assert ms == pytest.approx({"torch": 7.0, "kernel": 4.0})  # medians: the slow spell does not decide

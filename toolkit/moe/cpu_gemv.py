@@ -1,0 +1,171 @@
+"""CPU experts' linear layers for a few tokens: a bf16 kernel that streams weights at the host's read rate.
+
+Why: a decode step gives a CPU expert one token (a few with beams), so its
+work is reading the expert's weights once. torch's bf16 matmul with one row
+does not keep up with memory: on an H200 host (16-core Xeon, reads 68-84 GB/s)
+it streamed a Mixtral expert at 51-74 GB/s, while the same layer with float32
+weights, twice the bytes, ran at 89-109 GB/s (``data/gpu/cpu_gemv_h200.json``).
+This kernel widens bf16 to float32 in registers (a 16-bit shift) and feeds
+fused multiply-adds, each weight row read once for all the pass's tokens, rows
+split over torch's OpenMP threads; it rounds to bf16 as torch does.
+
+It is C (``cpu_gemv.c``), compiled on first use with the machine's compiler
+(``$CC`` or ``cc``, ``-O3 -march=native -fopenmp``) into the toolkit cache
+and called through ctypes, which releases the GIL as torch's ops do. Where
+there is no compiler or the build fails, ``usable()`` is False, ``why_not()``
+says why, and callers keep ``torch.nn.functional.linear``. Whether the engine
+uses it is the calibration's decision (``CostModel.cpu_kernel_tokens``): it
+times both on the machine at each calibrated token count.
+
+``linear(x [n, K], w [N, K]) -> [n, N]``: bf16 on the CPU, unit stride in K.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+MAX_TOKENS = 16  # rows of x up to which the kernel is offered: each pass over a weight row takes 4 of them
+SOURCE = Path(__file__).with_name("cpu_gemv.c")
+
+# why the kernel is off in this process (no compiler, a failed build, or disable()), or None
+broken: str | None = None
+
+
+def disable(reason: str) -> None:
+    """Turn the kernel off for this process; ``reason`` is what ``why_not()`` reports."""
+    global broken
+    broken = reason
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC") or "cc"
+    return shutil.which(cc) or shutil.which("gcc")
+
+
+def _build_dir() -> Path:
+    """``cpu_gemv`` in the toolkit's cache folder, or in the temporary folder where that is not writable."""
+    from ..settings import cache_dir
+
+    folder = cache_dir() / "cpu_gemv"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except OSError:
+        pass
+    folder = Path(tempfile.gettempdir()) / f"toolkit-cpu-gemv-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@functools.cache
+def _library():
+    """The compiled kernel (built once per source, compiler and CPU), or the reason there is none."""
+    cc = _compiler()
+    if cc is None:
+        return f"no C compiler ({os.environ.get('CC') or 'cc'} or gcc) on PATH"
+    source = SOURCE.read_bytes()
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{cc} does not run: {e}"
+    key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_flags().encode(), " ".join(flags).encode(),
+                                     platform.machine().encode()])).hexdigest()[:16]
+    target = _build_dir() / f"cpu_gemv-{key}.so"
+    if not target.exists():
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+            if done.returncode:
+                return f"{cc} could not build {SOURCE.name}: {done.stderr.strip()[-400:]}"
+            os.replace(tmp, target)  # atomic: a process building the same key at once reads a whole file
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"{cc} could not build {SOURCE.name}: {e}"
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    torch.get_num_threads()  # torch's OpenMP runtime is loaded first, so the kernel's threads are torch's
+    lib = ctypes.CDLL(str(target))
+    fn = lib.toolkit_linear_bf16
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def why_not() -> str | None:
+    """Why the kernel cannot run here (building it if needed), or None when it can."""
+    if broken is not None:
+        return broken
+    lib = _library()
+    return lib if isinstance(lib, str) else None
+
+
+def usable() -> bool:
+    """Whether ``linear`` runs here: an x86-64 or Arm CPU with a C compiler that built the kernel."""
+    return why_not() is None
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [n, K] @ w[N, K].T -> [n, N], bf16 CPU tensors with unit stride in K; float32 accumulation."""
+    if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu" or w.device.type != "cpu":
+        raise ValueError(f"cpu_gemv.linear takes bf16 CPU tensors, got x {x.dtype} on {x.device}, "
+                         f"w {w.dtype} on {w.device}")
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"cpu_gemv.linear: x {tuple(x.shape)} and w {tuple(w.shape)} do not fit [n, K], [N, K]")
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    reason = why_not()
+    if reason is not None:
+        raise RuntimeError(f"cpu_gemv.linear cannot run here: {reason}")
+    n, k = x.shape
+    out = torch.empty(n, w.shape[0], dtype=torch.bfloat16)
+    if n and w.shape[0]:
+        rc = _library()(x.data_ptr(), n, k, x.stride(0), w.data_ptr(), w.shape[0], w.stride(0), out.data_ptr(),
+                        out.stride(0), torch.get_num_threads())
+        if rc:
+            raise MemoryError(f"cpu_gemv.linear: no memory for a float32 copy of x {tuple(x.shape)}")
+    return out
+
+
+def linear_up_to(tokens: int):
+    """A linear layer that takes the kernel for bf16 passes of at most ``tokens`` rows, torch's otherwise.
+
+    ``tokens`` 0 (the calibration found torch faster, or the kernel cannot run) is ``F.linear`` itself.
+    """
+    if tokens <= 0 or not usable():
+        return F.linear
+
+    def fn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= tokens and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu":
+            return linear(x, w)
+        return F.linear(x, w)
+
+    fn.tokens = tokens
+    return fn
