@@ -63,6 +63,10 @@ print(f"{nb}, preset: {S.moe_preset} with {S.moe_layers} layers")
 # On a GPU it also times a CPU expert while copies stream in, and a copy beside a CPU expert:
 # both read host memory, so each slows the other (the summary's "while copying" part), and a
 # prefill layer is planned with those slower speeds.
+# A bf16 CPU expert at a few tokens only streams its weights, and torch's matmul does not keep up
+# with memory there; the calibration also times the toolkit's own kernel (`toolkit.moe.cpu_gemv`,
+# compiled on first use) against torch's, in turn, and CPU experts use it up to the token count
+# where it won (the summary's "toolkit kernel" part; absent where torch's was faster).
 # A tiny Mixtral-shaped model replays the routing of a synthetic Mixtral-8x7B trace, so it sees
 # Mixtral's expert popularity and locality. `moe_settings(S, device)` are the report's settings.
 

@@ -2,12 +2,17 @@
 
 Why: a decode step gives a CPU expert one token (a few with beams), so its
 work is reading the expert's weights once. torch's bf16 matmul with one row
-does not keep up with memory: on an H200 host (16-core Xeon, reads 68-84 GB/s)
-it streamed a Mixtral expert at 51-74 GB/s, while the same layer with float32
-weights, twice the bytes, ran at 89-109 GB/s (``data/gpu/cpu_gemv_h200.json``).
-This kernel widens bf16 to float32 in registers (a 16-bit shift) and feeds
-fused multiply-adds, each weight row read once for all the pass's tokens, rows
-split over torch's OpenMP threads; it rounds to bf16 as torch does.
+does not keep up with memory: on the one-H200 host (16-core Xeon, 15 threads
+read 90.8 GB/s) it streamed a Mixtral expert at 50 GB/s, while the same
+expert with float32 weights, twice the bytes, ran at 107 GB/s. This kernel
+reached 100 GB/s there (x2.0 at one token, x1.7 at four, slower than torch
+from 16; ``data/gpu/cpu_gemv_h200.json``) and 161 GB/s on the two-H200 host
+(31 threads, x2.0; ``cpu_gemv_h200x2.json``). With AVX512-BF16 one
+instruction multiplies 32 bf16 pairs into float32 lanes, four weight rows
+sharing each load of the activations; without it bf16 widens to float32 (a
+16-bit shift) and feeds fused multiply-adds. Each weight row is read once for
+up to four tokens, rows are split over torch's OpenMP threads, and results
+round to bf16 as torch rounds.
 
 It is C (``cpu_gemv.c``), compiled on first use with the machine's compiler
 (``$CC`` or ``cc``, ``-O3 -march=native -fopenmp``) into the toolkit cache
