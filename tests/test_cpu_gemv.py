@@ -225,3 +225,17 @@ def test_the_calibration_times_kernel_and_torch_in_turn():
     ms = _alternating_ms({k: (lambda k=k: run(k)) for k in cost}, repeats=3, warmup=1, clock=lambda: now[0])
     assert order == ["torch", "kernel"] * 4  # warm-up, then each repeat times both
     assert ms == pytest.approx({"torch": 7.0, "kernel": 4.0})  # medians: the slow spell does not decide
+
+
+@needs_kernel
+def test_the_kernel_is_built_in_the_temporary_folder_where_the_cache_cannot_hold_it(monkeypatch, tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(not_a_folder))
+    monkeypatch.setattr(cpu_gemv.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    cpu_gemv._library.cache_clear()
+    try:
+        assert cpu_gemv.usable()
+        assert list((tmp_path / "tmp").rglob("cpu_gemv-*.so"))
+    finally:
+        cpu_gemv._library.cache_clear()

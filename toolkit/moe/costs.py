@@ -632,26 +632,33 @@ class CostModel:
                 f"GPU expert: {ga:.3f} + {gb:.5f}*n ms | copy: {self.copy_ms:.3f} ms/expert | "
                 f"copy pays from n >= {self.breakeven_tokens:g}{peers}{self.contention_line()}")
 
+    @property
+    def kernel_gain(self) -> float | None:
+        """torch's time over the CPU kernel's for a bf16 expert at the first calibrated token count (None: not
+        compared)."""
+        if not self.cpu_ms_torch or self.cpu_dtype != "bfloat16":
+            return None
+        kernel = self.cpu_ms[0] if self.cpu_kernel_tokens else (self.cpu_ms_kernel or (None,))[0]
+        return None if kernel is None else self.cpu_ms_torch[0] / kernel
+
     def kernel_note(self) -> str:
         """', toolkit kernel up to 8 tokens (x1.42 torch's at n=1)' where CPU experts use it, else ''."""
-        if not self.cpu_kernel_tokens or self.cpu_dtype != "bfloat16" or not self.cpu_ms_torch:
+        gain = self.kernel_gain
+        if not self.cpu_kernel_tokens or gain is None:
             return ""
-        gain = self.cpu_ms_torch[0] / self.cpu_ms[0]
         return (f", toolkit kernel up to {self.cpu_kernel_tokens} token{'s' if self.cpu_kernel_tokens != 1 else ''} "
                 f"(x{gain:.2f} torch's at n={self.cpu_tokens[0]})")
 
     def kernel_line(self) -> str:
         """What CPU experts multiply with, for the ``moe`` command: the kernel and its measured gain, or torch's."""
-        if self.kernel_note():
-            return (f"toolkit kernel for passes of up to {self.cpu_kernel_tokens} tokens "
-                    f"(x{self.cpu_ms_torch[0] / self.cpu_ms[0]:.2f} torch's matmul at n={self.cpu_tokens[0]})")
+        gain, n = self.kernel_gain, self.cpu_tokens[0]
+        if self.cpu_kernel_tokens and gain is not None:
+            return f"toolkit kernel for passes of up to {self.cpu_kernel_tokens} tokens (x{gain:.2f} torch's matmul at n={n})"
+        if gain is not None:
+            return f"torch's matmul (the toolkit kernel, x{gain:.2f} torch's at n={n}, is " \
+                   f"{'switched off' if gain > 1 else 'slower here'})"
         if self.cpu_ms_torch is not None and self.cpu_dtype == "bfloat16":
-            k = (self.cpu_ms_kernel or (None,))[0]
-            if k is None:
-                return "torch's matmul (the toolkit kernel was measured too, and is not used)"
-            gain = self.cpu_ms_torch[0] / k
-            why = "switched off" if gain > 1 else "slower here"
-            return f"torch's matmul (the toolkit kernel, x{gain:.2f} torch's at n={self.cpu_tokens[0]}, is {why})"
+            return "torch's matmul (the toolkit kernel was measured too, and is not used)"
         return f"torch's matmul ({self.cpu_dtype})"
 
     def contention_line(self) -> str:
@@ -933,6 +940,7 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
                 fns = {"torch": lambda x=x, w1=w1, w2=w2: expert_forward(x, w1, w2)}
                 if dt == torch.bfloat16 and kernel and n <= cpu_gemv.MAX_TOKENS:  # both, in turn
                     fns["kernel"] = lambda x=x, w1=w1, w2=w2: expert_forward(x, w1, w2, linear=cpu_gemv.linear)
+                # two more repeats where two are compared: the kernel's use rides on their ratio
                 ms = _alternating_ms(fns, repeats + 2 * (len(fns) - 1), warm, clock)
                 row.append(ms["torch"])
                 if "kernel" in ms:

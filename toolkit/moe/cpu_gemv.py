@@ -131,7 +131,8 @@ def why_not() -> str | None:
 
 
 def usable() -> bool:
-    """Whether ``linear`` runs here: an x86-64 or Arm CPU with a C compiler that built the kernel."""
+    """Whether ``linear`` runs here: a C compiler with OpenMP built the kernel (vectorised on x86 with AVX2 or
+    AVX-512, plain C elsewhere)."""
     return why_not() is None
 
 
