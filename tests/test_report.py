@@ -220,7 +220,25 @@ def write_fake_recordings(gpu_dir):
                "runs": [{"gpus": g, "per_gpu_experts": 14, "routing": r, "decode": measure("tokens_per_s", 15.0 + g, 30.0, 0.02),
                          "prefill": measure("ms", 250.0 / g, 100.0, 0.2 if g == 2 else 0.05)}
                         for r in ("uniform", "trace") for g in (1, 2)]}, gpu_dir / "moe_multi_gpu.json")
+    save_json({"provenance": GPU_ENV, "settings": {"expert_bytes": 352e6, "threads": 15}, "host_read_gbs": 90.0,
+               "float32_weights": {"gbs": 107.0},
+               "cases": {str(n): {"tokens": n, "torch_ms": 7.0, "kernel_ms": 3.5 * n ** 0.5,
+                                  "rounds_ms": {"torch": [6.8, 7.0, 7.5], "kernel": [3.4 * n ** 0.5, 3.6 * n ** 0.5]}}
+                         for n in (1, 4, 16)}}, gpu_dir / "cpu_gemv_h200.json")
     return gpu_dir
+
+
+def test_cpu_kernel_recording_gives_each_sides_read_rate_and_the_references(tmp_path):
+    import json
+
+    doc = json.loads((write_fake_recordings(tmp_path / "gpu") / "cpu_gemv_h200.json").read_text())
+    frame = recorded.recorded_cpu_gemv(doc)
+    assert len(frame) == 6 and set(frame["side"]) == {"torch's matmul", "toolkit kernel"}
+    one = frame[(frame["tokens"] == 1) & (frame["side"] == "toolkit kernel")].iloc[0]
+    assert one["gbs"] == pytest.approx(352e6 / 3.5 * 1e-6) and one["gbs_low"] < one["gbs"] < one["gbs_high"]
+    assert frame.attrs["host_read_gbs"] == 90.0 and frame.attrs["float32_gbs"] == 107.0
+    assert frame.attrs["threads"] == 15 and frame.attrs["expert_mb"] == pytest.approx(352.0)
+    assert not len(recorded.recorded_cpu_gemv({"provenance": {}, "cases": {}}))
 
 
 def test_multi_gpu_recording_judges_decode_and_prefill_apart(tmp_path):
@@ -239,8 +257,8 @@ def test_multi_gpu_recording_judges_decode_and_prefill_apart(tmp_path):
 
 def test_recorded_readers_rebuild_frames_from_the_benchmark_files(tmp_path):
     rec = recorded.recorded_results(write_fake_recordings(tmp_path))
-    assert sorted(rec) == ["batch_search", "moe_decode", "moe_decode_h200", "moe_decode_h200_full", "moe_engine",
-                           "moe_multi_gpu", "profile_cases", "timer_agreement"]
+    assert sorted(rec) == ["batch_search", "cpu_gemv_h200", "moe_decode", "moe_decode_h200", "moe_decode_h200_full",
+                           "moe_engine", "moe_multi_gpu", "profile_cases", "timer_agreement"]
     audit = recorded.recorded_pitfalls(rec["timer_agreement"])
     assert audit.attrs["correct"].median_ms == 2.0 and list(audit["pitfall"])[0] == "copy_in_timed_region"
     assert plots.pitfall_frame(audit)["ratio"].tolist() == pytest.approx([1.5, 10.0, 0.1, 1.1, 200.0 / 1.8])
@@ -334,7 +352,8 @@ def test_every_paper_figure_names_what_is_measured_the_model_dtype_and_device():
 READERS = [recorded.recorded_pitfalls, recorded.recorded_latency, recorded.recorded_timer_agreement,
            recorded.recorded_timer_differences, recorded.recorded_throughput_curves,
            recorded.recorded_throughput_cases, recorded.recorded_moe_sweep, recorded.recorded_decode_samples,
-           recorded.recorded_timeline, recorded.recorded_moe_schemes, recorded.recorded_moe_decode_sweep]
+           recorded.recorded_timeline, recorded.recorded_moe_schemes, recorded.recorded_moe_decode_sweep,
+           recorded.recorded_cpu_gemv]
 
 
 @pytest.mark.parametrize("reader", READERS, ids=lambda f: f.__name__)
@@ -354,7 +373,7 @@ def test_readers_parse_the_shipped_recordings():
                recorded.recorded_throughput_cases: "batch_search",
                recorded.recorded_moe_sweep: "moe_engine", recorded.recorded_decode_samples:
                "moe_engine", recorded.recorded_timeline: "profile_cases", recorded.recorded_moe_schemes: "moe_decode",
-               recorded.recorded_moe_decode_sweep: "moe_decode"}
+               recorded.recorded_moe_decode_sweep: "moe_decode", recorded.recorded_cpu_gemv: "cpu_gemv_h200"}
     assert set(sources) == set(READERS)
     for reader, name in sources.items():
         assert len(reader(rec[name])) > 0, reader.__name__

@@ -19,6 +19,7 @@ import pandas as pd
 
 from . import plots
 from .recorded import (
+    recorded_cpu_gemv,
     recorded_decode_samples,
     recorded_first_call_ms,
     recorded_latency,
@@ -156,6 +157,17 @@ def _multi_gpu(doc, measure: str = "decode"):
                                    title=f"Resident experts on one GPU or spread over two: {what}\n{_moe_setup(doc)}")
 
 
+def _cpu_kernel(doc):
+    frame = recorded_cpu_gemv(doc)
+    if not len(frame):
+        return None
+    a = frame.attrs
+    return plots.cpu_kernel_rates(frame, title=f"One CPU expert ({a['expert_mb']:.0f} MB, bf16) at a few tokens: "
+                                               f"torch's matmul against the toolkit's kernel, {a['threads']} "
+                                               f"threads\nmedian of alternating rounds (bars: their range) · "
+                                               f"{recorded_where(doc)}")
+
+
 def _decode_sweep(doc, routing: str = "trace"):
     frame = recorded_moe_decode_sweep(doc, routing)
     if not len(frame):
@@ -246,6 +258,10 @@ PAPER_FIGURES = [
     PaperFigure("gpu_moe_multi_gpu_prefill", "gpu/moe_multi_gpu.json", functools.partial(_multi_gpu, measure="prefill"),
                 "512-token prefill time on one GPU or two at the same per-GPU budget (lower is better), with each "
                 "run's roofline bound; a run whose prefill rounds disagree is excluded and named."),
+    PaperFigure("gpu_cpu_kernel", "gpu/cpu_gemv_h200.json", _cpu_kernel,
+                "The rate one CPU expert reads its bf16 weights at, by tokens in the pass: torch's matmul and the "
+                "toolkit's kernel (which the calibration picks where it is faster), against the host's read rate "
+                "and the same expert with float32 weights."),
     PaperFigure("gpu_moe_decode_sweep", "gpu/moe_decode.json", _decode_sweep,
                 "Our engine over GPU expert budgets (Mixtral-8x7B layers, replayed Mixtral routing): decode tokens/s,"
                 " prefill time and decode hit rate."),

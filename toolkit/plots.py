@@ -678,6 +678,45 @@ def throughput_curves(frame, title: str | None = None) -> Figure:
     return fig
 
 
+def cpu_kernel_rates(frame, title: str | None = None) -> Figure:
+    """One CPU expert's weight read rate (GB/s) against its token count, one line per matmul.
+
+    ``frame``: ``toolkit.recorded.recorded_cpu_gemv`` (``tokens``, ``side``, ``gbs``, optional
+    ``gbs_low``/``gbs_high``: the rounds' range, drawn as error bars). Its ``attrs`` give the
+    references, drawn as horizontal lines: ``host_read_gbs`` (the CPU threads summing a large
+    buffer) and ``float32_gbs`` (the expert with float32 weights, twice the bytes, torch's matmul).
+    """
+    df = pd.DataFrame(frame).dropna(subset=["gbs"])
+    sides = list(dict.fromkeys(df["side"]))
+    with paper_style():
+        import seaborn as sns
+
+        colors = dict(zip(sides, sns.color_palette("colorblind", len(sides))))
+        fig, ax = _figure()
+        for side, marker in zip(sides, ("o", "s", "^", "D")):
+            g = df[df["side"] == side].sort_values("tokens")
+            ax.plot(g["tokens"], g["gbs"], marker=marker, ms=3, lw=1.0, color=colors[side], label=side)
+            if {"gbs_low", "gbs_high"} <= set(g.columns) and g["gbs_low"].notna().any():
+                err = [(g["gbs"] - g["gbs_low"]).clip(lower=0).fillna(0),
+                       (g["gbs_high"] - g["gbs"]).clip(lower=0).fillna(0)]
+                ax.errorbar(g["tokens"], g["gbs"], yerr=err, fmt="none", ecolor=colors[side], elinewidth=0.6,
+                            capsize=1.5)
+        refs = frame.attrs if hasattr(frame, "attrs") else {}
+        for key, label, ls in (("host_read_gbs", "host read, same threads", "--"),
+                               ("float32_gbs", "float32 weights (torch, 1 token)", ":")):
+            if refs.get(key):
+                ax.axhline(refs[key], color="0.4", ls=ls, lw=0.8, label=f"{label}: {refs[key]:.0f}")
+        ax.set_xscale("log", base=2)
+        _plain_base2_ticks(ax.xaxis, float(df["tokens"].min()), float(df["tokens"].max()))
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("tokens in the pass (rows of x)")
+        ax.set_ylabel("expert weights read (GB/s)")
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize="x-small",
+                   handlelength=1.8, columnspacing=1.2)
+        set_title(fig, title)
+    return fig
+
+
 def hit_rate_vs_gpu_experts(frame, phase: str | None = None, total_experts: int | None = None,
                             title: str | None = None, reference: str | None = None, bound: str = "belady") -> Figure:
     """Hit rate vs number of GPU-resident experts, one line per policy; below, each policy minus ``reference``.

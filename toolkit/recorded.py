@@ -446,6 +446,37 @@ def recorded_moe_decode_sweep(doc: dict | None, routing: str = "trace") -> pd.Da
     return frame
 
 
+CPU_KERNEL_SIDES = {"torch": "torch's matmul", "kernel": "toolkit kernel"}
+
+
+def recorded_cpu_gemv(doc: dict | None) -> pd.DataFrame:
+    """One CPU expert's weight read rate against its token count, torch's matmul and the toolkit's kernel
+    (``benchmarks/cpu_gemv.py``): one row per (tokens, side).
+
+    Columns ``tokens``, ``side`` (the labels of ``CPU_KERNEL_SIDES``), ``gbs`` (the expert's bytes over the
+    median ms), ``gbs_low``/``gbs_high`` (over the slowest and fastest round) and ``ms``. ``attrs``:
+    ``host_read_gbs`` and ``float32_gbs`` (the same expert with float32 weights, torch's, one token), the
+    ``threads`` and the expert's MB.
+    """
+    doc = doc or {}
+    settings = doc.get("settings") or {}
+    nbytes = settings.get("expert_bytes")
+    rows = []
+    for case in (doc.get("cases") or {}).values():
+        for side, label in CPU_KERNEL_SIDES.items():
+            ms, rounds = case.get(f"{side}_ms"), (case.get("rounds_ms") or {}).get(side) or []
+            if not ms or not nbytes:
+                continue
+            rows.append({"tokens": int(case["tokens"]), "side": label, "gbs": nbytes / ms * 1e-6, "ms": ms,
+                         "gbs_low": nbytes / max(rounds) * 1e-6 if rounds else None,
+                         "gbs_high": nbytes / min(rounds) * 1e-6 if rounds else None})
+    frame = pd.DataFrame(rows, columns=["tokens", "side", "gbs", "gbs_low", "gbs_high", "ms"])
+    frame.attrs.update(host_read_gbs=doc.get("host_read_gbs"),
+                       float32_gbs=(doc.get("float32_weights") or {}).get("gbs"),
+                       threads=settings.get("threads"), expert_mb=nbytes / 1e6 if nbytes else None)
+    return frame.sort_values(["side", "tokens"]).reset_index(drop=True)
+
+
 MULTI_GPU_MEASURES = {"decode": ("tokens_per_s", "decode tokens/s"), "prefill": ("ms", "prefill ms")}
 
 
