@@ -1,5 +1,7 @@
 """The CPU experts' few-token bf16 kernel: torch's results, its build and fallback, and where the engine uses it."""
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -239,3 +241,27 @@ def test_the_kernel_is_built_in_the_temporary_folder_where_the_cache_cannot_hold
         assert list((tmp_path / "tmp").rglob("cpu_gemv-*.so"))
     finally:
         cpu_gemv._library.cache_clear()
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or cpu_gemv._compiler() is None,
+                    reason="the vector paths are x86's; needs a C compiler")
+@pytest.mark.parametrize("march", ["x86-64", "haswell", "skylake-avx512", "cooperlake"])
+def test_every_code_path_of_the_kernel_gives_the_same_products(march, tmp_path, monkeypatch):
+    """Plain C, AVX2, AVX-512 and AVX512-BF16: whichever the machine's compiler picks must be right. A path
+    this CPU cannot run is built but not called."""
+    monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(tmp_path))
+    built = cpu_gemv._build(march)
+    if isinstance(built, str):
+        pytest.skip(f"this compiler cannot build -march={march}: {built[-120:]}")
+    needs = {"haswell": "avx2", "skylake-avx512": "avx512f", "cooperlake": "avx512_bf16"}.get(march)
+    if needs and needs not in cpu_gemv._cpu_flags().split():
+        pytest.skip(f"this CPU has no {needs}")
+    fn = cpu_gemv._load(built)
+    g = torch.Generator().manual_seed(1)
+    for n, k, rows in [(1, 4100, 37), (3, 64, 9), (5, 33, 17), (8, 7, 3)]:
+        x, w = torch.randn(n, k, generator=g).bfloat16(), torch.randn(rows, k, generator=g).bfloat16()
+        out = torch.empty(n, rows, dtype=torch.bfloat16)
+        assert cpu_gemv._call(fn, x, w, out) == 0
+        ref = reference(x, w)
+        tol = ref.float().abs() * 2 ** -7 + (x.float().abs() @ w.float().abs().T) * 2 ** -18
+        assert ((out.float() - ref.float()).abs() <= tol).all(), (march, n, k, rows)

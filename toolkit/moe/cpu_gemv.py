@@ -85,14 +85,16 @@ def _build_dir() -> Path:
     return folder
 
 
-@functools.cache
-def _library():
-    """The compiled kernel (built once per source, compiler and CPU), or the reason there is none."""
+def _build(march: str = "native") -> Path | str:
+    """The kernel compiled for ``-march=<march>`` (once per source, compiler, flags and CPU): its path, or why not.
+
+    The engine builds for the machine it runs on ("native"); the tests also build the AVX2 and plain-C paths.
+    """
     cc = _compiler()
     if cc is None:
         return f"no C compiler ({os.environ.get('CC') or 'cc'} or gcc) on PATH"
     source = SOURCE.read_bytes()
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    flags = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC"]
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
@@ -100,26 +102,38 @@ def _library():
     key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_flags().encode(), " ".join(flags).encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
     target = _build_dir() / f"cpu_gemv-{key}.so"
-    if not target.exists():
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
-            if done.returncode:
-                return f"{cc} could not build {SOURCE.name}: {done.stderr.strip()[-400:]}"
-            os.replace(tmp, target)  # atomic: a process building the same key at once reads a whole file
-        except (OSError, subprocess.SubprocessError) as e:
-            return f"{cc} could not build {SOURCE.name}: {e}"
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    if target.exists():
+        return target
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            return f"{cc} could not build {SOURCE.name}: {done.stderr.strip()[-400:]}"
+        os.replace(tmp, target)  # atomic: a process building the same key at once reads a whole file
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{cc} could not build {SOURCE.name}: {e}"
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load(path: Path):
+    """The kernel's entry point in a built library, its argument types declared."""
     torch.get_num_threads()  # torch's OpenMP runtime is loaded first, so the kernel's threads are torch's
-    lib = ctypes.CDLL(str(target))
-    fn = lib.toolkit_linear_bf16
+    fn = ctypes.CDLL(str(path)).toolkit_linear_bf16
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, ctypes.c_int]
     fn.restype = ctypes.c_int
     return fn
+
+
+@functools.cache
+def _library():
+    """The kernel built for this machine, or the reason there is none."""
+    built = _build()
+    return built if isinstance(built, str) else _load(built)
 
 
 def why_not() -> str | None:
@@ -153,11 +167,16 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     n, k = x.shape
     out = torch.empty(n, w.shape[0], dtype=torch.bfloat16)
     if n and w.shape[0]:
-        rc = _library()(x.data_ptr(), n, k, x.stride(0), w.data_ptr(), w.shape[0], w.stride(0), out.data_ptr(),
-                        out.stride(0), torch.get_num_threads())
+        rc = _call(_library(), x, w, out)
         if rc:
             raise MemoryError(f"cpu_gemv.linear: no memory for a float32 copy of x {tuple(x.shape)}")
     return out
+
+
+def _call(fn, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> int:
+    """out [n, N] = x [n, K] @ w [N, K].T through an entry point of ``_load``, on torch's thread count."""
+    return fn(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), w.data_ptr(), w.shape[0], w.stride(0),
+              out.data_ptr(), out.stride(0), torch.get_num_threads())
 
 
 def linear_up_to(tokens: int):
