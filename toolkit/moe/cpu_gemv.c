@@ -14,6 +14,9 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define HAVE_DPBF16 1 /* bf16 dot products; otherwise bf16 widens to float32 */
+#endif
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -30,6 +33,7 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+#ifndef HAVE_DPBF16
 #if defined(__AVX512F__)
 #define LANES 16
 typedef __m512 vec;
@@ -92,8 +96,32 @@ ROW_KERNEL(4)
 typedef void (*row_fn)(const float *, int64_t, const uint16_t *, float *);
 static const row_fn ROWS[5] = {0, row_1, row_2, row_3, row_4};
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
-#define HAVE_DPBF16 1
+/* x widened to float32 once, then each weight row against up to 4 tokens; -1 when x's copy cannot be allocated */
+static int linear_widen(const uint16_t *x, int64_t n, int64_t K, int64_t ldx, const uint16_t *w, int64_t N,
+                        int64_t ldw, uint16_t *y, int64_t ldy, int threads) {
+    float *xf = (float *)malloc(sizeof(float) * (size_t)(n * K > 0 ? n * K : 1));
+    if (!xf) return -1;
+    for (int64_t t = 0; t < n; ++t)
+        for (int64_t k = 0; k < K; ++k) xf[t * K + k] = bf16_to_f32(x[t * ldx + k]);
+    const int64_t block = 16; /* rows per scheduling unit: small enough to balance 15 threads over 4096 rows */
+    const int64_t blocks = (N + block - 1) / block;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t bi = 0; bi < blocks; ++bi) {
+        const int64_t r1 = (bi + 1) * block < N ? (bi + 1) * block : N;
+        for (int64_t r = bi * block; r < r1; ++r) {
+            for (int64_t t0 = 0; t0 < n; t0 += 4) {
+                const int T = (int)(n - t0 < 4 ? n - t0 : 4);
+                float out[4];
+                ROWS[T](xf + t0 * K, K, w + r * ldw, out);
+                for (int t = 0; t < T; ++t) y[(t0 + t) * ldy + r] = f32_to_bf16(out[t]);
+            }
+        }
+    }
+    free(xf);
+    return 0;
+}
+
+#else
 /* R weight rows x T tokens (T <= 4): out[t * R + r]. 32 bf16 pairs per instruction; a masked tail. */
 #define DP_KERNEL(R, T)                                                                                \
     static void dp_##R##_##T(const uint16_t *x, int64_t ldx, int64_t K, const uint16_t *w, int64_t ldw, \
@@ -163,25 +191,7 @@ int toolkit_linear_bf16(const uint16_t *x, int64_t n, int64_t K, int64_t ldx, co
 #ifdef HAVE_DPBF16
     linear_dp(x, n, K, ldx, w, N, ldw, y, ldy, threads);
     return 0;
+#else
+    return linear_widen(x, n, K, ldx, w, N, ldw, y, ldy, threads);
 #endif
-    float *xf = (float *)malloc(sizeof(float) * (size_t)(n * K > 0 ? n * K : 1));
-    if (!xf) return -1;
-    for (int64_t t = 0; t < n; ++t)
-        for (int64_t k = 0; k < K; ++k) xf[t * K + k] = bf16_to_f32(x[t * ldx + k]);
-    const int64_t block = 16; /* rows per scheduling unit: small enough to balance 15 threads over 4096 rows */
-    const int64_t blocks = (N + block - 1) / block;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t bi = 0; bi < blocks; ++bi) {
-        const int64_t r1 = (bi + 1) * block < N ? (bi + 1) * block : N;
-        for (int64_t r = bi * block; r < r1; ++r) {
-            for (int64_t t0 = 0; t0 < n; t0 += 4) {
-                const int T = (int)(n - t0 < 4 ? n - t0 : 4);
-                float out[4];
-                ROWS[T](xf + t0 * K, K, w + r * ldw, out);
-                for (int t = 0; t < T; ++t) y[(t0 + t) * ldy + r] = f32_to_bf16(out[t]);
-            }
-        }
-    }
-    free(xf);
-    return 0;
 }
