@@ -12,17 +12,24 @@ import sys
 from functools import lru_cache
 
 
-@lru_cache(maxsize=1)
-def cpu_model() -> str:
-    """The CPU's marketing name, from /proc/cpuinfo (Linux) or platform."""
+def cpuinfo(*fields: str) -> str | None:
+    """The value of the first /proc/cpuinfo line that starts with one of ``fields`` (case-insensitive), or None
+    (no such line, or not Linux)."""
+    names = tuple(f.lower() for f in fields)
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.lower().startswith("model name"):
+                if line.lower().startswith(names):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's marketing name, from /proc/cpuinfo (Linux) or platform."""
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 @lru_cache(maxsize=1)

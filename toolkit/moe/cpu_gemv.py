@@ -54,14 +54,10 @@ def disable(reason: str) -> None:
 
 
 def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    """The CPU's feature flags (x86 "flags", Arm "Features"): a build for one CPU is not reused on another."""
+    from ..env import cpuinfo
+
+    return cpuinfo("flags", "features") or platform.processor()
 
 
 def _compiler() -> str | None:
