@@ -22,28 +22,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from toolkit.moe import cpu_gemv
-from toolkit.moe.costs import _expert_weights, choose_threads, expert_forward, torch_threads
+from toolkit.moe.costs import _expert_weights, _median_ms, choose_threads, expert_forward, torch_threads
+from toolkit.moe.run import round_spread
 from toolkit.results import provenance, save_json
-
-
-def median_ms(fn, reps: int) -> float:
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(out)
-
-
-def spread(values) -> float:
-    """(max - min) / median over rounds."""
-    return (max(values) - min(values)) / statistics.median(values)
 
 
 def main(argv=None) -> int:
@@ -78,13 +64,11 @@ def main(argv=None) -> int:
     out = Path(a.out) / "cpu_gemv.json"
     with torch_threads(threads), torch.inference_mode():
         buf = torch.ones(4 << 30 >> 2, dtype=torch.float32) if not a.quick else torch.ones(1 << 24)
-        buf.sum()
-        result["host_read_gbs"] = buf.numel() * 4 / median_ms(buf.sum, 5) * 1e-6
+        result["host_read_gbs"] = buf.numel() * 4 / _median_ms(buf.sum, 5, 1) * 1e-6
         del buf
         w32 = (gu.float(), dn.float())
         x1 = torch.full((1, a.hidden), 0.1)
-        expert_forward(x1, *w32)
-        ms32 = median_ms(lambda w32=w32: expert_forward(x1, *w32), a.reps)
+        ms32 = _median_ms(lambda w32=w32: expert_forward(x1, *w32), a.reps, 1)
         result["float32_weights"] = {"ms": ms32, "gbs": 2 * nbytes / ms32 * 1e-6}
         del w32
         print(f"host read {result['host_read_gbs']:.1f} GB/s with {threads} threads; float32 weights at 1 token "
@@ -98,13 +82,13 @@ def main(argv=None) -> int:
             rounds = {k: [] for k in sides}
             for _ in range(a.rounds):
                 for k, fn in sides.items():
-                    rounds[k].append(median_ms(fn, a.reps))
+                    rounds[k].append(_median_ms(fn, a.reps, 0))
             ms = {k: statistics.median(v) for k, v in rounds.items()}
             diff = (sides["torch"]().float() - sides["kernel"]().float()).abs().max().item()
             case = {"tokens": n, "torch_ms": ms["torch"], "kernel_ms": ms["kernel"],
                     "torch_gbs": nbytes / ms["torch"] * 1e-6, "kernel_gbs": nbytes / ms["kernel"] * 1e-6,
-                    "speedup": ms["torch"] / ms["kernel"], "torch_spread": spread(rounds["torch"]),
-                    "kernel_spread": spread(rounds["kernel"]), "rounds_ms": rounds, "max_abs_diff": diff}
+                    "speedup": ms["torch"] / ms["kernel"], "torch_spread": round_spread(rounds["torch"])["spread"],
+                    "kernel_spread": round_spread(rounds["kernel"])["spread"], "rounds_ms": rounds, "max_abs_diff": diff}
             result["cases"][str(n)] = case
             print(f"{n:3d} tokens: torch {ms['torch']:6.2f} ms ({case['torch_gbs']:5.1f} GB/s)  kernel "
                   f"{ms['kernel']:6.2f} ms ({case['kernel_gbs']:5.1f} GB/s)  x{case['speedup']:.2f}  spread "

@@ -265,3 +265,24 @@ def test_every_code_path_of_the_kernel_gives_the_same_products(march, tmp_path, 
         ref = reference(x, w)
         tol = ref.float().abs() * 2 ** -7 + (x.float().abs() @ w.float().abs().T) * 2 ** -18
         assert ((out.float() - ref.float()).abs() <= tol).all(), (march, n, k, rows)
+
+
+@needs_kernel
+def test_the_benchmark_compares_both_sides_on_a_small_expert(tmp_path, capsys):
+    import json
+
+    from benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("cpu_gemv")
+    assert bench.main(["--quick", "--tokens", "1,4", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "cpu_gemv.json").read_text())
+    assert set(doc["cases"]) == {"1", "4"} and doc["provenance"]["command"].startswith("cpu_gemv.py --quick")
+    for case in doc["cases"].values():
+        assert case["torch_ms"] > 0 and case["kernel_ms"] > 0 and case["speedup"] == pytest.approx(
+            case["torch_ms"] / case["kernel_ms"])
+        assert len(case["rounds_ms"]["torch"]) == 2 and case["torch_spread"] >= 0
+        assert case["max_abs_diff"] < 0.05
+    assert doc["host_read_gbs"] > 0 and doc["float32_weights"]["gbs"] > 0
+    with pytest.raises(SystemExit) as bad:
+        bench.main(["--tokens", "one", "--quick", "--out", str(tmp_path)])
+    assert bad.value.code == 2 and "--tokens takes comma-separated token counts" in capsys.readouterr().err
