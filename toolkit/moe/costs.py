@@ -948,8 +948,8 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
             cpu_by_dtype[dtype_name(dt)] = row
             del w1, w2
     torch_bf16 = cpu_by_dtype.get("bfloat16")
-    n_kernel = kernel_tokens(tokens, torch_bf16, kernel_ms) if kernel_ms else 0
-    cpu_ms_torch = list(torch_bf16) if kernel_ms else None
+    n_kernel = kernel_tokens(tokens, torch_bf16, kernel_ms)
+    cpu_ms_torch = tuple(torch_bf16) if kernel_ms else None
     on_cpu = list(cpu_by_dtype[dtype_name(dtype)])  # the "GPU" tier of a CPU-only engine: torch in the model dtype
     if n_kernel:
         cpu_by_dtype["bfloat16"] = [kernel_ms[n] if n <= n_kernel else t for n, t in zip(tokens, torch_bf16)]
@@ -1229,7 +1229,7 @@ def calibrate(hidden: int = 4096, intermediate: int = 14336, dtype: torch.dtype 
         expert_bytes=int(m["expert_bytes"]), device=device, cpu_threads=threads, host_bandwidth_gbs=m["host_bw"],
         cpu_ms_by_dtype=m["cpu_by_dtype"], thread_scaling=m["scaling"], key=key, **peer, **m["contention"],
         cpu_kernel_tokens=m["cpu_kernel_tokens"], cpu_ms_kernel=m["cpu_ms_kernel"],
-        cpu_ms_torch=None if m["cpu_ms_torch"] is None else tuple(m["cpu_ms_torch"]),
+        cpu_ms_torch=m["cpu_ms_torch"],
         meta={"repeats": repeats, "env": environment(device, threads)},
     )
     if save:
