@@ -6,7 +6,10 @@ One Mixtral-sized SwiGLU expert (``toolkit.moe.costs.expert_forward``: gate/up
 and with ``toolkit.moe.cpu_gemv.linear`` (the kernel). Rounds alternate the
 two, so a slow spell of the host hits both; per token count the median over
 rounds of each round's median, the rate the weights are read at, the ratio
-(torch / kernel) and each side's spread over rounds. For scale: the host's
+(torch / kernel) and each side's spread over rounds. Each call reads its
+weights from memory, as a decode step's CPU experts do: the calls cycle
+through distinct copies of the expert (``costs.cold_copies``, as the
+calibration does), not one copy that stays partly in the cache. For scale: the host's
 read rate with the same threads (a sum over 4 GiB) and the same expert with
 float32 weights (twice the bytes, torch's matmul), and the largest difference
 between the two results. Saved to OUT/cpu_gemv.json; a ratio below 1 at one
@@ -26,8 +29,17 @@ from pathlib import Path
 
 import torch
 
+from toolkit.env import cache_bytes
 from toolkit.moe import cpu_gemv
-from toolkit.moe.costs import _expert_weights, _median_ms, choose_threads, expert_forward, torch_threads
+from toolkit.moe.costs import (
+    _cold_set,
+    _cycle,
+    _expert_weights,
+    _median_ms,
+    choose_threads,
+    expert_forward,
+    torch_threads,
+)
 from toolkit.moe.run import round_spread
 from toolkit.results import provenance, save_json
 
@@ -56,10 +68,12 @@ def main(argv=None) -> int:
     threads = choose_threads(a.threads)
     gu, dn = _expert_weights(a.hidden, a.intermediate, torch.bfloat16)
     nbytes = (gu.numel() + dn.numel()) * 2
+    cold = _cold_set(gu, dn, torch.bfloat16, cache_bytes())
     result = {"benchmark": "cpu_gemv",
               "provenance": provenance("cpu", " ".join(["cpu_gemv.py", *(argv if argv is not None else sys.argv[1:])])),
               "settings": {"hidden": a.hidden, "intermediate": a.intermediate, "dtype": "bfloat16",
-                           "threads": threads, "rounds": a.rounds, "reps": a.reps, "expert_bytes": nbytes},
+                           "threads": threads, "rounds": a.rounds, "reps": a.reps, "expert_bytes": nbytes,
+                           "cold_copies": len(cold)},
               "cases": {}}
     out = Path(a.out) / "cpu_gemv.json"
     with torch_threads(threads), torch.inference_mode():
@@ -75,8 +89,9 @@ def main(argv=None) -> int:
               f"{ms32:.2f} ms ({2 * nbytes / ms32 * 1e-6:.1f} GB/s)", flush=True)
         for n in tokens:
             x = torch.randn(n, a.hidden, generator=torch.Generator().manual_seed(n)).bfloat16()
-            sides = {"torch": lambda x=x: expert_forward(x, gu, dn),
-                     "kernel": lambda x=x: expert_forward(x, gu, dn, linear=cpu_gemv.linear)}
+            take = _cycle(cold)
+            sides = {"torch": lambda x=x, take=take: expert_forward(x, *take()),
+                     "kernel": lambda x=x, take=take: expert_forward(x, *take(), linear=cpu_gemv.linear)}
             for fn in sides.values():  # warm: first calls page in, build, wake threads
                 fn(), fn()
             rounds = {k: [] for k in sides}
@@ -84,7 +99,8 @@ def main(argv=None) -> int:
                 for k, fn in sides.items():
                     rounds[k].append(_median_ms(fn, a.reps, 0))
             ms = {k: statistics.median(v) for k, v in rounds.items()}
-            diff = (sides["torch"]().float() - sides["kernel"]().float()).abs().max().item()
+            diff = (expert_forward(x, gu, dn).float() - expert_forward(x, gu, dn, linear=cpu_gemv.linear).float()
+                    ).abs().max().item()
             case = {"tokens": n, "torch_ms": ms["torch"], "kernel_ms": ms["kernel"],
                     "torch_gbs": nbytes / ms["torch"] * 1e-6, "kernel_gbs": nbytes / ms["kernel"] * 1e-6,
                     "speedup": ms["torch"] / ms["kernel"], "torch_spread": round_spread(rounds["torch"])["spread"],

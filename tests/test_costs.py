@@ -52,6 +52,23 @@ def test_shared_host_bandwidth_counts_the_cpu_dtype_bytes():
     assert slow_host.decide([1]).tolist() == [True]
 
 
+def test_host_memory_serves_at_the_faster_of_a_plain_read_and_both_paths_at_once():
+    base = {**DEVICE, "copy_ms": 8.0, "cpu_dtype": "float32", "host_bandwidth_gbs": 10.0}
+    assert CostModel(**base).host_read_gbs == 10.0
+    both = CostModel(**base, **CONTENDED, host_paths_gbs=400.0)  # the two paths together read faster
+    assert both.host_read_gbs == 400.0 and both._host_ms(4e8) == pytest.approx(1.0)
+    assert both.decide([1]).tolist() == [False]  # no longer bound by the plain read: the CPU's 7.2 ms wins
+    assert both.without_contention().host_read_gbs == 400.0  # a rate, not a slowdown: decode plans keep it
+    assert CostModel(**base, **CONTENDED, host_paths_gbs=4.0).host_read_gbs == 10.0
+    assert CostModel(**DEVICE).host_read_gbs is None and CostModel(**DEVICE)._host_ms(1e9) == 0.0
+    assert "both read 400.0 GB/s together" in both.summary()
+    d = json.loads(json.dumps(both.to_dict()))
+    assert CostModel.from_dict(d) == both
+    from toolkit.moe.roofline import Ceilings
+
+    assert Ceilings.from_cost_model(both, gpu_gbs=4000.0).host_gbs == 400.0
+
+
 def test_a_second_link_takes_copies_until_host_memory_binds():
     """Two devices copy over their own links at once; the shared host memory still caps them both."""
     cm = CostModel(**DEVICE, host_bandwidth_gbs=147.0)  # two H200s of one host: 2 x 55 GB/s of copies fit
@@ -143,6 +160,46 @@ def test_calibrate_on_cpu_measures_saves_and_reuses(cache_dir, monkeypatch):
         calibrate(32, 64, torch.float32, device="cpu", threads=2)  # another key: measured
 
 
+@pytest.mark.parametrize("nbytes,cache,copies", [
+    (352 << 20, 300 << 20, 4),  # a Mixtral expert under a 300 MiB cache: 4 x 352 MiB >= 4 caches
+    (704 << 20, 300 << 20, 2),  # the same in float32
+    (1 << 30, 32 << 20, 2),  # larger than the cache: still two, so no call follows itself
+    (1 << 10, 32 << 20, costs.COLD_COPIES_MAX),  # tiny weights: capped
+    (352 << 20, None, costs.COLD_COPIES_UNKNOWN),  # the OS does not say
+])
+def test_cold_copies_span_several_caches(nbytes, cache, copies):
+    assert costs.cold_copies(nbytes, cache) == copies
+
+
+def test_calibration_cycles_cpu_experts_through_distinct_copies(cache_dir, monkeypatch):
+    monkeypatch.setattr(costs, "cache_bytes", lambda: 3 * 32 * 64 * 4)  # one float32 expert fills the cache
+    seen = []
+    real = costs.expert_forward
+
+    def spy(x, gate_up, down, **kw):
+        seen.append((gate_up.dtype, gate_up.data_ptr(), down.data_ptr()))
+        return real(x, gate_up, down, **kw)
+
+    monkeypatch.setattr(costs, "expert_forward", spy)
+    cm = calibrate(32, 64, torch.float32, device="cpu", threads=1, tokens=(1, 4), repeats=3, clock=FakeClock())
+    assert cm.meta["cold_copies"] == {"float32": 4, "bfloat16": 8}  # 4 caches' worth of each
+    f32 = [s for s in seen if s[0] == torch.float32]
+    assert len({p for _, p, _ in f32}) == 4 == len({p for _, _, p in f32})
+    for i in range(len(f32) - 4):  # in turn: each copy is read again only after the other three
+        assert f32[i][1] != f32[i + 1][1] and f32[i][1:] == f32[i + 4][1:]
+
+    def boom(*a, **k):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(costs, "_measure", boom)
+    assert calibrate(32, 64, torch.float32, device="cpu", threads=1) == cm  # reused
+    stale = cm.to_dict()  # an entry timed on one copy of the weights, partly from cache: measured again
+    stale["meta"] = {k: v for k, v in stale["meta"].items() if k != "cold_copies"}
+    costs.save_cost_model(CostModel.from_dict(stale))
+    with pytest.raises(AssertionError, match="measured again"):
+        calibrate(32, 64, torch.float32, device="cpu", threads=1)
+
+
 def test_calibrate_real_timings_are_positive(tmp_path):
     cm = calibrate(preset="tiny-mixtral", device="cpu", threads=1, tokens=(1, 16), repeats=2, path=tmp_path / "c.json")
     assert all(t > 0 for t in cm.cpu_ms + cm.gpu_ms) and cm.copy_ms > 0
@@ -202,6 +259,9 @@ def test_calibrate_on_cuda_measures_copies_and_host_bandwidth(tmp_path):
     assert cm.contention_links == 1 and len(cm.cpu_contention) == 2
     assert all(0.9 < r < 10 for r in cm.cpu_contention) and 0.9 < cm.copy_contention < 10
     assert "while copying over 1 link" in cm.summary()
+    # both paths at once read at least what the faster one alone does (a copy: ~55 GB/s on a PCIe 5 link)
+    assert cm.host_paths_gbs > 0.8 * cm.expert_bytes / cm.copy_ms * 1e-6 and cm.host_read_gbs >= cm.host_paths_gbs
+    assert cm.meta["cold_copies"]["bfloat16"] >= 2
     stale = {k: v for k, v in cm.to_dict().items() if "contention" not in k}  # an entry without the contention
     costs.save_cost_model(CostModel.from_dict(stale), tmp_path / "c.json")
     again = calibrate(preset="mixtral-8x7b", device="cuda", tokens=(1, 32), repeats=3, path=tmp_path / "c.json")
@@ -283,6 +343,8 @@ def test_contention_round_trips_and_is_reported():
     (dict(cpu_contention=[1.2, -1.0, 1.2, 1.2]), "finite ratios > 0"),
     (dict(copy_contention=float("inf")), "finite ratios > 0"),
     (dict(contention_links=0), "contention_links must be"),
+    (dict(host_paths_gbs=0.0), "host_paths_gbs must be a rate > 0"),
+    (dict(host_paths_gbs="fast"), "host_paths_gbs must be a rate > 0"),
 ])
 def test_malformed_contention_is_rejected(change, match):
     d = {**json.loads(json.dumps(CostModel(**DEVICE, **CONTENDED).to_dict())), **change}

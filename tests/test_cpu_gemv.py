@@ -286,3 +286,24 @@ def test_the_benchmark_compares_both_sides_on_a_small_expert(tmp_path, capsys):
     with pytest.raises(SystemExit) as bad:
         bench.main(["--tokens", "one", "--quick", "--out", str(tmp_path)])
     assert bad.value.code == 2 and "--tokens takes comma-separated token counts" in capsys.readouterr().err
+
+
+def test_the_host_read_benchmark_times_warm_and_cold_reads(tmp_path, capsys):
+    import json
+
+    from benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("host_read")
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "host_read.json").read_text())
+    assert doc["provenance"]["command"].startswith("host_read.py --quick")
+    assert set(doc["plain_read"]) == {"4", "16"} and all(r["gbs"] > 0 for r in doc["plain_read"].values())
+    sides = {"cpu_torch_warm", "cpu_torch_cold"} | ({"cpu_kernel_warm", "cpu_kernel_cold"} if cpu_gemv.usable() else set())
+    if torch.cuda.is_available():  # the pinned copy, and both paths at once
+        sides |= {"copy_warm", "copy_cold"}
+        assert doc["both_paths"]["gbs"] > 0 and len(doc["both_paths"]["rounds"]) == 2
+    assert set(doc["expert"]) == sides and all(len(r["rounds_ms"]) == 2 for r in doc["expert"].values())
+    assert doc["settings"]["cold_copies"] >= 2 and doc["summary"]["cpu_warm_over_cold"]["torch"] > 0
+    with pytest.raises(SystemExit) as bad:
+        bench.main(["--sizes-mib", "x", "--out", str(tmp_path)])
+    assert bad.value.code == 2 and "--sizes-mib takes comma-separated sizes" in capsys.readouterr().err

@@ -151,3 +151,23 @@ def test_measure_throughput_uses_the_rule():
     r = measure_throughput(Owner("cuda:3"), 4, 2, make_input=lambda b: torch.zeros(b), warmup=1, with_env=False,
                            stamps=FakeStamps)
     assert seen == ["cuda:3", "cuda:3"] and r.device == "cuda:3" and r.samples_per_s == 8.0
+
+
+def _cache_tree(root, entries):
+    for name, level, size in entries:
+        d = root / name
+        d.mkdir(parents=True)
+        (d / "level").write_text(f"{level}\n")
+        (d / "size").write_text(f"{size}\n")
+    return str(root)
+
+
+def test_cache_bytes_reads_the_last_level_from_sysfs(tmp_path):
+    from toolkit.env import cache_bytes
+
+    root = _cache_tree(tmp_path / "cache", [("index0", 1, "48K"), ("index1", 1, "32K"), ("index2", 2, "2048K"),
+                                            ("index3", 3, "307200K")])
+    assert cache_bytes(root) == 300 << 20
+    assert cache_bytes(_cache_tree(tmp_path / "l2", [("index0", 1, "32K"), ("index2", 2, "1M")])) == 1 << 20
+    assert cache_bytes(str(tmp_path / "missing")) is None  # not Linux, or no sysfs
+    assert cache_bytes(_cache_tree(tmp_path / "odd", [("index0", 1, "lots")])) is None

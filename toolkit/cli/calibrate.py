@@ -82,7 +82,9 @@ def run(args) -> int:
     print(f"CPU dtype chosen: {model.cpu_dtype}  (ms at n={list(model.cpu_tokens)}: "
           + ", ".join(f"{k}: {[round(v, 3) for v in vals]}" for k, vals in model.cpu_ms_by_dtype.items()) + ")")
     if model.host_bandwidth_gbs:
-        print(f"host memory read bandwidth: {model.host_bandwidth_gbs:.1f} GB/s ({model.cpu_threads} threads)")
+        both = (f"; CPU experts and copies at once: {model.host_paths_gbs:.1f} GB/s" if model.host_paths_gbs
+                else "")
+        print(f"host memory read bandwidth: {model.host_bandwidth_gbs:.1f} GB/s ({model.cpu_threads} threads){both}")
     if model.thread_scaling:
         print("CPU threads -> ms (one expert, one token): "
               + ", ".join(f"{t}: {ms:.2f}" for t, ms in sorted(model.thread_scaling.items())))

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..env import physical_cores
+from ..env import cache_bytes, physical_cores
 from ..errors import ToolkitError
 from ..results import load_json, save_json
 
@@ -74,6 +74,8 @@ SPLIT_OVERHEAD_MS = 0.05  # a split adds one small host-to-device transfer and a
 SPLIT_MIN_GAIN = (0.25, 0.03)  # the cost model is approximate: split only to save >= 0.25 ms and >= 3%
 LUT_TOKENS = 4096  # per-expert times are tabulated up to this many tokens
 IMPROVE_ROUNDS, IMPROVE_MOVES = 4, 3  # after the greedy: rounds of single moves, of each path's smallest experts
+COLD_SPAN, COLD_COPIES_MAX, COLD_COPIES_UNKNOWN = 4, 16, 4  # a cold timing's distinct weights (``cold_copies``)
+BOTH_PATHS_MS = 50  # copies queued per link (in ms of copying) while the calibration runs both paths at once
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
@@ -271,6 +273,7 @@ class CostModel:
     cpu_contention: tuple[float, ...] | None = None  # CPU expert while every link copies / alone, at cpu_tokens
     copy_contention: float | None = None  # a copy on every link while a CPU expert runs / alone
     contention_links: int = 0  # links that copied during the measurement
+    host_paths_gbs: float | None = None  # GB/s CPU experts and copies over those links read together (None: not measured)
     # CPU experts' linear layers: passes of up to this many tokens take toolkit.moe.cpu_gemv (0: torch's matmul)
     cpu_kernel_tokens: int = 0
     cpu_ms_torch: tuple[float, ...] | None = None  # torch's CPU expert ms at cpu_tokens, where the kernel was timed too
@@ -377,10 +380,18 @@ class CostModel:
         better = np.flatnonzero(self.copy_ms + self.gpu_time(n) < self.cpu_time(n))
         return float(n[better[0]]) if len(better) else float("inf")
 
+    @property
+    def host_read_gbs(self) -> float | None:
+        """How fast host memory serves missed experts: the faster of a plain read by the CPU threads
+        (``host_bandwidth_gbs``) and both paths at once (``host_paths_gbs``); None where neither was measured."""
+        rates = [r for r in (self.host_bandwidth_gbs, self.host_paths_gbs) if r]
+        return max(rates) if rates else None
+
     def _host_ms(self, nbytes: float) -> float:
-        if not self.host_bandwidth_gbs:
+        rate = self.host_read_gbs
+        if not rate:
             return 0.0
-        return nbytes / (self.host_bandwidth_gbs * 1e9) * 1e3
+        return nbytes / (rate * 1e9) * 1e3
 
     @cached_property
     def _lut(self) -> tuple[list[float], list[float], list[float]]:
@@ -670,7 +681,9 @@ class CostModel:
         first, last = (self.cpu_tokens[0], self.cpu_contention[0]), (self.cpu_tokens[-1], self.cpu_contention[-1])
         cpu = f"x{first[1]:.2f} (n={first[0]})" + (f" .. x{last[1]:.2f} (n={last[0]})" if len(self.cpu_tokens) > 1
                                                    else "")
-        return f" | while copying over {links}: CPU expert {cpu}, copy x{self.copy_slowdown:.2f} beside a CPU expert"
+        both = f", both read {self.host_paths_gbs:.1f} GB/s together" if self.host_paths_gbs else ""
+        return f" | while copying over {links}: CPU expert {cpu}, copy x{self.copy_slowdown:.2f} beside a CPU expert" \
+               f"{both}"
 
 
 def _peer_fields(kw: dict) -> dict:
@@ -709,9 +722,15 @@ def _check_points(name: str, tokens, ms) -> None:
         _check_ms(f"{name}_ms", v)
 
 
+def _check_rate(name: str, v) -> None:
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v > 0)):
+        raise ValueError(f"{name} must be a rate > 0 GB/s, got {v!r}")
+
+
 def _check_contention(model: CostModel) -> None:
     """The measured contention: a slowdown > 0 per CPU token count and one for copies, or none of them."""
     cpu, copy = model.cpu_contention, model.copy_contention
+    _check_rate("host_paths_gbs", model.host_paths_gbs)
     if cpu is None and copy is None:
         return
     if cpu is None or copy is None:
@@ -773,14 +792,17 @@ def _read_cache(path: Path) -> dict:
 
 def _cached(file: Path, key: str) -> CostModel | None:
     """The calibration cached under ``key`` in ``file``, or None (no file, no such entry, or an entry that lacks a
-    measurement this version makes: a GPU entry without the contention of its two paths, or a bf16 entry from
-    before the CPU kernel was compared with torch where the kernel runs; those are measured again)."""
+    measurement this version makes: a GPU entry without the contention of its two paths, a bf16 entry from
+    before the CPU kernel was compared with torch where the kernel runs, or an entry whose CPU experts were timed
+    on one copy of the weights, partly from cache (no ``cold_copies`` in its meta); those are measured again)."""
     if not file.exists():
         return None
     models = _read_cache(file)["models"]
     if key not in models:
         return None
     model = CostModel.from_dict(models[key])
+    if "cold_copies" not in model.meta:
+        return None
     if model.cpu_contention is None and model.device.startswith("cuda"):
         return None
     if model.cpu_ms_torch is None and "bfloat16" in model.cpu_ms_by_dtype:
@@ -910,6 +932,38 @@ def _warmups(hidden: int, intermediate: int) -> int:
     return 1 if hidden * intermediate > 1e7 else 3  # a Mixtral-sized expert is steady after one call
 
 
+def cold_copies(nbytes: int, cache: int | None) -> int:
+    """How many distinct copies of ``nbytes`` of weights a timing cycles through, so that each call reads its
+    weights from memory, as a run's experts are, and not from the last-level cache (``cache`` bytes, None where
+    the OS does not say): enough to span ``COLD_SPAN`` caches, at least 2 and at most ``COLD_COPIES_MAX``.
+
+    Timing one Mixtral expert (352 MB) again and again on a host with a 300 MiB cache read it partly from cache:
+    3.19 ms a token against 3.65 ms cycling through 8 copies (``data/gpu/host_read_h200.json``).
+    """
+    if cache is None:
+        return COLD_COPIES_UNKNOWN
+    return max(2, min(COLD_COPIES_MAX, math.ceil(COLD_SPAN * cache / max(1, nbytes))))
+
+
+def _cold_set(gu: torch.Tensor, dn: torch.Tensor, dtype, cache: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Distinct copies of an expert (gate/up, down) in ``dtype``, as many as ``cold_copies`` asks: CPU timings
+    cycle through them."""
+    w1, w2 = gu.to(dtype), dn.to(dtype)
+    k = cold_copies((w1.numel() + w2.numel()) * w1.element_size(), cache)
+    return [(w1, w2)] + [(w1.clone(), w2.clone()) for _ in range(k - 1)]
+
+
+def _cycle(items: list):
+    """A callable returning ``items`` in turn, forever (the least recently used first)."""
+    state = {"i": -1}
+
+    def take():
+        state["i"] = (state["i"] + 1) % len(items)
+        return items[state["i"]]
+
+    return take
+
+
 def _expert_weights(hidden: int, intermediate: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """One expert's random weights, seeded: gate_up [2I, D], down [D, I]."""
     gen = torch.Generator().manual_seed(0)
@@ -927,26 +981,33 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
     cuda = dev.type == "cuda"
     gu, dn = _expert_weights(hidden, intermediate, dtype)
     warm = _warmups(hidden, intermediate)
+    cache = cache_bytes()
+
+    def cold(dt) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return _cold_set(gu, dn, dt, cache)
 
     cpu_by_dtype: dict[str, list[float]] = {}  # torch's matmul
     kernel_ms: dict[int, float] = {}  # tokens -> ms with the CPU kernel (bf16, few tokens)
     kernel = cpu_gemv.usable()
+    copies = {}
     with torch_threads(threads):
         for dt in dict.fromkeys([dtype, torch.float32, torch.bfloat16]):
-            w1, w2 = gu.to(dt), dn.to(dt)
+            weights = cold(dt)
+            copies[dtype_name(dt)] = len(weights)
+            take = _cycle(weights)
             row = []
             for n in tokens:
                 x = torch.full((n, hidden), 0.1, dtype=dt)  # [n, D]
-                fns = {"torch": lambda x=x, w1=w1, w2=w2: expert_forward(x, w1, w2)}
+                fns = {"torch": lambda x=x, take=take: expert_forward(x, *take())}
                 if dt == torch.bfloat16 and kernel and n <= cpu_gemv.MAX_TOKENS:  # both, in turn
-                    fns["kernel"] = lambda x=x, w1=w1, w2=w2: expert_forward(x, w1, w2, linear=cpu_gemv.linear)
+                    fns["kernel"] = lambda x=x, take=take: expert_forward(x, *take(), linear=cpu_gemv.linear)
                 # two more repeats where two are compared: the kernel's use rides on their ratio
                 ms = _alternating_ms(fns, repeats + 2 * (len(fns) - 1), warm, clock)
                 row.append(ms["torch"])
                 if "kernel" in ms:
                     kernel_ms[n] = ms["kernel"]
             cpu_by_dtype[dtype_name(dt)] = row
-            del w1, w2
+            del weights, take
     torch_bf16 = cpu_by_dtype.get("bfloat16")
     n_kernel = kernel_tokens(tokens, torch_bf16, kernel_ms)
     cpu_ms_torch = tuple(torch_bf16) if kernel_ms else None
@@ -958,13 +1019,13 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
 
     scaling = {}
     if thread_counts:
-        w1, w2 = gu.to(DTYPES[cpu_dtype]), dn.to(DTYPES[cpu_dtype])
-        x1 = torch.ones(1, hidden, dtype=w1.dtype)
+        take = _cycle(cold(DTYPES[cpu_dtype]))
+        x1 = torch.ones(1, hidden, dtype=DTYPES[cpu_dtype])
         for t in thread_counts:
             with torch_threads(t):
-                scaling[int(t)] = _median_ms(lambda w1=w1, w2=w2: expert_forward(x1, w1, w2, linear=linear), repeats,
-                                             warm, clock=clock)
-        del w1, w2
+                scaling[int(t)] = _median_ms(lambda: expert_forward(x1, *take(), linear=linear), repeats, warm,
+                                             clock=clock)
+        del take
 
     if cuda:
         sync = torch.cuda.synchronize
@@ -980,8 +1041,8 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
 
         copy_ms = _median_ms(copy, repeats, warm, sync=sync, clock=clock)
         del g1, g2
-        contention = _measure_contention(h1, h2, DTYPES[cpu_dtype], threads, tokens, devices or [device], repeats,
-                                         warm, clock, linear)
+        contention = _measure_contention(gu, dn, DTYPES[cpu_dtype], threads, tokens, devices or [device], repeats,
+                                         warm, clock, linear, cache=cache)
         del h1, h2
     else:  # both tiers on the CPU: the "GPU" is the CPU in the model dtype, a "copy" is a memcpy
         contention = {}  # no copy engine: nothing runs beside the CPU experts
@@ -991,15 +1052,16 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
             copy_ms = _median_ms(lambda: (s1.copy_(gu), s2.copy_(dn)), repeats, warm, clock=clock)
 
     host_bw = None
-    if cuda:  # host memory read bandwidth with the CPU threads, shared by both paths
-        buf = torch.ones(max(64 << 20, 2 * gu.numel() * gu.element_size()) // 4, dtype=torch.float32)
+    if cuda:  # host memory read bandwidth with the CPU threads, shared by both paths; a buffer beyond the cache
+        buf = torch.ones(max(64 << 20, 2 * gu.numel() * gu.element_size(), COLD_SPAN * (cache or 0)) // 4,
+                         dtype=torch.float32)
         with torch_threads(threads):
             ms = _median_ms(lambda: buf.sum(), repeats, 1, clock=clock)
         host_bw = buf.numel() * 4 / (ms * 1e-3) / 1e9
     return dict(cpu_by_dtype=cpu_by_dtype, cpu_dtype=cpu_dtype, gpu_ms=gpu_ms, copy_ms=copy_ms, cpu_kernel_tokens=n_kernel,
                 cpu_ms_torch=cpu_ms_torch, cpu_ms_kernel=tuple(kernel_ms.get(n) for n in tokens) if kernel_ms else None,
                 scaling=scaling, host_bw=host_bw, expert_bytes=(gu.numel() + dn.numel()) * gu.element_size(),
-                contention=contention)
+                contention=contention, cold_copies=copies, cache_bytes=cache)
 
 
 CONTENTION_MAX_QUEUE = 64  # copies queued per link at most while one CPU expert is timed
@@ -1032,8 +1094,9 @@ def cpu_slowdown(cpu_ms, queue, landed, sync, warm: int, repeats: int) -> float:
 
 
 @torch.no_grad()
-def _measure_contention(gu, dn, cpu_dtype, threads, tokens, devices, repeats, warm, clock, linear=F.linear) -> dict:
-    """How CPU experts and pinned copies slow each other, as the engine overlaps them.
+def _measure_contention(gu, dn, cpu_dtype, threads, tokens, devices, repeats, warm, clock, linear=F.linear,
+                        cache: int | None = None) -> dict:
+    """How CPU experts and pinned copies slow each other, as the engine overlaps them, and what they read together.
 
     Host memory feeds both the CPU experts and every link's copies, so each
     runs slower beside the other than alone (on the lent H200 host a CPU
@@ -1045,14 +1108,25 @@ def _measure_contention(gu, dn, cpu_dtype, threads, tokens, devices, repeats, wa
     spell of the machine hits both (a small expert whose copies land as fast
     as they are queued cannot be slowed by them: 1); and one copy on every
     link is timed with CUDA events alone and while CPU experts run until it
-    lands.
-    -> {"cpu_contention": ratios at ``tokens``, "copy_contention": ratio, "contention_links": len(devices)}
+    lands. Last, both paths at once: ``BOTH_PATHS_MS`` of copies queued on every
+    link and one-token CPU experts run until they land; the bytes both read
+    per second (``host_paths_gbs``) can exceed a plain read by the CPU threads
+    alone (126 against 95 GB/s on a lent H200 host, ``host_read_h200.json``).
+    CPU experts and copies cycle through distinct copies of the expert
+    (``cold_copies`` of a ``cache``-byte last-level cache), so every call reads
+    host memory, as in a run.
+    -> {"cpu_contention": ratios at ``tokens``, "copy_contention": ratio, "contention_links": len(devices),
+        "host_paths_gbs": GB/s}
     """
     devs = [torch.device(d) for d in devices]
-    h1, h2 = (t if t.is_pinned() else t.pin_memory() for t in (gu, dn))  # the copies' source
+    sources = [(h if h.is_pinned() else h.pin_memory(), d if d.is_pinned() else d.pin_memory())
+               for h, d in _cold_set(gu, dn, gu.dtype, cache)]  # the copies' sources, pinned
     dst = [(torch.empty_like(gu, device=d), torch.empty_like(dn, device=d)) for d in devs]  # [2I, D], [D, I]
     streams = [torch.cuda.Stream(d) for d in devs]
-    w1, w2 = gu.to(cpu_dtype), dn.to(cpu_dtype)
+    cold = _cold_set(gu, dn, cpu_dtype, cache)
+    take, source = _cycle(cold), _cycle(sources)
+    copy_bytes = (gu.numel() + dn.numel()) * gu.element_size()
+    cpu_bytes = (gu.numel() + dn.numel()) * cold[0][0].element_size()
 
     def sync():
         for d in devs:
@@ -1064,13 +1138,18 @@ def _measure_contention(gu, dn, cpu_dtype, threads, tokens, devices, repeats, wa
         for (g1, g2), stream in zip(dst, streams):
             with torch.cuda.stream(stream):
                 for _ in range(k):
+                    h1, h2 = source()
                     g1.copy_(h1, non_blocking=True)
                     g2.copy_(h2, non_blocking=True)
                 ends.append(torch.cuda.Event())
                 ends[-1].record(stream)
         return ends
 
+    def landed(ends) -> bool:
+        return all(e.query() for e in ends)
+
     def cpu_ms(x) -> float:
+        w1, w2 = take()
         t0 = clock()
         expert_forward(x, w1, w2, linear=linear)
         return (clock() - t0) * 1e3
@@ -1081,6 +1160,7 @@ def _measure_contention(gu, dn, cpu_dtype, threads, tokens, devices, repeats, wa
         for (g1, g2), stream in zip(dst, streams):
             with torch.cuda.stream(stream):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                h1, h2 = source()
                 start.record(stream)
                 g1.copy_(h1, non_blocking=True)
                 g2.copy_(h2, non_blocking=True)
@@ -1091,20 +1171,32 @@ def _measure_contention(gu, dn, cpu_dtype, threads, tokens, devices, repeats, wa
         sync()
         return max(start.elapsed_time(end) for start, end in marks)
 
+    def both_gbs(k: int) -> float:
+        """GB/s read by k copies on every link and the one-token CPU experts run until they land."""
+        sync()
+        t0 = clock()
+        ends, n = queue(k), 0
+        while not landed(ends):
+            expert_forward(x1, *take(), linear=linear)
+            n += 1
+        sync()
+        return (k * len(devs) * copy_bytes + n * cpu_bytes) / (clock() - t0) / 1e9
+
     ratios = []
     with torch_threads(threads):
         for n in tokens:
             x = torch.full((n, gu.shape[1]), 0.1, dtype=cpu_dtype)  # [n, D]
-            ratios.append(cpu_slowdown(lambda x=x: cpu_ms(x), queue, lambda ends: all(e.query() for e in ends),
-                                       sync, warm, repeats))
+            ratios.append(cpu_slowdown(lambda x=x: cpu_ms(x), queue, landed, sync, warm, repeats))
         x1 = torch.full((1, gu.shape[1]), 0.1, dtype=cpu_dtype)  # [1, D]: the most memory-bound CPU expert
         copies_alone, copies_during = [], []
         for _ in range(warm + repeats):
             copies_alone.append(copy_ms())
-            copies_during.append(copy_ms(lambda: expert_forward(x1, w1, w2, linear=linear)))
+            copies_during.append(copy_ms(lambda: expert_forward(x1, *take(), linear=linear)))
+        k = max(2, math.ceil(BOTH_PATHS_MS / max(1e-3, statistics.median(copies_alone))))
+        both = [both_gbs(k) for _ in range(warm + repeats)][warm:]
     return {"cpu_contention": tuple(ratios),
             "copy_contention": statistics.median(copies_during[warm:]) / statistics.median(copies_alone[warm:]),
-            "contention_links": len(devs)}
+            "contention_links": len(devs), "host_paths_gbs": statistics.median(both)}
 
 
 def with_peer_hops(model: CostModel, devices, *, repeats: int = 5, path: str | os.PathLike | None = None,
@@ -1135,8 +1227,9 @@ def with_peer_hops(model: CostModel, devices, *, repeats: int = 5, path: str | o
     contention = {}
     if str(devices[0]).startswith("cuda"):  # the CPU experts now compete with every device's link
         gu, dn = _expert_weights(model.hidden, model.intermediate, dtype)
-        contention = _measure_contention(gu, dn, DTYPES[model.cpu_dtype], model.cpu_threads, model.cpu_tokens,
-                                         devices, repeats, warm, clock, model.cpu_linear)
+        cpu_dtype = DTYPES[model.cpu_dtype]
+        contention = _measure_contention(gu, dn, cpu_dtype, model.cpu_threads, model.cpu_tokens, devices, repeats,
+                                         warm, clock, model.cpu_linear, cache=cache_bytes())
     out = replace(model, peer_tokens=tokens, peer_devices=tuple(devices[1:]),
                   peer_ms=tuple(tuple(row) for row in ms), key=key, **contention)
     if save:
@@ -1230,7 +1323,7 @@ def calibrate(hidden: int = 4096, intermediate: int = 14336, dtype: torch.dtype 
         cpu_ms_by_dtype=m["cpu_by_dtype"], thread_scaling=m["scaling"], key=key, **peer, **m["contention"],
         cpu_kernel_tokens=m["cpu_kernel_tokens"], cpu_ms_kernel=m["cpu_ms_kernel"],
         cpu_ms_torch=m["cpu_ms_torch"],
-        meta={"repeats": repeats, "env": environment(device, threads)},
+        meta={"repeats": repeats, "env": environment(device, threads), "cold_copies": m["cold_copies"]},
     )
     if save:
         save_cost_model(model, file)

@@ -7,9 +7,11 @@ a token, and the dense part:
 - a missed expert from host memory, whichever path serves it: a CPU expert
   streams its weights through the CPU, a copy streams them through the copy
   engine, and both draw on the same DRAM. So together they cannot beat the
-  host's read bandwidth (``host_gbs``, measured with the chosen CPU threads);
-  a pinned copy alone may read faster than the CPU threads do, so the host
-  ceiling is max(host_gbs, h2d_gbs);
+  host's read bandwidth (``host_gbs``: from a calibration, the faster of a
+  plain read by the chosen CPU threads over a buffer beyond the cache and
+  both paths reading at once, ``CostModel.host_read_gbs``); a pinned copy
+  alone may read faster than the CPU threads do, so the host ceiling is
+  max(host_gbs, h2d_gbs);
 - the dense part (attention, norms, routers, LM head) from GPU memory.
 
     bound(pass) = missed bytes / host ceiling + resident bytes / GPU + dense bytes / GPU
@@ -69,11 +71,11 @@ class Ceilings:
     @classmethod
     def from_cost_model(cls, cm, gpu_gbs: float | None = None) -> Ceilings:
         """From a calibration: host bandwidth as measured, H2D from the copy time, GPU from one expert at 1 token."""
-        if not cm.host_bandwidth_gbs:
+        if not cm.host_read_gbs:
             raise ToolkitError("this cost model has no host bandwidth (calibrated without a GPU); pass Ceilings")
         if gpu_gbs is None:  # a 1-token expert is a weight-streaming GEMV: the GPU's practical read rate
             gpu_gbs = cm.expert_bytes / (float(cm.gpu_time([1])[0]) * 1e-3) / 1e9
-        return cls(gpu_gbs=float(gpu_gbs), host_gbs=float(cm.host_bandwidth_gbs),
+        return cls(gpu_gbs=float(gpu_gbs), host_gbs=float(cm.host_read_gbs),
                    h2d_gbs=cm.expert_bytes / (cm.copy_ms * 1e-3) / 1e9, cpu_threads=cm.cpu_threads,
                    source=f"cost model {cm.key}".strip())
 
