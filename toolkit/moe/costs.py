@@ -1076,9 +1076,13 @@ def cpu_slowdown(cpu_ms, queue, landed, sync, warm: int, repeats: int) -> float:
     copies outlasted the CPU expert; otherwise it is taken again with twice
     as many queued. A small expert whose copies land as fast as they are
     queued (``CONTENTION_MAX_QUEUE`` of them) cannot be slowed by them: 1.
+    Each alone sample follows an untimed ``cpu_ms()``, as each contended one
+    follows the alone one: after ``sync()`` the CPU threads have slept, and
+    waking them is not the contention.
     """
     alone, during, k = [], [], 2
     while len(during) < warm + repeats:
+        cpu_ms()  # untimed: wakes the CPU threads, idle while the last copies landed
         alone.append(cpu_ms())
         handle = queue(k)
         ms = cpu_ms()
