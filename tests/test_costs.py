@@ -255,9 +255,12 @@ def test_calibrate_on_cuda_measures_copies_and_host_bandwidth(tmp_path):
     cm = calibrate(preset="mixtral-8x7b", device="cuda", tokens=(1, 32), repeats=3, path=tmp_path / "c.json")
     assert 0.5 < cm.copy_ms < 100 and cm.gpu_ms[0] < cm.cpu_ms[0]
     assert cm.host_bandwidth_gbs and cm.host_bandwidth_gbs > 1
-    # both paths read host memory: a CPU expert is not faster beside copies (within noise), nor 10x slower
+    # both paths read host memory: a CPU expert is not faster beside copies (within noise), nor 10x slower. The
+    # noise: on the 32-core two-H200 host one link's copies leave most of its ~150 GB/s free, so the ratio is ~1,
+    # and medians of three samples there have read below 0.9
     assert cm.contention_links == 1 and len(cm.cpu_contention) == 2
-    assert all(0.9 < r < 10 for r in cm.cpu_contention) and 0.9 < cm.copy_contention < 10
+    assert all(0.75 < r < 10 for r in cm.cpu_contention) and 0.75 < cm.copy_contention < 10, \
+        (cm.cpu_contention, cm.copy_contention)
     assert "while copying over 1 link" in cm.summary()
     # both paths at once read at least what the faster one alone does (a copy: ~55 GB/s on a PCIe 5 link)
     assert cm.host_paths_gbs > 0.8 * cm.expert_bytes / cm.copy_ms * 1e-6 and cm.host_read_gbs >= cm.host_paths_gbs
@@ -478,11 +481,13 @@ def test_a_session_that_gains_a_gpu_measures_the_peer_hop(tmp_path, monkeypatch)
 
 
 def test_cpu_slowdown_samples_alternately_and_queues_more_copies_until_they_outlast_the_expert():
-    """Fakes: the CPU expert takes 4 ms alone and 5 ms beside copies; a copy takes 1 ms, so 2 copies end first."""
-    state = {"copying": False, "queued": []}
+    """Fakes: the CPU expert takes 4 ms alone and 5 ms beside copies, 9 ms when its threads wake from a sync (the
+    untimed call takes that); a copy takes 1 ms, so 2 copies end first."""
+    state = {"copying": False, "queued": [], "asleep": True}
 
     def cpu_ms():
-        return 5.0 if state["copying"] else 4.0
+        woke, state["asleep"] = state["asleep"], False
+        return 9.0 if woke else 5.0 if state["copying"] else 4.0
 
     def queue(k):
         state["copying"] = True
@@ -491,6 +496,7 @@ def test_cpu_slowdown_samples_alternately_and_queues_more_copies_until_they_outl
 
     def sync():
         state["copying"] = False
+        state["asleep"] = True
 
     slowdown = costs.cpu_slowdown(cpu_ms, queue, lambda k: k * 1.0 < 5.0, sync, warm=1, repeats=3)
     assert slowdown == pytest.approx(5.0 / 4.0)
