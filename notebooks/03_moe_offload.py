@@ -62,7 +62,11 @@ print(f"{nb}, preset: {S.moe_preset} with {S.moe_layers} layers")
 # with many tokens (prefill) copying its weights pays off beyond the break-even token count.
 # On a GPU it also times a CPU expert while copies stream in, and a copy beside a CPU expert:
 # both read host memory, so each slows the other (the summary's "while copying" part), and a
-# prefill layer is planned with those slower speeds.
+# prefill layer is planned with those slower speeds. It also runs both at once ("both read ...
+# together"): the two paths together can read host memory faster than the CPU threads alone,
+# and the faster of the two rates is what the plans share between the paths and what the
+# roofline bound counts. Each CPU expert and copy reads a different copy of the weights, so the
+# timings come from memory as in a run, not from a CPU cache that holds part of one expert.
 # A bf16 CPU expert at a few tokens only streams its weights, and torch's matmul does not keep up
 # with memory there; the calibration also times the toolkit's own kernel (`toolkit.moe.cpu_gemv`,
 # compiled on first use) against torch's, in turn, and CPU experts use it up to the token count
