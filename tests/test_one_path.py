@@ -370,3 +370,14 @@ def test_slow_steps_and_an_unsettled_warm_up_warn_next_to_the_number():
     assert any("spread widely" in x for x in spread.warnings)
     text = format_table({**r.to_dict(), "cost_model": None})
     assert text.splitlines()[-2:] == [f"  WARNING: {x}" for x in w]
+
+
+def test_moe_decode_judges_each_phase_against_its_share_of_the_bound(moe_decode_run):
+    _, record, _ = moe_decode_run
+    bench = load_benchmark("moe_decode")
+    for t in record["targets"].values():
+        assert t["decode measured/bound"]["goal"] == pytest.approx(1 / bench.DECODE_OF_BOUND)  # >= 90% of it
+        assert t["prefill measured/bound"]["goal"] == pytest.approx(1 / bench.PREFILL_OF_BOUND)  # >= 85%
+    full = {**record, "settings": {**record["settings"], "full_model": True}}
+    for t in bench.targets(full).values():  # the whole model: 85%
+        assert t["decode measured/bound"]["goal"] == pytest.approx(1 / bench.FULL_MODEL_DECODE_OF_BOUND)
