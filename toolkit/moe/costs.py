@@ -937,8 +937,9 @@ def cold_copies(nbytes: int, cache: int | None) -> int:
     weights from memory, as a run's experts are, and not from the last-level cache (``cache`` bytes, None where
     the OS does not say): enough to span ``COLD_SPAN`` caches, at least 2 and at most ``COLD_COPIES_MAX``.
 
-    Timing one Mixtral expert (352 MB) again and again on a host with a 300 MiB cache read it partly from cache:
-    3.19 ms a token against 3.65 ms cycling through 8 copies (``data/gpu/host_read_h200.json``).
+    Timing one Mixtral expert (352 MB) again and again on hosts with a 300 MiB cache read it partly from cache:
+    the CPU kernel took 3.18 ms a token against 3.36 ms cycling through 4 copies on a one-H200 host, 2.10 against
+    2.82 ms on a two-H200 host (``data/gpu/host_read_h200.json``, ``host_read_h200x2.json``).
     """
     if cache is None:
         return COLD_COPIES_UNKNOWN
@@ -1061,7 +1062,7 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
     return dict(cpu_by_dtype=cpu_by_dtype, cpu_dtype=cpu_dtype, gpu_ms=gpu_ms, copy_ms=copy_ms, cpu_kernel_tokens=n_kernel,
                 cpu_ms_torch=cpu_ms_torch, cpu_ms_kernel=tuple(kernel_ms.get(n) for n in tokens) if kernel_ms else None,
                 scaling=scaling, host_bw=host_bw, expert_bytes=(gu.numel() + dn.numel()) * gu.element_size(),
-                contention=contention, cold_copies=copies, cache_bytes=cache)
+                contention=contention, cold_copies=copies)
 
 
 CONTENTION_MAX_QUEUE = 64  # copies queued per link at most while one CPU expert is timed
