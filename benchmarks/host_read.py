@@ -176,6 +176,7 @@ def main(argv=None) -> int:
             print(f"both paths at once: {s['median']:.1f} GB/s (spread {s['spread']:.0%}); the faster alone "
                   f"{alone:.1f} GB/s", flush=True)
         largest = result["plain_read"][str(max(sizes))]["gbs"]
+        # cpu_warm_over_cold: the warm read rate over the cold one (cold ms / warm ms), per matmul
         result["summary"] = {"plain_read_largest_gbs": largest,
                              "plain_read_median_gbs": statistics.median(r["gbs"] for r in result["plain_read"].values()),
                              "cpu_warm_over_cold": {k: result["expert"][f"cpu_{k}_cold"]["ms"]
