@@ -36,6 +36,7 @@ from toolkit.moe.costs import (
     _cycle,
     _expert_weights,
     _median_ms,
+    _rounds_ms,
     choose_threads,
     expert_forward,
     torch_threads,
@@ -92,12 +93,7 @@ def main(argv=None) -> int:
             take = _cycle(cold)
             sides = {"torch": lambda x=x, take=take: expert_forward(x, *take()),
                      "kernel": lambda x=x, take=take: expert_forward(x, *take(), linear=cpu_gemv.linear)}
-            for fn in sides.values():  # warm: first calls page in, build, wake threads
-                fn(), fn()
-            rounds = {k: [] for k in sides}
-            for _ in range(a.rounds):
-                for k, fn in sides.items():
-                    rounds[k].append(_median_ms(fn, a.reps, 0))
+            rounds = _rounds_ms(sides, a.rounds, a.reps)
             ms = {k: statistics.median(v) for k, v in rounds.items()}
             diff = (expert_forward(x, gu, dn).float() - expert_forward(x, gu, dn, linear=cpu_gemv.linear).float()
                     ).abs().max().item()

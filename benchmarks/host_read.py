@@ -41,26 +41,13 @@ from toolkit.moe.costs import (
     _cold_set,
     _cycle,
     _expert_weights,
-    _median_ms,
+    _rounds_ms,
     choose_threads,
     expert_forward,
     torch_threads,
 )
 from toolkit.moe.run import round_spread
 from toolkit.results import provenance, save_json
-
-
-def _rounds(sides: dict, rounds: int, reps: int, sync=None) -> dict:
-    """name -> callable, timed in turn per round (median of ``reps`` calls) -> name -> per-round ms."""
-    for fn in sides.values():
-        fn(), fn()
-    if sync:
-        sync()
-    out = {k: [] for k in sides}
-    for _ in range(rounds):
-        for k, fn in sides.items():
-            out[k].append(_median_ms(fn, reps, 0, sync=sync))
-    return out
 
 
 def _summary(per_round: list[float], nbytes: int) -> dict:
@@ -118,7 +105,7 @@ def main(argv=None) -> int:
     out = Path(a.out) / "host_read.json"
     with torch_threads(threads), torch.inference_mode():
         bufs = {mib: torch.ones(mib << 20 >> 2) for mib in sizes}
-        rounds = _rounds({mib: b.sum for mib, b in bufs.items()}, a.rounds, a.reps)
+        rounds = _rounds_ms({mib: b.sum for mib, b in bufs.items()}, a.rounds, a.reps)
         for mib in sizes:
             result["plain_read"][f"{mib}"] = r = _summary(rounds[mib], mib << 20)
             print(f"plain read {mib:5d} MiB: {r['gbs']:6.1f} GB/s (spread {r['spread']:.0%})", flush=True)
@@ -138,7 +125,7 @@ def main(argv=None) -> int:
             take = _cycle(cold)
             sides[f"cpu_{name}_warm"] = lambda linear=linear: expert_forward(x, *cold[0], linear=linear)
             sides[f"cpu_{name}_cold"] = lambda linear=linear, take=take: expert_forward(x, *take(), linear=linear)
-        rounds = _rounds(sides, a.rounds, a.reps)
+        rounds = _rounds_ms(sides, a.rounds, a.reps)
         sync = None
         if cuda:
             sync = torch.cuda.synchronize
@@ -150,7 +137,7 @@ def main(argv=None) -> int:
                 g2.copy_(src[1], non_blocking=True)
 
             take_pinned = _cycle(pinned)
-            rounds.update(_rounds({"copy_warm": lambda: copy(pinned[0]), "copy_cold": lambda: copy(take_pinned())},
+            rounds.update(_rounds_ms({"copy_warm": lambda: copy(pinned[0]), "copy_cold": lambda: copy(take_pinned())},
                                   a.rounds, a.reps, sync=sync))
         for k, v in rounds.items():
             result["expert"][k] = r = _summary(v, nbytes)

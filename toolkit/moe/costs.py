@@ -893,6 +893,20 @@ def _median_ms(fn, repeats: int, warmup: int, sync=None, clock=time.perf_counter
     return statistics.median(out)
 
 
+def _rounds_ms(fns: dict, rounds: int, reps: int, sync=None) -> dict:
+    """Each of ``fns`` (name -> callable) timed in turn per round, the median of ``reps`` calls, after two
+    untimed calls of each (page in, build, wake threads) -> name -> per-round ms (the benchmarks' rounds)."""
+    for fn in fns.values():
+        fn(), fn()
+    if sync:
+        sync()
+    out: dict = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            out[k].append(_median_ms(fn, reps, 0, sync=sync))
+    return out
+
+
 def _alternating_ms(fns: dict, repeats: int, warmup: int, clock=time.perf_counter) -> dict:
     """Median ms of each of ``fns`` (name -> callable), timed in turn within every repeat, so that a slow spell of
     the machine hits all of them alike (the comparison is what decides)."""
