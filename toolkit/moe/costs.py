@@ -1056,7 +1056,7 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
 
         copy_ms = _median_ms(copy, repeats, warm, sync=sync, clock=clock)
         del g1, g2
-        contention = _measure_contention(gu, dn, DTYPES[cpu_dtype], threads, tokens, devices or [device], repeats,
+        contention = _measure_contention(h1, h2, DTYPES[cpu_dtype], threads, tokens, devices or [device], repeats,
                                          warm, clock, linear, cache=cache)
         del h1, h2
     else:  # both tiers on the CPU: the "GPU" is the CPU in the model dtype, a "copy" is a memcpy
