@@ -113,12 +113,30 @@ def test_kernel_tokens_is_the_prefix_of_counts_where_the_kernel_won():
     assert kernel_tokens(tokens, torch_ms, {1: 4.5, 8: 7.5}) == 1
     assert kernel_tokens(tokens, torch_ms, {1: 7.5, 8: 5.0}) == 0  # slower at one token: never
     assert kernel_tokens(tokens, torch_ms, {}) == 0
+    # a kernel without a token limit (AMX) that won at every calibrated count takes passes of any size
+    won = {1: 4.5, 8: 5.0, 32: 6.0, 128: 15.0}
+    assert kernel_tokens(tokens, torch_ms, won, any_size=True) == cpu_gemv.ANY_TOKENS
+    assert kernel_tokens(tokens, torch_ms, won) == 128
+    assert kernel_tokens(tokens, torch_ms, {**won, 128: 17.0}, any_size=True) == 32
+    assert kernel_tokens(tokens, torch_ms, {1: 7.5}, any_size=True) == 0
+
+
+def test_a_kernel_for_passes_of_any_size_says_so():
+    from toolkit.moe.costs import kernel_passes
+
+    assert kernel_passes(1) == "passes of up to 1 token" and kernel_passes(8) == "passes of up to 8 tokens"
+    assert kernel_passes(cpu_gemv.ANY_TOKENS) == "passes of any size"
+    cm = kernel_model(cpu_kernel_tokens=cpu_gemv.ANY_TOKENS)
+    assert CostModel.from_dict(cm.to_dict()) == cm
+    assert "toolkit kernel for passes of any size (x1.75 torch's at n=1)" in cm.summary()
+    assert cm.kernel_line() == "toolkit kernel for passes of any size (x1.75 torch's matmul at n=1)"
 
 
 def kernel_model(**kw):
     kw.setdefault("cpu_ms_kernel", (4.0, None))
+    kw.setdefault("cpu_kernel_tokens", 8)
     return CostModel.fixed(cpu=(4.0, 0.0), copy_ms=6.0, cpu_dtype="bfloat16", dtype="bfloat16",
-                           cpu_kernel_tokens=8, cpu_ms_torch=(7.0, 20.0),
+                           cpu_ms_torch=(7.0, 20.0),
                            cpu_ms_by_dtype={"bfloat16": [4.0, 20.0], "float32": [8.0, 60.0]}, **kw)
 
 
@@ -129,7 +147,7 @@ def test_cost_model_keeps_the_kernels_choice_and_its_ablation():
     assert torch_only.cpu_kernel_tokens == 0 and torch_only.cpu_ms == (7.0, 20.0)
     assert torch_only.cpu_ms_by_dtype["bfloat16"] == [7.0, 20.0] and torch_only.cpu_linear is F.linear
     assert CostModel.fixed().without_cpu_kernel() == CostModel.fixed()
-    assert "toolkit kernel up to 8 tokens (x1.75 torch's at n=1)" in cm.summary()
+    assert "toolkit kernel for passes of up to 8 tokens (x1.75 torch's at n=1)" in cm.summary()
     assert "kernel" not in torch_only.summary()
     assert CostModel.fixed(cpu_dtype="float32").cpu_linear is F.linear
 
@@ -153,9 +171,13 @@ def test_calibration_times_the_kernel_against_torch_and_records_both(tmp_path):
     cm = calibrate(hidden=64, intermediate=128, dtype="bfloat16", device="cpu", tokens=(1, 8, 32), repeats=2,
                    path=tmp_path / "costs.json")
     assert cm.cpu_ms_torch is not None and len(cm.cpu_ms_torch) == 3
-    assert cm.cpu_ms_kernel[:2] == tuple(cm.cpu_ms_kernel[:2]) and cm.cpu_ms_kernel[2] is None  # offered at 1 and 8
     assert all(v > 0 for v in cm.cpu_ms_kernel[:2])
-    assert 0 <= cm.cpu_kernel_tokens <= 8  # offered for up to MAX_TOKENS rows: 1 and 8 of these counts
+    if cpu_gemv.amx():  # AMX: offered passes of any size, so timed at every count
+        assert cm.cpu_ms_kernel[2] > 0
+        assert cm.cpu_kernel_tokens in (0, 1, 8, 32, cpu_gemv.ANY_TOKENS)
+    else:  # offered for up to MAX_TOKENS rows: 1 and 8 of these counts
+        assert cm.cpu_ms_kernel[2] is None
+        assert 0 <= cm.cpu_kernel_tokens <= 8
     n = cm.cpu_kernel_tokens
     if n and cm.cpu_dtype == "bfloat16":
         assert cm.cpu_ms[0] < cm.cpu_ms_torch[0]  # where the kernel won, the plan takes its time
@@ -307,3 +329,73 @@ def test_the_host_read_benchmark_times_warm_and_cold_reads(tmp_path, capsys):
     with pytest.raises(SystemExit) as bad:
         bench.main(["--sizes-mib", "x", "--out", str(tmp_path)])
     assert bad.value.code == 2 and "--sizes-mib takes comma-separated sizes" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(cpu_gemv._compiler() is None, reason="needs a C compiler")
+def test_the_amx_blocking_gives_the_same_products_on_emulated_tiles(tmp_path, monkeypatch):
+    """The AMX path's repacking, row blocks, token groups and tails, built over plain-C tiles so any CPU runs
+    it: every shape a pass can take (tokens not a multiple of 16, rows not a multiple of 16 or 32, K over several
+    chunks, more than one pair of token groups: weights copied into tile order, strides)."""
+    monkeypatch.setenv("TOOLKIT_CACHE_DIR", str(tmp_path))
+    built = cpu_gemv._build("native", defines=("TOOLKIT_AMX_EMULATE",))
+    assert not isinstance(built, str), built
+    fn = cpu_gemv._load(built)
+    assert fn.amx  # the emulated tiles always "run"
+    g = torch.Generator().manual_seed(3)
+    for n, k, rows in [(1, 64, 16), (5, 96, 48), (17, 64, 50), (33, 128, 77), (50, 320, 70), (16, 32, 32), (40, 64, 15),
+                       (3, 33, 40)]:  # last two: too few rows for a tile, K not a multiple of 32 -> vector path
+        x, w = torch.randn(n + 2, k, generator=g).bfloat16()[1:n + 1], torch.randn(rows, k, generator=g).bfloat16()
+        ref = reference(x, w)
+        tol = ref.float().abs() * 2 ** -7 + (x.float().abs() @ w.float().abs().T) * 2 ** -18
+        for path in (0, 2):
+            out = torch.full((n, rows), float("nan"), dtype=torch.bfloat16)
+            assert cpu_gemv._call(fn, x, w, out, path) == 0
+            assert ((out.float() - ref.float()).abs() <= tol).all(), (n, k, rows, path)
+    # a slice of rows of a bigger weight (row stride > K) and an output with a row stride, as the engine passes
+    w = torch.randn(96, 64, generator=g).bfloat16()
+    x = torch.randn(20, 64, generator=g).bfloat16()
+    big = torch.zeros(20, 80, dtype=torch.bfloat16)
+    assert cpu_gemv._call(fn, x, w[10:74], big[:, 8:72], 2) == 0
+    ref = reference(x, w[10:74])
+    assert ((big[:, 8:72].float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7 + 1e-3).all()
+    assert (big[:, :8] == 0).all() and (big[:, 72:] == 0).all()
+
+
+@needs_kernel
+def test_the_kernel_offers_passes_by_the_paths_it_has(monkeypatch):
+    lib = cpu_gemv._library()
+    assert cpu_gemv.amx() == lib.amx
+    assert cpu_gemv.offered(cpu_gemv.MAX_TOKENS)
+    assert cpu_gemv.offered(512) == lib.amx
+    assert cpu_gemv.max_tokens() == (None if lib.amx else cpu_gemv.MAX_TOKENS)
+    x, w = torch.randn(6, 64).bfloat16(), torch.randn(32, 64).bfloat16()
+    for path in ("auto", "vector", "amx"):  # where AMX does not run, "amx" is the vector path
+        ref = reference(x, w)
+        got = cpu_gemv.linear(x, w, path=path)
+        assert ((got.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7 + 1e-2).all()
+    with pytest.raises(ValueError, match="path is one of auto, vector, amx"):
+        cpu_gemv.linear(x, w, path="tiles")
+
+
+@needs_kernel
+def test_a_kernel_offered_any_pass_is_timed_at_every_count_and_may_take_them_all(tmp_path, monkeypatch):
+    """Where the kernel has no token limit (AMX), the calibration times it at every count; had it won at all
+    of them, CPU experts take it for passes of any size and the plan extrapolates its times."""
+    from toolkit.moe import costs
+
+    monkeypatch.setattr(cpu_gemv, "max_tokens", lambda: None)
+    monkeypatch.setattr(cpu_gemv, "offered", lambda n: True)
+    seen = {}
+
+    def rigged(fns, repeats, warm, clock):  # the kernel measured faster at every count
+        ms = {name: (1.0 if name == "kernel" else 2.0) for name in fns}
+        seen.setdefault(tuple(fns), 0)
+        seen[tuple(fns)] += 1
+        return ms
+
+    monkeypatch.setattr(costs, "_alternating_ms", rigged)
+    cm = costs.calibrate(hidden=64, intermediate=128, dtype="bfloat16", device="cpu", tokens=(1, 8, 32), repeats=2,
+                         path=tmp_path / "costs.json")
+    assert cm.cpu_ms_kernel == (1.0, 1.0, 1.0) and cm.cpu_kernel_tokens == cpu_gemv.ANY_TOKENS
+    assert cm.cpu_ms == (1.0, 1.0, 1.0) and cm.cpu_linear.tokens == cpu_gemv.ANY_TOKENS
+    assert "passes of any size" in cm.summary()

@@ -653,18 +653,17 @@ class CostModel:
         return None if kernel is None else self.cpu_ms_torch[0] / kernel
 
     def kernel_note(self) -> str:
-        """', toolkit kernel up to 8 tokens (x1.42 torch's at n=1)' where CPU experts use it, else ''."""
+        """', toolkit kernel for passes of up to 8 tokens (x1.42 torch's at n=1)' where CPU experts use it, else ''."""
         gain = self.kernel_gain
         if not self.cpu_kernel_tokens or gain is None:
             return ""
-        return (f", toolkit kernel up to {self.cpu_kernel_tokens} token{'s' if self.cpu_kernel_tokens != 1 else ''} "
-                f"(x{gain:.2f} torch's at n={self.cpu_tokens[0]})")
+        return f", toolkit kernel for {kernel_passes(self.cpu_kernel_tokens)} (x{gain:.2f} torch's at n={self.cpu_tokens[0]})"
 
     def kernel_line(self) -> str:
         """What CPU experts multiply with, for the ``moe`` command: the kernel and its measured gain, or torch's."""
         gain, n = self.kernel_gain, self.cpu_tokens[0]
         if self.cpu_kernel_tokens and gain is not None:
-            return f"toolkit kernel for passes of up to {self.cpu_kernel_tokens} tokens (x{gain:.2f} torch's matmul at n={n})"
+            return f"toolkit kernel for {kernel_passes(self.cpu_kernel_tokens)} (x{gain:.2f} torch's matmul at n={n})"
         if gain is not None:
             return f"torch's matmul (the toolkit kernel, x{gain:.2f} torch's at n={n}, is " \
                    f"{'switched off' if gain > 1 else 'slower here'})"
@@ -770,15 +769,28 @@ def _check_kernel(model: CostModel) -> None:
         _check_ms("cpu_ms_torch", v)
 
 
-def kernel_tokens(tokens, torch_ms, kernel_ms: dict) -> int:
+def kernel_tokens(tokens, torch_ms, kernel_ms: dict, any_size: bool = False) -> int:
     """Up to how many tokens the CPU kernel beats torch: the largest calibrated count n such that at n and at
-    every calibrated count below it the kernel was measured faster (0: never, or not at the first count)."""
+    every calibrated count below it the kernel was measured faster (0: never, or not at the first count).
+
+    ``any_size``: the kernel takes passes of any size (its AMX path); where it won at every calibrated count,
+    beyond the last too (``cpu_gemv.ANY_TOKENS``): both grow linearly there, and the cost model extrapolates
+    the kernel's times, so the passes it plans at the kernel's times are the ones that take it."""
+    from .cpu_gemv import ANY_TOKENS
+
     best = 0
     for n, t in zip(tokens, torch_ms):
         if n not in kernel_ms or not kernel_ms[n] < t:
-            break
+            return best
         best = n
-    return best
+    return ANY_TOKENS if any_size and best else best
+
+
+def kernel_passes(n: int) -> str:
+    """'passes of up to 8 tokens', or 'passes of any size' (``cpu_gemv.ANY_TOKENS``)."""
+    from .cpu_gemv import ANY_TOKENS
+
+    return "passes of any size" if n >= ANY_TOKENS else f"passes of up to {n} token{'s' if n != 1 else ''}"
 
 
 def _read_cache(path: Path) -> dict:
@@ -1014,7 +1026,7 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
             for n in tokens:
                 x = torch.full((n, hidden), 0.1, dtype=dt)  # [n, D]
                 fns = {"torch": lambda x=x, take=take: expert_forward(x, *take())}
-                if dt == torch.bfloat16 and kernel and n <= cpu_gemv.MAX_TOKENS:  # both, in turn
+                if dt == torch.bfloat16 and kernel and cpu_gemv.offered(n):  # both, in turn
                     fns["kernel"] = lambda x=x, take=take: expert_forward(x, *take(), linear=cpu_gemv.linear)
                 # two more repeats where two are compared: the kernel's use rides on their ratio
                 ms = _alternating_ms(fns, repeats + 2 * (len(fns) - 1), warm, clock)
@@ -1024,7 +1036,7 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
             cpu_by_dtype[dtype_name(dt)] = row
             del weights, take
     torch_bf16 = cpu_by_dtype.get("bfloat16")
-    n_kernel = kernel_tokens(tokens, torch_bf16, kernel_ms)
+    n_kernel = kernel_tokens(tokens, torch_bf16, kernel_ms, any_size=cpu_gemv.max_tokens() is None)
     cpu_ms_torch = tuple(torch_bf16) if kernel_ms else None
     on_cpu = list(cpu_by_dtype[dtype_name(dtype)])  # the "GPU" tier of a CPU-only engine: torch in the model dtype
     if n_kernel:

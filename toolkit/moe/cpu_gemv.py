@@ -14,6 +14,16 @@ sharing each load of the activations; without it bf16 widens to float32 (a
 up to four tokens, rows are split over torch's OpenMP threads, and results
 round to bf16 as torch rounds.
 
+Passes of many tokens (a prefill's CPU experts get ~128 each) are
+compute-bound on that path, as in torch's matmul (18.7 ms for 128 tokens on
+the one-H200 host, 19 GB/s). Where the CPU has AMX (Xeon since Sapphire
+Rapids) and Linux grants the tile state, passes of ``AMX_FROM_TOKENS`` or
+more take tile multiplies: one instruction does 16 x 16 x 32 products, so a
+pass of 128 tokens can stream its weights near the read rate too. The
+weights are used as they lie in memory (no repacked copy of an expert);
+only the activations are repacked. Where AMX runs the kernel takes passes of
+any size (``max_tokens``), elsewhere up to ``MAX_TOKENS``.
+
 It is C (``cpu_gemv.c``), compiled on first use with the machine's compiler
 (``$CC`` or ``cc``, ``-O3 -march=native -fopenmp``) into the toolkit cache
 and called through ctypes, which releases the GIL as torch's ops do. Where
@@ -40,7 +50,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-MAX_TOKENS = 16  # rows of x up to which the kernel is offered: each pass over a weight row takes 4 of them
+MAX_TOKENS = 16  # rows of x up to which the vector path is offered: each pass over a weight row takes 4 of them
+AMX_FROM_TOKENS = 5  # passes of this many rows or more take AMX where it runs (the C source's AMX_FROM_TOKENS)
+PATHS = {"auto": 0, "vector": 1, "amx": 2}  # the C entry point's path argument
+ANY_TOKENS = 2 ** 31 - 1  # a kernel token limit that is no limit: passes of any size take the kernel
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
 
 # why the kernel is off in this process (no compiler, a failed build, or disable()), or None
@@ -81,16 +94,17 @@ def _build_dir() -> Path:
     return folder
 
 
-def _build(march: str = "native") -> Path | str:
+def _build(march: str = "native", defines: tuple[str, ...] = ()) -> Path | str:
     """The kernel compiled for ``-march=<march>`` (once per source, compiler, flags and CPU): its path, or why not.
 
-    The engine builds for the machine it runs on ("native"); the tests also build the AVX2 and plain-C paths.
+    The engine builds for the machine it runs on ("native"); the tests also build the AVX2 and plain-C paths,
+    and the AMX blocking over plain-C tiles (``defines=("TOOLKIT_AMX_EMULATE",)``).
     """
     cc = _compiler()
     if cc is None:
         return f"no C compiler ({os.environ.get('CC') or 'cc'} or gcc) on PATH"
     source = SOURCE.read_bytes()
-    flags = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC"]
+    flags = ["-O3", f"-march={march}", *(f"-D{d}" for d in defines), "-fopenmp", "-shared", "-fPIC"]
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
@@ -116,12 +130,16 @@ def _build(march: str = "native") -> Path | str:
 
 
 def _load(path: Path):
-    """The kernel's entry point in a built library, its argument types declared."""
+    """The kernel's entry point in a built library (its path argument last), argument types declared; its
+    ``amx`` attribute says whether that library's AMX path runs in this process."""
     torch.get_num_threads()  # torch's OpenMP runtime is loaded first, so the kernel's threads are torch's
-    fn = ctypes.CDLL(str(path)).toolkit_linear_bf16
+    lib = ctypes.CDLL(str(path))
+    fn = lib.toolkit_linear_bf16_path
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, ctypes.c_int]
+    fn.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
+    lib.toolkit_amx.restype = ctypes.c_int
+    fn.amx = bool(lib.toolkit_amx())
     return fn
 
 
@@ -146,8 +164,30 @@ def usable() -> bool:
     return why_not() is None
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [n, K] @ w[N, K].T -> [n, N], bf16 CPU tensors with unit stride in K; float32 accumulation."""
+def amx() -> bool:
+    """Whether the kernel's AMX path runs here (an AMX CPU, a compiler that builds it, tile state granted)."""
+    return usable() and _library().amx
+
+
+def max_tokens() -> int | None:
+    """The most rows of x a pass may have for the kernel to be offered it: None (any) where AMX runs."""
+    return None if amx() else MAX_TOKENS
+
+
+def offered(n: int) -> bool:
+    """Whether a pass of ``n`` rows is one the kernel is offered for (the calibration times it there)."""
+    limit = max_tokens()
+    return usable() and (limit is None or n <= limit)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, path: str = "auto") -> torch.Tensor:
+    """x [n, K] @ w[N, K].T -> [n, N], bf16 CPU tensors with unit stride in K; float32 accumulation.
+
+    ``path``: "auto" (AMX from ``AMX_FROM_TOKENS`` rows where it runs), "vector" or "amx" (the vector path where
+    AMX does not run), for benchmarks that compare them.
+    """
+    if path not in PATHS:
+        raise ValueError(f"cpu_gemv.linear: path is one of {', '.join(PATHS)}, got {path!r}")
     if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu" or w.device.type != "cpu":
         raise ValueError(f"cpu_gemv.linear takes bf16 CPU tensors, got x {x.dtype} on {x.device}, "
                          f"w {w.dtype} on {w.device}")
@@ -163,16 +203,16 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     n, k = x.shape
     out = torch.empty(n, w.shape[0], dtype=torch.bfloat16)
     if n and w.shape[0]:
-        rc = _call(_library(), x, w, out)
+        rc = _call(_library(), x, w, out, PATHS[path])
         if rc:
-            raise MemoryError(f"cpu_gemv.linear: no memory for a float32 copy of x {tuple(x.shape)}")
+            raise MemoryError(f"cpu_gemv.linear: no memory for a working copy of x {tuple(x.shape)}")
     return out
 
 
-def _call(fn, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> int:
+def _call(fn, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, path: int = 0) -> int:
     """out [n, N] = x [n, K] @ w [N, K].T through an entry point of ``_load``, on torch's thread count."""
     return fn(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), w.data_ptr(), w.shape[0], w.stride(0),
-              out.data_ptr(), out.stride(0), torch.get_num_threads())
+              out.data_ptr(), out.stride(0), torch.get_num_threads(), path)
 
 
 def linear_up_to(tokens: int):
