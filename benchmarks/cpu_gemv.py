@@ -2,9 +2,12 @@
 
 One Mixtral-sized SwiGLU expert (``toolkit.moe.costs.expert_forward``: gate/up
 [2I, D], act, down [D, I]) in bf16 on the CPU threads the engine uses
-(``choose_threads``), at 1, 2, 4, 8 and 16 tokens, with ``F.linear`` (torch)
-and with ``toolkit.moe.cpu_gemv.linear`` (the kernel). Rounds alternate the
-two, so a slow spell of the host hits both; per token count the median over
+(``choose_threads``), at 1 to 128 tokens, with ``F.linear`` (torch)
+and with ``toolkit.moe.cpu_gemv.linear`` (the kernel, as the engine calls
+it); where the CPU has AMX also with each of the kernel's paths forced
+(``vector``: AVX-512 dot products, ``amx``: tile multiplies), which shows
+where its switch between them (``AMX_FROM_TOKENS``) should sit. Rounds
+alternate the sides, so a slow spell of the host hits all; per token count the median over
 rounds of each round's median, the rate the weights are read at, the ratio
 (torch / kernel) and each side's spread over rounds. Each call reads its
 weights from memory, as a decode step's CPU experts do: the calls cycle
@@ -50,7 +53,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="out")
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--intermediate", type=int, default=14336)
-    p.add_argument("--tokens", default="1,2,4,8,16")
+    p.add_argument("--tokens", default="1,2,4,8,16,32,64,128")
+    p.add_argument("--paths", default=None,
+                   help="the kernel's paths timed beside torch, from auto,vector,amx (default: all three where AMX "
+                        "runs, else auto)")
     p.add_argument("--threads", type=int, default=None, help="default: the engine's (physical cores - 1)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--reps", type=int, default=10, help="calls per round and side")
@@ -66,6 +72,9 @@ def main(argv=None) -> int:
         tokens = [int(t) for t in a.tokens.split(",")]
     except ValueError:
         p.error(f"--tokens takes comma-separated token counts, got {a.tokens!r}")
+    paths = (a.paths or ("auto,vector,amx" if cpu_gemv.amx() else "auto")).split(",")
+    if not paths or any(q not in cpu_gemv.PATHS for q in paths):
+        p.error(f"--paths takes comma-separated paths from {', '.join(cpu_gemv.PATHS)}, got {a.paths!r}")
     threads = choose_threads(a.threads)
     gu, dn = _expert_weights(a.hidden, a.intermediate, torch.bfloat16)
     nbytes = (gu.numel() + dn.numel()) * 2
@@ -74,7 +83,8 @@ def main(argv=None) -> int:
               "provenance": provenance("cpu", " ".join(["cpu_gemv.py", *(argv if argv is not None else sys.argv[1:])])),
               "settings": {"hidden": a.hidden, "intermediate": a.intermediate, "dtype": "bfloat16",
                            "threads": threads, "rounds": a.rounds, "reps": a.reps, "expert_bytes": nbytes,
-                           "cold_copies": len(cold)},
+                           "cold_copies": len(cold), "amx": cpu_gemv.amx(), "amx_from_tokens": cpu_gemv.AMX_FROM_TOKENS,
+                           "paths": paths},
               "cases": {}}
     out = Path(a.out) / "cpu_gemv.json"
     with torch_threads(threads), torch.inference_mode():
@@ -91,20 +101,31 @@ def main(argv=None) -> int:
         for n in tokens:
             x = torch.randn(n, a.hidden, generator=torch.Generator().manual_seed(n)).bfloat16()
             take = _cycle(cold)
-            sides = {"torch": lambda x=x, take=take: expert_forward(x, *take()),
-                     "kernel": lambda x=x, take=take: expert_forward(x, *take(), linear=cpu_gemv.linear)}
+            sides = {"torch": lambda x=x, take=take: expert_forward(x, *take())}
+            for q in paths:  # "kernel" is the engine's call (auto); a forced path is named after itself
+                sides["kernel" if q == "auto" else q] = (lambda x=x, take=take, q=q: expert_forward(
+                    x, *take(), linear=lambda x_, w_: cpu_gemv.linear(x_, w_, path=q)))
             rounds = _rounds_ms(sides, a.rounds, a.reps)
             ms = {k: statistics.median(v) for k, v in rounds.items()}
-            diff = (expert_forward(x, gu, dn).float() - expert_forward(x, gu, dn, linear=cpu_gemv.linear).float()
-                    ).abs().max().item()
-            case = {"tokens": n, "torch_ms": ms["torch"], "kernel_ms": ms["kernel"],
-                    "torch_gbs": nbytes / ms["torch"] * 1e-6, "kernel_gbs": nbytes / ms["kernel"] * 1e-6,
-                    "speedup": ms["torch"] / ms["kernel"], "torch_spread": round_spread(rounds["torch"])["spread"],
-                    "kernel_spread": round_spread(rounds["kernel"])["spread"], "rounds_ms": rounds, "max_abs_diff": diff}
+            ref = expert_forward(x, gu, dn).float()
+            case = {"tokens": n, "rounds_ms": rounds}
+            for side in sides:
+                case[f"{side}_ms"] = ms[side]
+                case[f"{side}_gbs"] = nbytes / ms[side] * 1e-6
+                case[f"{side}_spread"] = round_spread(rounds[side])["spread"]
+            for side in sides:
+                if side != "torch":
+                    case["speedup" if side == "kernel" else f"{side}_speedup"] = ms["torch"] / ms[side]
+            for q in paths:
+                side = "kernel" if q == "auto" else q
+                got = expert_forward(x, gu, dn, linear=lambda x_, w_, q=q: cpu_gemv.linear(x_, w_, path=q)).float()
+                case["max_abs_diff" if side == "kernel" else f"{side}_max_abs_diff"] = (got - ref).abs().max().item()
             result["cases"][str(n)] = case
-            print(f"{n:3d} tokens: torch {ms['torch']:6.2f} ms ({case['torch_gbs']:5.1f} GB/s)  kernel "
-                  f"{ms['kernel']:6.2f} ms ({case['kernel_gbs']:5.1f} GB/s)  x{case['speedup']:.2f}  spread "
-                  f"{case['torch_spread']:.0%}/{case['kernel_spread']:.0%}  max diff {diff:.3g}", flush=True)
+            print(f"{n:3d} tokens: " + "  ".join(
+                f"{side} {ms[side]:6.2f} ms ({case[side + '_gbs']:5.1f} GB/s, spread {case[side + '_spread']:.0%})"
+                for side in sides) + "  " + "  ".join(
+                f"{k} x{v:.2f}" for k, v in case.items() if k.endswith("speedup")) +
+                f"  max diff {max(v for k, v in case.items() if k.endswith('max_abs_diff')):.3g}", flush=True)
             save_json(result, out)
     print(f"wrote {out}")
     return 0
