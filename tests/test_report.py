@@ -224,14 +224,14 @@ def write_fake_recordings(gpu_dir):
                "float32_weights": {"gbs": 107.0},
                "cases": {str(n): {"tokens": n, "torch_ms": 7.0, "kernel_ms": 3.5 * n ** 0.5,
                                   "rounds_ms": {"torch": [6.8, 7.0, 7.5], "kernel": [3.4 * n ** 0.5, 3.6 * n ** 0.5]}}
-                         for n in (1, 4, 16)}}, gpu_dir / "cpu_gemv_h200.json")
+                         for n in (1, 4, 16)}}, gpu_dir / "cpu_gemv_h200_amx.json")
     return gpu_dir
 
 
 def test_cpu_kernel_recording_gives_each_sides_read_rate_and_the_references(tmp_path):
     import json
 
-    doc = json.loads((write_fake_recordings(tmp_path / "gpu") / "cpu_gemv_h200.json").read_text())
+    doc = json.loads((write_fake_recordings(tmp_path / "gpu") / "cpu_gemv_h200_amx.json").read_text())
     frame = recorded.recorded_cpu_gemv(doc)
     assert len(frame) == 6 and set(frame["side"]) == {"torch's matmul", "toolkit kernel"}
     one = frame[(frame["tokens"] == 1) & (frame["side"] == "toolkit kernel")].iloc[0]
@@ -239,6 +239,13 @@ def test_cpu_kernel_recording_gives_each_sides_read_rate_and_the_references(tmp_
     assert frame.attrs["host_read_gbs"] == 90.0 and frame.attrs["float32_gbs"] == 107.0
     assert frame.attrs["threads"] == 15 and frame.attrs["expert_mb"] == pytest.approx(352.0)
     assert not len(recorded.recorded_cpu_gemv({"provenance": {}, "cases": {}}))
+    # a run that also forced each of the kernel's paths draws them as sides of their own
+    doc["cases"]["16"].update(vector_ms=9.8, amx_ms=4.4, rounds_ms={**doc["cases"]["16"]["rounds_ms"], "amx": [4.3, 4.6]})
+    paths = recorded.recorded_cpu_gemv(doc)
+    assert set(paths["side"]) == {"torch's matmul", "toolkit kernel", "kernel, vector path only",
+                                  "kernel, AMX tiles only"}
+    amx = paths[paths["side"] == "kernel, AMX tiles only"].iloc[0]
+    assert amx["tokens"] == 16 and amx["gbs"] == pytest.approx(352e6 / 4.4 * 1e-6) and amx["gbs_low"] < amx["gbs"]
 
 
 def test_multi_gpu_recording_judges_decode_and_prefill_apart(tmp_path):
@@ -257,7 +264,7 @@ def test_multi_gpu_recording_judges_decode_and_prefill_apart(tmp_path):
 
 def test_recorded_readers_rebuild_frames_from_the_benchmark_files(tmp_path):
     rec = recorded.recorded_results(write_fake_recordings(tmp_path))
-    assert sorted(rec) == ["batch_search", "cpu_gemv_h200", "moe_decode", "moe_decode_h200", "moe_decode_h200_full",
+    assert sorted(rec) == ["batch_search", "cpu_gemv_h200_amx", "moe_decode", "moe_decode_h200", "moe_decode_h200_full",
                            "moe_engine", "moe_multi_gpu", "profile_cases", "timer_agreement"]
     audit = recorded.recorded_pitfalls(rec["timer_agreement"])
     assert audit.attrs["correct"].median_ms == 2.0 and list(audit["pitfall"])[0] == "copy_in_timed_region"
@@ -373,7 +380,7 @@ def test_readers_parse_the_shipped_recordings():
                recorded.recorded_throughput_cases: "batch_search",
                recorded.recorded_moe_sweep: "moe_engine", recorded.recorded_decode_samples:
                "moe_engine", recorded.recorded_timeline: "profile_cases", recorded.recorded_moe_schemes: "moe_decode",
-               recorded.recorded_moe_decode_sweep: "moe_decode", recorded.recorded_cpu_gemv: "cpu_gemv_h200"}
+               recorded.recorded_moe_decode_sweep: "moe_decode", recorded.recorded_cpu_gemv: "cpu_gemv_h200_amx"}
     assert set(sources) == set(READERS)
     for reader, name in sources.items():
         assert len(reader(rec[name])) > 0, reader.__name__

@@ -162,9 +162,8 @@ def _cpu_kernel(doc):
     if not len(frame):
         return None
     a = frame.attrs
-    return plots.cpu_kernel_rates(frame, title=f"One CPU expert ({a['expert_mb']:.0f} MB, bf16) at a few tokens: "
-                                               f"torch's matmul against the toolkit's kernel, {a['threads']} "
-                                               f"threads\nmedian of alternating rounds (bars: their range) · "
+    return plots.cpu_kernel_rates(frame, title=f"One CPU expert ({a['expert_mb']:.0f} MB, bf16), {a['threads']} threads\n"
+                                               f"median of alternating rounds (bars: their range)\n"
                                                f"{recorded_where(doc)}")
 
 
@@ -258,10 +257,10 @@ PAPER_FIGURES = [
     PaperFigure("gpu_moe_multi_gpu_prefill", "gpu/moe_multi_gpu.json", functools.partial(_multi_gpu, measure="prefill"),
                 "512-token prefill time on one GPU or two at the same per-GPU budget (lower is better), with each "
                 "run's roofline bound; a run whose prefill rounds disagree is excluded and named."),
-    PaperFigure("gpu_cpu_kernel", "gpu/cpu_gemv_h200.json", _cpu_kernel,
+    PaperFigure("gpu_cpu_kernel", "gpu/cpu_gemv_h200_amx.json", _cpu_kernel,
                 "The rate one CPU expert reads its bf16 weights at, by tokens in the pass: torch's matmul and the "
-                "toolkit's kernel (which the calibration picks where it is faster), against the host's read rate "
-                "and the same expert with float32 weights."),
+                "toolkit's kernel (which the calibration picks where it is faster), also with its vector and AMX "
+                "paths each forced, against the host's read rate and the same expert with float32 weights."),
     PaperFigure("gpu_moe_decode_sweep", "gpu/moe_decode.json", _decode_sweep,
                 "Our engine over GPU expert budgets (Mixtral-8x7B layers, replayed Mixtral routing): decode tokens/s,"
                 " prefill time and decode hit rate."),

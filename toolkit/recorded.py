@@ -446,12 +446,15 @@ def recorded_moe_decode_sweep(doc: dict | None, routing: str = "trace") -> pd.Da
     return frame
 
 
-CPU_KERNEL_SIDES = {"torch": "torch's matmul", "kernel": "toolkit kernel"}
+# benchmarks/cpu_gemv.py's sides: torch, the kernel as the engine calls it, and each of its paths forced
+CPU_KERNEL_SIDES = {"torch": "torch's matmul", "kernel": "toolkit kernel", "vector": "kernel, vector path only",
+                    "amx": "kernel, AMX tiles only"}
 
 
 def recorded_cpu_gemv(doc: dict | None) -> pd.DataFrame:
     """One CPU expert's weight read rate against its token count, torch's matmul and the toolkit's kernel
-    (``benchmarks/cpu_gemv.py``): one row per (tokens, side).
+    (``benchmarks/cpu_gemv.py``; where it timed them, also the kernel's vector and AMX paths each forced): one
+    row per (tokens, side).
 
     Columns ``tokens``, ``side`` (the labels of ``CPU_KERNEL_SIDES``), ``gbs`` (the expert's bytes over the
     median ms), ``gbs_low``/``gbs_high`` (over the slowest and fastest round) and ``ms``. ``attrs``:
