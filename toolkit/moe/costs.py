@@ -6,11 +6,13 @@ and 16 CPU threads. Here every number is measured on the machine that runs:
 - CPU time of one expert vs its token count n, in bf16 and float32 (the faster
   dtype is used for CPU experts); fitted as a + b*n for reporting, evaluated
   by piecewise-linear interpolation of the measured points because the real
-  curve is flat (memory bound) up to ~32 tokens and then linear. In bf16, up
-  to ``cpu_gemv.MAX_TOKENS`` tokens, torch's matmul and the toolkit's kernel
-  (``toolkit.moe.cpu_gemv``) are timed in turn; CPU experts use the kernel up
-  to the largest count where it won (``cpu_kernel_tokens``), and the model
-  takes the faster time there;
+  curve is flat (memory bound) up to ~32 tokens and then linear. In bf16, at
+  every count the toolkit's kernel (``toolkit.moe.cpu_gemv``) is offered
+  (up to ``cpu_gemv.MAX_TOKENS`` tokens, all of them where its AMX path
+  runs), torch's matmul and the kernel are timed in turn; CPU experts use the
+  kernel up to the largest count where it won (``cpu_kernel_tokens``; passes
+  of any size where it won at every count and has no token limit), and the
+  model takes the faster time there;
 - GPU time of one expert vs n (same treatment);
 - the host-to-device copy of one expert's weights from pinned memory;
 - host memory read bandwidth, which CPU experts and pinned copies share;

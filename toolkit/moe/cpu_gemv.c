@@ -293,7 +293,8 @@ static void amx_store(int tile, float *c, const int64_t r0, int64_t t0, int64_t 
  * tiles of x are prefetched into L1 (tile registers are not renamed: a load waits for the multiply before it).
  * On the one-H200 host this took a Mixtral expert at 128 tokens from 12.3 to 10.6 ms against one pass over K
  * per token-group pair. Copying each chunk into tile order first (an expert's rows lie a power of two apart,
- * so a tile's 16 rows share one L1 set) was no faster: 12.7 ms with the next chunk prefetched, 14.7 without. */
+ * so a tile's 16 rows share one L1 set) was no faster: 12.7 ms with the next chunk prefetched, 14.7 without,
+ * 12.1 without the copy in the same probe (data/gpu/amx_probes_h200.json). */
 #define KCHUNK 8
 
 /* The rows [0, 16 * (N / 16)) by tiles; needs K a multiple of 32. -1 when a working buffer cannot be allocated. */
