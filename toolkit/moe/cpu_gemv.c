@@ -203,8 +203,8 @@ static int linear_vec(const uint16_t *x, int64_t n, int64_t K, int64_t ldx, cons
  * One TDPBF16PS multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 float32 sums, 16 times the work
  * of a vector instruction. On the one-H200 host (16-core Xeon) a Mixtral expert at 8 or 16 tokens streams
  * near the read rate (3.3-4.2 ms, where the vector path takes 5.3 and 9.3), but from 32 tokens the time
- * grows again (10.6 ms at 128, torch's matmul 12.6): the tile loads wait for the multiplies before them, far
- * from the units' peak. The weights are tile A as they lie (16 rows of 32 bf16, row stride ldw: no repacking of the expert); the
+ * grows again (10.6 ms at 128, torch's matmul 12.6), far from the units' peak; blockings that copy the weights
+ * into tile order were no faster (data/gpu/amx_probes_h200.json, benchmarks/PERF_NOTES.md). The weights are tile A as they lie (16 rows of 32 bf16, row stride ldw: no repacking of the expert); the
  * activations, small, are repacked once per call into tile B's pair-interleaved layout (for each pair of k,
  * 16 tokens x 2 bf16), zero-padded to 16 tokens. Each thread takes a contiguous run of 16-row blocks and
  * keeps two blocks x two token groups in four accumulator tiles. Rows beyond the last whole block of 16
