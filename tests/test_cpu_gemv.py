@@ -399,3 +399,18 @@ def test_a_kernel_offered_any_pass_is_timed_at_every_count_and_may_take_them_all
     assert cm.cpu_ms_kernel == (1.0, 1.0, 1.0) and cm.cpu_kernel_tokens == cpu_gemv.ANY_TOKENS
     assert cm.cpu_ms == (1.0, 1.0, 1.0) and cm.cpu_linear.tokens == cpu_gemv.ANY_TOKENS
     assert "passes of any size" in cm.summary()
+
+    def boom(*a, **k):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(costs, "_measure", boom)
+    again = dict(hidden=64, intermediate=128, dtype="bfloat16", device="cpu", tokens=(1, 8, 32), repeats=2,
+                 path=tmp_path / "costs.json")
+    assert costs.calibrate(**again) == cm  # cached
+    # an entry from where the kernel was offered up to 16 tokens only: measured again where it is offered more
+    old = {**cm.to_dict(), "cpu_ms_kernel": [1.0, 1.0, None], "cpu_kernel_tokens": 8}
+    costs.save_cost_model(CostModel.from_dict(old), tmp_path / "costs.json")
+    with pytest.raises(AssertionError, match="measured again"):
+        costs.calibrate(**again)
+    monkeypatch.setattr(cpu_gemv, "offered", lambda n: n <= cpu_gemv.MAX_TOKENS)  # no AMX: nothing more to time
+    assert costs.calibrate(**again).cpu_kernel_tokens == 8

@@ -807,8 +807,10 @@ def _read_cache(path: Path) -> dict:
 def _cached(file: Path, key: str) -> CostModel | None:
     """The calibration cached under ``key`` in ``file``, or None (no file, no such entry, or an entry that lacks a
     measurement this version makes: a GPU entry without the contention of its two paths, a bf16 entry from
-    before the CPU kernel was compared with torch where the kernel runs, or an entry whose CPU experts were timed
-    on one copy of the weights, partly from cache (no ``cold_copies`` in its meta); those are measured again)."""
+    before the CPU kernel was compared with torch where the kernel runs, or whose kernel was not timed at a
+    count it is offered now (a machine whose AMX path takes passes of any size), or an entry whose CPU experts
+    were timed on one copy of the weights, partly from cache (no ``cold_copies`` in its meta); those are
+    measured again)."""
     if not file.exists():
         return None
     models = _read_cache(file)["models"]
@@ -819,10 +821,13 @@ def _cached(file: Path, key: str) -> CostModel | None:
         return None
     if model.cpu_contention is None and model.device.startswith("cuda"):
         return None
-    if model.cpu_ms_torch is None and "bfloat16" in model.cpu_ms_by_dtype:
+    if "bfloat16" in model.cpu_ms_by_dtype:
         from . import cpu_gemv
 
-        if cpu_gemv.usable():
+        if model.cpu_ms_torch is None and cpu_gemv.usable():
+            return None
+        untimed = [n for n, v in zip(model.cpu_tokens, model.cpu_ms_kernel or ()) if v is None]
+        if untimed and any(cpu_gemv.offered(n) for n in untimed):
             return None
     return model
 
