@@ -201,14 +201,15 @@ static int linear_vec(const uint16_t *x, int64_t n, int64_t K, int64_t ldx, cons
 /* ---- AMX: tile matrix multiplies for passes of many tokens (Xeon since Sapphire Rapids) ----
  *
  * One TDPBF16PS multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 float32 sums, 16 times the work
- * of a vector instruction. On the one-H200 host (16-core Xeon) a Mixtral expert at 8 or 16 tokens streams
- * near the read rate (3.3-4.2 ms, where the vector path takes 5.3 and 9.3), but from 32 tokens the time
- * grows again (10.6 ms at 128, torch's matmul 12.6), far from the units' peak; blockings that copy the weights
- * into tile order were no faster (data/gpu/amx_probes_h200.json, benchmarks/PERF_NOTES.md). The weights are tile A as they lie (16 rows of 32 bf16, row stride ldw: no repacking of the expert); the
- * activations, small, are repacked once per call into tile B's pair-interleaved layout (for each pair of k,
- * 16 tokens x 2 bf16), zero-padded to 16 tokens. Each thread takes a contiguous run of 16-row blocks and
- * keeps two blocks x two token groups in four accumulator tiles. Rows beyond the last whole block of 16
- * take the vector path.
+ * of a vector instruction. The weights are tile A as they lie (16 rows of 32 bf16, row stride ldw: no
+ * repacked copy of the expert); the activations, small, are repacked once per call into tile B's
+ * pair-interleaved layout (for each pair of k, 16 tokens x 2 bf16), zero-padded to 16 tokens. Each thread
+ * takes a contiguous run of 16-row blocks and keeps two blocks x two token groups in four accumulator tiles.
+ * Rows beyond the last whole block of 16 take the vector path.
+ * On the one-H200 host (16-core Xeon) a Mixtral expert at 8 or 16 tokens streams near the read rate (3.3-4.2
+ * ms, where the vector path takes 5.3 and 9.3); from 32 tokens the time grows again (10.6 ms at 128, torch's
+ * matmul 12.6), far from the tile units' peak, and blockings that copy the weights into tile order were no
+ * faster (data/gpu/amx_probes_h200.json, benchmarks/PERF_NOTES.md).
  * The kernel asks Linux for the tile state once per process (arch_prctl); refused, it keeps the vector path.
  * TOOLKIT_AMX_EMULATE builds the same blocking over plain-C tiles, so the tests check its indexing on any CPU. */
 #if defined(TOOLKIT_AMX_EMULATE)
@@ -276,7 +277,7 @@ static int amx_ready(void) {
 
 #ifdef HAVE_AMX
 /* tiles 0-3: sums for (row block a, token group b) = 2a + b; 4-5: weights of row blocks 0, 1; 6-7: tokens */
-static void amx_store(int tile, float *c, const int64_t r0, int64_t t0, int64_t n, uint16_t *y, int64_t ldy) {
+static void amx_store(int tile, float *c, int64_t r0, int64_t t0, int64_t n, uint16_t *y, int64_t ldy) {
     switch (tile) { /* the tile number must be a constant */
     case 0: TILE_STORE(0, c, 64); break;
     case 1: TILE_STORE(1, c, 64); break;
@@ -290,17 +291,16 @@ static void amx_store(int tile, float *c, const int64_t r0, int64_t t0, int64_t 
 
 /* K in chunks of KCHUNK tile columns: a row-block pair's chunk (32 rows x KCHUNK x 64 bytes) is used by every
  * token group before the next chunk; sums wait in a per-thread float32 buffer between chunks, and the next
- * tiles of x are prefetched into L1 (tile registers are not renamed: a load waits for the multiply before it).
- * On the one-H200 host this took a Mixtral expert at 128 tokens from 12.3 to 10.6 ms against one pass over K
- * per token-group pair. Copying each chunk into tile order first (an expert's rows lie a power of two apart,
- * so a tile's 16 rows share one L1 set) was no faster: 12.7 ms with the next chunk prefetched, 14.7 without,
- * 12.1 without the copy in the same probe (data/gpu/amx_probes_h200.json). */
+ * tiles of x are prefetched into L1. On the one-H200 host this took a Mixtral expert at 128 tokens from 12.3
+ * to 10.6 ms against one pass over K per token-group pair. Copying each chunk into tile order first (an
+ * expert's rows lie a power of two apart, so a tile's 16 rows share one L1 set) was no faster: 12.7 ms with
+ * the next chunk prefetched, 14.7 without, 12.1 without the copy in the same probe. */
 #define KCHUNK 8
 
 /* The rows [0, 16 * (N / 16)) by tiles; needs K a multiple of 32. -1 when a working buffer cannot be allocated. */
 static int linear_amx(const uint16_t *x, int64_t n, int64_t K, int64_t ldx, const uint16_t *w, int64_t N,
                       int64_t ldw, uint16_t *y, int64_t ldy, int threads) {
-    const int64_t kbs = K / 32, groups = (n + 15) / 16, blocks = N / 16; /* more than one token-group pair passes over each chunk of weights */
+    const int64_t kbs = K / 32, groups = (n + 15) / 16, blocks = N / 16;
     /* xp[(g * kbs + kb) * 512 + j * 32 + 2 t + p] = x[16 g + t][32 kb + 2 j + p]: one 1 KB tile per (g, kb) */
     uint16_t *xp = (uint16_t *)aligned_alloc(64, (size_t)(groups * kbs * 1024 > 0 ? groups * kbs * 1024 : 64));
     if (!xp) return -1;
