@@ -70,9 +70,9 @@ print(f"{nb}, preset: {S.moe_preset} with {S.moe_layers} layers")
 # A bf16 CPU expert at a few tokens only streams its weights, and torch's matmul does not keep up
 # with memory there; the calibration also times the toolkit's own kernel (`toolkit.moe.cpu_gemv`,
 # compiled on first use; AMX tiles for passes of 5 tokens and more on Xeons that have them)
-# against torch's, in turn, and CPU experts use it up to the token count where it won (the
-# summary's "toolkit kernel" part: "passes of up to N tokens", or "of any size"; absent where
-# torch's was faster).
+# against torch's, in turn, and CPU experts use it up to the token count where it won, or on
+# to where the two times cross (the summary's "toolkit kernel" part: "passes of up to N
+# tokens", or "of any size"; absent where torch's was faster).
 # A tiny Mixtral-shaped model replays the routing of a synthetic Mixtral-8x7B trace, so it sees
 # Mixtral's expert popularity and locality. `moe_settings(S, device)` are the report's settings.
 

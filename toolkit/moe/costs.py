@@ -10,7 +10,8 @@ and 16 CPU threads. Here every number is measured on the machine that runs:
   every count the toolkit's kernel (``toolkit.moe.cpu_gemv``) is offered
   (up to ``cpu_gemv.MAX_TOKENS`` tokens, all of them where its AMX path
   runs), torch's matmul and the kernel are timed in turn; CPU experts use the
-  kernel up to the largest count where it won (``cpu_kernel_tokens``; passes
+  kernel up to the largest count where it won, or on to where the two
+  times cross when it lost at the next count (``cpu_kernel_tokens``; passes
   of any size where it won at every count and has no token limit), and the
   model takes the faster time there;
 - GPU time of one expert vs n (same treatment);
@@ -774,17 +775,25 @@ def _check_kernel(model: CostModel) -> None:
 def kernel_tokens(tokens, torch_ms, kernel_ms: dict, any_size: bool = False) -> int:
     """Up to how many tokens the CPU kernel beats torch: the largest calibrated count n such that at n and at
     every calibrated count below it the kernel was measured faster (0: never, or not at the first count).
+    Where it was timed at the next count too and lost there, up to where the two times cross between the
+    two counts, each taken linear in between as the cost model takes them (a kernel that won by 2.2 ms at 32
+    tokens and lost by 0.15 at 128 takes passes of up to 121).
 
     ``any_size``: the kernel takes passes of any size (its AMX path); where it won at every calibrated count,
     beyond the last too (``cpu_gemv.ANY_TOKENS``): both grow linearly there, and the cost model extrapolates
     the kernel's times, so the passes it plans at the kernel's times are the ones that take it."""
     from .cpu_gemv import ANY_TOKENS
 
-    best = 0
+    best, lead = 0, 0.0  # the last count the kernel won and by how many ms
     for n, t in zip(tokens, torch_ms):
-        if n not in kernel_ms or not kernel_ms[n] < t:
+        if n not in kernel_ms or kernel_ms[n] is None:
             return best
-        best = n
+        if not kernel_ms[n] < t:
+            if not best:
+                return 0
+            behind = kernel_ms[n] - t  # >= 0 here, lead > 0: the lines cross in [best, n)
+            return best + int((n - best) * lead / (lead + behind)) if lead + behind > 0 else best
+        best, lead = n, t - kernel_ms[n]
     return ANY_TOKENS if any_size and best else best
 
 
