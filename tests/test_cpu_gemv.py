@@ -417,3 +417,12 @@ def test_a_kernel_offered_any_pass_is_timed_at_every_count_and_may_take_them_all
         costs.calibrate(**again)
     monkeypatch.setattr(cpu_gemv, "offered", lambda n: n <= cpu_gemv.MAX_TOKENS)  # no AMX: nothing more to time
     assert costs.calibrate(**again).cpu_kernel_tokens == 8
+
+
+def test_the_python_side_knows_the_c_sides_amx_threshold_and_paths():
+    import re
+
+    source = cpu_gemv.SOURCE.read_text()
+    assert int(re.search(r"#define AMX_FROM_TOKENS (\d+)", source).group(1)) == cpu_gemv.AMX_FROM_TOKENS
+    assert "path: 0 the machine's best" in source and "1 the vector path, 2 AMX" in source
+    assert cpu_gemv.PATHS == {"auto": 0, "vector": 1, "amx": 2}

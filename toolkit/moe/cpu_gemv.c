@@ -431,8 +431,3 @@ int toolkit_linear_bf16_path(const uint16_t *x, int64_t n, int64_t K, int64_t ld
 #endif
     return linear_vec(x, n, K, ldx, w, N, ldw, y, ldy, threads);
 }
-
-int toolkit_linear_bf16(const uint16_t *x, int64_t n, int64_t K, int64_t ldx, const uint16_t *w, int64_t N,
-                        int64_t ldw, uint16_t *y, int64_t ldy, int threads) {
-    return toolkit_linear_bf16_path(x, n, K, ldx, w, N, ldw, y, ldy, threads, 0);
-}
