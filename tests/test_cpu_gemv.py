@@ -18,6 +18,12 @@ def reference(x, w):
     return (x.float() @ w.float().T).to(torch.bfloat16)
 
 
+def tolerance(x, w, ref):
+    """How far the kernel may be from ``reference``: summation order differs, so one bf16 unit in the last place,
+    plus float32 rounding of the terms' magnitude."""
+    return ref.float().abs() * 2 ** -7 + (x.float().abs() @ w.float().abs().T) * 2 ** -18
+
+
 @needs_kernel
 @pytest.mark.parametrize("n,k,rows", [(1, 4096, 300), (2, 64, 7), (3, 4100, 37), (4, 33, 5), (5, 96, 17),
                                       (16, 300, 99), (1, 7, 3)])
@@ -28,8 +34,7 @@ def test_kernel_equals_float32_products_rounded_to_bf16(n, k, rows):
     got = cpu_gemv.linear(x, w)
     ref = reference(x, w)
     assert got.dtype == torch.bfloat16 and got.shape == (n, rows)
-    # summation order differs: one bf16 unit in the last place, plus float32 rounding of the terms' magnitude
-    tol = ref.float().abs() * 2 ** -7 + (x.float().abs() @ w.float().abs().T) * 2 ** -18
+    tol = tolerance(x, w, ref)
     assert ((got.float() - ref.float()).abs() <= tol).all()
     assert (got == ref).float().mean() > 0.97
 
@@ -288,7 +293,7 @@ def test_every_code_path_of_the_kernel_gives_the_same_products(march, tmp_path, 
         out = torch.empty(n, rows, dtype=torch.bfloat16)
         assert cpu_gemv._call(fn, x, w, out) == 0
         ref = reference(x, w)
-        tol = ref.float().abs() * 2 ** -7 + (x.float().abs() @ w.float().abs().T) * 2 ** -18
+        tol = tolerance(x, w, ref)
         assert ((out.float() - ref.float()).abs() <= tol).all(), (march, n, k, rows)
 
 
@@ -349,7 +354,7 @@ def test_the_amx_blocking_gives_the_same_products_on_emulated_tiles(tmp_path, mo
                        (3, 33, 40)]:  # last two: too few rows for a tile, K not a multiple of 32 -> vector path
         x, w = torch.randn(n + 2, k, generator=g).bfloat16()[1:n + 1], torch.randn(rows, k, generator=g).bfloat16()
         ref = reference(x, w)
-        tol = ref.float().abs() * 2 ** -7 + (x.float().abs() @ w.float().abs().T) * 2 ** -18
+        tol = tolerance(x, w, ref)
         for path in (0, 2):
             out = torch.full((n, rows), float("nan"), dtype=torch.bfloat16)
             assert cpu_gemv._call(fn, x, w, out, path) == 0
