@@ -26,6 +26,7 @@ keeps torch's matmul).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 from pathlib import Path
@@ -73,8 +74,10 @@ def main(argv=None) -> int:
     except ValueError:
         p.error(f"--tokens takes comma-separated token counts, got {a.tokens!r}")
     paths = (a.paths or ("auto,vector,amx" if cpu_gemv.amx() else "auto")).split(",")
-    if not paths or any(q not in cpu_gemv.PATHS for q in paths):
+    if any(q not in cpu_gemv.PATHS for q in paths):
         p.error(f"--paths takes comma-separated paths from {', '.join(cpu_gemv.PATHS)}, got {a.paths!r}")
+    # "kernel" is the engine's call (auto); a forced path is named after itself
+    linears = {"kernel" if q == "auto" else q: functools.partial(cpu_gemv.linear, path=q) for q in paths}
     threads = choose_threads(a.threads)
     gu, dn = _expert_weights(a.hidden, a.intermediate, torch.bfloat16)
     nbytes = (gu.numel() + dn.numel()) * 2
@@ -102,9 +105,8 @@ def main(argv=None) -> int:
             x = torch.randn(n, a.hidden, generator=torch.Generator().manual_seed(n)).bfloat16()
             take = _cycle(cold)
             sides = {"torch": lambda x=x, take=take: expert_forward(x, *take())}
-            for q in paths:  # "kernel" is the engine's call (auto); a forced path is named after itself
-                sides["kernel" if q == "auto" else q] = (lambda x=x, take=take, q=q: expert_forward(
-                    x, *take(), linear=lambda x_, w_: cpu_gemv.linear(x_, w_, path=q)))
+            for side, linear in linears.items():
+                sides[side] = lambda x=x, take=take, linear=linear: expert_forward(x, *take(), linear=linear)
             rounds = _rounds_ms(sides, a.rounds, a.reps)
             ms = {k: statistics.median(v) for k, v in rounds.items()}
             ref = expert_forward(x, gu, dn).float()
@@ -116,9 +118,8 @@ def main(argv=None) -> int:
             for side in sides:
                 if side != "torch":
                     case["speedup" if side == "kernel" else f"{side}_speedup"] = ms["torch"] / ms[side]
-            for q in paths:
-                side = "kernel" if q == "auto" else q
-                got = expert_forward(x, gu, dn, linear=lambda x_, w_, q=q: cpu_gemv.linear(x_, w_, path=q)).float()
+            for side, linear in linears.items():
+                got = expert_forward(x, gu, dn, linear=linear).float()
                 case["max_abs_diff" if side == "kernel" else f"{side}_max_abs_diff"] = (got - ref).abs().max().item()
             result["cases"][str(n)] = case
             print(f"{n:3d} tokens: " + "  ".join(
