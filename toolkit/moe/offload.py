@@ -575,6 +575,9 @@ class OffloadedExperts(nn.Module):
         """
         if ready is not None:
             ready.synchronize()  # the activations have landed in pinned memory
+        timeline = self.engine.timeline
+        if timeline is not None:
+            timeline.mark("cpu_start", self.layer)
         with _label(f"moe.cpu_experts[L{self.layer}]"):
             x = x_host.to(self.cpu_gate_up.dtype)  # [R, D]
             linear = self.engine.cpu_linear
@@ -584,6 +587,8 @@ class OffloadedExperts(nn.Module):
             if split is not None:
                 e, s, n, k = split
                 h.copy_(self._gate_up(x[s:s + n], self.cpu_gate_up[e], k, self.intermediate, linear))
+        if timeline is not None:
+            timeline.mark("cpu_end", self.layer)
         return y, h
 
     @property
@@ -631,6 +636,15 @@ class OffloadedExperts(nn.Module):
         return torch.zeros_like(hidden).index_add_(0, tok, y)  # [T, D]
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        timeline = self.engine.timeline
+        if timeline is not None:
+            timeline.mark("enter", self.layer)
+        out = self._forward(hidden, top_k_index, top_k_weights)
+        if timeline is not None:
+            timeline.mark("exit", self.layer)
+        return out
+
+    def _forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.stacked is not None:
             eng = self.engine
             with _label(f"moe.gpu_experts[L{self.layer}]"):
@@ -643,6 +657,8 @@ class OffloadedExperts(nn.Module):
 
         with _label(f"moe.route[L{layer}]"):
             p = _Pass(self, hidden, top_k_index, top_k_weights)
+        if eng.timeline is not None:
+            eng.timeline.mark("routed", layer)
         if eng.recorder is not None:
             eng.recorder.observe(layer, phase, top_k_index, top_k_weights)
 
@@ -941,6 +957,8 @@ class OffloadedExperts(nn.Module):
                     y_e = self._expert(hidden[tok[r]], *weights, wts[r], out.dtype)  # [n, D]
                     out.index_add_(0, tok[r], y_e)
         if len(cpu_experts):
+            if eng.timeline is not None:
+                eng.timeline.mark("cpu_start", layer)
             with torch_threads(eng.cpu_threads):  # the same CPU threads as the worker of the overlapped schedule
                 for e in sorted(int(e) for e in cpu_experts):
                     with _label(f"moe.cpu_experts[L{layer}]"):
@@ -950,6 +968,8 @@ class OffloadedExperts(nn.Module):
                         y_e = self._expert(x, self.cpu_gate_up[e], self.cpu_down[e], w, out.dtype,
                                            eng.cpu_linear)  # [n, D]
                         out.index_add_(0, tok[r], y_e.to(hidden.device))
+            if eng.timeline is not None:
+                eng.timeline.mark("cpu_end", layer)
         return out
 
 
@@ -1055,6 +1075,7 @@ class Offloaded:
         self.cost_model = cost_model
         self.routing = routing
         self.recorder = None  # object with observe(layer, phase, top_k_index [T, K], top_k_weights [T, K])
+        self.timeline = None  # a toolkit.moe.timeline.HostTimeline: marks of each layer's host work
         self.cpu_threads = cpu_threads
         self.cpu_dtype = cpu_dtype
         self.cpu_linear = cost_model.cpu_linear  # CPU experts' matmul: the calibrated kernel for few tokens, or torch's
