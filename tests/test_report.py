@@ -225,6 +225,15 @@ def write_fake_recordings(gpu_dir):
                "cases": {str(n): {"tokens": n, "torch_ms": 7.0, "kernel_ms": 3.5 * n ** 0.5,
                                   "rounds_ms": {"torch": [6.8, 7.0, 7.5], "kernel": [3.4 * n ** 0.5, 3.6 * n ** 0.5]}}
                          for n in (1, 4, 16)}}, gpu_dir / "cpu_gemv_h200_amx.json")
+
+    def segments(cpu, spread):
+        per = {"dense": 3.0, "routing": 2.0, "before_cpu": 4.0, "cpu": cpu, "after_cpu": 1.5, "tail": 0.5}
+        return {"step_ms": sum(per.values()), "step_spread": spread, "anomalous": spread > 0.1, "per_step_ms": per}
+
+    save_json({"provenance": GPU_ENV, "settings": {"preset": "mixtral-8x7b", "layers": 8, "gpu_experts": 14},
+               "results": {"uniform": {"overlap": segments(40.0, 0.2), "inline-nosplit": segments(44.0, 0.05)},
+                           "trace": {"overlap-nosplit": segments(36.0, 0.03)}}},
+              gpu_dir / "decode_timeline_h200.json")
     return gpu_dir
 
 
@@ -248,6 +257,23 @@ def test_cpu_kernel_recording_gives_each_sides_read_rate_and_the_references(tmp_
     assert amx["tokens"] == 16 and amx["gbs"] == pytest.approx(352e6 / 4.4 * 1e-6) and amx["gbs_low"] < amx["gbs"]
 
 
+def test_decode_timeline_recording_keeps_the_configurations_whose_rounds_agree(tmp_path):
+    import json
+
+    doc = json.loads((write_fake_recordings(tmp_path / "gpu") / "decode_timeline_h200.json").read_text())
+    frame = recorded.recorded_decode_timeline(doc)
+    assert list(dict.fromkeys(zip(frame["routing"], frame["schedule"]))) == [("uniform", "inline-nosplit"),
+                                                                          ("trace", "overlap-nosplit")]
+    assert list(frame["segment"][:6]) == list(recorded.HOST_SEGMENT_LABELS.values())  # in step order
+    one = frame[frame["schedule"] == "inline-nosplit"]
+    assert one["ms"].sum() == pytest.approx(one["step_ms"].iloc[0]) == pytest.approx(55.0)
+    assert one.loc[one["segment"] == "CPU experts", "ms"].item() == 44.0
+    assert frame.attrs["excluded"] == ["uniform overlap (rounds spread 20%)"]
+    figure = next(f for f in paper.PAPER_FIGURES if f.stem == "gpu_decode_timeline")
+    fig = paper.draw_paper_figure(figure, tmp_path)["figure"]
+    assert "excluded uniform overlap (rounds spread 20%)" in _figure_text(fig)
+
+
 def test_multi_gpu_recording_judges_decode_and_prefill_apart(tmp_path):
     import json
 
@@ -264,8 +290,8 @@ def test_multi_gpu_recording_judges_decode_and_prefill_apart(tmp_path):
 
 def test_recorded_readers_rebuild_frames_from_the_benchmark_files(tmp_path):
     rec = recorded.recorded_results(write_fake_recordings(tmp_path))
-    assert sorted(rec) == ["batch_search", "cpu_gemv_h200_amx", "moe_decode", "moe_decode_h200", "moe_decode_h200_full",
-                           "moe_engine", "moe_multi_gpu", "profile_cases", "timer_agreement"]
+    assert sorted(rec) == ["batch_search", "cpu_gemv_h200_amx", "decode_timeline_h200", "moe_decode", "moe_decode_h200",
+                           "moe_decode_h200_full", "moe_engine", "moe_multi_gpu", "profile_cases", "timer_agreement"]
     audit = recorded.recorded_pitfalls(rec["timer_agreement"])
     assert audit.attrs["correct"].median_ms == 2.0 and list(audit["pitfall"])[0] == "copy_in_timed_region"
     assert plots.pitfall_frame(audit)["ratio"].tolist() == pytest.approx([1.5, 10.0, 0.1, 1.1, 200.0 / 1.8])
@@ -360,7 +386,7 @@ READERS = [recorded.recorded_pitfalls, recorded.recorded_latency, recorded.recor
            recorded.recorded_timer_differences, recorded.recorded_throughput_curves,
            recorded.recorded_throughput_cases, recorded.recorded_moe_sweep, recorded.recorded_decode_samples,
            recorded.recorded_timeline, recorded.recorded_moe_schemes, recorded.recorded_moe_decode_sweep,
-           recorded.recorded_cpu_gemv]
+           recorded.recorded_cpu_gemv, recorded.recorded_decode_timeline]
 
 
 @pytest.mark.parametrize("reader", READERS, ids=lambda f: f.__name__)
@@ -380,7 +406,8 @@ def test_readers_parse_the_shipped_recordings():
                recorded.recorded_throughput_cases: "batch_search",
                recorded.recorded_moe_sweep: "moe_engine", recorded.recorded_decode_samples:
                "moe_engine", recorded.recorded_timeline: "profile_cases", recorded.recorded_moe_schemes: "moe_decode",
-               recorded.recorded_moe_decode_sweep: "moe_decode", recorded.recorded_cpu_gemv: "cpu_gemv_h200_amx"}
+               recorded.recorded_moe_decode_sweep: "moe_decode", recorded.recorded_cpu_gemv: "cpu_gemv_h200_amx",
+               recorded.recorded_decode_timeline: "decode_timeline_h200"}
     assert set(sources) == set(READERS)
     for reader, name in sources.items():
         assert len(reader(rec[name])) > 0, reader.__name__

@@ -21,6 +21,7 @@ from . import plots
 from .recorded import (
     recorded_cpu_gemv,
     recorded_decode_samples,
+    recorded_decode_timeline,
     recorded_first_call_ms,
     recorded_latency,
     recorded_moe_decode_sweep,
@@ -167,6 +168,16 @@ def _cpu_kernel(doc):
                                                f"{recorded_where(doc)}")
 
 
+def _host_segments(doc):
+    frame = recorded_decode_timeline(doc)
+    if not len(frame):
+        return None
+    s = (doc or {}).get("settings") or {}
+    fig = plots.host_segments(frame, title=f"Where an offloaded decode step goes, {s.get('gpu_experts', '?')} experts "
+                                           f"on the GPU, by CPU-expert schedule\n{_moe_setup(doc)}")
+    return _excluded(fig, frame)
+
+
 def _decode_sweep(doc, routing: str = "trace"):
     frame = recorded_moe_decode_sweep(doc, routing)
     if not len(frame):
@@ -261,6 +272,10 @@ PAPER_FIGURES = [
                 "The rate one CPU expert reads its bf16 weights at, by tokens in the pass: torch's matmul and the "
                 "toolkit's kernel (which the calibration picks where it is faster), also with its vector and AMX "
                 "paths each forced, against the host's read rate and the same expert with float32 weights."),
+    PaperFigure("gpu_decode_timeline", "gpu/decode_timeline_h200.json", _host_segments,
+                "An offloaded decode step (Mixtral-8x7B layers, 14 of 64 experts on the GPU) split by the engine's "
+                "marks into host segments per layer, summed per step, for each CPU-expert schedule and routing; "
+                "configurations whose rounds disagree are excluded and named under the figure."),
     PaperFigure("gpu_moe_decode_sweep", "gpu/moe_decode.json", _decode_sweep,
                 "Our engine over GPU expert budgets (Mixtral-8x7B layers, replayed Mixtral routing): decode tokens/s,"
                 " prefill time and decode hit rate."),

@@ -717,6 +717,35 @@ def cpu_kernel_rates(frame, title: str | None = None) -> Figure:
     return fig
 
 
+def host_segments(frame, title: str | None = None) -> Figure:
+    """Where each configuration's step went: one horizontal bar per (routing, schedule), stacked by segment.
+
+    ``frame``: ``toolkit.recorded.recorded_decode_timeline`` (``routing``, ``schedule``, ``segment``, ``ms``;
+    segments in step order).
+    """
+    df = pd.DataFrame(frame)
+    segments = list(dict.fromkeys(df["segment"]))
+    configs = list(dict.fromkeys(zip(df["routing"], df["schedule"])))
+    with paper_style():
+        import seaborn as sns
+
+        colors = dict(zip(segments, sns.color_palette("colorblind", len(segments))))
+        fig, ax = _figure(figsize=(1.6 * FIG_SIZE[0], max(2.2, 0.3 * len(configs) + 1.8)))
+        for y, (routing, schedule) in enumerate(configs):
+            g = df[(df["routing"] == routing) & (df["schedule"] == schedule)]
+            left = 0.0
+            for seg in segments:
+                ms = float(g.loc[g["segment"] == seg, "ms"].sum())
+                ax.barh(y, ms, left=left, color=colors[seg], edgecolor="white", lw=0.4, label=seg if y == 0 else None)
+                left += ms
+        ax.set_yticks(range(len(configs)), [f"{r}, {s}" for r, s in configs], fontsize="x-small")
+        ax.invert_yaxis()
+        ax.set_xlabel("ms per step (mean, median round)", fontsize="small")
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside right center", fontsize="x-small", handlelength=1.2)
+        set_title(fig, title)
+    return fig
+
+
 def hit_rate_vs_gpu_experts(frame, phase: str | None = None, total_experts: int | None = None,
                             title: str | None = None, reference: str | None = None, bound: str = "belady") -> Figure:
     """Hit rate vs number of GPU-resident experts, one line per policy; below, each policy minus ``reference``.

@@ -520,6 +520,34 @@ def recorded_multi_gpu(doc: dict | None, measure: str = "decode") -> pd.DataFram
                                        "anomaly_reason"])
 
 
+# ---------------------------------------------------------------- decode_timeline*.json
+
+HOST_SEGMENT_LABELS = {"dense": "dense part + router", "routing": "routing sync", "before_cpu": "plan, hand-over",
+                       "cpu": "CPU experts", "after_cpu": "results back", "tail": "LM head, step end"}
+
+
+def recorded_decode_timeline(doc: dict | None) -> pd.DataFrame:
+    """Where an offloaded decode step's host time went (``benchmarks/decode_timeline.py``): one row per
+    (routing, schedule, segment) of the configurations whose rounds agree, ``ms`` per step (the median round's
+    mean), ``step_ms`` the median step.
+
+    Columns ``routing``, ``schedule``, ``segment`` (``HOST_SEGMENT_LABELS``' labels, in step order), ``ms``,
+    ``step_ms``. ``attrs["excluded"]``: the flagged configurations left out, with their rounds' spread.
+    """
+    rows, excluded = [], []
+    for routing, by in ((doc or {}).get("results") or {}).items():
+        for schedule, r in by.items():
+            if r.get("anomalous"):
+                excluded.append(f"{routing} {schedule} (rounds spread {r.get('step_spread', 0):.0%})")
+                continue
+            per = r.get("per_step_ms") or {}
+            rows += [{"routing": routing, "schedule": schedule, "segment": label, "ms": per[key],
+                      "step_ms": r.get("step_ms")} for key, label in HOST_SEGMENT_LABELS.items() if key in per]
+    frame = pd.DataFrame(rows, columns=["routing", "schedule", "segment", "ms", "step_ms"])
+    frame.attrs["excluded"] = excluded
+    return frame
+
+
 __all__ = ["Recording", "recording", "is_calibration_cache", "recorded_results", "recorded_env", "recorded_device",
            "recorded_date", "recorded_complete", "recorded_label", "recorded_where", "ANOMALY_RATIO",
            "flag_anomalies", "run_name", "recorded_pitfalls", "recorded_latency", "audit_first_call_ms",
@@ -527,4 +555,5 @@ __all__ = ["Recording", "recording", "is_calibration_cache", "recorded_results",
            "TIMER_LABELS", "recorded_timer_agreement", "workload_label", "recorded_timer_differences",
            "recorded_throughput_curves", "THROUGHPUT_COLUMNS", "recorded_throughput_cases", "recorded_moe_sweep",
            "recorded_decode_samples", "recorded_timeline", "SCHEME_COLUMNS", "recorded_moe_schemes",
-           "recorded_moe_decode_sweep", "SWEEP_COLUMNS", "PITFALL_COLUMNS", "MULTI_GPU_MEASURES", "MULTI_GPU_ABLATIONS", "recorded_multi_gpu"]
+           "recorded_moe_decode_sweep", "SWEEP_COLUMNS", "PITFALL_COLUMNS", "MULTI_GPU_MEASURES", "MULTI_GPU_ABLATIONS", "recorded_multi_gpu",
+           "HOST_SEGMENT_LABELS", "recorded_decode_timeline"]
