@@ -163,3 +163,13 @@ notebook.show(notebook.recorded_figures("moe_engine"))
 
 # %%
 notebook.show(notebook.recorded_figures("profile_cases"))
+
+# %% [markdown]
+# A GPU profile shows kernels and copies, but an offloaded decode step is held on the host: each layer
+# waits for its routing, plans, runs its CPU experts and hands their results back before the next layer
+# can start. `benchmarks/decode_timeline.py` has the engine mark those moments (`toolkit.moe.timeline`)
+# and splits a step into per-layer segments for each CPU-expert schedule: about two thirds of a step is
+# the CPU experts, most of the rest is host work around them, which no schedule hides.
+
+# %%
+notebook.show(notebook.recorded_figures("decode_timeline_h200"))
