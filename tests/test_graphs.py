@@ -199,6 +199,25 @@ def test_the_static_cache_is_reused_while_batch_and_rounded_length_agree(model):
     assert graphs.static_cache(model.config, 2, 300).layers[0].max_cache_len == 512
 
 
+def test_a_cache_filled_under_inference_mode_is_replaced_outside_it(model):
+    """generate under torch.inference_mode, then without: the kept cache's inference tensors cannot be reset."""
+    cfg = model.config
+    graphs = DecodeGraphs([], EagerCapture())
+    key = torch.zeros(1, cfg.num_key_value_heads, 1, cfg.hidden_size // cfg.num_attention_heads)
+    with torch.inference_mode():
+        cache = graphs.static_cache(cfg, 1, 20)
+        cache.update(key, key, 0, {"cache_position": torch.tensor([0])})
+        assert cache.layers[0].keys.is_inference()
+        assert graphs.static_cache(cfg, 1, 20) is cache  # still inside: reset and reused
+    fresh = graphs.static_cache(cfg, 1, 20)
+    assert fresh is not cache
+    fresh.update(key.clone(), key.clone(), 0, {"cache_position": torch.tensor([0])})
+    assert not fresh.layers[0].keys.is_inference()
+    assert graphs.static_cache(cfg, 1, 20) is fresh
+    with torch.inference_mode():
+        assert graphs.static_cache(cfg, 1, 20) is fresh  # a normal cache serves inside inference_mode too
+
+
 @pytest.mark.gpu
 def test_gpu_decode_graphs_equal_the_unmodified_model_offloaded_and_all_resident():
     """On CUDA (float32): greedy ids with graphs equal the unmodified model's, offloaded and with every expert

@@ -273,12 +273,13 @@ class DecodeGraphs:
 
         The same cache object (reset, so its tensors keep their addresses) comes
         back while ``batch`` and the rounded length stay the same, so the graphs
-        captured in one ``generate`` call replay in the next.
+        captured in one ``generate`` call replay in the next; a cache filled
+        under ``torch.inference_mode`` is replaced when a call comes outside it.
         """
         from transformers import StaticCache
 
         length = -(-int(tokens) // CACHE_BLOCK) * CACHE_BLOCK
-        if self._cache is None or self._cache_shape != (int(batch), length):
+        if self._cache is None or self._cache_shape != (int(batch), length) or self._inference_only():
             self._cache = StaticCache(config=config.get_text_config(decoder=True), max_cache_len=length)
             for layer in self._cache.layers:
                 layer.reorder_cache = functools.partial(reorder_in_place, layer)
@@ -286,6 +287,15 @@ class DecodeGraphs:
         else:
             self._cache.reset()
         return self._cache
+
+    def _inference_only(self) -> bool:
+        """Whether the kept cache was filled under ``torch.inference_mode`` and this call is outside it: its
+        tensors are then inference tensors, which cannot be written (nor reset) here, so a new cache is made
+        (and the graphs recapture on its addresses)."""
+        if torch.is_inference_mode_enabled():
+            return False
+        return any(t is not None and t.is_inference()
+                   for layer in self._cache.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None)))
 
     # -- the layer's forward ------------------------------------------------------------------
     def _forward(self, i: int, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
