@@ -28,7 +28,10 @@ CPU experts' marks come from the worker thread in the overlapped schedule.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import numpy as np
 
 SEGMENTS = ("dense", "routing", "before_cpu", "cpu", "after_cpu")
 
@@ -37,8 +40,8 @@ SEGMENTS = ("dense", "routing", "before_cpu", "cpu", "after_cpu")
 class HostTimeline:
     """Marks (what, layer, seconds) in the order they happened; ``step_start``/``step_end`` bracket steps."""
 
-    clock: object = time.perf_counter
-    events: list = field(default_factory=list)
+    clock: Callable[[], float] = time.perf_counter
+    events: list[tuple[str, int, float]] = field(default_factory=list)
 
     def mark(self, what: str, layer: int = -1) -> None:
         self.events.append((what, layer, self.clock()))
@@ -91,8 +94,6 @@ def segments(events) -> tuple[list[dict], list[float], list[float]]:
 def summary(events) -> dict:
     """Per step: the median step (ms), each segment's mean total per step and median per layer, the tail's
     median, and how many layers and steps were seen."""
-    import numpy as np
-
     rows, tails, steps = segments(events)
     if not steps:
         return {"steps": 0}
