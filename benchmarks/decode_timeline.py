@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from toolkit.env import resolve_device
+from toolkit.errors import ToolkitError
 from toolkit.moe.run import MoESession, MoESettings, round_spread
 from toolkit.moe.schedule import SCHEDULES
 from toolkit.moe.timeline import SEGMENTS, HostTimeline, summary
@@ -135,6 +136,10 @@ def main(argv=None) -> int:
         run.save("interrupted")
         print("interrupted: what was measured is in", run.path, file=sys.stderr)
         return 130
+    except ToolkitError as e:  # a preset, budget or device this machine cannot run: one line, not a traceback
+        run.save(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print_table(record)
     return 0
 

@@ -115,3 +115,11 @@ def test_the_benchmark_names_a_misspelt_schedule(capsys):
         bench.main(["--quick", "--schedules", "inlin"])
     assert e.value.code == 2
     assert "unknown routing or schedule: inlin" in capsys.readouterr().err
+
+
+def test_the_benchmark_reports_a_preset_it_cannot_build_in_one_line(tmp_path, capsys):
+    bench = load_benchmark("decode_timeline")
+    assert bench.main(["--quick", "--preset", "no-such-preset", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no-such-preset" in err and "Traceback" not in err
+    assert json.loads((tmp_path / "decode_timeline.json").read_text())["status"].startswith("error: ")
