@@ -297,6 +297,20 @@ static void amx_store(int tile, float *c, int64_t r0, int64_t t0, int64_t n, uin
  * the next chunk prefetched, 14.7 without, 12.1 without the copy in the same probe. */
 #define KCHUNK 8
 
+/* OP(tile, its sums buffer) for each accumulator tile a block pair and a group pair use, in linear_amx below */
+#define EACH_SUM(OP) \
+    do {                                                                                                           \
+        OP(0, a0);                                                                                                 \
+        if (two_groups) OP(1, a1);                                                                                 \
+        if (two_rows) {                                                                                            \
+            OP(2, a2);                                                                                             \
+            if (two_groups) OP(3, a3);                                                                             \
+        }                                                                                                          \
+    } while (0)
+#define LOAD_SUM(t, p) TILE_LOAD(t, p, 64)
+#define STORE_SUM(t, p) TILE_STORE(t, p, 64)
+#define STORE_OUT(t, p) amx_store(t, c, (b + (t) / 2) * 16, (g + (t) % 2) * 16, n, y, ldy) /* rows, tokens of t */
+
 /* The rows [0, 16 * (N / 16)) by tiles; needs K a multiple of 32. -1 when a working buffer cannot be allocated. */
 static int linear_amx(const uint16_t *x, int64_t n, int64_t K, int64_t ldx, const uint16_t *w, int64_t N,
                       int64_t ldw, uint16_t *y, int64_t ldy, int threads) {
@@ -344,12 +358,7 @@ static int linear_amx(const uint16_t *x, int64_t n, int64_t K, int64_t ldx, cons
                         if (k0 == 0) {
                             TILE_ZERO(0); TILE_ZERO(1); TILE_ZERO(2); TILE_ZERO(3);
                         } else {
-                            TILE_LOAD(0, a0, 64);
-                            if (two_groups) TILE_LOAD(1, a1, 64);
-                            if (two_rows) {
-                                TILE_LOAD(2, a2, 64);
-                                if (two_groups) TILE_LOAD(3, a3, 64);
-                            }
+                            EACH_SUM(LOAD_SUM);
                         }
                         for (int64_t kb = k0; kb < k1; ++kb) {
                             if (kb + 1 < kbs) {
@@ -373,21 +382,10 @@ static int linear_amx(const uint16_t *x, int64_t n, int64_t K, int64_t ldx, cons
                                 if (two_groups) TILE_DP(3, 5, 7);
                             }
                         }
-                        if (last) {
-                            amx_store(0, c, b * 16, g * 16, n, y, ldy);
-                            if (two_groups) amx_store(1, c, b * 16, (g + 1) * 16, n, y, ldy);
-                            if (two_rows) {
-                                amx_store(2, c, (b + 1) * 16, g * 16, n, y, ldy);
-                                if (two_groups) amx_store(3, c, (b + 1) * 16, (g + 1) * 16, n, y, ldy);
-                            }
-                        } else {
-                            TILE_STORE(0, a0, 64);
-                            if (two_groups) TILE_STORE(1, a1, 64);
-                            if (two_rows) {
-                                TILE_STORE(2, a2, 64);
-                                if (two_groups) TILE_STORE(3, a3, 64);
-                            }
-                        }
+                        if (last)
+                            EACH_SUM(STORE_OUT); /* rounded to bf16 into y */
+                        else
+                            EACH_SUM(STORE_SUM);
                     }
                 }
             }
