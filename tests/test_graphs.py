@@ -17,8 +17,6 @@ from toolkit.moe.graphs import MAX_RECAPTURES, DecodeGraphs, EagerCapture, decod
 from toolkit.moe.offload import offload
 from toolkit.moe.presets import build_moe, moe_blocks
 from toolkit.moe.prompts import random_prompts
-from toolkit.moe.replay import TraceRouter, record
-from toolkit.moe.synthetic import uniform_trace
 
 CM = CostModel.fixed(cpu=(0.0, 1.0), gpu=(0.01, 0.0), copy_ms=3.0)
 
@@ -55,16 +53,16 @@ def test_offloaded_greedy_with_graphs_equals_the_unmodified_model_and_replays_ac
     assert beam.sequences == again.sequences == ref_beam.sequences
     assert all(layer.keys is k for layer, k in zip(cache.layers, keys))  # reordered in place, every step
     n = model.config.num_hidden_layers
-    w = n if gpu_experts == "all" else 0  # layers whose experts never leave the device: one graph each, router in it
+    m = n if gpu_experts == "all" else 0  # layers whose experts never leave the device: captured as well
     # first call: prefill eager, the first decode step captures each layer, the other 8 steps replay
     assert after_first == {"layers": n, "captures": n, "replays": 8 * n, "eager_calls": n, "eager_layers": {},
-                           "experts_captures": 0, "experts_replays": 0, "eager_experts": {}, "whole_layers": w,
-                           "not_whole": {}}
+                           "experts_captures": m, "experts_replays": 8 * m, "eager_experts": {}}
     # second call: the same static cache (reset), so nothing is captured again
     assert after_second["captures"] == n and after_second["replays"] == 8 * n + 9 * n
+    assert after_second["experts_captures"] == m and after_second["experts_replays"] == 17 * m
     # beam search: its own static cache (9 sequences), captured once, reordered in place, replayed by both calls
     assert after_beam["captures"] == 2 * n and after_beam["replays"] == after_second["replays"] + (8 + 9) * n
-    assert after_beam["experts_captures"] == 0 and after_beam["whole_layers"] == w
+    assert after_beam["experts_captures"] == 2 * m
     assert after_beam["eager_calls"] == after_second["eager_calls"] + 2 * n  # the two prefills
     assert engine["replays"] == after_beam["replays"]
     # restored: the layers have their own forward again
@@ -87,83 +85,6 @@ def test_other_moe_families_decode_through_the_graphs_to_the_same_ids(preset):
         off.restore()
     assert got.sequences == ref.sequences and sampled.sequences == sampled_ref.sequences
     assert d["captures"] == other.config.num_hidden_layers and d["replays"] > 0
-
-
-class _ReadsHidden:
-    """A routing that may read the hidden states' values (it does not say otherwise): never taken into a graph."""
-
-    def __init__(self, router):
-        self.router = router
-
-    def route(self, layer, hidden, phase):
-        return self.router.route(layer, hidden, phase)
-
-
-def _trace_run(model, routing, graphs: bool, calls: int = 2):
-    ids, mask = random_prompts(model.config.vocab_size, [5, 9, 7], seed=2)
-    off = offload(model, gpu_experts="all", device="cpu", cost_model=CM, graphs=graphs, routing=routing)
-    try:
-        got = [G.generate(off, ids, mask, max_new_tokens=8, ignore_eos=True).sequences for _ in range(calls)]
-        return got, off.stats.activations["decode"].copy(), off.graphs.to_dict() if graphs else None
-    finally:
-        off.restore()
-
-
-def test_whole_layers_replay_a_trace_as_the_layer_by_layer_path_does(model):
-    """Every expert resident and a replayed trace: each decode layer is one graph whose routing rows the host
-    picks before the replay; ids and the trace's rows (each layer's expert counts) are those of the engine
-    without graphs, and a routing that may read the hidden states keeps its router eager."""
-    n, E, K = model.config.num_hidden_layers, model.config.num_local_experts, model.config.num_experts_per_tok
-    trace = uniform_trace(256, n, E, K, seed=1)
-    ref, ref_counts, _ = _trace_run(model, TraceRouter(trace, batch_size=3), graphs=False)
-    got, counts, d = _trace_run(model, TraceRouter(trace, batch_size=3), graphs=True)
-    assert got == ref and (counts == ref_counts).all()
-    assert d["whole_layers"] == n and d["captures"] == n and d["replays"] == 2 * 7 * n - n
-    assert d["experts_captures"] == 0
-    eager, eager_counts, d = _trace_run(model, _ReadsHidden(TraceRouter(trace, batch_size=3)), graphs=True)
-    assert eager == ref and (eager_counts == ref_counts).all()
-    assert d["whole_layers"] == 0 and d["experts_captures"] == n and d["experts_replays"] == 2 * 7 * n - n
-
-
-def test_a_recorder_sees_every_pass_so_no_layer_is_replayed_whole(model):
-    ids, mask = random_prompts(model.config.vocab_size, [5, 9, 7], seed=2)
-    off = offload(model, gpu_experts="all", device="cpu", cost_model=CM, graphs=True)
-    try:
-        with record(off, batch_size=3) as rec:
-            G.generate(off, ids, mask, max_new_tokens=4, ignore_eos=True)
-        d = off.graphs.to_dict()
-    finally:
-        off.restore()
-    assert d["whole_layers"] == 0 and d["experts_captures"] == 0  # the recorder turns the experts' graphs off too
-    assert len(rec.to_trace().experts) == 3 * (9 + 3)  # the prefill's rows and 3 decode steps of 3 sequences
-
-
-def test_a_whole_layer_output_kept_by_a_hook_keeps_its_value(model):
-    """transformers keeps each layer's output for ``output_hidden_states``: a replay must not rewrite it."""
-    ids, mask = random_prompts(model.config.vocab_size, [5, 9, 7], seed=2)
-    layer = decoder_layers(model, moe_blocks(model))[0]
-    kept = {}
-    for graphs in (False, True):
-        outs = kept[graphs] = []
-
-        def keep(module, args, out, outs=outs):
-            if out.shape[1] == 1:  # decode steps
-                outs.append(out)
-
-        hook = layer.register_forward_hook(keep)
-        off = offload(model, gpu_experts="all", device="cpu", cost_model=CM, graphs=graphs)
-        try:
-            G.generate(off, ids, mask, max_new_tokens=6, ignore_eos=True)
-            if graphs:
-                assert off.graphs.to_dict()["whole_layers"] == model.config.num_hidden_layers
-        finally:
-            off.restore()
-            hook.remove()
-    assert len(kept[True]) == len(kept[False]) == 5
-    # a static cache (graphs) against a dynamic one: the same values up to rounding; a rewritten output would
-    # hold the last step's, and steps differ by far more
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(kept[True], kept[False]))
-    assert all(not torch.allclose(a, b, atol=1e-2) for a, b in zip(kept[False], kept[False][1:]))
 
 
 def test_a_user_cache_choice_is_left_alone(model):
@@ -326,7 +247,7 @@ def test_gpu_decode_graphs_equal_the_unmodified_model_offloaded_and_all_resident
 @pytest.mark.gpu
 def test_gpu_all_resident_bf16_experts_never_sync_and_replay():
     """On CUDA in bf16 (grouped GEMMs): every expert resident, the experts of a layer run without one host sync,
-    each decode layer replays whole from one graph, the counts read back equal the per-expert path's, and the ids stay close to the
+    their decode graphs replay, the counts read back equal the per-expert path's, and the ids stay close to the
     unmodified model's (bf16: a near-tie may flip an argmax, so most, not all, must agree)."""
     gpu_model = build_moe("tiny-mixtral", device="cuda", dtype=torch.bfloat16, seed=0)
     ids, mask = random_prompts(gpu_model.config.vocab_size, [5, 9, 7], seed=2)
@@ -359,8 +280,8 @@ def test_gpu_all_resident_bf16_experts_never_sync_and_replay():
             off.restore()
         same = sum(a == b for g in got for a, b in zip(g.sequences, ref.sequences))
         assert same >= 4, (sync_free, [g.sequences for g in got], ref.sequences)
-        if sync_free:  # each layer one graph, its router and experts in it
-            assert d["whole_layers"] == n and d["captures"] == n and d["replays"] == 17 * n and d["not_whole"] == {}
+        if sync_free:
+            assert d["experts_captures"] == n and d["experts_replays"] == 17 * n and d["eager_experts"] == {}
     for key in ("activations", "hits", "passes_used", "forwards", "gpu_expert_calls"):
         assert stats[True][key] == stats[False][key], key
 

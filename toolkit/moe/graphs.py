@@ -12,12 +12,9 @@ What is captured, per decoder layer: ``input_layernorm`` -> ``self_attn``
 ``post_attention_layernorm``. The MoE block (router and experts) stays eager:
 its routing sync, CPU experts and copies are host work, so the graphs are the
 pieces between them. Where a layer's experts never leave the device (every
-one resident: ``OffloadedExperts.sync_free``), the whole layer is one graph
-(dense part, router, experts, residual add) when its router can be captured
-too: the model's own router, or a replayed trace whose rows the host picks
-before the replay and the graph reads as inputs (``whole``, below). Otherwise
-its experts are a second graph (``DecodeGraphs.experts``) and the router
-between the two stays eager.
+one resident: ``OffloadedExperts.sync_free``), its experts are a second graph
+(``DecodeGraphs.experts``); the router between the two stays eager, since a
+replayed trace routes from host-side state.
 
 When: decode passes (one new token per sequence, beams included) with a
 static KV cache (transformers' ``StaticCache``: fixed addresses, written in
@@ -34,9 +31,6 @@ inputs into the static tensors (one shared by all layers, such as the rotary
 cos/sin, the mask or the positions, is copied once per step) and replay. New
 shapes, dtypes or a new cache object recapture; a layer whose inputs change on
 every call (nothing to reuse) falls back to eager, and ``reasons`` says why.
-A whole layer's output is copied out of its graph's static tensor (a small
-copy): a caller or hook that keeps a layer's output (transformers'
-``output_hidden_states``) keeps its value after the next replay.
 
 Shapes: B batch, D hidden, L cache length.
 """
@@ -159,10 +153,7 @@ class _Rerun:
             self.outputs = out
         else:
             for static, new in zip(self.outputs, out):
-                v = _version(static)
                 static.copy_(new)
-                if v is not None:  # as a CUDA graph's replay: the outputs' version counters do not move
-                    torch._C._autograd._unsafe_set_version_counter((static,), (v,))
         return self.outputs
 
 
@@ -225,25 +216,15 @@ class DecodeGraphs:
     cache that ``generate`` should use so that graphs stay valid across calls.
     Counters ``captures``, ``replays`` and ``eager_calls`` say what ran.
 
-    ``whole`` (optional) lets a layer be one graph from its input to its
-    output: ``whole.inputs(i, hidden_states)`` -> a dict of the extra inputs
-    layer i's MoE block reads in a replay (tensors, and plain values that key
-    the graph; {} when it needs none), or None when the block needs the host
-    (then the dense part is graphed alone); ``whole.given(i, inputs)``, a
-    context manager, makes the block read those inputs while it is captured.
-    Such layers are counted in ``whole_layers``; their captures and replays in
-    ``captures`` and ``replays`` like the dense parts'.
-
-    Otherwise the experts of a layer that never leave the device (``experts``
-    below: every expert resident, no routing sync) are a second graph per
-    layer (``experts_captures``, ``experts_replays``) and the router between
-    the two graphs stays eager.
+    The experts of a layer that never leave the device (``experts`` below: every
+    expert resident, no routing sync) are captured too, as a second graph per
+    layer (``experts_captures``, ``experts_replays``); the router between the two
+    graphs stays eager, because a replayed trace routes from host state.
     """
 
-    def __init__(self, layers, capture, whole=None):
+    def __init__(self, layers, capture):
         self.layers = list(layers)
         self.capturer = capture
-        self.whole = whole
         n = len(self.layers)
         self._entries: dict[tuple[str, int], _Entry] = {}  # (part, layer) -> its graph
         self._in_a_row: dict[tuple[str, int], int] = {}
@@ -252,8 +233,6 @@ class DecodeGraphs:
         self._stepping = [False] * n  # layer i's dense part was graphed in this call: its experts may be too
         self.reasons: dict[int, str] = {}  # layer -> why it runs eagerly for good
         self.experts_reasons: dict[int, str] = {}  # layer -> why its experts run eagerly for good
-        self.whole_reasons: dict[int, str] = {}  # layer -> why it is no longer replayed whole
-        self.whole_layers: set[int] = set()  # layers captured whole
         self.captures = self.replays = self.eager_calls = 0
         self.experts_captures = self.experts_replays = 0
         self._cache, self._cache_shape = None, None
@@ -273,7 +252,6 @@ class DecodeGraphs:
         self._entries.clear()
         self._static.clear()
         self._last.clear()
-        self.whole_layers.clear()
         self._cache = self._cache_shape = None
         self.installed = False
 
@@ -287,9 +265,7 @@ class DecodeGraphs:
         return {"layers": len(self.layers), "captures": self.captures, "replays": self.replays,
                 "eager_calls": self.eager_calls, "eager_layers": {str(k): v for k, v in self.reasons.items()},
                 "experts_captures": self.experts_captures, "experts_replays": self.experts_replays,
-                "eager_experts": {str(k): v for k, v in self.experts_reasons.items()},
-                "whole_layers": len(self.whole_layers),
-                "not_whole": {str(k): v for k, v in self.whole_reasons.items()}}
+                "eager_experts": {str(k): v for k, v in self.experts_reasons.items()}}
 
     # -- the KV cache -------------------------------------------------------------------------
     def static_cache(self, config, batch: int, tokens: int):
@@ -327,10 +303,6 @@ class DecodeGraphs:
         if args:  # not how transformers calls its layers: leave such calls to the layer's own forward
             return type(layer).forward(layer, hidden_states, *args, **kwargs)
         if self._eligible(i, hidden_states, kwargs):
-            extra = self.whole.inputs(i, hidden_states) if self.whole is not None and i not in self.whole_reasons \
-                else None
-            if extra is not None:
-                return self._whole_graphed(i, hidden_states, kwargs, extra)
             residual, normed = self._dense_graphed(i, hidden_states, kwargs)
             self._stepping[i] = True
             try:
@@ -367,18 +339,6 @@ class DecodeGraphs:
         return self._graphed("dense", i, lambda h, kw: dense_part(layer, h, **kw),
                              {"hidden_states": hidden_states, "kwargs": kwargs})
 
-    def _whole_graphed(self, i: int, hidden_states: torch.Tensor, kwargs: dict, extra: dict) -> torch.Tensor:
-        layer, whole = self.layers[i], self.whole
-
-        def fn(h, kw, ex):
-            with whole.given(i, ex):
-                residual, normed = dense_part(layer, h, **kw)
-                return (residual + layer.mlp(normed),)
-
-        self.whole_layers.add(i)
-        out = self._graphed("layer", i, fn, {"hidden_states": hidden_states, "kwargs": kwargs, "whole": extra})[0]
-        return out.clone()  # the graph's static output is rewritten by the next replay
-
     def _graphed(self, part: str, i: int, fn: Callable, inputs: dict):
         """``fn(*inputs.values())`` replayed from part ``part`` of layer i's graphs (captured first if need be)."""
         tensors, key = [], []
@@ -390,10 +350,10 @@ class DecodeGraphs:
         if entry is not None and entry.key == key and all(static[n] is t for n, t in entry.static.items()):
             self._copy_inputs(tensors)
             self._in_a_row[(part, i)] = 0
-            if part == "experts":
-                self.experts_replays += 1
-            else:
+            if part == "dense":
                 self.replays += 1
+            else:
+                self.experts_replays += 1
             return entry.graph.replay()
         return self._capture(part, i, fn, key, static, tensors, inputs)
 
@@ -401,12 +361,10 @@ class DecodeGraphs:
         slot = (part, i)
         self._in_a_row[slot] = self._in_a_row.get(slot, 0) + 1
         if self._in_a_row[slot] > MAX_RECAPTURES:
-            reasons = {"dense": self.reasons, "experts": self.experts_reasons, "layer": self.whole_reasons}[part]
+            reasons = self.reasons if part == "dense" else self.experts_reasons
             reasons[i] = f"inputs changed on each of {MAX_RECAPTURES} calls in a row: nothing to replay"
             self._entries.pop(slot, None)
-            if part == "layer":
-                self.whole_layers.discard(i)
-            if part != "experts":
+            if part == "dense":
                 self.eager_calls += 1
             return fn(*inputs.values())
         self._copy_inputs(tensors)
@@ -417,10 +375,10 @@ class DecodeGraphs:
         holds = tuple(v for obj in inputs.values() if isinstance(obj, dict) for v in obj.values()
                       if not isinstance(v, (torch.Tensor, tuple, list, dict, bool, int, float, str, type(None))))
         self._entries[slot] = _Entry(key, graph, {n: static[n] for n, _ in tensors}, holds)
-        if part == "experts":
-            self.experts_captures += 1
-        else:
+        if part == "dense":
             self.captures += 1
+        else:
+            self.experts_captures += 1
         return out
 
     def _static_inputs(self, tensors: list) -> dict:
@@ -475,8 +433,6 @@ def graphs_line(d: dict) -> str:
     """One line on what the decode graphs did in a run (``DecodeGraphs.to_dict()``), eager layers named."""
     line = (f"{d['captures']} captured for {d['layers']} layers, {d['replays']} replays, "
             f"{d['eager_calls']} eager layer calls (prefill)")
-    if d.get("whole_layers"):
-        line += f"; {d['whole_layers']} of them whole (router and resident experts in the graph)"
     if d.get("experts_captures"):
         line += (f"; sync-free experts: {d['experts_captures']} captured, {d.get('experts_replays', 0)} replays")
     eager = d.get("eager_layers") or {}
@@ -485,7 +441,4 @@ def graphs_line(d: dict) -> str:
     eager = d.get("eager_experts") or {}
     if eager:
         line += "; experts eager for good: " + "; ".join(f"layer {k}: {v}" for k, v in eager.items())
-    eager = d.get("not_whole") or {}
-    if eager:
-        line += "; no longer whole: " + "; ".join(f"layer {k}: {v}" for k, v in eager.items())
     return line

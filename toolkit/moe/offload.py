@@ -987,55 +987,14 @@ class RoutedGate(nn.Module):
         self.original = gate
         self.layer, self.n_experts = layer, n_experts
         self.__dict__["routing"], self.__dict__["phase"] = routing, phase  # plain attributes, never submodules
-        self.given: tuple[torch.Tensor, torch.Tensor] | None = None  # (index, weights) to return instead
-
-    @property
-    def reads_hidden(self) -> bool:
-        """Whether the routing reads the hidden states' values (a trace replay reads only their count)."""
-        return bool(getattr(self.routing, "reads_hidden", True))
-
-    def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [T, D] -> (top_k_index [T, K] long, top_k_weights [T, K]) on hidden's device."""
-        index, weights = self.routing.route(self.layer, hidden, self.phase())
-        return torch.as_tensor(index).to(hidden.device, torch.long), torch.as_tensor(weights).to(hidden.device)
 
     def forward(self, hidden_states):
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, D]
-        index, weights = self.given if self.given is not None else self.route(hidden)  # [T, K] each
+        index, weights = self.routing.route(self.layer, hidden, self.phase())
+        index = torch.as_tensor(index).to(hidden.device, torch.long)  # [T, K]
+        weights = torch.as_tensor(weights).to(hidden.device)  # [T, K]
         logits = torch.zeros(hidden.shape[0], self.n_experts, device=hidden.device, dtype=hidden.dtype)  # aux loss only
         return logits, weights, index
-
-
-class _WholeLayers:
-    """Which decoder layers a decode graph may hold whole (``DecodeGraphs``'s ``whole``): those whose experts never
-    leave the device and whose router runs on the device, or replays a trace (its rows are picked on the host
-    before the replay and read by the graph as inputs). Not while a recorder watches the routing."""
-
-    def __init__(self, engine: Offloaded):
-        self.engine = engine
-
-    def inputs(self, i: int, hidden_states: torch.Tensor) -> dict | None:
-        eng = self.engine
-        if not eng.experts[i].sync_free or eng.recorder is not None:
-            return None
-        gate = eng._blocks[i].gate
-        if not isinstance(gate, RoutedGate):
-            return {"phase": eng.phase}  # the model's own router: device work, captured with the rest
-        if gate.reads_hidden:  # it needs the MoE block's input, which exists only inside the graph
-            return None
-        index, weights = gate.route(hidden_states.reshape(-1, hidden_states.shape[-1]))  # [T, K] each
-        return {"phase": eng.phase, "index": index, "weights": weights}
-
-    @contextlib.contextmanager
-    def given(self, i: int, inputs: dict):
-        gate = self.engine._blocks[i].gate
-        if "index" in inputs:
-            gate.given = (inputs["index"], inputs["weights"])
-        try:
-            yield
-        finally:
-            if "index" in inputs:
-                gate.given = None
 
 
 @dataclass(frozen=True)
@@ -1165,7 +1124,7 @@ class Offloaded:
         layers = decoder_layers(model, blocks) if options.graphs else []
         if layers:
             capture = CudaCapture(device) if device.type == "cuda" else EagerCapture()
-            self.graphs = DecodeGraphs(layers, capture, whole=_WholeLayers(self)).install()
+            self.graphs = DecodeGraphs(layers, capture).install()
 
     def _start_worker(self) -> ThreadPoolExecutor:
         """The worker thread of the overlapped schedule (one: the CPU experts of a layer are one job)."""

@@ -28,8 +28,6 @@ class TraceRouter:
     Rows are (batch, seq)-flattened, as HF MoE blocks flatten hidden states.
     """
 
-    reads_hidden = False  # only the number of rows: a decode graph may take the routing as an input
-
     def __init__(self, trace: Trace, batch_size: int = 1, offsets=None):
         self.trace = load_trace(trace)
         if batch_size < 1:
