@@ -113,9 +113,9 @@ def test_resident_rows_really_move_to_the_experts_device(mixtral, monkeypatch):
         calls = []
         orig = off.experts[0]._spread_experts
 
-        def spy(p, resident_used, tok, wts, out):
+        def spy(p, resident_used, out):
             calls.append(sorted(off.experts[0].tier[int(e)] for e in resident_used))
-            return orig(p, resident_used, tok, wts, out)
+            return orig(p, resident_used, out)
 
         monkeypatch.setattr(off.experts[0], "_spread_experts", spy)
         mixtral(torch.randint(3, 256, (1, 12)))

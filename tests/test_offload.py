@@ -1,5 +1,7 @@
 """The offload engine on the CPU: logits equal the unmodified model's, decisions follow the cost model, exact counts."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -72,6 +74,44 @@ def test_logits_equal_unmodified_model_prefill_and_decode(mixtral, gpu_experts, 
     finally:
         off.restore()
     assert max_diff(ref, prefill_and_decode(mixtral, ids, mask)) == 0  # restored exactly
+
+
+LENT = CostModel.fixed(cpu=(7.2, 0.0), gpu=(0.115, 0.0), copy_ms=6.4)  # the lent H200's: a lone miss is split
+
+
+@pytest.mark.parametrize("gpu_experts,cost,overlap", [
+    (0, CPU_ALWAYS, True), (0, COPY_ALWAYS, False), (5, CPU_ALWAYS, False), (5, COPY_ALWAYS, True),
+    (5, LENT, True), (5, LENT, False), (16, CPU_ALWAYS, True),
+])
+def test_one_token_passes_gather_nothing_and_equal_the_unmodified_model(mixtral, gpu_experts, cost, overlap):
+    """Batch-1 decode passes one token: each expert's rows are that token's, taken as views (resident, copied,
+    split and CPU experts alike); the logits stay the unmodified model's."""
+    ids, mask = padded_batch(lengths=(7,))
+    ref = prefill_and_decode(mixtral, ids, mask, steps=6)
+    off = offload(mixtral, gpu_experts, device="cpu", cost_model=cost, overlap=overlap)
+    try:
+        got = prefill_and_decode(mixtral, ids, mask, steps=6)
+        assert max_diff(ref, got) < 1e-4
+        if cost is LENT:
+            assert off.stats.split_expert_calls > 0  # the split path ran on one-token passes
+    finally:
+        off.restore()
+
+
+def test_one_token_host_rows_are_views_of_the_token():
+    """The CPU experts' rows of a one-token pass: the token's activations expanded, the weights sliced where
+    their slots are in order, gathered otherwise."""
+    from toolkit.moe.offload import _Pass
+
+    mod = SimpleNamespace(n_experts=4, engine=None)
+    x = torch.arange(6.0).view(1, 6)
+    idx, w = torch.tensor([[3, 1]]), torch.tensor([[0.7, 0.3]])
+    p = _Pass(mod, x, idx, w)  # a CPU pass: its activations are the host's
+    for experts, weights in (([3], [0.7]), ([1], [0.3]), ([1, 3], [0.3, 0.7]), ([3, 1], [0.7, 0.3])):
+        rows, ws = p.host_rows(experts)
+        assert rows.shape == (len(experts), 6) and rows.data_ptr() == x.data_ptr()  # a view: nothing copied
+        assert all(torch.equal(r, x[0]) for r in rows)
+        assert ws.tolist() == pytest.approx(weights), experts
 
 
 @pytest.mark.parametrize("name", ["tiny-olmoe", "tiny-qwen3-moe"])

@@ -443,7 +443,9 @@ class _Pass:
     Positions p in [0, T*K) are the (token, slot) pairs; ``order`` [T*K] lists them
     grouped by expert (stable), so expert e owns order[rows[e]], tokens order[rows[e]] // K.
     One device-to-host transfer (and sync) brings the expert ids and weights, and for
-    small passes the activations too: the CPU experts can start at once.
+    small passes the activations too: the CPU experts can start at once. A pass of
+    one token (batch-1 decode) gathers nothing: each expert has that token's row or
+    none, so its rows are the hidden state itself and its weight a view.
     """
 
     def __init__(self, mod: OffloadedExperts, hidden, top_k_index, top_k_weights):
@@ -458,7 +460,7 @@ class _Pass:
         else:
             idx, w, x = top_k_index, top_k_weights, (hidden if small else None)
         flat = idx.reshape(-1).numpy()  # [T*K] expert of each (token, slot)
-        self.mod, self.hidden, self.top_k_weights, self.K = mod, hidden, top_k_weights, K
+        self.mod, self.hidden, self.top_k_weights, self.T, self.K = mod, hidden, top_k_weights, T, K
         self.order = np.argsort(flat, kind="stable")  # [T*K]
         self.counts = np.bincount(flat, minlength=mod.n_experts)  # [E] tokens per expert
         offs = [0, *np.cumsum(self.counts).tolist()]
@@ -477,10 +479,34 @@ class _Pass:
             self._device = (order // self.K, self.top_k_weights.reshape(-1)[order])
         return self._device
 
+    def expert_rows(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Expert e's token rows [n, D], their routing weights [n] and where they go in the layer's output [n],
+        on the device."""
+        r = self.rows[e]
+        if self.T == 1:
+            p = int(self.order[r.start])  # its (token 0, slot) position
+            return self.hidden, self.top_k_weights.reshape(-1)[p:p + 1], self.mod.engine.zero_rows(1, self.hidden.device)
+        tok, wts = self.device()
+        return self.hidden[tok[r]], wts[r], tok[r]
+
+    def output_rows(self, experts) -> torch.Tensor:
+        """Where these experts' rows go in the layer's output [R], on the device, in the order of ``experts``."""
+        if self.T == 1:
+            return self.mod.engine.zero_rows(int(self.counts[experts].sum()), self.hidden.device)
+        tok, _ = self.device()
+        return torch.cat([tok[self.rows[int(e)]] for e in experts])
+
     def host_rows(self, experts) -> tuple[torch.Tensor, torch.Tensor]:
         """Activations [R, D] and weights [R] of these experts' rows, on the host (small passes only)."""
         pos = self.order[self.rows[experts[0]]] if len(experts) == 1 else \
             np.concatenate([self.order[self.rows[e]] for e in experts])
+        if self.T == 1:  # every row is the token's: a view of it, and the weights by slicing where they allow it
+            x = self.x_host.expand(len(pos), -1)
+            if len(pos) == 1:
+                return x, self.w_host[int(pos[0]):int(pos[0]) + 1]
+            if (np.diff(pos) == 1).all():
+                return x, self.w_host[int(pos[0]):int(pos[-1]) + 1]
+            return x, self.w_host[torch.from_numpy(pos)]
         pos = torch.from_numpy(pos)  # [R] grouped positions of these experts
         return self.x_host[pos // self.K], self.w_host[pos]
 
@@ -809,7 +835,6 @@ class OffloadedExperts(nn.Module):
         eng, layer, hidden = self.engine, self.layer, p.hidden
         cuda = hidden.is_cuda
         out = torch.zeros_like(hidden)  # [T, D]
-        tok, wts = p.device() if (len(resident_used) or jobs or split or len(cpu_experts)) else (None, None)
 
         # copies: weights stream in on a side stream while the GPU computes resident experts
         if (jobs or split) and cuda:
@@ -834,23 +859,22 @@ class OffloadedExperts(nn.Module):
 
         if len(resident_used) and eng.spread:
             with _label(f"moe.gpu_experts[L{layer}]"):
-                self._spread_experts(p, resident_used, tok, wts, out)
+                self._spread_experts(p, resident_used, out)
         elif len(resident_used):
             with _label(f"moe.gpu_experts[L{layer}]"):
                 for e in resident_used:
-                    r = p.rows[e]
-                    y_e = self._expert(hidden[tok[r]], *self.gpu[int(e)], wts[r], out.dtype)  # [n, D]
-                    out.index_add_(0, tok[r], y_e)
+                    x, w, rows = p.expert_rows(int(e))  # [n, D], [n], [n]
+                    out.index_add_(0, rows, self._expert(x, *self.gpu[int(e)], w, out.dtype))
 
         with _label(f"moe.copy_experts[L{layer}]") if jobs else contextlib.nullcontext():
             for j, (e, _) in enumerate(jobs):
                 issue_more()
                 gate_up, down, ready, slot = landed.pop(j)
                 if p.counts[e]:  # on its copy device (another GPU: its rows go there, its results come back)
-                    r = p.rows[e]
-                    y_e = self._expert_on(eng.copy_devices[link.get(e, 0)], hidden[tok[r]], gate_up, down, wts[r],
-                                          out.dtype, ready)  # [n, D]
-                    out.index_add_(0, tok[r], y_e)
+                    x, w, rows = p.expert_rows(e)  # [n, D], [n], [n]
+                    y_e = self._expert_on(eng.copy_devices[link.get(e, 0)], x, gate_up, down, w, out.dtype,
+                                          ready)  # [n, D]
+                    out.index_add_(0, rows, y_e)
                 elif ready is not None:  # a prefetch: later passes read it once it has landed
                     torch.cuda.current_stream().wait_event(ready)
                 if slot is not None:
@@ -859,15 +883,15 @@ class OffloadedExperts(nn.Module):
         # the split expert: its down projection and gate/up rows [0, k) land in a slot, copied last
         if split:
             e, k = split
-            r = p.rows[e]
+            x_s, w_s, rows_s = p.expert_rows(e)  # [n, D], [n], [n]
             with _label(f"moe.copy_experts[L{layer}]"):
                 gate_up, down, ready, slot = eng.copy_in(self, e, part=k)  # [2I, D] (rows [0, k), [I, I+k)), [D, I]
                 if ready is not None:
                     torch.cuda.current_stream().wait_event(ready)
-                h_gpu = self._gate_up(hidden[tok[r]], gate_up, 0, k) if k else None  # [n, k]
+                h_gpu = self._gate_up(x_s, gate_up, 0, k) if k else None  # [n, k]
         if p.x_host is None:  # a long pass (prefill): the next layer's copies start while the CPU works
             eng.look_ahead(self.layer + 1, p.counts.sum())
-        cpu_idx = torch.cat([tok[p.rows[int(e)]] for e in cpu_experts]) if len(cpu_experts) else None  # [R']
+        cpu_idx = p.output_rows(cpu_experts) if len(cpu_experts) else None  # [R']
 
         # the CPU's results back and added in
         if job is not None:
@@ -881,14 +905,14 @@ class OffloadedExperts(nn.Module):
             if split:
                 h = h.to(hidden.device, non_blocking=True)  # [n, I-k]
                 h = torch.cat([h_gpu, h], dim=-1) if k else h  # [n, I] every intermediate unit
-                y_s = (F.linear(h, down) * wts[r][:, None]).to(out.dtype)  # [n, D]
-                out.index_add_(0, tok[r], y_s)
+                y_s = (F.linear(h, down) * w_s[:, None]).to(out.dtype)  # [n, D]
+                out.index_add_(0, rows_s, y_s)
                 eng.release(slot)
                 if p.x_host is None:
                     eng.look_ahead(self.layer + 1, p.counts.sum())  # the split's slot is free again
         return out
 
-    def _spread_experts(self, p: _Pass, resident_used, tok, wts, out) -> None:
+    def _spread_experts(self, p: _Pass, resident_used, out) -> None:
         """Resident experts over several devices: each device's rows go there, are computed, and come back.
 
         Activations move, weights stay: a device's experts' rows [R_d, D] and
@@ -896,6 +920,7 @@ class OffloadedExperts(nn.Module):
         queued first, so it runs while the first device computes its own.
         """
         eng, hidden = self.engine, p.hidden
+        tok, wts = p.device()
         by_tier: dict[int, list[int]] = {}
         for e in resident_used:
             by_tier.setdefault(self.tier[int(e)], []).append(int(e))
@@ -1083,6 +1108,7 @@ class Offloaded:
         self.decision, self.serial, self.pageable_copies = options.decision, options.serial, options.pageable_copies
         self.split = options.splits
         self.host_buffers = _HostBuffers(pin=device.type == "cuda")
+        self._zero_rows: dict = {}  # (n, device) -> zeros [n]: a one-token pass's output rows (``zero_rows``)
         self._blocks = blocks
         self._originals = [b.experts for b in blocks]
         self._orig_gates = [b.gate for b in blocks]
@@ -1178,6 +1204,15 @@ class Offloaded:
         slot = next(s for s in self._slots_on[link] if not s.busy)
         slot.busy = True
         return slot
+
+    def zero_rows(self, n: int, device: torch.device) -> torch.Tensor:
+        """A kept index [n] of zeros on ``device``: where a one-token pass's rows go in its layer's output."""
+        key = (n, device)
+        rows = self._zero_rows.get(key)
+        if rows is None:
+            with persistent():
+                rows = self._zero_rows[key] = torch.zeros(n, dtype=torch.long, device=device)
+        return rows
 
     def release(self, slot: _Slot) -> None:
         """The slot's expert has been computed (enqueued): a later copy into it waits for that."""
