@@ -168,7 +168,7 @@ notebook.show(notebook.recorded_figures("profile_cases"))
 # A GPU profile shows kernels and copies, but an offloaded decode step is held on the host: each layer
 # waits for its routing, plans, runs its CPU experts and hands their results back before the next layer
 # can start. `benchmarks/decode_timeline.py` has the engine mark those moments (`toolkit.moe.timeline`)
-# and splits a step into per-layer segments for each CPU-expert schedule: about two thirds of a step is
+# and splits a step into per-layer segments for each CPU-expert schedule: about three quarters of a step is
 # the CPU experts, most of the rest is host work around them, which no schedule hides.
 
 # %%
