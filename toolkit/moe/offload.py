@@ -500,11 +500,9 @@ class _Pass:
         """Activations [R, D] and weights [R] of these experts' rows, on the host (small passes only)."""
         pos = self.order[self.rows[experts[0]]] if len(experts) == 1 else \
             np.concatenate([self.order[self.rows[e]] for e in experts])
-        if self.T == 1:  # every row is the token's: a view of it, and the weights by slicing where they allow it
+        if self.T == 1:  # every row is the token's: a view of it, and the weights a slice where their slots run on
             x = self.x_host.expand(len(pos), -1)
-            if len(pos) == 1:
-                return x, self.w_host[int(pos[0]):int(pos[0]) + 1]
-            if (np.diff(pos) == 1).all():
+            if (np.diff(pos) == 1).all():  # one position, or consecutive ones
                 return x, self.w_host[int(pos[0]):int(pos[-1]) + 1]
             return x, self.w_host[torch.from_numpy(pos)]
         pos = torch.from_numpy(pos)  # [R] grouped positions of these experts
