@@ -29,12 +29,11 @@ import torch
 
 from toolkit.env import resolve_device
 from toolkit.errors import ToolkitError
+from toolkit.moe.run import BENCHMARK_ROUTINGS as ROUTINGS  # record label -> MoESettings.routing
 from toolkit.moe.run import MoESession, MoESettings, round_spread
 from toolkit.moe.schedule import SCHEDULES
 from toolkit.moe.timeline import SEGMENTS, HostTimeline, summary
 from toolkit.results import RunRecord, provenance
-
-ROUTINGS = {"uniform": "uniform", "trace": "synthetic-mixtral"}  # as benchmarks/moe_decode.py labels them
 
 
 def parse_args(argv=None):

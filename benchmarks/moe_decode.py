@@ -77,6 +77,7 @@ from toolkit.moe.costs import save_cost_model
 from toolkit.moe.memory import check_host_memory, host_memory_needed
 from toolkit.moe.presets import from_name
 from toolkit.moe.run import ANOMALY_SPREAD, MoESession, MoESettings, logits_check, summarize_rounds
+from toolkit.moe.run import BENCHMARK_ROUTINGS as ROUTINGS  # record label -> MoESettings.routing
 from toolkit.moe.schedule import SCHEDULED_SCHEMES
 from toolkit.results import RunRecord, provenance
 
@@ -90,7 +91,6 @@ BEAM_SCHEMES = ("all-gpu", "hf-eager", "ours", "fiddler-serial")
 # Baseline only names and places it: it runs no engine
 HF_EAGER = Baseline("hf-eager", "transformers eager generate on the unmodified model, every expert on the GPU",
                     "all", "makespan")
-ROUTINGS = {"uniform": "uniform", "trace": "synthetic-mixtral"}  # record label -> MoESettings.routing
 # --full-model: Mixtral-8x7B whole, 56 of its 256 experts on the GPU, decode only
 FULL_MODEL = {"preset": "mixtral-8x7b", "layers": 32, "budget": "56/256", "new_tokens": 32, "groups": "compare",
               "routings": "trace"}

@@ -77,13 +77,13 @@ from toolkit.moe.costs import calibrate
 from toolkit.moe.memory import check_host_memory
 from toolkit.moe.presets import from_name
 from toolkit.moe.run import ANOMALY_SPREAD, MoESession, MoESettings, logits_check, summarize_rounds
+from toolkit.moe.run import BENCHMARK_ROUTINGS as ROUTINGS  # record label -> MoESettings.routing
 from toolkit.moe.schedule import SCHEDULE_CHOICES
 from toolkit.results import RunRecord, provenance
 
 BUDGET_S = 420.0
 FULL_BUDGET_S = 560.0
 TARGET = 0.85  # bound / measured each run should reach
-ROUTINGS = {"uniform": "uniform", "trace": "synthetic-mixtral"}  # record label -> MoESettings.routing
 CARD_BYTES = 24 * 2**30  # the card whose memory limits each GPU's share
 CARD_MARGIN = 2**30  # what offload() keeps free on a GPU
 # seconds of one round (decode with its warm-up, prefill) at 8 layers and 64 tokens, before a round was

@@ -47,6 +47,8 @@ from ..errors import ToolkitError
 from .graphs import cache_keyword
 
 ROUTINGS = ("auto", "model", "uniform")  # besides a trace name or .npz path
+# the benchmarks' record labels -> MoESettings.routing: uniform random, and the synthetic Mixtral trace
+BENCHMARK_ROUTINGS = {"uniform": "uniform", "trace": "synthetic-mixtral"}
 DTYPES = ("float32", "float16", "bfloat16")
 WARMUP_ROUNDS = 5  # at most this many warm-up generations ...
 WARMUP_STEADY = 0.05  # ... stopping once two successive median decode steps agree within 5%
