@@ -11,9 +11,7 @@ same engine (``Offloaded.set_schedule``), a few untimed steps first each
 time. Per routing and schedule: the median step, each segment per step
 (mean) and per layer (median), the whole and split CPU experts per step, the
 CPU time per expert where no expert was split, and the calibrated time of a
-one-token CPU expert to set against it. ``--run-ahead on,off`` also measures
-the worker schedules with the host waiting for each layer's CPU experts
-(``Offloaded.set_schedule(run_ahead=False)``), alternating with the default.
+one-token CPU expert to set against it.
 
 Saved to OUT/decode_timeline.json with provenance after every round.
 
@@ -50,9 +48,6 @@ def parse_args(argv=None):
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
     ap.add_argument("--steps", type=int, default=None, help="timed steps per round (default 30, 4 with --quick)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--run-ahead", default="on", choices=("on", "off", "on,off"),
-                    help="worker schedules with the host running ahead of the CPU experts (on), waiting for them "
-                         "(off: recorded as '<schedule> waiting'), or both alternating (default on)")
     args = ap.parse_args(argv)
     bad = [r for r in args.routings.split(",") if r not in ROUTINGS] + \
         [s for s in args.schedules.split(",") if s not in SCHEDULES]
@@ -118,11 +113,10 @@ def main(argv=None) -> int:
             engine = s.offload(scheme="ours", gpu_experts=args.gpu_experts, schedule=schedules[0])
             try:
                 step, step_args, _ = s.decode_step(engine)
-                configs = configurations(schedules, args.run_ahead)
-                rounds: dict[str, list] = {k: [] for k in configs}
+                rounds: dict[str, list] = {k: [] for k in schedules}
                 for r in range(args.rounds):
-                    for name, (schedule, ahead) in configs.items():
-                        engine.set_schedule(*SCHEDULES[schedule], run_ahead=ahead)
+                    for name in schedules:
+                        engine.set_schedule(*SCHEDULES[name])
                         summ, (whole, split) = timed_steps(engine, step, step_args, args.steps, device)
                         n = max(1, summ["steps"])
                         summ["cpu_experts_per_step"], summ["split_experts_per_step"] = whole / n, split / n
@@ -149,20 +143,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def configurations(schedules, run_ahead: str) -> dict[str, tuple[str, bool]]:
-    """Record name -> (schedule, run ahead): the schedules as named with the host running ahead, and
-    '<schedule> waiting' without it (worker schedules only: inline ones never run ahead)."""
-    modes = [m == "on" for m in run_ahead.split(",")]
-    out = {}
-    for name in schedules:
-        if not SCHEDULES[name][0]:  # inline: once, under its own name
-            out[name] = (name, modes[0])
-            continue
-        for ahead in modes:
-            out[name if ahead else f"{name} waiting"] = (name, ahead)
-    return out
-
-
 def _combine(rounds: list[dict]) -> dict:
     """A schedule's rounds -> the median round's step and segments, the rounds' step spread, every round."""
     steps = [r["step_ms"] for r in rounds]
@@ -177,14 +157,14 @@ def _combine(rounds: list[dict]) -> dict:
 
 def print_table(record: dict) -> None:
     cols = [*SEGMENTS, "tail"]
-    print(f"{'routing':8} {'schedule':24} {'step ms':>8} " + " ".join(f"{c:>10}" for c in cols)
+    print(f"{'routing':8} {'schedule':16} {'step ms':>8} " + " ".join(f"{c:>10}" for c in cols)
           + f" {'CPU/expert':>10}")
     for label, by in record["results"].items():
         for name, r in by.items():
             per = r["per_step_ms"]
             cpu = r["cpu_ms_per_expert"]
             flag = " (rounds spread {:.0%})".format(r["step_spread"]) if r["anomalous"] else ""
-            print(f"{label:8} {name:24} {r['step_ms']:8.2f} " + " ".join(f"{per[c]:10.2f}" for c in cols)
+            print(f"{label:8} {name:16} {r['step_ms']:8.2f} " + " ".join(f"{per[c]:10.2f}" for c in cols)
                   + f" {cpu if cpu is None else round(cpu, 2)!s:>10}{flag}")
     cal = record.get("calibrated_cpu_expert_ms_1_token")
     if cal:

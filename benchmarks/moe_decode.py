@@ -22,9 +22,7 @@ OUT/moe_decode.json after every measurement so an interruption keeps what was me
    engine's default; ``all-gpu-eager``); ours without the next layer's copies started during a prefill
    layer (``ours-nolookahead``); ours planning each layer with the CPU experts' and copies' speeds
    alone instead of the calibrated contention between them (``ours-nocontention``); ours with its CPU
-   experts on torch's matmul instead of the calibrated few-token kernel (``ours-torchgemv``); ours with the
-   host waiting for each decode layer's CPU experts instead of queueing their results behind a gate and running
-   ahead (``ours-waiting``); all-gpu with its
+   experts on torch's matmul instead of the calibrated few-token kernel (``ours-torchgemv``); all-gpu with its
    experts through the per-expert path and its routing sync instead of the sync-free grouped GEMMs
    (``all-gpu-sync``); and ours with the engine's
    default schedule (``ours-default``), which differs from each ours variant by that variant's one
@@ -99,7 +97,7 @@ FULL_MODEL = {"preset": "mixtral-8x7b", "layers": 32, "budget": "56/256", "new_t
 # "ours-default": ours with the engine's default schedule (a variant's schedule is not measured either), so that
 # each variant alternates in its group with a reference that differs from it by its one switch
 ABLATIONS = ("ours-default", "ours-nosplit", "ours-inline", "ours-eager", "ours-nolookahead", "ours-nocontention",
-             "ours-torchgemv", "ours-waiting", "all-gpu-eager", "all-gpu-sync")
+             "ours-torchgemv", "all-gpu-eager", "all-gpu-sync")
 GROUPS = ("compare", "sweep", "ablation")
 # seconds one round of a configuration may take on the GPU (conservative): skipped when less than this is left;
 # later rounds use the configuration's own first round instead. Round 1 of ours measures its candidate schedules.
@@ -460,7 +458,6 @@ def main(argv=None) -> int:
                                               (ours, "ours-nolookahead", {"lookahead": False}, budget),
                                               (ours, "ours-nocontention", {"contention": False}, budget),
                                               (ours, "ours-torchgemv", {"cpu_kernel": False}, budget),
-                                              (ours, "ours-waiting", {"run_ahead": False}, budget),
                                               (get_baseline("all-gpu"), "all-gpu-eager", {"graphs": False}, total),
                                               (get_baseline("all-gpu"), "all-gpu-sync", {"sync_free": False}, total))
              if variant in args.ablations.split(",")],

@@ -123,15 +123,3 @@ def test_the_benchmark_reports_a_preset_it_cannot_build_in_one_line(tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no-such-preset" in err and "Traceback" not in err
     assert json.loads((tmp_path / "decode_timeline.json").read_text())["status"].startswith("error: ")
-
-
-def test_the_benchmark_measures_the_worker_schedules_waiting_too(tmp_path):
-    bench = load_benchmark("decode_timeline")
-    assert bench.configurations(["overlap", "inline"], "on,off") == {
-        "overlap": ("overlap", True), "overlap waiting": ("overlap", False), "inline": ("inline", True)}
-    assert bench.configurations(["overlap", "inline"], "off") == {"overlap waiting": ("overlap", False),
-                                                                   "inline": ("inline", False)}
-    assert bench.main(["--quick", "--out", str(tmp_path), "--routings", "uniform", "--rounds", "1", "--steps", "2",
-                       "--schedules", "overlap", "--run-ahead", "on,off"]) == 0
-    by = json.loads((tmp_path / "decode_timeline.json").read_text())["results"]["uniform"]
-    assert set(by) == {"overlap", "overlap waiting"} and all(r["step_ms"] > 0 for r in by.values())

@@ -232,12 +232,6 @@ def format_table(r: dict) -> str:
         lines.append("  per device                     " + "; ".join(
             f"{d['device']}: {plural(d['experts'], 'expert')}, {plural(d['rows'], 'resident row')}, "
             f"{plural(d.get('copies', 0), 'copy', 'copies')} in" for d in devices))
-    ahead = engine.get("run_ahead")
-    if ahead is True:
-        lines.append("  run ahead                      on: a decode layer's CPU results reach the GPU behind a gate, "
-                     "the host goes on")
-    elif isinstance(ahead, str):
-        lines.append(f"  run ahead                      off ({ahead}): the host waits for each layer's CPU experts")
     sync_free = engine.get("sync_free_layers")
     if sync_free:
         lines.append(f"  sync-free layers               {sync_free} of {r['layers']} (every expert resident: "

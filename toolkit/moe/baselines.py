@@ -74,7 +74,6 @@ class Baseline:
     spread_copies: bool = True  # several GPUs: a missed expert may be copied to any of them (each its own link)
     contention: bool = True  # the makespan decision plans with the measured contention of CPU experts and copies
     cpu_kernel: bool = True  # CPU experts of few tokens take the calibrated kernel (toolkit.moe.cpu_gemv) where faster
-    run_ahead: bool = True  # decode: the host queues the CPU experts' results behind a gate instead of waiting
 
     def placement_for(self, budget: int, n_layers: int, n_experts: int, popularity=None) -> np.ndarray:
         """Initial residency, bool [L, E]."""
@@ -98,7 +97,7 @@ class Baseline:
         kw = dict(decision=self.decision, serial=self.serial, pageable_copies=self.pageable_copies,
                   split=self.split, overlap=self.overlap, graphs=self.graphs, sync_free=self.sync_free,
                   lookahead=self.lookahead, spread_copies=self.spread_copies, contention=self.contention,
-                  cpu_kernel=self.cpu_kernel, run_ahead=self.run_ahead)
+                  cpu_kernel=self.cpu_kernel)
         if self.policy is not None:
             from .policies import get_policy
 

@@ -25,9 +25,7 @@ and layer:
    with the GPU's work, or inline once the GPU's work is queued
    (``Offloaded.set_schedule``; which is faster depends on the host, so a run
    measures it: ``toolkit.moe.schedule``); their activations go through reused
-   pinned buffers; in small passes (decode, beams) the host does not wait for
-   the worker: the results' copy and sum, and the next layer's work, queue
-   behind a gate the worker opens (``run_ahead``, ``toolkit.moe.stream_gate``);
+   pinned buffers;
    copied experts stream from pinned host memory into a small ring of reused
    GPU staging buffers on a side stream, pipelined with their compute;
 5. experts with no tokens cost nothing.
@@ -86,7 +84,6 @@ from .costs import CostModel, choose_threads, dtype_name, expert_forward, torch_
 from .graphs import CudaCapture, DecodeGraphs, EagerCapture, decoder_layers
 from .phases import PHASES
 from .presets import is_experts_module, moe_blocks
-from .stream_gate import HostGate, gate_for, unavailable_reason
 
 DECISIONS = ("makespan", "cpu", "copy", "fiddler")
 # Fiddler's hard-coded costs (efeslab/fiddler, mixtral.py): 7 per token on the CPU, 70 per copied expert
@@ -415,17 +412,6 @@ class _Slot:
         self.busy = False  # handed out, its compute not yet enqueued
 
 
-@dataclass(frozen=True)
-class _Gated:
-    """A small pass's CPU job the host does not wait for: the GPU waits at ``gate`` until ``ticket``, then reads
-    the results from the pinned buffers ``y`` (whole experts) and ``h`` (the split expert's activations)."""
-
-    gate: HostGate
-    ticket: int
-    y: torch.Tensor
-    h: torch.Tensor
-
-
 class _HostBuffers:
     """Reused host staging buffers (pinned with CUDA), grown on demand: no allocation per layer.
 
@@ -470,14 +456,7 @@ class _Pass:
             idx = bufs.get("route", (T, K), top_k_index.dtype).copy_(top_k_index, non_blocking=True)
             w = bufs.get("route_w", (T, K), top_k_weights.dtype).copy_(top_k_weights, non_blocking=True)
             x = bufs.get("route_x", hidden.shape, hidden.dtype).copy_(hidden, non_blocking=True) if small else None
-            eng = mod.engine
-            if eng.pending is not None and eng.sleep_ahead:
-                # the layer's one sync; the host ran ahead of CPU experts that still run: it sleeps, not spins,
-                # so that it takes no core from them
-                eng.routing_event.record()
-                eng.routing_event.synchronize()
-            else:
-                torch.cuda.current_stream().synchronize()  # the layer's one sync
+            torch.cuda.current_stream().synchronize()  # the layer's one sync
         else:
             idx, w, x = top_k_index, top_k_weights, (hidden if small else None)
         flat = idx.reshape(-1).numpy()  # [T*K] expert of each (token, slot)
@@ -612,14 +591,6 @@ class OffloadedExperts(nn.Module):
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
             return self._cpu_job(*job)
 
-    def _cpu_job_gated(self, gated: _Gated, modes, *job):
-        """Worker thread: the job, then its gate opened (also when it fails: the GPU must not wait for ever; the
-        error reaches the host at ``Offloaded.settle``)."""
-        try:
-            return self._cpu_job_in_modes(modes, *job)
-        finally:
-            gated.gate.open(gated.ticket)
-
     def _cpu_job(self, ready, x_host, w_host, segments, split, y, h):
         """Worker thread: this layer's CPU work. x_host [R, D], w_host [R] -> y [R', D] (whole experts), h [n, I-k].
 
@@ -710,7 +681,6 @@ class OffloadedExperts(nn.Module):
 
         with _label(f"moe.route[L{layer}]"):
             p = _Pass(self, hidden, top_k_index, top_k_weights)
-        eng.settle()  # the routing sync waited for the GPU, so for the gate of any job the host ran ahead of
         if eng.timeline is not None:
             eng.timeline.mark("routed", layer)
         if eng.recorder is not None:
@@ -849,13 +819,7 @@ class OffloadedExperts(nn.Module):
             # grad and inference modes are thread-local: the worker runs in the caller's, or it could not write
             # into buffers the caller made under inference_mode (and would record autograd history otherwise)
             modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
-            if eng.gate is None or p.x_host is None:
-                return eng.executor.submit(self._cpu_job_in_modes, modes, *job)
-            # a small pass: the host runs ahead, the GPU waits for the results behind the gate the job opens
-            eng.settle()
-            gated = _Gated(eng.gate, eng.gate.ticket(), y, h)
-            eng.pending = eng.executor.submit(self._cpu_job_gated, gated, modes, *job)
-            return gated
+            return eng.executor.submit(self._cpu_job_in_modes, modes, *job)
 
     def _overlapped(self, p: _Pass, resident_used, cpu_experts, jobs, fresh, split, job, ahead=None, link=None):
         """Copies on the side stream and GPU experts while the CPU job runs; one wait at the end.
@@ -929,10 +893,7 @@ class OffloadedExperts(nn.Module):
 
         # the CPU's results back and added in
         if job is not None:
-            if isinstance(job, _Gated):  # queued behind the gate: the GPU waits for them, the host goes on
-                job.gate.wait(job.ticket)
-                y, h = job.y, job.h
-            elif eng.executor is not None:
+            if eng.executor is not None:
                 y, h = job.result()
             else:  # inline: the GPU's work is already queued, so it still overlaps with this
                 with torch_threads(eng.cpu_threads):
@@ -1085,10 +1046,6 @@ class EngineOptions:
     cost model the engine holds says whether any was measured. cpu_kernel:
     CPU experts of few tokens take ``toolkit.moe.cpu_gemv`` where the
     calibration found it faster than torch's matmul (off: torch's everywhere).
-    run_ahead: in small passes (decode, beams) with the worker thread, the host
-    does not wait for the CPU experts: their results' copy and sum, and the
-    next layer's work, are queued behind a gate the worker opens
-    (``toolkit.moe.stream_gate``; off: the host waits, then queues them).
     """
 
     cpu_threads: int
@@ -1105,7 +1062,6 @@ class EngineOptions:
     spread_copies: bool = True
     contention: bool = True
     cpu_kernel: bool = True
-    run_ahead: bool = True
 
     @property
     def splits(self) -> bool:
@@ -1168,11 +1124,6 @@ class Offloaded:
         self.copy_streams = [torch.cuda.Stream(d) if d.type == "cuda" else None for d in self.copy_devices]
         self.copy_stream = self.copy_streams[0]
         self.executor = self._start_worker() if options.overlaps else None
-        # small passes' CPU results reach the GPU behind a gate (None: the host waits for them)
-        self.gate = gate_for(device) if options.run_ahead and not options.serial else None
-        self.pending = None  # the future of the CPU job the host ran ahead of (``settle``)
-        self.sleep_ahead = True  # a routing sync while a CPU job runs sleeps on a blocking event
-        self.routing_event = torch.cuda.Event(blocking=True) if device.type == "cuda" else None
         self._hooks = []
         self._orig_param_devices = original_devices
         self.experts: list[OffloadedExperts] = []
@@ -1212,18 +1163,13 @@ class Offloaded:
 
     def _install_hooks(self):
         def pre(module, args, kwargs):
-            self.settle(quiet=True)  # left by a forward that failed: its error was raised there
             if self._phase_mode == "auto":
                 x = kwargs.get("input_ids", args[0] if args else None)
                 x = kwargs.get("inputs_embeds") if x is None else x
                 if x is not None and x.dim() >= 2:
                     self._phase = "prefill" if x.shape[1] > 1 else "decode"
 
-        def post(module, args, output):
-            self.settle()  # the last layer's CPU job: done, and its error raised here, before anyone reads output
-
         self._hooks.append(self.model.register_forward_pre_hook(pre, with_kwargs=True))
-        self._hooks.append(self.model.register_forward_hook(post))
         attns = [m for name, m in self.model.named_modules() if name.endswith("self_attn")]
         if len(attns) == len(self._blocks):  # label attention per MoE layer for the profiler timeline
             for layer, attn in enumerate(attns):
@@ -1394,18 +1340,7 @@ class Offloaded:
         """How CPU experts are scheduled now: ``{"overlap": worker thread, "split": a layer may split an expert}``."""
         return {"overlap": self.executor is not None, "split": self.split}
 
-    def settle(self, quiet: bool = False) -> None:
-        """Wait for the CPU job the host ran ahead of (if any) and raise its error (``quiet``: drop it)."""
-        job, self.pending = self.pending, None
-        if job is None:
-            return
-        try:
-            job.result()
-        except Exception:
-            if not quiet:
-                raise
-
-    def set_schedule(self, overlap: bool, split: bool, run_ahead: bool | None = None) -> None:
+    def set_schedule(self, overlap: bool, split: bool) -> None:
         """Switch the schedule without offloading again: CPU experts in a worker thread or inline, split or not.
 
         Why: which schedule is fastest depends on the machine (on a host whose
@@ -1415,18 +1350,11 @@ class Offloaded:
         again per candidate would copy every resident expert again. ``overlap``
         starts the worker thread (or stops it, after its last job). ``split``
         takes effect only with the makespan decision; the serial schedule never
-        overlaps nor splits. ``run_ahead`` (None: unchanged): whether small
-        passes queue the worker's results behind a gate
-        (``offload(run_ahead=...)``). Call it between forward passes, not
-        during one.
+        overlaps nor splits. Call it between forward passes, not during one.
         """
         if not self._slots:
             raise ToolkitError("this engine has been restored: offload the model again to change its schedule")
-        self.settle()
         options = dataclasses.replace(self.options, overlap=bool(overlap), split=bool(split))
-        if run_ahead is not None and bool(run_ahead) != options.run_ahead:
-            options = dataclasses.replace(options, run_ahead=bool(run_ahead))
-            self.gate = gate_for(self.device) if options.run_ahead and not options.serial else None
         if options.overlaps and self.executor is None:
             self.executor = self._start_worker()
         elif not options.overlaps and self.executor is not None:
@@ -1492,15 +1420,6 @@ class Offloaded:
         return self._stats
 
     @property
-    def run_ahead(self) -> bool | str:
-        """Whether small passes' CPU results reach the GPU behind a gate (the host runs ahead), or why not."""
-        if self.gate is not None:
-            return self.executor is not None  # only the worker thread lets the host go on
-        if not self.options.run_ahead or self.options.serial:
-            return False
-        return f"no gate: {unavailable_reason(self.device)}"
-
-    @property
     def sync_free_layers(self) -> int:
         """Layers whose experts are all resident for good: their passes run without a routing sync."""
         return sum(mod.stacked is not None for mod in self.experts)
@@ -1539,8 +1458,7 @@ class Offloaded:
             "device": str(self.device), "policy": getattr(self.policy, "name", type(self.policy).__name__),
             "cpu_threads": self.cpu_threads, "cpu_dtype": dtype_name(self.cpu_dtype), "copy_slots": self.copy_slots,
             "cpu_kernel_tokens": getattr(self.cpu_linear, "tokens", 0),
-            "overlap": self.executor is not None, "run_ahead": self.run_ahead,
-            "decision": self.decision, "serial": self.serial,
+            "overlap": self.executor is not None, "decision": self.decision, "serial": self.serial,
             "pageable_copies": self.pageable_copies, "split": self.split, "sync_free_layers": self.sync_free_layers,
             "graphs": self.graphs.to_dict() if self.graphs is not None else None,
             "placement": self.placement.astype(int).tolist(),
@@ -1556,7 +1474,6 @@ class Offloaded:
     def restore(self):
         """Put the original experts modules and routers back; return the model (a second call does nothing)."""
         self._restored = True
-        self.settle(quiet=True)
         if self.graphs is not None:  # the graphs hold addresses of memory freed below
             self.graphs.restore()
             self.graphs = None
@@ -1582,8 +1499,6 @@ class Offloaded:
         if self.executor is not None:
             self.executor.shutdown(wait=True)
             self.executor = None
-        if self.gate is not None:
-            self.gate.open_all()  # nothing queued behind it may wait for ever
         return self.model
 
 
@@ -1606,8 +1521,7 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
             copy_slots: int = 2, overlap: bool | None = None, *, decision: str = "makespan", serial: bool = False,
             pageable_copies: bool = False, split: bool = True, devices=None, devices_budget=None,
             ranking=None, graphs: bool | None = None, sync_free: bool = True, lookahead: bool = True,
-            spread_copies: bool = True, contention: bool = True, cpu_kernel: bool = True,
-            run_ahead: bool = True) -> Offloaded:
+            spread_copies: bool = True, contention: bool = True, cpu_kernel: bool = True) -> Offloaded:
     """Split the experts of ``model`` between the GPU (``gpu_experts`` of them in total, or "all") and the CPU.
 
     placement: bool [L, E] (which experts), numeric [L, E] (a popularity
@@ -1644,13 +1558,7 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     alone (an ablation). cpu_kernel (default on): CPU experts of a few tokens
     (decode) use ``toolkit.moe.cpu_gemv`` where the calibration measured it
     faster than torch's matmul (``CostModel.cpu_kernel_tokens``); False keeps
-    torch's matmul and its times (an ablation). run_ahead (default on): in
-    small passes (decode, beams) with the worker thread, the host queues the
-    CPU experts' results and the next layer's work at once, behind a gate in
-    pinned memory that the worker opens when the results are in place
-    (``toolkit.moe.stream_gate``; needs the CUDA driver's stream-memory
-    waits, checked once); False: the host waits for the CPU experts, then
-    queues them (an ablation).
+    torch's matmul and its times (an ablation).
 
     Several devices of one host (``devices``, e.g. ["cuda:0", "cuda:1"]; the
     first is ``device``): the dense part stays on ``device``, the resident
@@ -1754,7 +1662,7 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
                             pageable_copies=bool(pageable_copies), split=bool(split), overlap=bool(overlap),
                             copy_slots=int(copy_slots), graphs=bool(graphs), sync_free=bool(sync_free),
                             lookahead=bool(lookahead), spread_copies=spread_copies, contention=bool(contention),
-                            cpu_kernel=bool(cpu_kernel), run_ahead=bool(run_ahead))
+                            cpu_kernel=bool(cpu_kernel))
     off = Offloaded(model, blocks, policy=policy, resident=resident, device=device, cost_model=cost_model,
                     routing=routing, gpu_experts=gpu_experts, original_devices=orig_devices, options=options,
                     devices=devices, tiers=tiers)

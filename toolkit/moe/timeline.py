@@ -17,9 +17,7 @@ start. The engine marks those moments when ``Offloaded.timeline`` is a
   job over (inline: the launches of the GPU's share of the layer too);
 - ``cpu``: the CPU experts;
 - ``after_cpu``: -> the layer's experts leave: results back and added in
-  (layers without CPU work: from the routing, or from entering; 0 when the
-  host left before the CPU experts ended, having queued their results
-  behind a gate: ``offload(run_ahead=True)``);
+  (layers without CPU work: from the routing, or from entering);
 - per step, ``tail``: the last layer's end -> the step's end (final norm,
   LM head, and the caller's sync).
 
@@ -56,50 +54,41 @@ def segments(events) -> tuple[list[dict], list[float], list[float]]:
     """Marks -> (one row per step and layer: step, layer and each of ``SEGMENTS`` in ms; each step's tail ms;
     each step's ms).
 
-    Only whole steps count (a ``step_start`` then a ``step_end``); marks outside them are ignored. A layer
-    ends at its exit or at its CPU experts' end, whichever is later: when the host runs ahead of the CPU
-    experts (``offload(run_ahead=True)``) it leaves the layer, and queues the next one's dense part, while
-    they still run, so the next layer's ``dense`` is the host time left after them (often 0) and its
-    ``routing`` includes the GPU catching up. A layer's spans sum to the time from the previous layer's end
-    to its own, so a step's rows plus its tail sum to the step.
+    Only whole steps count (a ``step_start`` then a ``step_end``); marks outside them are ignored. A layer's
+    spans sum to the time from the previous layer's end to its own, so a step's rows plus its tail sum to the
+    step.
     """
     rows, tails, steps = [], [], []
-    layers: dict | None = None  # layer -> {mark: time} of the step under way, in the order layers entered
-    start = None
+    current: list[dict] | None = None
+    start = last = None
+    layer: dict | None = None
     for what, lay, t in sorted(events, key=lambda e: e[2]):
         if what == "step_start":
-            layers, start = {}, t
-        elif layers is None:
+            current, start, last, layer = [], t, t, None
+        elif current is None:
             continue
-        elif what == "step_end":
-            last = start
-            for lay_, m in layers.items():
-                if "enter" not in m or "exit" not in m:
-                    continue
-                row, last = _layer_row(lay_, m, last)
-                rows.append({"step": len(steps), **row})
-            tails.append((t - last) * 1e3)
-            steps.append((t - start) * 1e3)
-            layers = None
         elif what == "enter":
-            layers.setdefault(lay, {})["enter"] = t
-        elif lay in layers:
-            layers[lay].setdefault(what, t)
+            layer = {"layer": lay, "enter": t, "dense": (t - last) * 1e3}
+        elif layer is None or lay != layer["layer"]:
+            if what == "step_end":
+                rows.extend({"step": len(steps), **r} for r in current)
+                tails.append((t - last) * 1e3)
+                steps.append((t - start) * 1e3)
+                current = None
+            continue
+        elif what in ("routed", "cpu_start", "cpu_end"):
+            layer[what] = t
+        elif what == "exit":
+            routed = layer.get("routed", layer["enter"])
+            cpu0, cpu1 = layer.get("cpu_start"), layer.get("cpu_end")
+            row = {"layer": lay, "dense": layer["dense"], "routing": (routed - layer["enter"]) * 1e3}
+            if cpu0 is not None and cpu1 is not None:
+                row.update(before_cpu=(cpu0 - routed) * 1e3, cpu=(cpu1 - cpu0) * 1e3, after_cpu=(t - cpu1) * 1e3)
+            else:
+                row.update(before_cpu=0.0, cpu=0.0, after_cpu=(t - routed) * 1e3)
+            current.append(row)
+            last, layer = t, None
     return rows, tails, steps
-
-
-def _layer_row(layer: int, m: dict, last: float) -> tuple[dict, float]:
-    """One layer's spans (ms) from its marks ``m`` and the previous layer's end -> (row, this layer's end)."""
-    cpu0, cpu1 = m.get("cpu_start"), m.get("cpu_end")
-    end = max(m["exit"], cpu1) if cpu1 is not None else m["exit"]
-    enter = max(m["enter"], last)
-    routed = max(m.get("routed", enter), enter)
-    row = {"layer": layer, "dense": (enter - last) * 1e3, "routing": (routed - enter) * 1e3}
-    if cpu0 is not None and cpu1 is not None:
-        row.update(before_cpu=(cpu0 - routed) * 1e3, cpu=(cpu1 - cpu0) * 1e3, after_cpu=(end - cpu1) * 1e3)
-    else:
-        row.update(before_cpu=0.0, cpu=0.0, after_cpu=(end - routed) * 1e3)
-    return row, end
 
 
 def summary(events) -> dict:
