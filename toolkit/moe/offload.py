@@ -800,8 +800,8 @@ class OffloadedExperts(nn.Module):
             if p.x_host is not None:  # small pass: the activations came with the routing
                 x_host, w_host = p.host_rows(cpu_list)  # [R, D], [R]
             else:  # gather the rows on the device and bring them over
-                tok, wts = p.device()
-                idx = torch.cat([tok[p.rows[e]] for e in cpu_list])  # [R]
+                _, wts = p.device()
+                idx = p.output_rows(cpu_list)  # [R]
                 x, w = p.hidden[idx], torch.cat([wts[p.rows[e]] for e in cpu_list])  # [R, D], [R]
                 if x.is_cuda:
                     x_host = bufs.get("x", x.shape, x.dtype).copy_(x, non_blocking=True)
