@@ -46,9 +46,6 @@ class HostTimeline:
     def mark(self, what: str, layer: int = -1) -> None:
         self.events.append((what, layer, self.clock()))
 
-    def clear(self) -> None:
-        self.events.clear()
-
 
 def segments(events) -> tuple[list[dict], list[float], list[float]]:
     """Marks -> (one row per step and layer: step, layer and each of ``SEGMENTS`` in ms; each step's tail ms;
