@@ -5,9 +5,9 @@ calibration and placement), one decode step at a time after the prompt
 (``MoESession.decode_step``: the dense part replayed from CUDA graphs), with
 ``Offloaded.timeline`` marking each layer (``toolkit.moe.timeline``): the
 dense part and router as launched, the routing sync, the plan and hand-over,
-the CPU experts, and the results going back. Each schedule of
-``toolkit.moe.schedule.SCHEDULES`` is measured in alternating rounds on the
-same engine (``Offloaded.set_schedule``), a few untimed steps first each
+the CPU experts, and the results going back. Each schedule a run would measure
+(``toolkit.moe.schedule.schedule_candidates``, or those named) is measured in
+alternating rounds on the same engine (``Offloaded.set_schedule``), a few untimed steps first each
 time. Per routing and schedule: the median step, each segment per step
 (mean) and per layer (median), the whole and split CPU experts per step, the
 CPU time per expert where no expert was split, and the calibrated time of a
@@ -31,7 +31,7 @@ from toolkit.env import resolve_device
 from toolkit.errors import ToolkitError
 from toolkit.moe.run import BENCHMARK_ROUTINGS as ROUTINGS  # record label -> MoESettings.routing
 from toolkit.moe.run import MoESession, MoESettings, round_spread
-from toolkit.moe.schedule import SCHEDULES
+from toolkit.moe.schedule import SCHEDULES, schedule_candidates
 from toolkit.moe.timeline import SEGMENTS, HostTimeline, summary
 from toolkit.results import RunRecord, provenance
 
@@ -45,12 +45,13 @@ def parse_args(argv=None):
     ap.add_argument("--layers", type=int, default=None, help="default 8 (2 with --quick)")
     ap.add_argument("--gpu-experts", type=int, default=None, help="default 14 (4 with --quick)")
     ap.add_argument("--routings", default="uniform,trace")
-    ap.add_argument("--schedules", default=",".join(SCHEDULES))
+    ap.add_argument("--schedules", default=None,
+                    help="comma-separated toolkit.moe.schedule.SCHEDULES names (default: the candidates a run measures)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per round (default 30, 4 with --quick)")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
     bad = [r for r in args.routings.split(",") if r not in ROUTINGS] + \
-        [s for s in args.schedules.split(",") if s not in SCHEDULES]
+        [s for s in (args.schedules or "").split(",") if s and s not in SCHEDULES]
     if bad:
         ap.error(f"unknown routing or schedule: {', '.join(bad)} (routings: {', '.join(ROUTINGS)}; schedules: "
                  f"{', '.join(SCHEDULES)})")
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
                            "steps": args.steps, "rounds": args.rounds, "segments": list(SEGMENTS)},
               "results": {}}
     run = RunRecord("decode_timeline", out_dir / "decode_timeline.json", record)
-    schedules = args.schedules.split(",")
+    named = args.schedules.split(",") if args.schedules else None
     settings = MoESettings(preset=args.preset, layers=args.layers, gpu_experts=args.gpu_experts, scheme="ours",
                            routing=ROUTINGS[args.routings.split(",")[0]], device=str(device))
     try:
@@ -110,8 +111,9 @@ def main(argv=None) -> int:
         for label in args.routings.split(","):
             s = session if session.settings.routing == ROUTINGS[label] else session.with_settings(
                 routing=ROUTINGS[label])
-            engine = s.offload(scheme="ours", gpu_experts=args.gpu_experts, schedule=schedules[0])
+            engine = s.offload(scheme="ours", gpu_experts=args.gpu_experts, schedule=named[0] if named else "auto")
             try:
+                schedules = named or list(schedule_candidates("ours", engine.options, "cuda", False)[0])
                 step, step_args, _ = s.decode_step(engine)
                 rounds: dict[str, list] = {k: [] for k in schedules}
                 for r in range(args.rounds):

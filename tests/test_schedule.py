@@ -104,12 +104,23 @@ def test_candidates_only_for_ours_on_a_gpu_with_experts_off_it():
     assert cands == ("overlap", "inline", "overlap-nosplit", "inline-nosplit") and why is None  # default first
     nosplit = dataclasses.replace(ours, split=False)
     assert S.schedule_candidates("ours", nosplit, "cuda", False)[0] == ("overlap-nosplit", "inline-nosplit")
+    # the worker leaving a core is settable but not raced by "auto" (it rarely won where measured) ...
+    many = dataclasses.replace(ours, cpu_threads=15)
+    assert S.schedule_candidates("ours", many, "cuda", False)[0] == cands
+    # ... unless an engine offloaded with it makes it the default, which is then raced against the rest
+    spared = dataclasses.replace(many, spare_cores=1)
+    assert S.schedule_candidates("ours", spared, "cuda", False)[0] == ("overlap-spare", *cands)
     for scheme in ("fiddler-serial", "lru-copy", "copy-on-demand", "all-gpu", "ours-inline"):
         assert S.schedule_candidates(scheme, ours, "cuda", False) == ((), f"fixed by scheme {scheme}")
     assert S.schedule_candidates("ours", ours, "cpu", False)[1].startswith("not measured: a cpu device")
     assert "every expert is resident" in S.schedule_candidates("ours", ours, "cuda", True)[1]
     serial = EngineOptions(cpu_threads=1, cpu_dtype=torch.float32, serial=True, overlap=True)
     assert S.schedule_name(serial) == "serial" and S.schedule_name(nosplit) == "overlap-nosplit"
+    assert S.schedule_name(spared) == "overlap-spare" and spared.worker_threads == 14
+    assert S.schedule_name(dataclasses.replace(spared, split=False)) == "overlap-nosplit-spare" in S.SCHEDULES
+    # inline the calling thread computes the CPU experts on every calibrated thread: nothing is spared
+    assert S.schedule_name(dataclasses.replace(spared, overlap=False)) == "inline"
+    assert dataclasses.replace(spared, overlap=False).worker_threads == 15
 
 
 def test_bad_schedules_are_one_clear_error():
@@ -127,26 +138,55 @@ def test_set_schedule_switches_in_place_with_identical_outputs():
     ids = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(1))
     pop = np.zeros((2, 8))
     pop[:, :2] = 1.0
-    off = get_baseline("ours").offload(model, 4, device="cpu", popularity=pop, cost_model=LENT)
+    off = get_baseline("ours").offload(model, 4, device="cpu", popularity=pop, cost_model=LENT, cpu_threads=2)
     try:
-        assert off.schedule == {"overlap": False, "split": True}  # the CPU default: inline
+        assert off.schedule == {"overlap": False, "split": True, "spare_cores": 0}  # the CPU default: inline
         out = {}
-        for name, (overlap, split) in S.SCHEDULES.items():
-            off.set_schedule(overlap, split)
-            assert (off.executor is not None) == overlap and off.schedule == {"overlap": overlap, "split": split}
+        for name, (overlap, split, spare) in S.SCHEDULES.items():
+            off.set_schedule(overlap, split, spare)
+            assert (off.executor is not None) == overlap
+            assert off.schedule == {"overlap": overlap, "split": split, "spare_cores": spare}
             assert S.schedule_name(off.options) == name and off.to_dict()["overlap"] == overlap
             r = generation.generate(off, ids, max_new_tokens=5, ignore_eos=True)
-            out[name] = (r.sequences, off.stats.split_expert_calls)
+            out[name] = (r.sequences, off.stats.split_expert_calls, off.to_dict()["worker_threads"])
         ref = out["inline"][0]
-        assert all(seq == ref for seq, _ in out.values())  # same tokens whatever the schedule
+        assert all(seq == ref for seq, _, _ in out.values())  # same tokens whatever the schedule
         assert out["inline"][1] > 0 and out["overlap"][1] > 0  # the split path really ran ...
         assert out["inline-nosplit"][1] == out["overlap-nosplit"][1] == 0  # ... and not without split
+        threads = off.cpu_threads
+        assert out["overlap-spare"][2] == threads - 1 and out["overlap"][2] == out["inline"][2] == threads
         off.set_schedule(False, True)
         assert off.executor is None  # the worker stopped
     finally:
         off.restore()
     with pytest.raises(ToolkitError, match="restored"):
         off.set_schedule(True, True)
+
+
+def test_the_spared_worker_runs_its_experts_on_one_thread_fewer():
+    """The worker's own intra-op thread count follows the spared cores, and a bad count is one clear error."""
+    model = build_moe("tiny-mixtral", seed=0)
+    off = get_baseline("ours").offload(model, 4, device="cpu", cost_model=LENT, cpu_threads=3, overlap=True)
+    try:
+        def worker_threads():
+            return off.executor.submit(torch.get_num_threads).result()
+
+        assert worker_threads() == 3
+        first = off.executor
+        off.set_schedule(True, True, 1)
+        assert off.executor is not first and worker_threads() == 2  # a new worker on the new count
+        kept = off.executor
+        off.set_schedule(True, False, 1)
+        assert off.executor is kept  # same thread count: the worker stays
+        for bad in (3, -1, 1.5, "1"):
+            with pytest.raises(ToolkitError, match="spare_cores must be a whole number from 0 to 2"):
+                off.set_schedule(True, True, bad)
+        assert off.options.spare_cores == 1  # a refused switch changes nothing
+    finally:
+        off.restore()
+    with pytest.raises(ToolkitError, match="spare_cores must be"):
+        get_baseline("ours").offload(build_moe("tiny-mixtral", seed=0), 4, device="cpu", cost_model=LENT,
+                                     cpu_threads=1, spare_cores=1)
 
 
 # -- the run: measured during warm-up, recorded -------------------------------------------------------------
@@ -187,7 +227,8 @@ def test_run_measures_the_candidates_and_keeps_the_fastest(monkeypatch, calibrat
                                     "overlap-nosplit": 75.0})
     switches = []
     real_set = Offloaded.set_schedule
-    monkeypatch.setattr(Offloaded, "set_schedule", lambda self, o, s: (switches.append((o, s)), real_set(self, o, s)))
+    monkeypatch.setattr(Offloaded, "set_schedule",
+                        lambda self, o, s, c=0: (switches.append((o, s, c)), real_set(self, o, s, c)))
     with MoESession(device="cpu", calibration=calibration, new_tokens=4, routing="uniform") as session:
         r = session.run(4)
     sched = r.schedule
@@ -195,7 +236,7 @@ def test_run_measures_the_candidates_and_keeps_the_fastest(monkeypatch, calibrat
     assert sched["candidates"] == {"inline": 61.2, "overlap": 70.4, "inline-nosplit": 64.0, "overlap-nosplit": 75.0}
     # two rounds of every candidate, alternating, then the winner's warm-up and the measured generation
     assert clock.schedules[:8] == ["inline", "overlap", "overlap-nosplit", "inline-nosplit"] * 2
-    assert clock.schedules[8:] == ["inline", "inline"] and switches[-1] == (False, True)
+    assert clock.schedules[8:] == ["inline", "inline"] and switches[-1] == (False, True, 0)
     assert r.warmup["rounds"] == 1 and r.warmup["after_schedule_rounds"] == 2 and r.warmup["steady"]
     assert r.engine["overlap"] is False and r.engine["split"] is True
     assert r.to_dict()["schedule"] == sched
@@ -279,6 +320,11 @@ def test_schedule_line_of_a_measured_run():
               "decode_ms": {"median": 61.2, "p90": 62.0}, "decode_tokens_per_s": 16.3, "end_to_end_ms": 250.0,
               "cpu_expert_calls": 3, "schedule": got.to_dict()}
     assert "  schedule                       inline (measured: inline 61.2 ms/step, overlap 70.4 ms/step)" in format_table(record).splitlines()
+    # a spared core says how many threads the worker's CPU experts ran on
+    got, _ = choose(("overlap", "overlap-spare"), {"overlap": [60.0, 60.0], "overlap-spare": [55.0, 55.0]})
+    record.update(schedule=got.to_dict(), engine={"overlap": True, "spare_cores": 1, "worker_threads": 14})
+    assert ("  schedule                       overlap-spare (measured: overlap-spare 55.0 ms/step, overlap 60.0 "
+            "ms/step); the worker's CPU experts on 14 threads") in format_table(record).splitlines()
 
 
 # -- host memory, before building -----------------------------------------------------------------------------
@@ -304,10 +350,10 @@ def test_set_schedule_on_cuda_keeps_the_tokens():
     pop[:, :2] = 1.0
     off = get_baseline("ours").offload(model, 4, device="cuda", popularity=pop, cost_model=LENT)
     try:
-        assert off.schedule == {"overlap": True, "split": True}  # the CUDA default
+        assert off.schedule == {"overlap": True, "split": True, "spare_cores": 0}  # the CUDA default
         seqs = {}
-        for name, (overlap, split) in S.SCHEDULES.items():
-            off.set_schedule(overlap, split)
+        for name, (overlap, split, spare) in S.SCHEDULES.items():
+            off.set_schedule(overlap, split, spare)
             assert (off.executor is not None) == overlap
             seqs[name] = generation.generate(off, ids, max_new_tokens=5, ignore_eos=True).sequences
         assert len(set(seqs.values())) == 1
@@ -322,9 +368,10 @@ def test_auto_measures_the_candidates_on_cuda(calibration):
         r = session.run(4)
         peer = session.run(4, scheme="fiddler-serial")
     sched = r.schedule
-    assert sched["measured"] and set(sched["candidates"]) == set(S.SCHEDULES) and sched["default"] == "overlap"
+    assert sched["measured"] and sched["default"] == "overlap"
+    assert set(sched["candidates"]) == set(S.AUTO_CANDIDATES)
     assert all(len(v) >= 2 for v in sched["rounds"].values())
-    overlap, split = S.SCHEDULES[sched["picked"]]
-    assert (r.engine["overlap"], r.engine["split"]) == (overlap, split)
+    overlap, split, spare = S.SCHEDULES[sched["picked"]]
+    assert (r.engine["overlap"], r.engine["split"], r.engine["spare_cores"]) == (overlap, split, spare)
     assert S.schedule_line(sched).startswith(f"{sched['picked']} (measured: ")
     assert peer.schedule["picked"] == "serial" and not peer.schedule["measured"]

@@ -221,9 +221,11 @@ def format_table(r: dict) -> str:
     from ..moe.schedule import schedule_line
 
     sched = schedule_line(r.get("schedule"))
-    if sched:
-        lines.append(f"  schedule                       {sched}")
     engine = r.get("engine") or {}
+    if sched:
+        if engine.get("spare_cores") and engine.get("overlap"):
+            sched += f"; the worker's CPU experts on {plural(engine['worker_threads'], 'thread')}"
+        lines.append(f"  schedule                       {sched}")
     graphs = engine.get("graphs")
     if graphs:
         lines.append(f"  decode graphs                  {graphs_line(graphs)}")

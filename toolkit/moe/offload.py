@@ -283,6 +283,18 @@ class StaticPlacement:
         return self._resident[layer]
 
 
+def _check_spare(spare_cores, cpu_threads: int) -> int:
+    """``spare_cores`` as an int the worker can leave (it keeps at least one thread); else one ToolkitError."""
+    try:
+        n = int(spare_cores)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0 or n != spare_cores or (n and n >= cpu_threads):
+        raise ToolkitError(f"spare_cores must be a whole number from 0 to {cpu_threads - 1} (the CPU experts keep "
+                           f"at least one of their {cpu_threads} threads), got {spare_cores!r}")
+    return n
+
+
 def _budget(gpu_experts, n_layers: int, n_experts: int) -> int | None:
     """``gpu_experts`` as a whole count ("all": every expert; None stays None), or a ToolkitError naming it.
 
@@ -1031,6 +1043,11 @@ class EngineOptions:
     overlap: CPU experts in a worker thread, concurrently with the GPU (never
     with serial). copy_slots: GPU staging buffers for copied experts.
     cpu_threads / cpu_dtype: the CPU experts' intra-op threads and dtype.
+    spare_cores: cores the worker thread's CPU experts leave to the host thread
+    beyond the calibration's count (they run on ``cpu_threads - spare_cores``
+    threads; only with overlap): the host thread's work between layers runs
+    beside them, and on some hosts a free core for it is worth more than the
+    thread it takes (``toolkit.moe.schedule`` measures both).
     graphs: replay the dense part of decode steps from CUDA graphs
     (``toolkit.moe.graphs``; on a CPU device the same static-input path runs
     eagerly, which tests use). sync_free: a layer whose experts are all
@@ -1062,6 +1079,7 @@ class EngineOptions:
     spread_copies: bool = True
     contention: bool = True
     cpu_kernel: bool = True
+    spare_cores: int = 0
 
     @property
     def splits(self) -> bool:
@@ -1072,6 +1090,11 @@ class EngineOptions:
     def overlaps(self) -> bool:
         """Whether CPU experts run in a worker thread (the serial schedule never overlaps)."""
         return self.overlap and not self.serial
+
+    @property
+    def worker_threads(self) -> int:
+        """Intra-op threads of the CPU experts: ``cpu_threads``, less the spared cores when they overlap."""
+        return max(1, self.cpu_threads - self.spare_cores) if self.overlaps else self.cpu_threads
 
 
 class Offloaded:
@@ -1153,7 +1176,7 @@ class Offloaded:
     def _start_worker(self) -> ThreadPoolExecutor:
         """The worker thread of the overlapped schedule (one: the CPU experts of a layer are one job)."""
         return ThreadPoolExecutor(1, thread_name_prefix="moe-cpu", initializer=self._init_worker,
-                                  initargs=(self.cpu_threads, self.device))
+                                  initargs=(self.options.worker_threads, self.device))
 
     @staticmethod
     def _init_worker(threads, device):
@@ -1337,10 +1360,12 @@ class Offloaded:
 
     @property
     def schedule(self) -> dict:
-        """How CPU experts are scheduled now: ``{"overlap": worker thread, "split": a layer may split an expert}``."""
-        return {"overlap": self.executor is not None, "split": self.split}
+        """How CPU experts are scheduled now: ``{"overlap": worker thread, "split": a layer may split an expert,
+        "spare_cores": cores the worker leaves to the host thread}``."""
+        overlap = self.executor is not None
+        return {"overlap": overlap, "split": self.split, "spare_cores": self.options.spare_cores if overlap else 0}
 
-    def set_schedule(self, overlap: bool, split: bool) -> None:
+    def set_schedule(self, overlap: bool, split: bool, spare_cores: int = 0) -> None:
         """Switch the schedule without offloading again: CPU experts in a worker thread or inline, split or not.
 
         Why: which schedule is fastest depends on the machine (on a host whose
@@ -1350,17 +1375,22 @@ class Offloaded:
         again per candidate would copy every resident expert again. ``overlap``
         starts the worker thread (or stops it, after its last job). ``split``
         takes effect only with the makespan decision; the serial schedule never
-        overlaps nor splits. Call it between forward passes, not during one.
+        overlaps nor splits. ``spare_cores``: cores the worker's CPU experts
+        leave to the host thread (``EngineOptions.spare_cores``; a new worker
+        starts when its thread count changes). Call it between forward passes,
+        not during one.
         """
         if not self._slots:
             raise ToolkitError("this engine has been restored: offload the model again to change its schedule")
-        options = dataclasses.replace(self.options, overlap=bool(overlap), split=bool(split))
-        if options.overlaps and self.executor is None:
-            self.executor = self._start_worker()
-        elif not options.overlaps and self.executor is not None:
+        spare_cores = _check_spare(spare_cores, self.cpu_threads)
+        options = dataclasses.replace(self.options, overlap=bool(overlap), split=bool(split), spare_cores=spare_cores)
+        if self.executor is not None and (not options.overlaps
+                                          or options.worker_threads != self.options.worker_threads):
             self.executor.shutdown(wait=True)
             self.executor = None
         self.options = options
+        if options.overlaps and self.executor is None:
+            self.executor = self._start_worker()
         self.split = options.splits
 
     def set_phase(self, phase: str) -> None:
@@ -1456,7 +1486,8 @@ class Offloaded:
         return {
             "gpu_experts": self.gpu_experts, "total_experts": self.n_layers * self.n_experts,
             "device": str(self.device), "policy": getattr(self.policy, "name", type(self.policy).__name__),
-            "cpu_threads": self.cpu_threads, "cpu_dtype": dtype_name(self.cpu_dtype), "copy_slots": self.copy_slots,
+            "cpu_threads": self.cpu_threads, "worker_threads": self.options.worker_threads,
+            "spare_cores": self.options.spare_cores, "cpu_dtype": dtype_name(self.cpu_dtype), "copy_slots": self.copy_slots,
             "cpu_kernel_tokens": getattr(self.cpu_linear, "tokens", 0),
             "overlap": self.executor is not None, "decision": self.decision, "serial": self.serial,
             "pageable_copies": self.pageable_copies, "split": self.split, "sync_free_layers": self.sync_free_layers,
@@ -1521,7 +1552,8 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
             copy_slots: int = 2, overlap: bool | None = None, *, decision: str = "makespan", serial: bool = False,
             pageable_copies: bool = False, split: bool = True, devices=None, devices_budget=None,
             ranking=None, graphs: bool | None = None, sync_free: bool = True, lookahead: bool = True,
-            spread_copies: bool = True, contention: bool = True, cpu_kernel: bool = True) -> Offloaded:
+            spread_copies: bool = True, contention: bool = True, cpu_kernel: bool = True,
+            spare_cores: int = 0) -> Offloaded:
     """Split the experts of ``model`` between the GPU (``gpu_experts`` of them in total, or "all") and the CPU.
 
     placement: bool [L, E] (which experts), numeric [L, E] (a popularity
@@ -1558,7 +1590,10 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     alone (an ablation). cpu_kernel (default on): CPU experts of a few tokens
     (decode) use ``toolkit.moe.cpu_gemv`` where the calibration measured it
     faster than torch's matmul (``CostModel.cpu_kernel_tokens``); False keeps
-    torch's matmul and its times (an ablation).
+    torch's matmul and its times (an ablation). spare_cores (default 0): with
+    overlap, the worker's CPU experts run on ``cpu_threads - spare_cores``
+    threads, leaving those cores to the host thread's work between layers
+    (``EngineOptions.spare_cores``; ``toolkit.moe.schedule`` measures it).
 
     Several devices of one host (``devices``, e.g. ["cuda:0", "cuda:1"]; the
     first is ``device``): the dense part stays on ``device``, the resident
@@ -1606,6 +1641,7 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
         raise ToolkitError(f"devices: several devices need a static placement, got policy "
                            f"{getattr(policy, 'name', type(policy).__name__)!r} (a cache would move experts)")
     cpu_threads = choose_threads(cpu_threads)
+    spare_cores = _check_spare(spare_cores, cpu_threads)
     spread_copies = bool(spread_copies) and devices is not None and not serial  # staging slots on every device
 
     if cost_model is None:
@@ -1662,7 +1698,7 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
                             pageable_copies=bool(pageable_copies), split=bool(split), overlap=bool(overlap),
                             copy_slots=int(copy_slots), graphs=bool(graphs), sync_free=bool(sync_free),
                             lookahead=bool(lookahead), spread_copies=spread_copies, contention=bool(contention),
-                            cpu_kernel=bool(cpu_kernel))
+                            cpu_kernel=bool(cpu_kernel), spare_cores=spare_cores)
     off = Offloaded(model, blocks, policy=policy, resident=resident, device=device, cost_model=cost_model,
                     routing=routing, gpu_experts=gpu_experts, original_devices=orig_devices, options=options,
                     devices=devices, tiers=tiers)

@@ -71,8 +71,9 @@ class MoESettings:
     policy: a placement or caching policy name overriding the scheme's.
     schedule: how scheme "ours" runs its CPU experts: "auto" (measure the
     candidates of ``toolkit.moe.schedule`` during warm-up, keep the fastest;
-    on a CPU device the engine's default, unmeasured), or "overlap", "inline",
-    "overlap-nosplit", "inline-nosplit"; the peer schemes keep their own.
+    on a CPU device the engine's default, unmeasured), or a name of
+    ``toolkit.moe.schedule.SCHEDULES`` ("overlap", "inline", "overlap-spare",
+    ...); the peer schemes keep their own.
     graphs: replay the dense part of each decode step's layers from CUDA
     graphs (``toolkit.moe.graphs``, on a GPU; False: eager, as transformers
     runs it, which shows what the graphs save).
@@ -617,7 +618,7 @@ class MoESession:
         kw = dict(cost_model=self.cost_model, routing=self.router, cpu_threads=self.cpu_threads)
         schedule = check_schedule(schedule or self.settings.schedule, base.name)
         if schedule != "auto":
-            kw["overlap"], kw["split"] = SCHEDULES[schedule]
+            kw["overlap"], kw["split"], kw["spare_cores"] = SCHEDULES[schedule]
         if not self.settings.graphs:
             kw["graphs"] = False
         policy = policy or self.settings.policy

@@ -1,10 +1,12 @@
 """How our engine schedules its CPU experts, chosen by measuring the candidates on the machine.
 
-A schedule is two switches of ``Offloaded.set_schedule``: ``overlap`` (CPU
+A schedule is the switches of ``Offloaded.set_schedule``: ``overlap`` (CPU
 experts in a worker thread, concurrently with the GPU's work and the copy
-engine, or inline on the calling thread after the GPU's work is queued) and
+engine, or inline on the calling thread after the GPU's work is queued),
 ``split`` (whether the makespan decision may split one expert per layer
-between a pinned copy and the CPU).
+between a pinned copy and the CPU) and, with the worker thread, ``spare``
+cores (its CPU experts run on one thread fewer than calibrated, leaving a
+core to the host thread, whose work between layers runs beside them).
 
 Why measure instead of model: on an H200 host (16-core Xeon) CPU experts alone
 read ~60 GB/s and pinned copies alone ~55 GB/s, but together they share ~94
@@ -12,7 +14,16 @@ GB/s of host memory bandwidth, so overlapping them bought less than the worker
 thread cost and decode ran 15% slower with the thread than inline. Which
 schedule wins depends on the host's memory system, core count and the budget,
 so ``MoESession.run`` measures the candidates on the real model during its
-warm-up, the same way the cost model measures CPU against copy time:
+warm-up, the same way the cost model measures CPU against copy time.
+
+The spared core (``overlap-spare``, ``overlap-nosplit-spare``) can be set and timed (``moe --schedule
+overlap-spare``, ``benchmarks/decode_timeline.py``) but is not a candidate of
+"auto": on three H200 hosts it beat the best other schedule once, by 2%
+(``data/gpu/cpu_threads_probe_h200.json``), and lost to it on the other two
+(inline 4-6% faster under the uniform routing, level under the trace;
+``decode_timeline_h200_spare.json``, ``decode_timeline_h200x2_spare.json``),
+so racing it would lengthen every run's warm-up for a schedule that rarely
+wins.
 
 - each candidate gets warm-up generations of the measured length, the
   candidates alternating round by round (a slow spell of the machine hits all
@@ -44,9 +55,11 @@ import numpy as np
 
 from ..errors import ToolkitError
 
-# name -> (overlap, split), the arguments of ``Offloaded.set_schedule``
-SCHEDULES = {"overlap": (True, True), "inline": (False, True),
-             "overlap-nosplit": (True, False), "inline-nosplit": (False, False)}
+# name -> (overlap, split, spare cores), the arguments of ``Offloaded.set_schedule``
+SCHEDULES = {"overlap": (True, True, 0), "inline": (False, True, 0),
+             "overlap-nosplit": (True, False, 0), "inline-nosplit": (False, False, 0),
+             "overlap-spare": (True, True, 1), "overlap-nosplit-spare": (True, False, 1)}
+AUTO_CANDIDATES = ("overlap", "inline", "overlap-nosplit", "inline-nosplit")  # what "auto" measures
 SCHEDULE_CHOICES = ("auto", *SCHEDULES)  # what ``MoESettings.schedule`` accepts
 SCHEDULED_SCHEMES = ("ours",)  # schemes whose schedule is ours to choose
 SCHEDULE_TIE = 0.03  # a candidate must beat the default by more than this fraction to replace it
@@ -57,7 +70,8 @@ def schedule_name(options) -> str:
     """The schedule an engine runs (``Offloaded.options``, an ``EngineOptions``): a ``SCHEDULES`` name, or "serial"."""
     if options.serial:
         return "serial"
-    return ("overlap" if options.overlaps else "inline") + ("" if options.splits else "-nosplit")
+    spare = "-spare" if options.overlaps and options.spare_cores else ""
+    return ("overlap" if options.overlaps else "inline") + ("" if options.splits else "-nosplit") + spare
 
 
 def check_schedule(schedule: str, scheme: str | None = None) -> str:
@@ -84,7 +98,7 @@ def schedule_candidates(scheme: str, options, device_type: str, all_resident: bo
         return (), "not measured: every expert is resident, nothing runs on the CPU"
     default = schedule_name(options)
     splits = [True, False] if options.decision == "makespan" and options.split else [options.split]
-    names = [n for n, (ov, sp) in SCHEDULES.items() if sp in splits]
+    names = [n for n in AUTO_CANDIDATES if SCHEDULES[n][1] in splits]
     return (default, *[n for n in names if n != default]), None
 
 
