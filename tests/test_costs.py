@@ -255,11 +255,11 @@ def test_calibrate_on_cuda_measures_copies_and_host_bandwidth(tmp_path):
     cm = calibrate(preset="mixtral-8x7b", device="cuda", tokens=(1, 32), repeats=3, path=tmp_path / "c.json")
     assert 0.5 < cm.copy_ms < 100 and cm.gpu_ms[0] < cm.cpu_ms[0]
     assert cm.host_bandwidth_gbs and cm.host_bandwidth_gbs > 1
-    # both paths read host memory: a CPU expert is not faster beside copies (within noise), nor 10x slower. The
-    # noise: on the 32-core two-H200 host one link's copies leave most of its ~150 GB/s free, so the ratio is ~1,
-    # and medians of three samples there have read below 0.9
+    # both paths read host memory: a CPU expert is not faster beside copies (a median below 1 is sample noise,
+    # read as 1: on the 32-core two-H200 host one link's copies leave most of its ~150 GB/s free, so the ratio
+    # is ~1, and medians of three samples there read 0.33-0.81), nor 10x slower
     assert cm.contention_links == 1 and len(cm.cpu_contention) == 2
-    assert all(0.75 < r < 10 for r in cm.cpu_contention) and 0.75 < cm.copy_contention < 10, \
+    assert all(1.0 <= r < 10 for r in cm.cpu_contention) and 1.0 <= cm.copy_contention < 10, \
         (cm.cpu_contention, cm.copy_contention)
     assert "while copying over 1 link" in cm.summary()
     # both paths at once read at least what the faster one alone does (a copy: ~55 GB/s on a PCIe 5 link)
@@ -505,3 +505,28 @@ def test_cpu_slowdown_samples_alternately_and_queues_more_copies_until_they_outl
     state["queued"].clear()
     assert costs.cpu_slowdown(cpu_ms, queue, lambda k: True, sync, warm=1, repeats=3) == 1.0
     assert state["queued"][-1] == costs.CONTENTION_MAX_QUEUE
+
+
+def test_a_cached_contention_below_one_is_measured_again(tmp_path):
+    """An entry cached before such noise was read as 1 is not reused: its plans would have sent work to the CPU."""
+    path = tmp_path / "costs.json"
+    kw = dict(copy_contention=1.05, contention_links=1, meta={"cold_copies": 4}, key="k")
+    costs.save_cost_model(CostModel.fixed(cpu_contention=(0.33, 1.1), **kw), path)
+    assert costs._cached(path, "k") is None
+    costs.save_cost_model(CostModel.fixed(cpu_contention=(1.1, 1.1), **{**kw, "copy_contention": 0.9}), path)
+    assert costs._cached(path, "k") is None
+    kept = CostModel.fixed(cpu_contention=(1.0, 1.1), **kw)
+    costs.save_cost_model(kept, path)
+    assert costs._cached(path, "k") == kept
+
+
+def test_cpu_slowdown_reads_noise_below_one_as_no_contention():
+    """The two-H200 host's samples (calibration_contention_probe_h200x2.json): the alone samples of one calibration
+    caught a spike, so the medians of three said copies made the CPU expert faster (0.81); that is read as 1."""
+    samples = iter([3.983, 3.875, 4.776, 3.778, 6.315, 3.655, 3.354, 4.028, 4.803, 3.475, 4.501, 3.592])
+    got = costs.cpu_slowdown(lambda: next(samples), lambda k: k, lambda k: False, lambda: None, warm=1, repeats=3)
+    assert got == 1.0
+    # a real slowdown is kept as measured: 4.0 ms alone, 5.0 beside the copies
+    samples = iter([4.0, 4.0, 5.0] * 4)
+    assert costs.cpu_slowdown(lambda: next(samples), lambda k: k, lambda k: False, lambda: None, warm=1,
+                              repeats=3) == pytest.approx(1.25)
