@@ -1046,8 +1046,9 @@ class EngineOptions:
     spare_cores: cores the worker thread's CPU experts leave to the host thread
     beyond the calibration's count (they run on ``cpu_threads - spare_cores``
     threads; only with overlap): the host thread's work between layers runs
-    beside them, and on some hosts a free core for it is worth more than the
-    thread it takes (``toolkit.moe.schedule`` measures both).
+    beside them; on one host of three measured a free core for it was worth
+    more than the thread it takes (the ``-spare`` schedules of
+    ``toolkit.moe.schedule``, which "auto" does not race).
     graphs: replay the dense part of decode steps from CUDA graphs
     (``toolkit.moe.graphs``; on a CPU device the same static-input path runs
     eagerly, which tests use). sync_free: a layer whose experts are all
@@ -1593,7 +1594,7 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     torch's matmul and its times (an ablation). spare_cores (default 0): with
     overlap, the worker's CPU experts run on ``cpu_threads - spare_cores``
     threads, leaving those cores to the host thread's work between layers
-    (``EngineOptions.spare_cores``; ``toolkit.moe.schedule`` measures it).
+    (``EngineOptions.spare_cores``; the ``-spare`` schedules of ``toolkit.moe.schedule``).
 
     Several devices of one host (``devices``, e.g. ["cuda:0", "cuda:1"]; the
     first is ``device``): the dense part stays on ``device``, the resident

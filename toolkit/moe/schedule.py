@@ -14,16 +14,7 @@ GB/s of host memory bandwidth, so overlapping them bought less than the worker
 thread cost and decode ran 15% slower with the thread than inline. Which
 schedule wins depends on the host's memory system, core count and the budget,
 so ``MoESession.run`` measures the candidates on the real model during its
-warm-up, the same way the cost model measures CPU against copy time.
-
-The spared core (``overlap-spare``, ``overlap-nosplit-spare``) can be set and timed (``moe --schedule
-overlap-spare``, ``benchmarks/decode_timeline.py``) but is not a candidate of
-"auto": on three H200 hosts it beat the best other schedule once, by 2%
-(``data/gpu/cpu_threads_probe_h200.json``), and lost to it on the other two
-(inline 4-6% faster under the uniform routing, level under the trace;
-``decode_timeline_h200_spare.json``, ``decode_timeline_h200x2_spare.json``),
-so racing it would lengthen every run's warm-up for a schedule that rarely
-wins.
+warm-up, the same way the cost model measures CPU against copy time:
 
 - each candidate gets warm-up generations of the measured length, the
   candidates alternating round by round (a slow spell of the machine hits all
@@ -38,6 +29,15 @@ wins.
 - the fastest wins; one within ``SCHEDULE_TIE`` (3%) of the default keeps the
   default (a difference that small is noise, and the default is the one the
   docs describe).
+
+The spared core (``overlap-spare``, ``overlap-nosplit-spare``) can be set
+and timed (``moe --schedule overlap-spare``, ``benchmarks/decode_timeline.py``)
+but is not a candidate of "auto": on three H200 hosts it beat the best other
+schedule once, by 2% (``data/gpu/cpu_threads_probe_h200.json``), and lost to
+it on the other two (inline 4-6% faster under the uniform routing, level under
+the trace; ``decode_timeline_h200_spare.json``,
+``decode_timeline_h200x2_spare.json``), so racing it would lengthen every
+run's warm-up for a schedule that rarely wins.
 
 Only scheme "ours" takes part: the peer baselines reproduce other systems, whose
 schedule is part of what they are. On a CPU device there is no copy engine to
