@@ -8,6 +8,7 @@ tests compare what each entry point really does, not what it says it does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -360,12 +361,23 @@ def test_a_steady_run_has_no_warnings():
     assert r.warnings == [] and r.to_dict()["warnings"] == []
 
 
+def test_a_run_past_the_model_s_positions_says_so():
+    r = _result_with_steps([10.0, 10.2, 9.9, 10.1])
+    r = dataclasses.replace(r, generation=dataclasses.replace(r.generation, prompt_tokens=510))  # 512 positions
+    assert r.warnings == ["the prompt and new tokens (515) run past tiny-mixtral's 512 positions: the model was not "
+                          "made for positions beyond them (the timing is still that of this length)"]
+
+
 def test_slow_steps_and_an_unsettled_warm_up_warn_next_to_the_number():
     from toolkit.cli.moe import format_table
 
     r = _result_with_steps([10.0, 10.1, 9.9, 10.0, 10.2, 10.0, 10.1, 9.9, 10.0, 95.0], steady=False)
     w = r.warnings
     assert len(w) == 2 and "median step" in w[0] and "warm-up did not settle" in w[1]
+    assert "did not settle in 2 generations (the last two" in w[1]
+    raced = _result_with_steps([10.0, 10.1, 9.9, 10.0], steady=False)
+    raced.warmup.update(rounds=1, after_schedule_rounds=4)  # four in the schedule race, one after it (a dict)
+    assert "did not settle in 5 generations (4 of them in the schedule race)" in raced.warnings[0]
     spread = _result_with_steps([10.0, 30.0, 10.0, 30.0, 10.0, 30.0])
     assert any("spread widely" in x for x in spread.warnings)
     text = format_table({**r.to_dict(), "cost_model": None})

@@ -200,9 +200,20 @@ class MoERunResult:
                 if abs(tps - by_median) > RUN_SPREAD * by_median:
                     out.append(f"tokens/s from the total time ({tps:.3g}) and from the median step ({by_median:.3g}) "
                                f"differ by more than {100 * RUN_SPREAD:.0f}%: a few slow steps dominate the total")
+        from .presets import PRESETS
+
+        limit = getattr(PRESETS.get(self.preset), "max_positions", None)
+        tokens = self.generation.prompt_tokens + self.generation.new_tokens
+        if limit is not None and tokens > limit:
+            out.append(f"the prompt and new tokens ({tokens}) run past {self.preset}'s {limit} positions: the "
+                       "model was not made for positions beyond them (the timing is still that of this length)")
         if self.warmup.get("steady") is False:
-            out.append(f"warm-up did not settle in {self.warmup.get('rounds')} rounds (successive median decode "
-                       "steps still differed by more than 5%): the measured generation may not be steady either")
+            raced = int(self.warmup.get("after_schedule_rounds") or 0)  # the picked schedule's race generations
+            n = int(self.warmup.get("rounds") or 0) + raced
+            which = f" ({raced} of them in the schedule race)" if raced else ""
+            out.append(f"warm-up did not settle in {n} generation{'s' if n != 1 else ''}{which} (the last two "
+                       f"median decode steps still differed by more than {100 * WARMUP_STEADY:.0f}%): the measured "
+                       "generation may not be steady either")
         return out
 
     def to_dict(self) -> dict:
