@@ -1,0 +1,107 @@
+"""The graph-driven step's pieces on a CPU: the GPU's share (Triton kernels in the interpreter) and the CPU's
+share (the host function) add up to every expert computed whole, at any split; bad arguments are one line."""
+
+import ctypes
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from benchmark_scripts import load_benchmark
+
+from toolkit.moe import cpu_gemv
+
+ROOT = Path(__file__).resolve().parents[1]
+gs = load_benchmark("graph_step")
+
+
+def triton_runs() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not (cpu_gemv.usable() and triton_runs()), reason="needs the CPU kernel and Triton")
+@pytest.mark.parametrize("k", [0, 32, 80, 96])
+def test_the_gpu_and_cpu_shares_add_up_to_whole_experts(k):
+    import triton
+
+    torch.manual_seed(0)
+    D, inter, K = 64, 96, 3
+    lib = gs.build()
+    gate_up_share, down_share = gs.kernels()
+    entry = ctypes.cast(cpu_gemv._library(), ctypes.c_void_p).value
+    resident = np.array([False, True, False, False])
+    lay = gs.Layer(resident, torch.device("cpu"), entry, threads=2, hidden=D, inter=inter, top_k=K, pin=False)
+    x = torch.randn(D, dtype=torch.bfloat16)
+    sel = torch.tensor([1, 2, 0])  # one resident expert, two missed
+    w = torch.tensor([0.5, 0.3, 0.2], dtype=torch.bfloat16)
+
+    gate_up_share[(K, triton.cdiv(inter, 16))](x, sel, lay.slot, lay.dev_gate_up, lay.gate_up, lay.act, D, inter, k,
+                                               BN=16, BK=32)
+    down_share[(K, triton.cdiv(D, 16))](lay.act, sel, lay.slot, lay.dev_down, lay.down, lay.ys, D, inter, k,
+                                        BD=16, BJ=32)
+    y_gpu = (lay.ys.to(torch.bfloat16).float() * w.float()[:, None]).sum(0)
+    lay.sel_h.copy_(sel)
+    lay.w_h.copy_(w)
+    lay.x_h.copy_(x)
+    lay.job.k = k
+    lib.graph_step_cpu_share(ctypes.byref(lay.job))
+    got = y_gpu + lay.y_h.float()
+
+    want = torch.zeros(D)
+    for s in range(K):
+        e = int(sel[s])
+        h = F.linear(x.float(), lay.gate_up[e].float())
+        want += float(w[s]) * F.linear(F.silu(h[:inter]) * h[inter:], lay.down[e].float())
+    assert float((got - want).norm() / want.norm()) < 0.03
+    assert lay.job.experts == (2 if k < inter else 0)  # the missed experts' CPU shares (none when the GPU has all)
+
+
+def test_units_are_whole_row_blocks():
+    assert gs.units(0.0) == 0 and gs.units(0.4) == 5728 and gs.units(0.4) % 16 == 0
+
+
+@pytest.mark.parametrize("argv, message", [(["--fractions", "0.4,x"], "numbers separated by commas"),
+                                           (["--fractions", "1.0"], "below 1"),
+                                           (["--resident", "65"], "0 to 64 experts"),
+                                           (["--down-tiles", "100"], "power of two")])
+def test_bad_arguments_are_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        gs.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_without_a_gpu_it_says_so(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "graph_step.py"), "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: graph_step needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_graphed_step_matches_torch_and_its_eager_self(tmp_path):
+    """Two Mixtral-sized layers, the GPU's share read in place from pinned memory and the CPU's in host nodes,
+    captured as one CUDA graph: close to torch, each replay equal to the eager step, every share timed."""
+    import json
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "graph_step.py"), "--out", str(tmp_path),
+                           "--layers", "2", "--resident", "4", "--fractions", "0,0.4", "--rounds", "1", "--steps", "4"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads((tmp_path / "graph_step.json").read_text())
+    assert rec["status"] == "complete"
+    for f in ("0.0", "0.4"):
+        assert rec["checks"][f]["rel_err_vs_torch"] < 0.03
+        assert rec["checks"][f]["replay_vs_eager_max_abs"] == 0.0
+        assert rec["shares"][f]["step_ms"] > 0 and rec["shares"][f]["missed_per_step"] > 0
