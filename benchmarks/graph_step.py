@@ -139,7 +139,8 @@ if triton is not None:
             cols = k0 + tl.arange(0, BK)
             xv = tl.load(x_ptr + cols).to(tl.float32)[None, :]
             wg = tl.load(w_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], mask=mask[:, None], other=0.0)
-            wu = tl.load(w_ptr + (rows[:, None] + N_INTER).to(tl.int64) * D + cols[None, :], mask=mask[:, None], other=0.0)
+            up_rows = (rows[:, None] + N_INTER).to(tl.int64)  # up's rows follow gate's
+            wu = tl.load(w_ptr + up_rows * D + cols[None, :], mask=mask[:, None], other=0.0)
             g += tl.sum(wg.to(tl.float32) * xv, axis=1)
             u += tl.sum(wu.to(tl.float32) * xv, axis=1)
         return g, u
@@ -156,7 +157,8 @@ if triton is not None:
             rows = jb * BN + tl.arange(0, BN)
             mask = rows < n
             if slot >= 0:
-                g, u = _gate_up_rows(dev_ptr + slot.to(tl.int64) * 2 * N_INTER * D, x_ptr, rows, mask, D, N_INTER, BN, BK)
+                w_ptr = dev_ptr + slot.to(tl.int64) * 2 * N_INTER * D
+                g, u = _gate_up_rows(w_ptr, x_ptr, rows, mask, D, N_INTER, BN, BK)
             else:
                 g, u = _gate_up_rows(host_ptr + e.to(tl.int64) * 2 * N_INTER * D, x_ptr, rows, mask, D, N_INTER, BN, BK)
             g = g.to(tl.bfloat16).to(tl.float32)
@@ -278,7 +280,8 @@ def main(argv=None) -> int:
               "settings": {"layers": args.layers, "experts": EXPERTS, "top_k": TOP_K, "resident": args.resident,
                            "hidden": HIDDEN, "intermediate": INTER, "expert_bytes": 3 * HIDDEN * INTER * 2,
                            "fractions": args.fractions, "rounds": args.rounds, "steps": args.steps,
-                           "blocks": BLOCKS, "down_tiles": args.down_tiles, "dense_stand_in": f"linear {HIDDEN}->{DENSE_OUT} + rms_norm"},
+                           "blocks": BLOCKS, "down_tiles": args.down_tiles,
+                           "dense_stand_in": f"linear {HIDDEN}->{DENSE_OUT} + rms_norm"},
               "checks": {}, "shares": {}}
     run = RunRecord("graph_step", out_dir / "graph_step.json", record)
     try:
@@ -307,7 +310,8 @@ def main(argv=None) -> int:
         resident.reshape(-1)[np.random.default_rng(0).choice(resident.size, args.resident, replace=False)] = True
         record["settings"]["resident_per_layer"] = resident.sum(1).tolist()
         torch.manual_seed(0)
-        run.log(f"building {args.layers} layers of experts ({args.layers * EXPERTS * 3 * HIDDEN * INTER * 2 / 1e9:.1f} GB)")
+        gb = args.layers * EXPERTS * 3 * HIDDEN * INTER * 2 / 1e9
+        run.log(f"building {args.layers} layers of experts ({gb:.1f} GB)")
         entry = ctypes.cast(cpu_gemv._library(), ctypes.c_void_p).value
         layers = [Layer(resident[L], dev, entry, threads) for L in range(args.layers)]
         side = torch.cuda.Stream()
@@ -377,7 +381,8 @@ def main(argv=None) -> int:
                 record["checks"][key] = {
                     "k": k, "rel_err_vs_torch": float((got.float() - ref.float()).norm() / ref.float().norm()),
                     "replay_vs_eager_max_abs": float((out.float() - want.float()).abs().max())}
-            run.log("checks: " + ", ".join(f"f={f} rel err {c['rel_err_vs_torch']:.4f}, replay {c['replay_vs_eager_max_abs']}"
+            run.log("checks: " + ", ".join(f"f={f} rel err {c['rel_err_vs_torch']:.4f}, replay "
+                                           f"{c['replay_vs_eager_max_abs']}"
                                            for f, c in record["checks"].items()))
             run.save()
             steps = {key: [] for key in configs.values()}

@@ -311,7 +311,8 @@ def main(argv=None) -> int:
             del dst
             best = max(v["gbs"] for k, v in zc.items() if k.startswith("gemv_"))
             # the fewest programs within 10% of the best rate: the rest of the SMs stay free for the dense part
-            programs = min(int(k.split("_")[1]) for k, v in zc.items() if k.startswith("gemv_") and v["gbs"] >= 0.9 * best)
+            programs = min(int(k.split("_")[1]) for k, v in zc.items()
+                           if k.startswith("gemv_") and v["gbs"] >= 0.9 * best)
             zc["programs_beside_the_step"] = programs
             run.log("zero-copy GEMV " + ", ".join(f"{k} {v['gbs']:.1f} GB/s" for k, v in zc.items()
                                                   if isinstance(v, dict)))
