@@ -11,7 +11,7 @@ the token's two experts
 - missed: intermediate units [0, k) on the GPU, the same GEMVs reading the
   expert's weights in place from pinned host memory (no copy into a slot),
   and units [k, I) on the CPU at the same time, in a host node
-  (``graph_step.c`` beside this script, through the toolkit's CPU kernel),
+  (``graph_step_cpu_share`` of ``host_functions.c``, through the toolkit's CPU kernel),
   which reads the routing from pinned memory;
 
 and the two sums added. The whole step is captured as one CUDA graph and
@@ -33,37 +33,22 @@ Saved to OUT/graph_step.json with provenance after every round.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from host_functions import HostPointer, ShareJob, kernel_entry, launch, library
 
 from toolkit.errors import ToolkitError
 from toolkit.results import RunRecord, provenance
 
-SOURCE = Path(__file__).with_name("graph_step.c")
 HIDDEN, INTER, EXPERTS, TOP_K = 4096, 14336, 8, 2  # Mixtral-8x7B
 DENSE_OUT = 6144  # the stand-in dense op's output features
 # the Triton kernels' tiles: BK and BD must divide the hidden size (their loads are not masked), BN divides k
 BLOCKS = {"BN": 16, "BK": 512, "BD": 32, "BJ": 256}
-
-
-class ShareJob(ctypes.Structure):
-    """The C source's ``share_job``."""
-
-    _fields_ = [("lin", ctypes.c_void_p), ("sel", ctypes.c_void_p), ("wts", ctypes.c_void_p), ("x", ctypes.c_void_p),
-                ("resident", ctypes.c_void_p), ("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p),
-                ("K", ctypes.c_int64), ("E", ctypes.c_int64), ("D", ctypes.c_int64), ("I", ctypes.c_int64),
-                ("k", ctypes.c_int64), ("h", ctypes.c_void_p), ("act", ctypes.c_void_p), ("yk", ctypes.c_void_p),
-                ("acc", ctypes.c_void_p), ("y", ctypes.c_void_p), ("threads", ctypes.c_int),
-                ("busy_s", ctypes.c_double), ("calls", ctypes.c_int64), ("experts", ctypes.c_int64)]
 
 
 def parse_args(argv=None):
@@ -102,26 +87,6 @@ def parse_args(argv=None):
 def units(fraction: float, inter: int = INTER, block: int = 16) -> int:
     """The GPU's units k of a missed expert for share ``fraction``: a whole number of the kernels' row blocks."""
     return int(round(fraction * inter / block)) * block
-
-
-def build(source: Path = SOURCE) -> ctypes.CDLL:
-    """``source`` compiled with the machine's compiler into a temporary library, loaded."""
-    from toolkit.moe.cpu_gemv import _compiler
-
-    cc = _compiler()
-    if cc is None:
-        raise ToolkitError("no C compiler (cc or gcc) on PATH: the host function cannot be built")
-    folder = Path(tempfile.mkdtemp(prefix="graph-step-"))
-    target = folder / "graph_step.so"
-    done = subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(source), "-o", str(target)],
-                          capture_output=True, text=True)
-    if done.returncode:
-        raise ToolkitError(f"{cc} could not build {source.name}: {done.stderr.strip()[-400:]}")
-    lib = ctypes.CDLL(str(target))
-    shutil.rmtree(folder, ignore_errors=True)  # the loaded library stays mapped
-    lib.graph_step_cpu_share.argtypes = [ctypes.c_void_p]
-    lib.graph_step_cpu_share.restype = None
-    return lib
 
 
 try:  # the GPU's share; ``kernels()`` says when it is missing
@@ -208,21 +173,11 @@ def kernels():
     return gate_up_share, down_share
 
 
-class HostPointer:
-    """A pinned host tensor handed to Triton by its address: with unified addressing the GPU reads it in place."""
-
-    def __init__(self, t: torch.Tensor):
-        self.t, self.dtype = t, t.dtype
-
-    def data_ptr(self) -> int:
-        return self.t.data_ptr()
-
-
 class Layer:
     """One layer's experts (all in host memory, the resident ones also on the GPU), router, stand-in dense weights,
     and the pinned buffers and job of its host node."""
 
-    def __init__(self, resident: np.ndarray, device: torch.device, entry: int, threads: int, hidden: int = HIDDEN,
+    def __init__(self, resident: np.ndarray, device: torch.device, threads: int, hidden: int = HIDDEN,
                  inter: int = INTER, top_k: int = TOP_K, pin: bool = True):
         E = len(resident)
         self.gate_up = torch.empty(E, 2 * inter, hidden, dtype=torch.bfloat16, pin_memory=pin).uniform_(-0.02, 0.02)
@@ -248,7 +203,7 @@ class Layer:
         self.scratch = [torch.empty(2 * inter, dtype=torch.bfloat16), torch.empty(inter, dtype=torch.bfloat16),
                         torch.empty(hidden, dtype=torch.bfloat16), torch.empty(hidden, dtype=torch.float32)]
         j = self.job = ShareJob()
-        j.lin, j.sel, j.wts, j.x = entry, self.sel_h.data_ptr(), self.w_h.data_ptr(), self.x_h.data_ptr()
+        j.lin, j.sel, j.wts, j.x = kernel_entry(), self.sel_h.data_ptr(), self.w_h.data_ptr(), self.x_h.data_ptr()
         j.resident, j.gate_up, j.down = self.resident.data_ptr(), self.gate_up.data_ptr(), self.down.data_ptr()
         j.K, j.E, j.D, j.I, j.k = top_k, E, hidden, inter, 0
         j.h, j.act, j.yk, j.acc = (t.data_ptr() for t in self.scratch)
@@ -288,11 +243,9 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             raise ToolkitError("graph_step needs a CUDA GPU (host nodes and Triton kernels in a CUDA graph)")
         gate_up_share, down_share = kernels()
-        from toolkit.moe import cpu_gemv
         from toolkit.moe.costs import calibrate
 
-        if cpu_gemv.why_not():
-            raise ToolkitError(f"the toolkit's CPU kernel cannot run here: {cpu_gemv.why_not()}")
+        kernel_entry()  # the CPU kernel runs here, or one line says why before anything is built
         threads = args.threads or max(1, (torch.get_num_threads() or 2) - 1)
         torch.set_num_threads(threads)
         record["settings"]["threads"] = threads
@@ -301,19 +254,14 @@ def main(argv=None) -> int:
         record["cost_model_summary"] = cm.summary()
         record["host_read_gbs"] = cm.host_read_gbs
         run.log(cm.summary())
-        lib = build()
-        host_fn = ctypes.cast(lib.graph_step_cpu_share, ctypes.c_void_p).value
-        libcuda = ctypes.CDLL("libcuda.so.1")
-        libcuda.cuLaunchHostFunc.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-        libcuda.cuLaunchHostFunc.restype = ctypes.c_int
+        lib = library()
         resident = np.zeros((args.layers, EXPERTS), dtype=bool)
         resident.reshape(-1)[np.random.default_rng(0).choice(resident.size, args.resident, replace=False)] = True
         record["settings"]["resident_per_layer"] = resident.sum(1).tolist()
         torch.manual_seed(0)
         gb = args.layers * EXPERTS * 3 * HIDDEN * INTER * 2 / 1e9
         run.log(f"building {args.layers} layers of experts ({gb:.1f} GB)")
-        entry = ctypes.cast(cpu_gemv._library(), ctypes.c_void_p).value
-        layers = [Layer(resident[L], dev, entry, threads) for L in range(args.layers)]
+        layers = [Layer(resident[L], dev, threads) for L in range(args.layers)]
         side = torch.cuda.Stream()
 
         def set_units(k: int) -> None:  # read by the host nodes when they run: set before each replay
@@ -335,9 +283,7 @@ def main(argv=None) -> int:
             lay.sel_h.copy_(sel, non_blocking=True)
             lay.w_h.copy_(w, non_blocking=True)
             lay.x_h.copy_(x[0], non_blocking=True)
-            rc = libcuda.cuLaunchHostFunc(main.cuda_stream, host_fn, ctypes.addressof(lay.job))
-            if rc:
-                raise ToolkitError(f"cuLaunchHostFunc returned CUDA error {rc}")
+            launch(main, lib.graph_step_cpu_share, lay.job)
             lay.y_cpu.copy_(lay.y_h, non_blocking=True)
             main.wait_stream(side)
             return x + (y_gpu + lay.y_cpu.float()).to(torch.bfloat16)[None]

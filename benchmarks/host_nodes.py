@@ -10,7 +10,7 @@ measures both on the machine, for one token at Mixtral-8x7B dimensions.
 
 Per layer: a GPU op standing in for the dense part (a 4096 x 6144 linear and
 an RMSNorm), the token copied to pinned memory, the layer's CPU experts
-(``host_nodes.c`` beside this script: gate/up, SiLU, down through the
+(``host_nodes_layer`` of ``host_functions.c``: gate/up, SiLU, down through the
 toolkit's CPU kernel ``toolkit.moe.cpu_gemv``), their result copied back and
 added in. Each layer's experts are distinct, so every step reads them from
 host memory. Modes, timed in alternating rounds (median of the rounds):
@@ -42,33 +42,19 @@ from __future__ import annotations
 import argparse
 import ctypes
 import math
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from host_functions import MAX_EXPERTS, HostPointer, LayerJob, kernel_entry, launch, library
 
 from toolkit.errors import ToolkitError
 from toolkit.results import RunRecord, provenance
 
-SOURCE = Path(__file__).with_name("host_nodes.c")
-MAX_EXPERTS = 8  # the C source's MAX_EXPERTS
 HIDDEN, INTER = 4096, 14336  # Mixtral-8x7B hidden and intermediate sizes
 DENSE_OUT = 6144  # the stand-in dense op's output features (q, k, v of Mixtral's attention)
-
-
-class LayerJob(ctypes.Structure):
-    """The C source's ``layer_job``."""
-
-    _fields_ = [("lin", ctypes.c_void_p), ("x", ctypes.c_void_p), ("n", ctypes.c_int),
-                ("gate_up", ctypes.c_void_p * MAX_EXPERTS), ("down", ctypes.c_void_p * MAX_EXPERTS),
-                ("h", ctypes.c_void_p), ("act", ctypes.c_void_p), ("yk", ctypes.c_void_p), ("acc", ctypes.c_void_p),
-                ("y", ctypes.c_void_p), ("D", ctypes.c_int64), ("I", ctypes.c_int64), ("threads", ctypes.c_int),
-                ("busy_s", ctypes.c_double), ("calls", ctypes.c_int64)]
 
 
 def parse_args(argv=None):
@@ -89,35 +75,6 @@ def parse_args(argv=None):
     if args.rounds < 1 or args.steps < 1:
         ap.error("--rounds and --steps must be at least 1")
     return args
-
-
-def build(source: Path = SOURCE) -> ctypes.CDLL:
-    """``source`` compiled with the machine's compiler into a temporary library, loaded."""
-    from toolkit.moe.cpu_gemv import _compiler
-
-    cc = _compiler()
-    if cc is None:
-        raise ToolkitError("no C compiler (cc or gcc) on PATH: the host function cannot be built")
-    folder = Path(tempfile.mkdtemp(prefix="host-nodes-"))
-    target = folder / "host_nodes.so"
-    done = subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(source), "-o", str(target)],
-                          capture_output=True, text=True)
-    if done.returncode:
-        raise ToolkitError(f"{cc} could not build {source.name}: {done.stderr.strip()[-400:]}")
-    lib = ctypes.CDLL(str(target))
-    shutil.rmtree(folder, ignore_errors=True)  # the loaded library stays mapped
-    lib.host_nodes_layer.argtypes = [ctypes.c_void_p]
-    lib.host_nodes_layer.restype = None
-    return lib
-
-
-def kernel_entry() -> int:
-    """The address of the toolkit's CPU kernel entry point (``toolkit_linear_bf16_path``)."""
-    from toolkit.moe import cpu_gemv
-
-    if cpu_gemv.why_not():
-        raise ToolkitError(f"the toolkit's CPU kernel cannot run here: {cpu_gemv.why_not()}")
-    return ctypes.cast(cpu_gemv._library(), ctypes.c_void_p).value
 
 
 class Layers:
@@ -186,13 +143,6 @@ def zero_copy_gemv():
                 acc += tl.sum(w.to(tl.float32) * tl.load(x_ptr + cols).to(tl.float32)[None, :], axis=1)
             tl.store(y_ptr + rows, acc.to(tl.bfloat16), mask=rows < N)
 
-    class HostPointer:  # Triton takes any object with data_ptr() and dtype; pinned memory is device-addressable
-        def __init__(self, t):
-            self.t, self.dtype = t, t.dtype
-
-        def data_ptr(self):
-            return self.t.data_ptr()
-
     def run(w_host, x, y, programs: int):
         n, k = w_host.shape
         gemv[(programs,)](HostPointer(w_host), x, y, n, k, BN=16, BK=512, PROGRAMS=programs)
@@ -226,11 +176,7 @@ def main(argv=None) -> int:
         threads = args.threads or max(1, (torch.get_num_threads() or 2) - 1)
         torch.set_num_threads(threads)
         record["settings"]["threads"] = threads
-        lib = build()
-        host_fn = ctypes.cast(lib.host_nodes_layer, ctypes.c_void_p).value
-        libcuda = ctypes.CDLL("libcuda.so.1")
-        libcuda.cuLaunchHostFunc.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-        libcuda.cuLaunchHostFunc.restype = ctypes.c_int
+        lib = library()
         run.log(f"building {sum(args.experts)} experts ({sum(args.experts) * 3 * HIDDEN * INTER * 2 / 1e9:.1f} GB)")
         layers = Layers(args.experts, threads)
         dev = torch.device("cuda")
@@ -254,13 +200,11 @@ def main(argv=None) -> int:
             return x
 
         def step_host_nodes(x):
-            stream = torch.cuda.current_stream().cuda_stream
+            stream = torch.cuda.current_stream()
             for L in range(n_layers):
                 x = dense(x)
                 layers.x_host[L].copy_(x[0], non_blocking=True)
-                rc = libcuda.cuLaunchHostFunc(stream, host_fn, ctypes.addressof(layers.jobs[L]))
-                if rc:
-                    raise ToolkitError(f"cuLaunchHostFunc returned CUDA error {rc}")
+                launch(stream, lib.host_nodes_layer, layers.jobs[L])
                 y_dev[L].copy_(layers.y_host[L], non_blocking=True)
                 x = x + y_dev[L][None]
             return x

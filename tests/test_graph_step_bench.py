@@ -3,19 +3,15 @@ share (the host function) add up to every expert computed whole, at any split; b
 
 import ctypes
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from benchmark_scripts import load_benchmark
+from benchmark_scripts import load_benchmark, run_benchmark
 
 from toolkit.moe import cpu_gemv
 
-ROOT = Path(__file__).resolve().parents[1]
 gs = load_benchmark("graph_step")
 
 
@@ -34,11 +30,10 @@ def test_the_gpu_and_cpu_shares_add_up_to_whole_experts(k):
 
     torch.manual_seed(0)
     D, inter, K = 64, 96, 3
-    lib = gs.build()
+    lib = gs.library()
     gate_up_share, down_share = gs.kernels()
-    entry = ctypes.cast(cpu_gemv._library(), ctypes.c_void_p).value
     resident = np.array([False, True, False, False])
-    lay = gs.Layer(resident, torch.device("cpu"), entry, threads=2, hidden=D, inter=inter, top_k=K, pin=False)
+    lay = gs.Layer(resident, torch.device("cpu"), threads=2, hidden=D, inter=inter, top_k=K, pin=False)
     x = torch.randn(D, dtype=torch.bfloat16)
     sel = torch.tensor([1, 2, 0])  # one resident expert, two missed
     w = torch.tensor([0.5, 0.3, 0.2], dtype=torch.bfloat16)
@@ -80,9 +75,7 @@ def test_bad_arguments_are_one_line(capsys, argv, message):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_without_a_gpu_it_says_so(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "graph_step.py"), "--out", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_benchmark("graph_step", tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: graph_step needs a CUDA GPU")
 
@@ -94,10 +87,8 @@ def test_a_graphed_step_matches_torch_and_its_eager_self(tmp_path):
     captured as one CUDA graph: close to torch, each replay equal to the eager step, every share timed."""
     import json
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "graph_step.py"), "--out", str(tmp_path),
-                           "--layers", "2", "--resident", "4", "--fractions", "0,0.4", "--rounds", "1", "--steps", "4"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    proc = run_benchmark("graph_step", tmp_path, "--layers", "2", "--resident", "4", "--fractions", "0,0.4",
+                         "--rounds", "1", "--steps", "4", timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads((tmp_path / "graph_step.json").read_text())
     assert rec["status"] == "complete"

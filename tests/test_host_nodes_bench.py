@@ -3,18 +3,13 @@ machine without a GPU gets one line and exit code 2."""
 
 import ctypes
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from benchmark_scripts import load_benchmark
+from benchmark_scripts import load_benchmark, run_benchmark
 
 from toolkit.moe import cpu_gemv
 
-ROOT = Path(__file__).resolve().parents[1]
 hn = load_benchmark("host_nodes")
 
 
@@ -22,7 +17,7 @@ hn = load_benchmark("host_nodes")
 @pytest.mark.parametrize("experts", [[1], [3, 2]])
 def test_host_function_matches_torch(experts):
     torch.manual_seed(0)
-    lib = hn.build()
+    lib = hn.library()
     layers = hn.Layers(experts, threads=2, hidden=64, inter=96, pin=False)
     for L, job in enumerate(layers.jobs):
         layers.x_host[L].copy_(torch.randn(64, dtype=torch.bfloat16))
@@ -45,9 +40,7 @@ def test_bad_expert_counts_are_one_line(capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_without_a_gpu_it_says_so(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_nodes.py"), "--out", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_benchmark("host_nodes", tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: host_nodes needs a CUDA GPU (host functions in a CUDA graph)"
     assert json.loads((tmp_path / "host_nodes.json").read_text())["status"].startswith("error: host_nodes needs")
@@ -58,10 +51,7 @@ def test_without_a_gpu_it_says_so(tmp_path):
 def test_a_captured_step_equals_the_python_chain(tmp_path):
     """Two layers of Mixtral-sized CPU experts as host nodes in a CUDA graph: the same result as per-layer
     Python, and every mode timed."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_nodes.py"), "--out", str(tmp_path),
-                           "--experts", "1,1", "--rounds", "1", "--steps", "2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_benchmark("host_nodes", tmp_path, "--experts", "1,1", "--rounds", "1", "--steps", "2", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads((tmp_path / "host_nodes.json").read_text())
     assert rec["status"] == "complete"

@@ -2,23 +2,16 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from benchmark_scripts import load_benchmark
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_scripts import load_benchmark, run_benchmark
 
 
 def run_script(name: str, out: Path, *args: str) -> dict:
     """The script in a fresh process, as on the GPU machine; -> its JSON record."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--out", str(out), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_benchmark(name, out, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / f"{name}.json").read_text())
 

@@ -96,35 +96,37 @@ def _build_dir() -> Path:
     return folder
 
 
-def _build(march: str = "native", defines: tuple[str, ...] = ()) -> Path | str:
+def _build(march: str = "native", defines: tuple[str, ...] = (), source: Path | None = None) -> Path | str:
     """The kernel compiled for ``-march=<march>`` (once per source, compiler, flags and CPU): its path, or why not.
 
     The engine builds for the machine it runs on ("native"); the tests also build the AVX2 and plain-C paths,
-    and the AMX blocking over plain-C tiles (``defines=("TOOLKIT_AMX_EMULATE",)``).
+    and the AMX blocking over plain-C tiles (``defines=("TOOLKIT_AMX_EMULATE",)``). ``source``: another C
+    file built the same way (default: the kernel's), e.g. the benchmarks' host functions that call the kernel.
     """
+    source = SOURCE if source is None else Path(source)
     cc = _compiler()
     if cc is None:
         return f"no C compiler ({os.environ.get('CC') or 'cc'} or gcc) on PATH"
-    source = SOURCE.read_bytes()
+    text = source.read_bytes()
     flags = ["-O3", f"-march={march}", *(f"-D{d}" for d in defines), "-fopenmp", "-shared", "-fPIC"]
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return f"{cc} does not run: {e}"
-    key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_flags().encode(), " ".join(flags).encode(),
+    key = hashlib.sha256(b"\0".join([text, version.encode(), _cpu_flags().encode(), " ".join(flags).encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
-    target = _build_dir() / f"cpu_gemv-{key}.so"
+    target = _build_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         return target
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([cc, *flags, str(source), "-o", tmp], capture_output=True, text=True, timeout=120)
         if done.returncode:
-            return f"{cc} could not build {SOURCE.name}: {done.stderr.strip()[-400:]}"
+            return f"{cc} could not build {source.name}: {done.stderr.strip()[-400:]}"
         os.replace(tmp, target)  # atomic: a process building the same key at once reads a whole file
     except (OSError, subprocess.SubprocessError) as e:
-        return f"{cc} could not build {SOURCE.name}: {e}"
+        return f"{cc} could not build {source.name}: {e}"
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -1,0 +1,91 @@
+"""CPU experts as CUDA host functions, for the benchmarks that capture a decode step whole (``host_nodes.py``,
+``graph_step.py``).
+
+``host_functions.c`` beside this module holds the functions; ``library()`` builds it the way the toolkit builds
+its CPU kernel (``toolkit.moe.cpu_gemv``: the machine's compiler, once per source, compiler and CPU, into the
+toolkit's cache) and loads it. Each function takes one job, a C struct mirrored here (``LayerJob``,
+``ShareJob``), whose buffers the caller keeps alive. ``launch`` queues a function on a CUDA stream
+(``cuLaunchHostFunc``); under stream capture it becomes a host node of the graph. ``HostPointer`` hands a
+pinned host tensor to a Triton kernel, which then reads it in place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+from toolkit.errors import ToolkitError
+
+SOURCE = Path(__file__).with_name("host_functions.c")
+MAX_EXPERTS = 8  # the C source's MAX_EXPERTS
+
+
+class LayerJob(ctypes.Structure):
+    """The C source's ``layer_job`` (``host_nodes_layer``)."""
+
+    _fields_ = [("lin", ctypes.c_void_p), ("x", ctypes.c_void_p), ("n", ctypes.c_int),
+                ("gate_up", ctypes.c_void_p * MAX_EXPERTS), ("down", ctypes.c_void_p * MAX_EXPERTS),
+                ("h", ctypes.c_void_p), ("act", ctypes.c_void_p), ("yk", ctypes.c_void_p), ("acc", ctypes.c_void_p),
+                ("y", ctypes.c_void_p), ("D", ctypes.c_int64), ("I", ctypes.c_int64), ("threads", ctypes.c_int),
+                ("busy_s", ctypes.c_double), ("calls", ctypes.c_int64)]
+
+
+class ShareJob(ctypes.Structure):
+    """The C source's ``share_job`` (``graph_step_cpu_share``)."""
+
+    _fields_ = [("lin", ctypes.c_void_p), ("sel", ctypes.c_void_p), ("wts", ctypes.c_void_p), ("x", ctypes.c_void_p),
+                ("resident", ctypes.c_void_p), ("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p),
+                ("K", ctypes.c_int64), ("E", ctypes.c_int64), ("D", ctypes.c_int64), ("I", ctypes.c_int64),
+                ("k", ctypes.c_int64), ("h", ctypes.c_void_p), ("act", ctypes.c_void_p), ("yk", ctypes.c_void_p),
+                ("acc", ctypes.c_void_p), ("y", ctypes.c_void_p), ("threads", ctypes.c_int),
+                ("busy_s", ctypes.c_double), ("calls", ctypes.c_int64), ("experts", ctypes.c_int64)]
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """``host_functions.c`` built for this machine and loaded, its functions' argument types declared."""
+    from toolkit.moe.cpu_gemv import _build
+
+    built = _build(source=SOURCE)
+    if isinstance(built, str):
+        raise ToolkitError(f"the host functions cannot be built: {built}")
+    lib = ctypes.CDLL(str(built))
+    for fn in (lib.host_nodes_layer, lib.graph_step_cpu_share):
+        fn.argtypes, fn.restype = [ctypes.c_void_p], None
+    return lib
+
+
+def kernel_entry() -> int:
+    """The address of the toolkit's CPU kernel entry point (``toolkit_linear_bf16_path``): each job's ``lin``."""
+    from toolkit.moe import cpu_gemv
+
+    if cpu_gemv.why_not():
+        raise ToolkitError(f"the toolkit's CPU kernel cannot run here: {cpu_gemv.why_not()}")
+    return ctypes.cast(cpu_gemv._library(), ctypes.c_void_p).value
+
+
+@functools.cache
+def _cu_launch_host_func():
+    driver = ctypes.CDLL("libcuda.so.1")
+    fn = driver.cuLaunchHostFunc
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
+    return fn
+
+
+def launch(stream, fn, job: ctypes.Structure) -> None:
+    """Queue ``fn(&job)`` (a function of ``library()``) on ``stream`` (a ``torch.cuda.Stream``), in its order."""
+    rc = _cu_launch_host_func()(stream.cuda_stream, ctypes.cast(fn, ctypes.c_void_p).value, ctypes.addressof(job))
+    if rc:
+        raise ToolkitError(f"cuLaunchHostFunc returned CUDA error {rc}")
+
+
+class HostPointer:
+    """A pinned host tensor handed to Triton by its address (Triton takes any object with ``data_ptr()`` and
+    ``dtype``): with unified addressing the GPU reads it in place."""
+
+    def __init__(self, t):
+        self.t, self.dtype = t, t.dtype
+
+    def data_ptr(self) -> int:
+        return self.t.data_ptr()
