@@ -19,6 +19,22 @@ replayed with new inputs: the host does nothing per layer. The result is
 checked against torch (every expert whole) and each replay against the eager
 step. Timed at several GPU shares f = k / I in alternating rounds.
 
+The GPU's share of a missed expert arrives one of two ways (``--modes``):
+
+- ``read``: the Triton GEMVs above read it in place from pinned memory;
+- ``copy``: the copy engines bring it into a staging slot first, then torch's
+  GEMVs compute it there. Which expert a slot holds depends on the routing,
+  which the graph does not know when it is captured, so each (slot, expert
+  that may miss) pair is a conditional node of the graph whose body is the
+  copies (``conditional_nodes.py``); the predicate, the slot's expert id being
+  that expert, is computed on the GPU. The down projection's
+  units are columns of ``down`` [D, I], so this mode keeps the experts' down
+  projections transposed too ([I, D], its units rows), for the copies.
+
+``copy_probe`` in the record times the same copies plain and inside a
+conditional node, to say whether the conditional ones still run at the
+copy engines' rate.
+
 Per share: the median step, the CPU's time in it, the missed experts' bytes a
 step, the rate both paths read them at together, and the step against the
 host-read bound: the missed bytes at the host's read ceiling from the
@@ -49,6 +65,7 @@ HIDDEN, INTER, EXPERTS, TOP_K = 4096, 14336, 8, 2  # Mixtral-8x7B
 DENSE_OUT = 6144  # the stand-in dense op's output features
 # the Triton kernels' tiles: BK and BD must divide the hidden size (their loads are not masked), BN divides k
 BLOCKS = {"BN": 16, "BK": 512, "BD": 32, "BJ": 256}
+MODES = ("read", "copy")  # how the GPU's share of a missed expert arrives
 
 
 def parse_args(argv=None):
@@ -58,6 +75,9 @@ def parse_args(argv=None):
     ap.add_argument("--resident", type=int, default=14, help="experts on the GPU across all layers (default 14)")
     ap.add_argument("--fractions", default="0,0.3,0.35,0.4,0.45",
                     help="GPU shares f = k / I of a missed expert to time, comma-separated, each in [0, 1)")
+    ap.add_argument("--modes", default="read",
+                    help="how the GPU's share arrives, comma-separated: read (in place from pinned memory), copy "
+                         "(copied into a staging slot by conditional copies); default %(default)s")
     ap.add_argument("--down-tiles", default=str(BLOCKS["BJ"]),
                     help="units of the down projection each GPU program reads per load (its row pieces from host "
                          "memory are this many bf16 long), comma-separated to time several (default %(default)s)")
@@ -77,6 +97,9 @@ def parse_args(argv=None):
         ap.error(f"--down-tiles takes whole numbers separated by commas, not {args.down_tiles!r}")
     if any(t < 16 or t & (t - 1) for t in args.down_tiles):
         ap.error("--down-tiles: each a power of two, at least 16")
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not args.modes or any(m not in MODES for m in args.modes):
+        ap.error(f"--modes: one or more of {', '.join(MODES)}, comma-separated, not {','.join(args.modes)!r}")
     if args.layers < 1 or args.rounds < 1 or args.steps < 4:
         ap.error("--layers and --rounds must be at least 1, --steps at least 4")
     if not 0 <= args.resident <= args.layers * EXPERTS:
@@ -178,10 +201,17 @@ class Layer:
     and the pinned buffers and job of its host node."""
 
     def __init__(self, resident: np.ndarray, device: torch.device, threads: int, hidden: int = HIDDEN,
-                 inter: int = INTER, top_k: int = TOP_K, pin: bool = True):
+                 inter: int = INTER, top_k: int = TOP_K, pin: bool = True, transposed_down: bool = False):
         E = len(resident)
         self.gate_up = torch.empty(E, 2 * inter, hidden, dtype=torch.bfloat16, pin_memory=pin).uniform_(-0.02, 0.02)
         self.down = torch.empty(E, hidden, inter, dtype=torch.bfloat16, pin_memory=pin).uniform_(-0.02, 0.02)
+        # the copy mode's source of the down projection's units [0, k): rows of down^T [E, I, D], contiguous
+        self.down_t = None
+        if transposed_down:
+            self.down_t = torch.empty(E, inter, hidden, dtype=torch.bfloat16, pin_memory=pin)
+            self.down_t.copy_(self.down.transpose(1, 2))
+        self.missed_ids = [int(e) for e in np.flatnonzero(~resident)]  # the experts that may miss
+        self.missed_dev = torch.as_tensor(self.missed_ids or [-1], dtype=torch.int64).to(device)
         ids = torch.as_tensor(np.flatnonzero(resident), dtype=torch.long)
         slot = torch.full((E,), -1, dtype=torch.int64)
         slot[ids] = torch.arange(len(ids))
@@ -227,6 +257,89 @@ class Layer:
         return x + y.to(x.dtype)[None]
 
 
+def conditional(conditions: torch.Tensor):
+    """``run(i, body)``: ``body()`` where the i-th element of the bool tensor ``conditions`` is true.
+
+    While torch captures a CUDA graph on the current stream, each ``run`` adds a conditional node whose body is
+    what ``body()`` queues, and the conditions are set on the GPU on each replay (``conditional_nodes.IfNodes``);
+    otherwise the conditions are read on the host, once.
+    """
+    if conditions.is_cuda and torch.cuda.is_current_stream_capturing():
+        from conditional_nodes import IfNodes
+
+        return IfNodes(conditions.contiguous()).run
+    flat = conditions.reshape(-1).tolist()
+    return lambda i, body: body() if flat[i] else None
+
+
+def copy_units(lay: Layer, e: int, s: int, k: int, stage_gu: torch.Tensor, stage_dt: torch.Tensor) -> None:
+    """Queue the copies of expert e's units [0, k) into slot s: gate rows [0, k) and up rows [I, I + k) of
+    ``gate_up[e]`` to ``stage_gu[s, :2k]``, rows [0, k) of ``down_t[e]`` to ``stage_dt[s, :k]``."""
+    inter = lay.down.shape[2]
+    stage_gu[s, :k].copy_(lay.gate_up[e, :k], non_blocking=True)
+    stage_gu[s, k:2 * k].copy_(lay.gate_up[e, inter:inter + k], non_blocking=True)
+    stage_dt[s, :k].copy_(lay.down_t[e, :k], non_blocking=True)
+
+
+def stage_missed(lay: Layer, sel: torch.Tensor, k: int, stage_gu: torch.Tensor, stage_dt: torch.Tensor,
+                 when=conditional) -> torch.Tensor:
+    """Copy the GPU's units [0, k) of each of the token's missed experts into its slot -> missed [K] bool.
+
+    Slot s (the token's s-th expert e) gets ``copy_units(lay, e, s, ...)``; a resident expert's slot is left as
+    it was. One conditional copy per (slot, expert that may miss), its predicate computed on the device: nothing
+    here reads the routing on the host (``when``: ``conditional``, or a stand-in in tests).
+    """
+    if not lay.missed_ids:
+        return torch.zeros_like(sel, dtype=torch.bool)
+    m = len(lay.missed_ids)
+    hits = sel[:, None] == lay.missed_dev[None, :]  # [K, M]: slot s holds the j-th expert that may miss
+    run = when(hits)
+    for s in range(sel.shape[0]):
+        for j, e in enumerate(lay.missed_ids):
+            run(s * m + j, lambda s=s, e=e: copy_units(lay, e, s, k, stage_gu, stage_dt))
+    return hits.any(1)
+
+
+def staged_share(x: torch.Tensor, stage_gu: torch.Tensor, stage_dt: torch.Tensor, missed: torch.Tensor,
+                 k: int) -> torch.Tensor:
+    """The GPU's units [0, k) of each missed expert from its slot: x [D] -> ys [K, D] float32, 0 in the slots of
+    the experts that did not miss (their slots hold stale weights). bf16 as torch rounds it: gate and up, SiLU,
+    the product and the down projection's sum."""
+    h = torch.matmul(stage_gu[:, :2 * k], x)  # [K, 2k]
+    act = F.silu(h[:, :k]) * h[:, k:]
+    y = torch.matmul(act[:, None, :], stage_dt[:, :k]).squeeze(1)  # [K, D]
+    return y.float() * missed[:, None]
+
+
+def copy_probe(lay: Layer, k: int, stage_gu: torch.Tensor, stage_dt: torch.Tensor, replays: int = 10) -> dict:
+    """The GPU share of one missed expert (units [0, k), 3 k D bf16) copied into its slot by a graph, plainly and
+    inside a conditional node whose predicate holds: ms and GB/s of each (medians of ``replays``). Says whether
+    a copy in a conditional body still runs at the copy engines' rate."""
+    nbytes = 3 * k * lay.gate_up.shape[2] * 2
+    yes = torch.ones(1, dtype=torch.bool, device=stage_gu.device)
+
+    def copies():
+        copy_units(lay, lay.missed_ids[0], 0, k, stage_gu, stage_dt)
+
+    out = {"bytes": nbytes}
+    for name, fn in (("plain", copies), ("conditional", lambda: conditional(yes)(0, copies))):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        times = []
+        for _ in range(replays):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graph.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        ms = float(np.median(times))
+        out[name] = {"ms": ms, "gbs": nbytes / ms / 1e6}
+        del graph
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out_dir = Path(args.out)
@@ -234,7 +347,8 @@ def main(argv=None) -> int:
     record = {"benchmark": "graph_step", "status": "running", "provenance": provenance("cuda"),
               "settings": {"layers": args.layers, "experts": EXPERTS, "top_k": TOP_K, "resident": args.resident,
                            "hidden": HIDDEN, "intermediate": INTER, "expert_bytes": 3 * HIDDEN * INTER * 2,
-                           "fractions": args.fractions, "rounds": args.rounds, "steps": args.steps,
+                           "fractions": args.fractions, "modes": args.modes, "rounds": args.rounds,
+                           "steps": args.steps,
                            "blocks": BLOCKS, "down_tiles": args.down_tiles,
                            "dense_stand_in": f"linear {HIDDEN}->{DENSE_OUT} + rms_norm"},
               "checks": {}, "shares": {}}
@@ -261,25 +375,50 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         gb = args.layers * EXPERTS * 3 * HIDDEN * INTER * 2 / 1e9
         run.log(f"building {args.layers} layers of experts ({gb:.1f} GB)")
-        layers = [Layer(resident[L], dev, threads) for L in range(args.layers)]
-        side = torch.cuda.Stream()
+        copying = "copy" in args.modes
+        layers = [Layer(resident[L], dev, threads, transposed_down=copying) for L in range(args.layers)]
+        side, copy_stream = torch.cuda.Stream(), torch.cuda.Stream()
+        # the copy mode's staging slots, one per routed expert, shared by the layers (they run one after another)
+        k_max = max([units(f) for f in args.fractions] + [16]) if copying else 16
+        stage_gu = torch.zeros(TOP_K, 2 * k_max, HIDDEN, dtype=torch.bfloat16, device=dev)
+        stage_dt = torch.zeros(TOP_K, k_max, HIDDEN, dtype=torch.bfloat16, device=dev)
+        if copying:
+            import conditional_nodes
+
+            conditional_nodes.prepare()
+        if copying and any(lay.missed_ids for lay in layers):
+            probe_layer = next(lay for lay in layers if lay.missed_ids)
+            record["copy_probe"] = copy_probe(probe_layer, k_max, stage_gu, stage_dt)
+            run.log("copy probe: " + ", ".join(f"{n} {record['copy_probe'][n]['gbs']:.1f} GB/s"
+                                               for n in ("plain", "conditional")))
 
         def set_units(k: int) -> None:  # read by the host nodes when they run: set before each replay
             for lay in layers:
                 lay.job.k = k
 
-        def layer_step(lay: Layer, x, k: int, bj: int):
+        def layer_step(lay: Layer, x, k: int, bj: int, mode: str):
             x, sel, w = lay.route(x)
             main = torch.cuda.current_stream()
             side.wait_stream(main)
+            k_read = k if mode == "read" else 0  # in the copy mode the Triton kernels compute resident experts only
             with torch.cuda.stream(side):  # the GPU's share, at the same time as the CPU's
                 gate_up_share[(TOP_K, triton.cdiv(INTER, BLOCKS["BN"]))](
-                    x[0], sel, lay.slot, lay.dev_gate_up, HostPointer(lay.gate_up), lay.act, HIDDEN, INTER, k,
+                    x[0], sel, lay.slot, lay.dev_gate_up, HostPointer(lay.gate_up), lay.act, HIDDEN, INTER, k_read,
                     BN=BLOCKS["BN"], BK=BLOCKS["BK"])
                 down_share[(TOP_K, triton.cdiv(HIDDEN, BLOCKS["BD"]))](
-                    lay.act, sel, lay.slot, lay.dev_down, HostPointer(lay.down), lay.ys, HIDDEN, INTER, k,
+                    lay.act, sel, lay.slot, lay.dev_down, HostPointer(lay.down), lay.ys, HIDDEN, INTER, k_read,
                     BD=BLOCKS["BD"], BJ=bj)
-                y_gpu = (lay.ys.to(torch.bfloat16).float() * w.float()[:, None]).sum(0)
+                ys = lay.ys.to(torch.bfloat16).float()
+            if mode == "copy" and k:
+                copy_stream.wait_stream(main)
+                with torch.cuda.stream(copy_stream):  # the missed experts' GPU units: copied in, then computed
+                    missed = stage_missed(lay, sel, k, stage_gu, stage_dt)
+                    staged = staged_share(x[0], stage_gu, stage_dt, missed, k)
+                side.wait_stream(copy_stream)
+                with torch.cuda.stream(side):
+                    ys = ys + staged
+            with torch.cuda.stream(side):
+                y_gpu = (ys * w.float()[:, None]).sum(0)
             lay.sel_h.copy_(sel, non_blocking=True)
             lay.w_h.copy_(w, non_blocking=True)
             lay.x_h.copy_(x[0], non_blocking=True)
@@ -288,15 +427,16 @@ def main(argv=None) -> int:
             main.wait_stream(side)
             return x + (y_gpu + lay.y_cpu.float()).to(torch.bfloat16)[None]
 
-        def step(x, k: int, bj: int):
+        def step(x, k: int, bj: int, mode: str):
             set_units(k)
             for lay in layers:
-                x = layer_step(lay, x, k, bj)
+                x = layer_step(lay, x, k, bj, mode)
             return x
 
-        # (GPU share, down tile) -> its record key
-        configs = {(f, bj): str(f) if len(args.down_tiles) == 1 else f"{f}/BJ{bj}"
-                   for bj in args.down_tiles for f in args.fractions}
+        # (mode, GPU share, down tile) -> its record key; a share of 0 is the same step in both modes: timed once
+        configs = {("read", f, bj): str(f) if len(args.down_tiles) == 1 else f"{f}/BJ{bj}"
+                   for bj in args.down_tiles for f in args.fractions if "read" in args.modes or f == 0}
+        configs.update({("copy", f, BLOCKS["BJ"]): f"copy {f}" for f in args.fractions if "copy" in args.modes and f})
 
         gen = torch.Generator().manual_seed(1)
         inputs = [torch.randn(1, HIDDEN, dtype=torch.bfloat16, generator=gen).to(dev) for _ in range(args.steps)]
@@ -305,27 +445,28 @@ def main(argv=None) -> int:
             ref = inputs[0].clone()
             for lay in layers:
                 ref = lay.reference(ref)
-            for (f, bj), key in configs.items():
+            for (mode, f, bj), key in configs.items():
                 k = units(f)
-                got = step(inputs[0].clone(), k, bj)
+                got = step(inputs[0].clone(), k, bj, mode)
                 torch.cuda.synchronize()
                 x_static = inputs[0].clone()
                 warm = torch.cuda.Stream()
                 warm.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(warm):
-                    step(x_static, k, bj)  # the capture's warm-up
+                    step(x_static, k, bj, mode)  # the capture's warm-up
                 torch.cuda.current_stream().wait_stream(warm)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    out = step(x_static, k, bj)
+                    out = step(x_static, k, bj, mode)
                 graphs[key] = (graph, x_static, out, k)
                 set_units(k)
                 x_static.copy_(inputs[3])
                 graph.replay()
-                want = step(inputs[3].clone(), k, bj)
+                want = step(inputs[3].clone(), k, bj, mode)
                 torch.cuda.synchronize()
                 record["checks"][key] = {
-                    "k": k, "rel_err_vs_torch": float((got.float() - ref.float()).norm() / ref.float().norm()),
+                    "mode": mode, "k": k,
+                    "rel_err_vs_torch": float((got.float() - ref.float()).norm() / ref.float().norm()),
                     "replay_vs_eager_max_abs": float((out.float() - want.float()).abs().max())}
             run.log("checks: " + ", ".join(f"f={f} rel err {c['rel_err_vs_torch']:.4f}, replay "
                                            f"{c['replay_vs_eager_max_abs']}"
@@ -352,7 +493,8 @@ def main(argv=None) -> int:
                     ms, n = float(np.median(steps[f])), float(np.median(missed[f]))
                     bound = n * eb / (cm.host_read_gbs * 1e9) * 1e3 if cm.host_read_gbs else None
                     record["shares"][f] = {
-                        "k": k, "step_ms": ms, "rounds_ms": steps[f], "spread": (max(steps[f]) - min(steps[f])) / ms,
+                        "mode": record["checks"][f]["mode"], "k": k, "step_ms": ms, "rounds_ms": steps[f],
+                        "spread": (max(steps[f]) - min(steps[f])) / ms,
                         "cpu_ms": float(np.median(cpu[f])), "missed_per_step": n,
                         "missed_gbs": n * eb / ms / 1e6, "host_bound_ms": bound,
                         "share_of_bound": bound / ms if bound else None}
@@ -375,6 +517,10 @@ def print_table(record: dict) -> None:
     s = record["settings"]
     print(f"{s['layers']} layers, {s['resident']} of {s['layers'] * s['experts']} experts resident, {s['threads']} "
           f"threads; host read ceiling {record.get('host_read_gbs') or float('nan'):.1f} GB/s")
+    probe = record.get("copy_probe")
+    if probe:
+        print(f"one missed expert's GPU units ({probe['bytes'] / 1e6:.0f} MB) copied by a graph: "
+              f"{probe['plain']['gbs']:.1f} GB/s plainly, {probe['conditional']['gbs']:.1f} GB/s in a conditional node")
     print(f"{'GPU share':>9} {'step ms':>8} {'spread':>7} {'CPU ms':>7} {'missed':>7} {'GB/s':>6} {'bound ms':>9} "
           f"{'of bound':>9}")
     for f, r in record["shares"].items():

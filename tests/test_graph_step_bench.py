@@ -59,6 +59,71 @@ def test_the_gpu_and_cpu_shares_add_up_to_whole_experts(k):
     assert lay.job.experts == (2 if k < inter else 0)  # the missed experts' CPU shares (none when the GPU has all)
 
 
+@pytest.mark.skipif(not cpu_gemv.usable(), reason="needs the CPU kernel")
+@pytest.mark.parametrize("k", [16, 48])
+def test_copied_gpu_units_and_the_cpu_share_add_up_to_whole_experts(k):
+    """The copy mode: each missed expert's units [0, k) staged into its slot (stale weights in the others),
+    computed there, plus the CPU's units [k, I) and the resident expert whole, give every expert whole."""
+    torch.manual_seed(0)
+    D, inter, K = 64, 96, 3
+    lib = gs.library()
+    resident = np.array([False, True, False, False])
+    lay = gs.Layer(resident, torch.device("cpu"), threads=2, hidden=D, inter=inter, top_k=K, pin=False,
+                   transposed_down=True)
+    assert torch.equal(lay.down_t, lay.down.transpose(1, 2)) and lay.missed_ids == [0, 2, 3]
+    x = torch.randn(D, dtype=torch.bfloat16)
+    sel = torch.tensor([1, 2, 0])  # one resident expert, two missed
+    w = torch.tensor([0.5, 0.3, 0.2], dtype=torch.bfloat16)
+    stage_gu = torch.randn(K, 2 * k, D).to(torch.bfloat16)  # stale weights from an earlier layer
+    stage_dt = torch.randn(K, k, D).to(torch.bfloat16)
+
+    missed = gs.stage_missed(lay, sel, k, stage_gu, stage_dt)
+    staged = gs.staged_share(x, stage_gu, stage_dt, missed, k)
+    assert missed.tolist() == [False, True, True]
+    assert torch.equal(staged[0], torch.zeros(D))  # the resident expert's slot counts for nothing
+    assert torch.equal(stage_gu[2, :k], lay.gate_up[0, :k]) and torch.equal(stage_dt[1], lay.down_t[2, :k])
+
+    lay.sel_h.copy_(sel)
+    lay.w_h.copy_(w)
+    lay.x_h.copy_(x)
+    lay.job.k = k
+    lib.graph_step_cpu_share(ctypes.byref(lay.job))
+
+    def whole(e):
+        h = F.linear(x.float(), lay.gate_up[e].float())
+        return F.linear(F.silu(h[:inter]) * h[inter:], lay.down[e].float())
+
+    got = (staged.to(torch.bfloat16).float() * w.float()[:, None]).sum(0) + lay.y_h.float() + float(w[0]) * whole(1)
+    want = sum(float(w[s]) * whole(int(sel[s])) for s in range(K))
+    assert float((got - want).norm() / want.norm()) < 0.03
+    assert lay.job.experts == 2
+
+
+def test_one_conditional_copy_per_slot_and_expert_that_may_miss():
+    """Under capture each (slot, expert that may miss) pair is one conditional body; its predicate says whether
+    the slot's expert is that one, and the body copies exactly that expert's units."""
+    D, inter, K, k = 32, 48, 2, 16
+    resident = np.array([True, False, True, False, False])
+    lay = gs.Layer(resident, torch.device("cpu"), threads=1, hidden=D, inter=inter, top_k=K, pin=False,
+                   transposed_down=True)
+    stage_gu, stage_dt = torch.zeros(K, 2 * k, D, dtype=torch.bfloat16), torch.zeros(K, k, D, dtype=torch.bfloat16)
+    calls = []
+
+    def when(conditions):  # what a capture records: every pair, whatever this routing is
+        flat = conditions.reshape(-1).tolist()
+
+        def run(i, body):
+            calls.append(flat[i])
+            if flat[i]:
+                body()
+        return run
+
+    missed = gs.stage_missed(lay, torch.tensor([4, 0]), k, stage_gu, stage_dt, when=when)
+    assert len(calls) == K * 3 and calls.count(True) == 1
+    assert missed.tolist() == [True, False]
+    assert torch.equal(stage_gu[0, k:], lay.gate_up[4, inter:inter + k]) and not stage_gu[1].any()
+
+
 def test_units_are_whole_row_blocks():
     assert gs.units(0.0) == 0 and gs.units(0.4) == 5728 and gs.units(0.4) % 16 == 0
 
@@ -66,7 +131,8 @@ def test_units_are_whole_row_blocks():
 @pytest.mark.parametrize("argv, message", [(["--fractions", "0.4,x"], "numbers separated by commas"),
                                            (["--fractions", "1.0"], "below 1"),
                                            (["--resident", "65"], "0 to 64 experts"),
-                                           (["--down-tiles", "100"], "power of two")])
+                                           (["--down-tiles", "100"], "power of two"),
+                                           (["--modes", "read,stream"], "one or more of read, copy")])
 def test_bad_arguments_are_one_line(capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         gs.parse_args(argv)
@@ -83,16 +149,18 @@ def test_without_a_gpu_it_says_so(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_graphed_step_matches_torch_and_its_eager_self(tmp_path):
-    """Two Mixtral-sized layers, the GPU's share read in place from pinned memory and the CPU's in host nodes,
-    captured as one CUDA graph: close to torch, each replay equal to the eager step, every share timed."""
+    """Two Mixtral-sized layers, the GPU's share read in place from pinned memory or copied in by conditional
+    copies and the CPU's in host nodes, captured as one CUDA graph: close to torch, each replay equal to the eager
+    step, every share timed."""
     import json
 
     proc = run_benchmark("graph_step", tmp_path, "--layers", "2", "--resident", "4", "--fractions", "0,0.4",
-                         "--rounds", "1", "--steps", "4", timeout=400)
+                         "--modes", "read,copy", "--rounds", "1", "--steps", "4", timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads((tmp_path / "graph_step.json").read_text())
     assert rec["status"] == "complete"
-    for f in ("0.0", "0.4"):
+    assert rec["copy_probe"]["plain"]["gbs"] > 0 and rec["copy_probe"]["conditional"]["gbs"] > 0
+    for f in ("0.0", "0.4", "copy 0.4"):
         assert rec["checks"][f]["rel_err_vs_torch"] < 0.03
         assert rec["checks"][f]["replay_vs_eager_max_abs"] == 0.0
         assert rec["shares"][f]["step_ms"] > 0 and rec["shares"][f]["missed_per_step"] > 0
