@@ -74,7 +74,8 @@ def parse_args(argv=None):
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--resident", type=int, default=14, help="experts on the GPU across all layers (default 14)")
     ap.add_argument("--fractions", default="0,0.3,0.35,0.4,0.45",
-                    help="GPU shares f = k / I of a missed expert to time, comma-separated, each in [0, 1)")
+                    help="GPU shares f = k / I of a missed expert to time, comma-separated, each in [0, 1), or auto: "
+                         "the share the calibration balances (balanced_share)")
     ap.add_argument("--modes", default="read",
                     help="how the GPU's share arrives, comma-separated: read (in place from pinned memory), copy "
                          "(copied into a staging slot by conditional copies); default %(default)s")
@@ -86,10 +87,10 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=10, help="steps per share and round")
     args = ap.parse_args(argv)
     try:
-        args.fractions = [float(f) for f in args.fractions.split(",")]
+        args.fractions = [f.strip() if f.strip() == "auto" else float(f) for f in args.fractions.split(",")]
     except ValueError:
-        ap.error(f"--fractions takes numbers separated by commas, not {args.fractions!r}")
-    if not args.fractions or any(not 0 <= f < 1 for f in args.fractions):
+        ap.error(f"--fractions takes numbers or auto separated by commas, not {args.fractions!r}")
+    if not args.fractions or any(f != "auto" and not 0 <= f < 1 for f in args.fractions):
         ap.error("--fractions: each share is at least 0 and below 1")
     try:
         args.down_tiles = [int(t) for t in args.down_tiles.split(",")]
@@ -105,6 +106,15 @@ def parse_args(argv=None):
     if not 0 <= args.resident <= args.layers * EXPERTS:
         ap.error(f"--resident: 0 to {args.layers * EXPERTS} experts")
     return args
+
+
+def balanced_share(cm) -> float:
+    """The GPU share f of a one-token missed expert at which its copy and the CPU's rest end together, by the
+    calibration (``toolkit.moe.costs.CostModel``): f x copy = (1 - f) x CPU expert, each at its rate beside the
+    other (the measured contention), so f = CPU / (CPU + copy); rounded to 3 digits."""
+    cpu = float(cm.cpu_time_during_copies(np.array([1]))[0])
+    copy = cm.copy_ms * cm.copy_slowdown
+    return round(cpu / (cpu + copy), 3)
 
 
 def units(fraction: float, inter: int = INTER, block: int = 16) -> int:
@@ -368,6 +378,11 @@ def main(argv=None) -> int:
         record["cost_model_summary"] = cm.summary()
         record["host_read_gbs"] = cm.host_read_gbs
         run.log(cm.summary())
+        record["balanced_share"] = balanced_share(cm)
+        run.log(f"the calibration balances a missed expert's copy and CPU share at f = {record['balanced_share']}")
+        if "auto" in args.fractions:  # the calibration's share, once
+            args.fractions = list(dict.fromkeys(record["balanced_share"] if f == "auto" else f for f in args.fractions))
+            record["settings"]["fractions"] = args.fractions
         lib = library()
         resident = np.zeros((args.layers, EXPERTS), dtype=bool)
         resident.reshape(-1)[np.random.default_rng(0).choice(resident.size, args.resident, replace=False)] = True
@@ -517,6 +532,8 @@ def print_table(record: dict) -> None:
     s = record["settings"]
     print(f"{s['layers']} layers, {s['resident']} of {s['layers'] * s['experts']} experts resident, {s['threads']} "
           f"threads; host read ceiling {record.get('host_read_gbs') or float('nan'):.1f} GB/s")
+    if record.get("balanced_share") is not None:
+        print(f"the calibration balances a missed expert's copy and CPU share at f = {record['balanced_share']}")
     probe = record.get("copy_probe")
     if probe:
         print(f"one missed expert's GPU units ({probe['bytes'] / 1e6:.0f} MB) copied by a graph: "

@@ -124,15 +124,27 @@ def test_one_conditional_copy_per_slot_and_expert_that_may_miss():
     assert torch.equal(stage_gu[0, k:], lay.gate_up[4, inter:inter + k]) and not stage_gu[1].any()
 
 
+def test_the_balanced_share_ends_the_copy_and_the_cpu_together():
+    """f x copy = (1 - f) x CPU expert, each at its contended rate: a 4 ms CPU expert slowed 1.2x and a 6 ms copy
+    slowed 1.1x balance at f = 4.8 / (4.8 + 6.6); without contention at 4 / 10."""
+    from toolkit.moe.costs import CostModel
+
+    cm = CostModel.fixed(cpu=(4.0, 0.0), copy_ms=6.0, cpu_contention=(1.2, 1.2), copy_contention=1.1,
+                         contention_links=1, device="cuda")
+    assert gs.balanced_share(cm) == round(4.8 / 11.4, 3)
+    assert gs.balanced_share(CostModel.fixed(cpu=(4.0, 0.0), copy_ms=6.0)) == 0.4
+
+
 def test_units_are_whole_row_blocks():
     assert gs.units(0.0) == 0 and gs.units(0.4) == 5728 and gs.units(0.4) % 16 == 0
 
 
-@pytest.mark.parametrize("argv, message", [(["--fractions", "0.4,x"], "numbers separated by commas"),
+@pytest.mark.parametrize("argv, message", [(["--fractions", "0.4,x"], "numbers or auto separated by commas"),
                                            (["--fractions", "1.0"], "below 1"),
                                            (["--resident", "65"], "0 to 64 experts"),
                                            (["--down-tiles", "100"], "power of two"),
-                                           (["--modes", "read,stream"], "one or more of read, copy")])
+                                           (["--modes", "read,stream"], "one or more of read, copy"),
+                                           (["--fractions", "0,autumn"], "numbers or auto")])
 def test_bad_arguments_are_one_line(capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         gs.parse_args(argv)
