@@ -41,12 +41,14 @@ extern "C" __global__ void set_conditions(const bool *conditions, int n, handles
 }
 """.replace("MAX_NODES", str(MAX_NODES))
 
-_modules: list = []
 CU_GRAPH_NODE_TYPE_CONDITIONAL = 13
 CU_GRAPH_COND_TYPE_IF = 0
 CU_STREAM_SET_CAPTURE_DEPENDENCIES = 1
 CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1
 CU_STREAM_CAPTURE_STATUS_ACTIVE = 1
+
+
+_modules: list = []  # the loaded modules of the conditions' kernel, kept for the process
 
 
 class _Handles(ctypes.Structure):

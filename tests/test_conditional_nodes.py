@@ -16,6 +16,19 @@ def test_outside_a_capture_the_conditions_are_read_on_the_host():
     assert ran == [0, 3]
 
 
+def test_the_driver_structs_have_the_c_layout():
+    """``CUgraphNodeParams`` is 256 bytes with its union at byte 16; ``CUDA_CONDITIONAL_NODE_PARAMS`` is handle,
+    type, size, the body graphs' pointer and the context (cuda.h, CUDA 12.4+)."""
+    import ctypes
+
+    import conditional_nodes as cn
+
+    assert ctypes.sizeof(cn._NodeParams) == 256 and cn._NodeParams.u.offset == 16
+    c = cn._ConditionalParams
+    assert [getattr(c, f).offset for f in ("handle", "type", "size", "phGraph_out", "ctx")] == [0, 8, 12, 16, 24]
+    assert ctypes.sizeof(cn._Handles) == 8 * cn.MAX_NODES
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bodies_run_on_a_replay_exactly_where_their_condition_holds():
