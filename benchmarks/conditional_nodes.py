@@ -182,7 +182,7 @@ class IfNodes:
         if n > MAX_NODES:
             raise ToolkitError(f"IfNodes sets at most {MAX_NODES} conditions at once, not {n}")
         d = _driver()
-        self.conditions, self.n = conditions, n
+        self.conditions = conditions  # read by the kernel on each replay: kept alive with the nodes
         stream = torch.cuda.current_stream().cuda_stream
         graph, _, _ = _capture_info(stream)
         self.ctx = ctypes.c_void_p()

@@ -225,7 +225,7 @@ class Layer:
             self.down_t = torch.empty(E, inter, hidden, dtype=torch.bfloat16, pin_memory=pin)
             self.down_t.copy_(self.down.transpose(1, 2))
         self.missed_ids = [int(e) for e in np.flatnonzero(~resident)]  # the experts that may miss
-        self.missed_dev = torch.as_tensor(self.missed_ids or [-1], dtype=torch.int64).to(device)
+        self.missed_dev = torch.as_tensor(self.missed_ids, dtype=torch.int64).to(device)
         ids = torch.as_tensor(np.flatnonzero(resident), dtype=torch.long)
         slot = torch.full((E,), -1, dtype=torch.int64)
         slot[ids] = torch.arange(len(ids))
@@ -434,9 +434,9 @@ def main(argv=None) -> int:
                     missed = stage_missed(lay, sel, k, stage_gu, stage_dt)
                     staged = staged_share(x[0], stage_gu, stage_dt, missed, k)
                 side.wait_stream(copy_stream)
-                with torch.cuda.stream(side):
-                    ys = ys + staged
             with torch.cuda.stream(side):
+                if mode == "copy" and k:
+                    ys = ys + staged
                 y_gpu = (ys * w.float()[:, None]).sum(0)
             lay.sel_h.copy_(sel, non_blocking=True)
             lay.w_h.copy_(w, non_blocking=True)
