@@ -13,8 +13,16 @@ What is captured, per decoder layer: ``input_layernorm`` -> ``self_attn``
 its routing sync, CPU experts and copies are host work, so the graphs are the
 pieces between them. Where a layer's experts never leave the device (every
 one resident: ``OffloadedExperts.sync_free``), its experts are a second graph
-(``DecodeGraphs.experts``); the router between the two stays eager, since a
-replayed trace routes from host-side state.
+(``DecodeGraphs.experts``).
+
+The whole step as one graph: when every layer's MoE block stays on the device
+(the owner's ``whole_step_ready()``: every expert resident, a router or a trace
+replay that routes on the device) and a decode step was seen to call the layers
+in turn, each with the previous layer's output and the same arguments, the next
+steps capture and replay all layers at once from the first layer's call; the
+other layers' calls hand out the outputs that replay wrote. Between steps the
+owner's ``begin_step`` / ``end_step`` set up what a replay reads (the trace's
+rows of this step).
 
 When: decode passes (one new token per sequence, beams included) with a
 static KV cache (transformers' ``StaticCache``: fixed addresses, written in
@@ -42,6 +50,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from ..errors import ToolkitError
 
 # cache lengths are rounded up to a multiple of this, so calls with nearby prompt and output lengths share one
 # cache (and its graphs); attending over a few hundred masked slots costs microseconds
@@ -218,11 +228,14 @@ class DecodeGraphs:
 
     The experts of a layer that never leave the device (``experts`` below: every
     expert resident, no routing sync) are captured too, as a second graph per
-    layer (``experts_captures``, ``experts_replays``); the router between the two
-    graphs stays eager, because a replayed trace routes from host state.
+    layer (``experts_captures``, ``experts_replays``). ``owner`` (optional: the
+    engine) says when a decode step may be one graph of all layers
+    (``whole_step_ready()``) and sets up each such step (``begin_step(hidden_states)``,
+    ``end_step()``); ``step_captures`` and ``step_replays`` count those steps,
+    ``step_reason`` says why steps are never whole.
     """
 
-    def __init__(self, layers, capture):
+    def __init__(self, layers, capture, owner=None):
         self.layers = list(layers)
         self.capturer = capture
         n = len(self.layers)
@@ -235,6 +248,12 @@ class DecodeGraphs:
         self.experts_reasons: dict[int, str] = {}  # layer -> why its experts run eagerly for good
         self.captures = self.replays = self.eager_calls = 0
         self.experts_captures = self.experts_replays = 0
+        self.owner = owner
+        self.step_captures = self.step_replays = 0
+        self.step_reason: str | None = None  # why decode steps are never one graph (seen once, for good)
+        self._chain: dict | None = None  # the step being watched: layer 0's arguments, the last layer seen and its output
+        self._chained = False  # a whole step was seen to call every layer in turn with the same arguments
+        self._handing: tuple | None = None  # outputs of the whole-step graph, handed out layer by layer
         self._cache, self._cache_shape = None, None
         self.installed = False
 
@@ -253,6 +272,7 @@ class DecodeGraphs:
         self._static.clear()
         self._last.clear()
         self._cache = self._cache_shape = None
+        self._chain = self._handing = None
         self.installed = False
 
     def __enter__(self) -> DecodeGraphs:
@@ -265,7 +285,9 @@ class DecodeGraphs:
         return {"layers": len(self.layers), "captures": self.captures, "replays": self.replays,
                 "eager_calls": self.eager_calls, "eager_layers": {str(k): v for k, v in self.reasons.items()},
                 "experts_captures": self.experts_captures, "experts_replays": self.experts_replays,
-                "eager_experts": {str(k): v for k, v in self.experts_reasons.items()}}
+                "eager_experts": {str(k): v for k, v in self.experts_reasons.items()},
+                "step_captures": self.step_captures, "step_replays": self.step_replays,
+                "step_reason": self.step_reason}
 
     # -- the KV cache -------------------------------------------------------------------------
     def static_cache(self, config, batch: int, tokens: int):
@@ -302,13 +324,22 @@ class DecodeGraphs:
         layer = self.layers[i]
         if args:  # not how transformers calls its layers: leave such calls to the layer's own forward
             return type(layer).forward(layer, hidden_states, *args, **kwargs)
+        if i == 0:
+            self._handing = None  # a new forward pass (even after one that was interrupted)
+        elif self._handing is not None:
+            return self._hand_out(i, hidden_states)
         if self._eligible(i, hidden_states, kwargs):
+            if i == 0 and self._whole_step_ready():
+                return self._whole_step(hidden_states, kwargs)
             residual, normed = self._dense_graphed(i, hidden_states, kwargs)
             self._stepping[i] = True
             try:
-                return residual + layer.mlp(normed)
+                out = residual + layer.mlp(normed)
             finally:
                 self._stepping[i] = False
+            self._watch(i, hidden_states, kwargs, out)
+            return out
+        self._chain = None
         self.eager_calls += 1
         residual, normed = dense_part(layer, hidden_states, **kwargs)
         return residual + layer.mlp(normed)
@@ -325,6 +356,70 @@ class DecodeGraphs:
             return fn(*inputs)
         named = {f"experts.{j}": obj for j, obj in enumerate(inputs)}
         return self._graphed("experts", i, lambda *a: (fn(*a),), named)[0]
+
+    # -- the whole step -----------------------------------------------------------------------
+    def _watch(self, i: int, hidden_states: torch.Tensor, kwargs: dict, out: torch.Tensor) -> None:
+        """Follow a graphed decode step layer by layer: did layer i get layer i-1's output and layer 0's arguments?"""
+        if self.owner is None or self.step_reason is not None or self._chained:
+            return
+        tensors, key = [], []
+        _flatten(kwargs, "kwargs", tensors, key)
+        layer = self.layers[i]
+        if layer._forward_hooks or layer._forward_pre_hooks:  # hooks see each layer's call: a replay makes none
+            self._chain = None
+            return
+        if i == 0:
+            self._chain = {"key": key, "tensors": [t for _, t in tensors], "layer": 0, "out": out}
+            return
+        c = self._chain
+        if c is None or c["layer"] != i - 1:
+            self._chain = None
+            return
+        if hidden_states is not c["out"] or key != c["key"] or any(a is not b for (_, a), b in zip(tensors, c["tensors"])):
+            self._chain = None
+            self.step_reason = (f"layer {i} is not called with layer {i - 1}'s output and layer 0's arguments, "
+                                "so a step cannot be replayed as one graph")
+            return
+        c["layer"], c["out"] = i, out
+        if i == len(self.layers) - 1:
+            self._chained, self._chain = True, None
+
+    def _whole_step_ready(self) -> bool:
+        return (self._chained and self.step_reason is None and not self.reasons and not self.experts_reasons
+                and not any(layer._forward_hooks or layer._forward_pre_hooks for layer in self.layers)
+                and bool(self.owner.whole_step_ready()))
+
+    def _whole_step(self, hidden_states: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Every layer of this decode step from one graph (captured at the first such step) -> layer 0's output."""
+        layers = self.layers
+
+        def step(h, kw):  # the layers' own parts, no graph inside (``experts`` calls straight through)
+            outs = []
+            for layer in layers:
+                residual, normed = dense_part(layer, h, **kw)
+                h = residual + layer.mlp(normed)
+                outs.append(h)
+            return tuple(outs)
+
+        self.owner.begin_step(hidden_states)
+        try:
+            outs = self._graphed("step", 0, step, {"hidden_states": hidden_states, "kwargs": kwargs})
+        finally:
+            self.owner.end_step()
+        if len(layers) > 1:
+            self._handing = outs
+        return outs[0]
+
+    def _hand_out(self, i: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Layer i's output of the whole-step graph (layer i-1's was handed out just before)."""
+        outs = self._handing
+        if hidden_states is not outs[i - 1]:
+            self._handing = None
+            raise ToolkitError(f"decoder layer {i} was called with other hidden states than layer {i - 1}'s output, "
+                               "but this step ran every layer as one graph; run the model with graphs=False")
+        if i == len(outs) - 1:
+            self._handing = None
+        return outs[i]
 
     def _eligible(self, i: int, hidden_states: torch.Tensor, kwargs: dict) -> bool:
         if i in self.reasons or torch.is_grad_enabled() or hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
@@ -350,10 +445,7 @@ class DecodeGraphs:
         if entry is not None and entry.key == key and all(static[n] is t for n, t in entry.static.items()):
             self._copy_inputs(tensors)
             self._in_a_row[(part, i)] = 0
-            if part == "dense":
-                self.replays += 1
-            else:
-                self.experts_replays += 1
+            self._count(part, "replays")
             return entry.graph.replay()
         return self._capture(part, i, fn, key, static, tensors, inputs)
 
@@ -361,8 +453,11 @@ class DecodeGraphs:
         slot = (part, i)
         self._in_a_row[slot] = self._in_a_row.get(slot, 0) + 1
         if self._in_a_row[slot] > MAX_RECAPTURES:
-            reasons = self.reasons if part == "dense" else self.experts_reasons
-            reasons[i] = f"inputs changed on each of {MAX_RECAPTURES} calls in a row: nothing to replay"
+            reason = f"inputs changed on each of {MAX_RECAPTURES} calls in a row: nothing to replay"
+            if part == "step":
+                self.step_reason = reason
+            else:
+                (self.reasons if part == "dense" else self.experts_reasons)[i] = reason
             self._entries.pop(slot, None)
             if part == "dense":
                 self.eager_calls += 1
@@ -375,11 +470,12 @@ class DecodeGraphs:
         holds = tuple(v for obj in inputs.values() if isinstance(obj, dict) for v in obj.values()
                       if not isinstance(v, (torch.Tensor, tuple, list, dict, bool, int, float, str, type(None))))
         self._entries[slot] = _Entry(key, graph, {n: static[n] for n, _ in tensors}, holds)
-        if part == "dense":
-            self.captures += 1
-        else:
-            self.experts_captures += 1
+        self._count(part, "captures")
         return out
+
+    def _count(self, part: str, what: str) -> None:
+        name = what if part == "dense" else f"{part}_{what}"
+        setattr(self, name, getattr(self, name) + 1)
 
     def _static_inputs(self, tensors: list) -> dict:
         """The static tensor for each input name, (re)allocated where the shape, stride or dtype changed."""
@@ -435,6 +531,10 @@ def graphs_line(d: dict) -> str:
             f"{d['eager_calls']} eager layer calls (prefill)")
     if d.get("experts_captures"):
         line += (f"; sync-free experts: {d['experts_captures']} captured, {d.get('experts_replays', 0)} replays")
+    if d.get("step_captures"):
+        line += f"; whole steps (every layer one graph): {d['step_captures']} captured, {d.get('step_replays', 0)} replays"
+    if d.get("step_reason"):
+        line += f"; never whole steps: {d['step_reason']}"
     eager = d.get("eager_layers") or {}
     if eager:
         line += "; eager for good: " + "; ".join(f"layer {k}: {v}" for k, v in eager.items())

@@ -1054,6 +1054,10 @@ class EngineOptions:
     eagerly, which tests use). sync_free: a layer whose experts are all
     resident for good (a static placement) chooses each row's expert on the
     device, without bringing its routing to the host (``OffloadedExperts._on_device``).
+    whole_step: with graphs, a decode step whose layers are all sync-free (and
+    whose routing is the model's router or a trace replay) is one CUDA graph of
+    every layer (``Offloaded.whole_step_ready``); False keeps a graph per part of
+    each layer (an ablation).
     lookahead (default on): in long passes (prefill), start copying the next layer's
     missed experts into free staging slots while this layer computes
     (``Offloaded.look_ahead``). spread_copies: with several devices, a
@@ -1076,6 +1080,7 @@ class EngineOptions:
     copy_slots: int = 2
     graphs: bool = False
     sync_free: bool = True
+    whole_step: bool = True
     lookahead: bool = True
     spread_copies: bool = True
     contention: bool = True
@@ -1172,7 +1177,29 @@ class Offloaded:
         layers = decoder_layers(model, blocks) if options.graphs else []
         if layers:
             capture = CudaCapture(device) if device.type == "cuda" else EagerCapture()
-            self.graphs = DecodeGraphs(layers, capture).install()
+            self.graphs = DecodeGraphs(layers, capture, owner=self).install()
+
+    # -- a decode step as one graph (``DecodeGraphs``' owner) ---------------------------------------
+    def whole_step_ready(self) -> bool:
+        """Whether a decode step may replay every layer from one graph: nothing in it needs the host.
+
+        Every layer sync-free (each expert resident, chosen on the device), the
+        routing the model's router or a trace replay that gathers its rows on the
+        device (``begin_pass``), and no recorder or host timeline (they see each
+        layer's call, which a replay does not make).
+        """
+        return (self.options.whole_step and self.recorder is None and self.timeline is None
+                and all(m.sync_free for m in self.experts)
+                and (self.routing is None or hasattr(self.routing, "begin_pass")))
+
+    def begin_step(self, hidden_states: torch.Tensor) -> None:
+        """Before a whole step's capture or replay: the replayed routing's rows of this pass, set on the device."""
+        if self.routing is not None:
+            self.routing.begin_pass(hidden_states.shape[0] * hidden_states.shape[1], hidden_states.device)
+
+    def end_step(self) -> None:
+        if self.routing is not None:
+            self.routing.end_pass()
 
     def _start_worker(self) -> ThreadPoolExecutor:
         """The worker thread of the overlapped schedule (one: the CPU experts of a layer are one job)."""
@@ -1553,7 +1580,8 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
             cost_model: CostModel | str | os.PathLike | None = None, routing=None, cpu_threads: int | None = None,
             copy_slots: int = 2, overlap: bool | None = None, *, decision: str = "makespan", serial: bool = False,
             pageable_copies: bool = False, split: bool = True, devices=None, devices_budget=None,
-            ranking=None, graphs: bool | None = None, sync_free: bool = True, lookahead: bool = True,
+            ranking=None, graphs: bool | None = None, sync_free: bool = True, whole_step: bool = True,
+            lookahead: bool = True,
             spread_copies: bool = True, contention: bool = True, cpu_kernel: bool = True,
             spare_cores: int = 0) -> Offloaded:
     """Split the experts of ``model`` between the GPU (``gpu_experts`` of them in total, or "all") and the CPU.
@@ -1580,7 +1608,11 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     each row's expert on the device (the expert GEMV for decode rows, grouped
     GEMMs otherwise) without bringing its routing to the host (no sync; its
     counts stay on the device until the stats are read); False keeps the
-    per-expert path with its one sync per layer. lookahead (default on): in a
+    per-expert path with its one sync per layer. whole_step (default on): with
+    graphs, a decode step whose layers are all sync-free is captured and
+    replayed as one graph of every layer, the routing included; False keeps a
+    graph per layer part with the router eager between them (an ablation).
+    lookahead (default on): in a
     long pass (prefill) start copying the next layer's missed experts into free
     staging slots while this layer computes (the makespan and copy decisions;
     with several devices over every link that takes copies); False waits for
@@ -1699,6 +1731,7 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     options = EngineOptions(cpu_threads=cpu_threads, cpu_dtype=cpu_dtype, decision=decision, serial=bool(serial),
                             pageable_copies=bool(pageable_copies), split=bool(split), overlap=bool(overlap),
                             copy_slots=int(copy_slots), graphs=bool(graphs), sync_free=bool(sync_free),
+                            whole_step=bool(whole_step),
                             lookahead=bool(lookahead), spread_copies=spread_copies, contention=bool(contention),
                             cpu_kernel=bool(cpu_kernel), spare_cores=spare_cores)
     off = Offloaded(model, blocks, policy=policy, resident=resident, device=device, cost_model=cost_model,

@@ -26,6 +26,11 @@ class TraceRouter:
     layer index is not larger than the previous call's. With batch_size > 1 every sequence reads
     the trace from its own offset (default: evenly spaced). Reading wraps around at the end.
     Rows are (batch, seq)-flattened, as HF MoE blocks flatten hidden states.
+
+    A caller that knows where passes start may say so (``begin_pass`` ... ``end_pass``): the
+    pass's rows are then picked on the device from a position set before the pass, so
+    every layer's routing is a device gather that a CUDA graph of the whole step can replay
+    (``toolkit.moe.graphs``); the rows are the same either way.
     """
 
     def __init__(self, trace: Trace, batch_size: int = 1, offsets=None):
@@ -39,6 +44,7 @@ class TraceRouter:
         if len(self.offsets) != batch_size:
             raise ToolkitError(f"need {batch_size} offsets, got {len(self.offsets)}")
         self._cache: dict = {}
+        self._rows: dict = {}  # (device, tokens) -> (row offsets [T] of each sequence's tokens, this pass's rows [T])
         self.reset()
 
     def check(self, n_layers: int, n_experts: int, top_k: int) -> None:
@@ -52,8 +58,45 @@ class TraceRouter:
         """Start again from the trace's first row."""
         self.position = 0  # rows consumed per sequence before the current pass
         self._n = 0  # rows per sequence in the current pass
-        self._last_layer: int | None = None
+        self._last_layer: int | float | None = None  # inf: a pass ended by ``end_pass``
+        self._begun: tuple | None = None  # (device, tokens) of a pass begun by ``begin_pass``, until ``end_pass``
         self.passes = 0
+
+    def _per_seq(self, n_tok: int) -> int:
+        if n_tok % self.batch_size:
+            raise ToolkitError(f"{n_tok} tokens in a pass cannot be split into batch_size={self.batch_size} sequences")
+        return n_tok // self.batch_size
+
+    def _new_pass(self, per_seq: int) -> None:
+        if self._last_layer is not None:
+            self.position += self._n
+        self._n = per_seq
+        self.passes += 1
+
+    def begin_pass(self, n_tok: int, device) -> None:
+        """A forward pass of ``n_tok`` rows starts: its rows are set on ``device`` now (no host-to-device copy),
+        and each layer's ``route`` until ``end_pass`` gathers them there, so the routing of the whole pass can
+        be captured in a CUDA graph and replayed after the next ``begin_pass``."""
+        import torch
+
+        per_seq = self._per_seq(int(n_tok))
+        self._new_pass(per_seq)
+        self._last_layer = -1
+        key = (str(device), int(n_tok))
+        if key not in self._rows:
+            base = (self.offsets[:, None] + np.arange(per_seq)[None, :]).reshape(-1)  # [T] before the position
+            with torch.inference_mode(False):  # kept across calls in and out of inference mode
+                self._rows[key] = (torch.as_tensor(base, dtype=torch.int64, device=device),
+                                   torch.zeros(len(base), dtype=torch.int64, device=device))
+        base, rows = self._rows[key]
+        torch.remainder(base + self.position, self.trace.n_tokens, out=rows)  # written in place: graphs read it
+        self._begun = key
+
+    def end_pass(self) -> None:
+        """The pass begun by ``begin_pass`` is over (its layers may have been replayed without calling ``route``)."""
+        if self._begun is not None:
+            self._begun = None
+            self._last_layer = float("inf")
 
     def _tensors(self, device, dtype):
         import torch
@@ -70,14 +113,17 @@ class TraceRouter:
         if layer >= self.trace.n_layers:
             raise ToolkitError(f"the trace has {self.trace.n_layers} MoE layers; the model asked for layer {layer}")
         n_tok = hidden.shape[0]
-        if n_tok % self.batch_size:
-            raise ToolkitError(f"{n_tok} tokens in a pass cannot be split into batch_size={self.batch_size} sequences")
-        per_seq = n_tok // self.batch_size
+        per_seq = self._per_seq(n_tok)
+        if self._begun is not None:
+            if self._begun != (str(hidden.device), n_tok):
+                raise ToolkitError(f"layer {layer} got {n_tok} tokens on {hidden.device}; the pass was begun for "
+                                   f"{self._begun[1]} on {self._begun[0]}")
+            self._last_layer = layer
+            experts, weights = self._tensors(hidden.device, hidden.dtype)
+            rows = self._rows[self._begun][1]
+            return experts.select(1, layer).index_select(0, rows), weights.select(1, layer).index_select(0, rows)
         if self._last_layer is None or layer <= self._last_layer:  # a new forward pass
-            if self._last_layer is not None:
-                self.position += self._n
-            self._n = per_seq
-            self.passes += 1
+            self._new_pass(per_seq)
         elif per_seq != self._n:
             raise ToolkitError(f"layer {layer} got {per_seq} tokens per sequence, earlier layers of this pass {self._n}")
         self._last_layer = layer
