@@ -237,3 +237,33 @@ def test_gpu_whole_steps_equal_graphs_per_layer_with_a_trace_replayed():
     g = got[True]["graphs"]
     assert g["step_captures"] == 2 and g["step_replays"] == 5 + 7 + 6 and g["step_reason"] is None
     assert got[False]["graphs"]["step_captures"] == 0
+
+
+def test_hidden_states_asked_for_go_layer_by_layer_and_later_steps_are_whole_again(model):
+    """transformers installs its output-capturing hooks for good at the first ``output_hidden_states`` call;
+    while a call asks for them the layers run one by one (fresh outputs), and after it the steps are whole."""
+    from transformers import StaticCache
+
+    ids, _ = random_prompts(model.config.vocab_size, [12], seed=2)
+
+    @torch.no_grad()
+    def steps(cache, hidden):
+        model(input_ids=ids[:, :5], use_cache=True, cache=cache)
+        out = []
+        for t in range(5):
+            o = model(input_ids=ids[:, 5 + t:6 + t], use_cache=True, cache=cache, output_hidden_states=hidden)
+            out.append((o.logits.clone(), o.hidden_states if hidden else None))
+        return out
+
+    ref = steps(StaticCache(config=model.config, max_cache_len=256), True)  # installs the hooks on the layers
+    off = offload(model, gpu_experts="all", device="cpu", cost_model=CM, graphs=True)
+    try:
+        got = steps(off.graphs.static_cache(model.config, 1, 32), True)
+        assert off.graphs.step_captures == 0  # the hidden states asked for: every step layer by layer
+        plain = steps(off.graphs.static_cache(model.config, 1, 32), False)
+        assert off.graphs.step_captures == 1 and off.graphs.step_replays == 3  # 1 step watched before
+    finally:
+        off.restore()
+    for (lr, hr), (lg, hg), (lp, _) in zip(ref, got, plain):
+        assert torch.allclose(lr, lg) and torch.allclose(lr, lp)
+        assert all(torch.allclose(a, b) for a, b in zip(hr, hg))

@@ -365,7 +365,7 @@ class DecodeGraphs:
         tensors, key = [], []
         _flatten(kwargs, "kwargs", tensors, key)
         layer = self.layers[i]
-        if layer._forward_hooks or layer._forward_pre_hooks:  # hooks see each layer's call: a replay makes none
+        if _hooks_act([layer]):  # such a step is not a whole step's pattern
             self._chain = None
             return
         if i == 0:
@@ -386,8 +386,7 @@ class DecodeGraphs:
 
     def _whole_step_ready(self) -> bool:
         return (self._chained and self.step_reason is None and not self.reasons and not self.experts_reasons
-                and not any(layer._forward_hooks or layer._forward_pre_hooks for layer in self.layers)
-                and bool(self.owner.whole_step_ready()))
+                and not _hooks_act(self.layers) and bool(self.owner.whole_step_ready()))
 
     def _whole_step(self, hidden_states: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Every layer of this decode step from one graph (captured at the first such step) -> layer 0's output."""
@@ -495,6 +494,24 @@ class DecodeGraphs:
                 continue
             self._static[name].copy_(t)
             self._last[name] = (t, v)
+
+
+def _hooks_act(layers) -> bool:
+    """Whether a hook on the layers would act on this call: it would keep or see layer outputs that a whole
+    step hands out from the graph's own tensors (overwritten by the next replay), so such calls go layer by layer.
+
+    transformers installs its output-capturing hooks (``output_hidden_states``) for good at their first use;
+    they act only while a call asks for outputs (an active collector), so they alone do not count otherwise.
+    """
+    hooks = [h for layer in layers for h in (*layer._forward_hooks.values(), *layer._forward_pre_hooks.values())]
+    if not hooks:
+        return False
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # a release without it: any hook counts
+        return True
+    return bool(_active_collector.get()) or any(  # the collector: a dict of the outputs asked for, maybe empty
+        getattr(h, "__name__", "") != "output_capturing_hook" for h in hooks)
 
 
 def rewind(cache, length: int) -> bool:
