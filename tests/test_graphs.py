@@ -55,21 +55,23 @@ def test_offloaded_greedy_with_graphs_equals_the_unmodified_model_and_replays_ac
     n = model.config.num_hidden_layers
     if gpu_experts == "all":  # nothing leaves the device: after one step seen layer by layer, every step is one graph
         # first call: prefill eager; the first decode step captures each layer's parts and is watched, the
-        # second captures the whole step, the other 7 replay it
+        # second captures the decoder's whole forward, the other 7 replay it
         assert after_first == {"layers": n, "captures": n, "replays": 0, "eager_calls": n, "eager_layers": {},
                                "experts_captures": n, "experts_replays": 0, "eager_experts": {},
-                               "step_captures": 1, "step_replays": 7, "step_reason": None}
+                               "step_captures": 0, "step_replays": 0, "step_reason": None,
+                               "model_captures": 1, "model_replays": 7, "model_reason": None}
         # second call: the same static cache (reset): all 9 steps replay the whole-step graph
-        assert after_second["step_captures"] == 1 and after_second["step_replays"] == 7 + 9
+        assert after_second["model_captures"] == 1 and after_second["model_replays"] == 7 + 9
         assert after_second["captures"] == n and after_second["replays"] == 0
         # beam search: its own cache (9 sequences), one whole-step capture, reordered in place between replays
-        assert after_beam["step_captures"] == 2 and after_beam["step_replays"] == 16 + 8 + 9
+        assert after_beam["model_captures"] == 2 and after_beam["model_replays"] == 16 + 8 + 9
         assert after_beam["captures"] == n and after_beam["eager_calls"] == after_second["eager_calls"] + 2 * n
     else:
         # first call: prefill eager, the first decode step captures each layer, the other 8 steps replay
         assert after_first == {"layers": n, "captures": n, "replays": 8 * n, "eager_calls": n, "eager_layers": {},
                                "experts_captures": 0, "experts_replays": 0, "eager_experts": {},
-                               "step_captures": 0, "step_replays": 0, "step_reason": None}
+                               "step_captures": 0, "step_replays": 0, "step_reason": None,
+                               "model_captures": 0, "model_replays": 0, "model_reason": None}
         # second call: the same static cache (reset), so nothing is captured again
         assert after_second["captures"] == n and after_second["replays"] == 8 * n + 9 * n
         # beam search: its own static cache (9 sequences), captured once, reordered in place, replayed by both calls
@@ -294,7 +296,7 @@ def test_gpu_all_resident_bf16_experts_never_sync_and_replay():
         if sync_free:
             # the first decode step graphs each layer's parts (and is watched); the rest are whole steps
             assert d["experts_captures"] == n and d["experts_replays"] == 0 and d["eager_experts"] == {}
-            assert d["step_captures"] == 1 and d["step_replays"] == 7 + 9 and d["step_reason"] is None
+            assert d["model_captures"] == 1 and d["model_replays"] == 7 + 9 and d["model_reason"] is None
     for key in ("activations", "hits", "passes_used", "forwards", "gpu_expert_calls"):
         assert stats[True][key] == stats[False][key], key
 

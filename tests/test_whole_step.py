@@ -102,9 +102,11 @@ def test_whole_steps_give_the_ids_stats_and_trace_position_of_graphs_per_layer(m
     assert got[True]["stats"] == got[False]["stats"]  # counted on the device inside the replays as well
     assert got[True]["position"] == got[False]["position"]  # replays advance the trace as layer calls do
     g = got[True]["graphs"]
-    assert g["step_captures"] == 2 and g["step_replays"] == 5 + 7 + 6  # greedy (1 step watched, 1 captured), greedy, beams (own cache)
-    assert got[False]["graphs"]["step_captures"] == 0
-    assert "whole steps (every layer one graph): 2 captured, 18 replays" in graphs_line(g)
+    # generate's decode inputs keep their shapes, so each whole step is the decoder's whole forward
+    assert g["model_captures"] == 2 and g["model_replays"] == 5 + 7 + 6  # greedy (1 watched, 1 captured), greedy, beams
+    assert g["step_captures"] == 0 and g["model_reason"] is None
+    assert got[False]["graphs"]["step_captures"] == got[False]["graphs"]["model_captures"] == 0
+    assert "whole decoder forwards (embedding to final norm one graph): 2 captured, 18 replays" in graphs_line(g)
 
 
 def test_a_recorder_sees_every_layer_so_no_step_is_whole_while_it_is_attached(model):
@@ -119,6 +121,30 @@ def test_a_recorder_sees_every_layer_so_no_step_is_whole_while_it_is_attached(mo
         assert len(rec.to_trace().experts) == 6 + 4  # the prompt's rows and one per decode step
     finally:
         off.restore()
+
+
+def test_a_growing_two_d_mask_keeps_the_decoder_eager_and_makes_the_layers_one_graph(model):
+    """Called with a 2-D mask one column longer each step (not what generate passes with a static cache), the
+    decoder's inputs change shape, so its forward runs eagerly and only the layers are replayed as one graph."""
+    from transformers import StaticCache
+
+    ids, _ = random_prompts(model.config.vocab_size, [12], seed=5)
+
+    @torch.no_grad()
+    def steps(cache):
+        model(input_ids=ids[:, :5], attention_mask=torch.ones(1, 5, dtype=torch.long), use_cache=True, cache=cache)
+        return [model(input_ids=ids[:, 5 + t:6 + t], attention_mask=torch.ones(1, 6 + t, dtype=torch.long),
+                      use_cache=True, cache=cache).logits.clone() for t in range(5)]
+
+    ref = steps(StaticCache(config=model.config, max_cache_len=256))
+    off = offload(model, gpu_experts="all", device="cpu", cost_model=CM, graphs=True)
+    try:
+        got = steps(off.graphs.static_cache(model.config, 1, 32))
+        d = off.graphs.to_dict()
+    finally:
+        off.restore()
+    assert all(torch.allclose(a, b) for a, b in zip(ref, got))
+    assert d["model_captures"] == 0 and (d["step_captures"], d["step_replays"]) == (1, 3)
 
 
 # ------------------------------------------------------------------ the bookkeeping, on toy layers
@@ -216,8 +242,9 @@ def test_layers_called_with_their_own_arguments_or_hooked_never_make_a_whole_ste
 
 @pytest.mark.gpu
 def test_gpu_whole_steps_equal_graphs_per_layer_with_a_trace_replayed():
-    """On CUDA in bf16 with every expert resident and a trace replayed: decode steps replay as one CUDA graph,
-    and ids, stats and the trace's position equal those of the graphs per layer part."""
+    """On CUDA in bf16 with every expert resident and a trace replayed: decode steps replay as one CUDA graph
+    (the decoder's whole forward), and ids, stats and the trace's position equal those of the graphs per layer
+    part; called with a 2-D mask that grows each step, the layers alone are the graph, with the same logits."""
     gpu_model = build_moe("tiny-mixtral", device="cuda", dtype=torch.bfloat16, seed=0)
     ids, mask = random_prompts(gpu_model.config.vocab_size, [5, 9, 7], seed=2)
     trace = synthetic_mixtral(n_sequences=2, prompt_len=9, decode_len=40, n_layers=2, seed=4)
@@ -228,15 +255,26 @@ def test_gpu_whole_steps_equal_graphs_per_layer_with_a_trace_replayed():
         try:
             runs = [G.generate(off, ids, mask, max_new_tokens=8, ignore_eos=True) for _ in range(2)]
             beams = G.generate(off, ids, mask, num_beams=2, max_new_tokens=8, ignore_eos=True)
-            got[whole] = dict(ids=[r.sequences for r in runs], beams=beams.sequences, stats=off.stats.to_dict(),
-                              graphs=off.graphs.to_dict(), position=(router.position, router.passes))
+            stats, position = off.stats.to_dict(), (router.position, router.passes)
+            cache = off.graphs.static_cache(gpu_model.config, 1, 32)
+            x = ids[:1].to("cuda")
+            with torch.no_grad():  # a 2-D mask that grows: the decoder eager, the layers one graph
+                off.model(input_ids=x[:, :4], attention_mask=torch.ones(1, 4, dtype=torch.long, device="cuda"),
+                          use_cache=True, cache=cache)
+                logits = [off.model(input_ids=x[:, 4 + t:5 + t], use_cache=True, cache=cache,
+                                    attention_mask=torch.ones(1, 5 + t, dtype=torch.long, device="cuda")).logits.float()
+                          for t in range(4)]
+            got[whole] = dict(ids=[r.sequences for r in runs], beams=beams.sequences, stats=stats,
+                              graphs=off.graphs.to_dict(), position=position, logits=logits)
         finally:
             off.restore()
     assert got[True]["ids"] == got[False]["ids"] and got[True]["beams"] == got[False]["beams"]
     assert got[True]["stats"] == got[False]["stats"] and got[True]["position"] == got[False]["position"]
     g = got[True]["graphs"]
-    assert g["step_captures"] == 2 and g["step_replays"] == 5 + 7 + 6 and g["step_reason"] is None
-    assert got[False]["graphs"]["step_captures"] == 0
+    assert g["model_captures"] == 2 and g["model_replays"] == 5 + 7 + 6 and g["model_reason"] is None
+    assert g["step_captures"] == 1 and g["step_replays"] == 3  # the 2-D steps: a new cache, captured once
+    assert got[False]["graphs"]["model_captures"] == got[False]["graphs"]["step_captures"] == 0
+    assert all(torch.allclose(a, b, atol=1e-2, rtol=1e-2) for a, b in zip(got[True]["logits"], got[False]["logits"]))
 
 
 def test_hidden_states_asked_for_go_layer_by_layer_and_later_steps_are_whole_again(model):
@@ -259,9 +297,9 @@ def test_hidden_states_asked_for_go_layer_by_layer_and_later_steps_are_whole_aga
     off = offload(model, gpu_experts="all", device="cpu", cost_model=CM, graphs=True)
     try:
         got = steps(off.graphs.static_cache(model.config, 1, 32), True)
-        assert off.graphs.step_captures == 0  # the hidden states asked for: every step layer by layer
+        assert off.graphs.model_captures == off.graphs.step_captures == 0  # hidden states asked for: layer by layer
         plain = steps(off.graphs.static_cache(model.config, 1, 32), False)
-        assert off.graphs.step_captures == 1 and off.graphs.step_replays == 3  # 1 step watched before
+        assert off.graphs.model_captures == 1 and off.graphs.model_replays == 3  # 1 step watched before
     finally:
         off.restore()
     for (lr, hr), (lg, hg), (lp, _) in zip(ref, got, plain):

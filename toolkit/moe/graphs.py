@@ -22,7 +22,12 @@ in turn, each with the previous layer's output and the same arguments, the next
 steps capture and replay all layers at once from the first layer's call; the
 other layers' calls hand out the outputs that replay wrote. Between steps the
 owner's ``begin_step`` / ``end_step`` set up what a replay reads (the trace's
-rows of this step).
+rows of this step). Where the decoder (the model that holds the layers, ``base``)
+is called with a static-shaped decode input (``input_ids`` [B, 1], a 4-D
+attention mask as transformers' ``generate`` passes with a static cache), its
+whole forward is the graph instead: embedding, positions, rotary, every layer
+and the final norm, so the host does not even run the model's Python before
+the layers.
 
 When: decode passes (one new token per sequence, beams included) with a
 static KV cache (transformers' ``StaticCache``: fixed addresses, written in
@@ -45,6 +50,7 @@ Shapes: B batch, D hidden, L cache length.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -232,10 +238,12 @@ class DecodeGraphs:
     engine) says when a decode step may be one graph of all layers
     (``whole_step_ready()``) and sets up each such step (``begin_step(hidden_states)``,
     ``end_step()``); ``step_captures`` and ``step_replays`` count those steps,
-    ``step_reason`` says why steps are never whole.
+    ``step_reason`` says why steps are never whole. ``base`` (optional: the
+    decoder model whose ``layers`` these are) lets such a step's whole forward
+    be the graph (``model_captures``, ``model_replays``, ``model_reason``).
     """
 
-    def __init__(self, layers, capture, owner=None):
+    def __init__(self, layers, capture, owner=None, base=None):
         self.layers = list(layers)
         self.capturer = capture
         n = len(self.layers)
@@ -248,8 +256,12 @@ class DecodeGraphs:
         self.experts_reasons: dict[int, str] = {}  # layer -> why its experts run eagerly for good
         self.captures = self.replays = self.eager_calls = 0
         self.experts_captures = self.experts_replays = 0
-        self.owner = owner
+        self.owner, self.base = owner, base
         self.step_captures = self.step_replays = 0
+        self.model_captures = self.model_replays = 0
+        self.model_reason: str | None = None  # why the decoder's forward is never one graph
+        self._in_model = False  # the decoder's forward is being warmed up or captured: no graph inside it
+        self._model_out = None  # an output of the decoder's forward: replays return a copy holding their tensor
         self.step_reason: str | None = None  # why decode steps are never one graph (seen once, for good)
         self._chain: dict | None = None  # the step being watched: layer 0's arguments, the last layer seen and its output
         self._chained = False  # a whole step was seen to call every layer in turn with the same arguments
@@ -261,6 +273,12 @@ class DecodeGraphs:
     def install(self) -> DecodeGraphs:
         for i, layer in enumerate(self.layers):
             layer.forward = functools.partial(self._forward, i)
+        if self.base is not None:
+            import inspect
+
+            wrapper = functools.partial(self._model_forward)
+            wrapper.__signature__ = inspect.signature(self.base.forward)  # what transformers inspects stays true
+            self.base.forward = wrapper
         self.installed = True
         return self
 
@@ -268,11 +286,13 @@ class DecodeGraphs:
         """Give the layers their own ``forward`` back and free the graphs and the cache."""
         for layer in self.layers:
             layer.__dict__.pop("forward", None)
+        if self.base is not None:
+            self.base.__dict__.pop("forward", None)
         self._entries.clear()
         self._static.clear()
         self._last.clear()
         self._cache = self._cache_shape = None
-        self._chain = self._handing = None
+        self._chain = self._handing = self._model_out = None
         self.installed = False
 
     def __enter__(self) -> DecodeGraphs:
@@ -287,7 +307,8 @@ class DecodeGraphs:
                 "experts_captures": self.experts_captures, "experts_replays": self.experts_replays,
                 "eager_experts": {str(k): v for k, v in self.experts_reasons.items()},
                 "step_captures": self.step_captures, "step_replays": self.step_replays,
-                "step_reason": self.step_reason}
+                "step_reason": self.step_reason, "model_captures": self.model_captures,
+                "model_replays": self.model_replays, "model_reason": self.model_reason}
 
     # -- the KV cache -------------------------------------------------------------------------
     def static_cache(self, config, batch: int, tokens: int):
@@ -400,14 +421,60 @@ class DecodeGraphs:
                 outs.append(h)
             return tuple(outs)
 
-        self.owner.begin_step(hidden_states)
-        try:
-            outs = self._graphed("step", 0, step, {"hidden_states": hidden_states, "kwargs": kwargs})
-        finally:
-            self.owner.end_step()
+        if self._in_model:  # inside the decoder's forward being captured: its graph holds the layers
+            outs = step(hidden_states, kwargs)
+        else:
+            self.owner.begin_step(hidden_states)
+            try:
+                outs = self._graphed("step", 0, step, {"hidden_states": hidden_states, "kwargs": kwargs})
+            finally:
+                self.owner.end_step()
         if len(layers) > 1:
             self._handing = outs
         return outs[0]
+
+    # -- the decoder's whole forward ----------------------------------------------------------
+    def _model_forward(self, *args, **kwargs):
+        """The decoder's forward: one graph for a whole decode step where it can be, else its own forward."""
+        base = self.base
+        if args or not self._model_eligible(kwargs):
+            return type(base).forward(base, *args, **kwargs)
+        made = []
+
+        def forward(kw):
+            self._in_model = True
+            try:
+                out = type(base).forward(base, **kw)
+            finally:
+                self._in_model = False
+            made.append(out)
+            return (out[0],)  # the last hidden state: the graph's output
+
+        self.owner.begin_step(kwargs["input_ids"])
+        try:
+            hidden = self._graphed("model", 0, forward, {"model": kwargs})[0]
+        finally:
+            self.owner.end_step()
+        if made:  # captured now (the first call is the warm-up: this step's work) or run eagerly for good
+            self._model_out = made[0]
+            return made[0]
+        out = copy.copy(self._model_out)  # replayed: the same kind of output, holding what the replay wrote
+        out[next(iter(out.keys()))] = hidden
+        return out
+
+    def _model_eligible(self, kwargs: dict) -> bool:
+        """A decode step whose inputs keep their shapes: token ids [B, 1] and a 4-D mask (or none), nothing asked of
+        the layers' outputs, every layer ready to be part of one graph."""
+        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        if (self.model_reason is not None or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] != 1
+                or kwargs.get("inputs_embeds") is not None
+                or not (mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4))
+                or any(k.startswith("output_") and v for k, v in kwargs.items())):
+            return False
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        layers = getattr(cache, "layers", None)
+        return (not torch.is_grad_enabled() and bool(getattr(cache, "is_compileable", False)) and layers is not None
+                and not any(getattr(c, "is_sliding", False) for c in layers) and self._whole_step_ready())
 
     def _hand_out(self, i: int, hidden_states: torch.Tensor) -> torch.Tensor:
         """Layer i's output of the whole-step graph (layer i-1's was handed out just before)."""
@@ -453,8 +520,8 @@ class DecodeGraphs:
         self._in_a_row[slot] = self._in_a_row.get(slot, 0) + 1
         if self._in_a_row[slot] > MAX_RECAPTURES:
             reason = f"inputs changed on each of {MAX_RECAPTURES} calls in a row: nothing to replay"
-            if part == "step":
-                self.step_reason = reason
+            if part in ("step", "model"):
+                setattr(self, f"{part}_reason", reason)
             else:
                 (self.reasons if part == "dense" else self.experts_reasons)[i] = reason
             self._entries.pop(slot, None)
@@ -550,6 +617,9 @@ def graphs_line(d: dict) -> str:
         line += (f"; sync-free experts: {d['experts_captures']} captured, {d.get('experts_replays', 0)} replays")
     if d.get("step_captures"):
         line += f"; whole steps (every layer one graph): {d['step_captures']} captured, {d.get('step_replays', 0)} replays"
+    if d.get("model_captures"):
+        line += (f"; whole decoder forwards (embedding to final norm one graph): {d['model_captures']} captured, "
+                 f"{d.get('model_replays', 0)} replays")
     if d.get("step_reason"):
         line += f"; never whole steps: {d['step_reason']}"
     eager = d.get("eager_layers") or {}

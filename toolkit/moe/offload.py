@@ -1177,7 +1177,10 @@ class Offloaded:
         layers = decoder_layers(model, blocks) if options.graphs else []
         if layers:
             capture = CudaCapture(device) if device.type == "cuda" else EagerCapture()
-            self.graphs = DecodeGraphs(layers, capture, owner=self).install()
+            base = getattr(model, "base_model", None)  # the decoder holding the layers: its forward may be a graph
+            if not all(any(layer is x for x in getattr(base, "layers", ())) for layer in layers):
+                base = None
+            self.graphs = DecodeGraphs(layers, capture, owner=self, base=base).install()
 
     # -- a decode step as one graph (``DecodeGraphs``' owner) ---------------------------------------
     def whole_step_ready(self) -> bool:
