@@ -256,13 +256,13 @@ def test_gpu_whole_steps_equal_graphs_per_layer_with_a_trace_replayed():
             runs = [G.generate(off, ids, mask, max_new_tokens=8, ignore_eos=True) for _ in range(2)]
             beams = G.generate(off, ids, mask, num_beams=2, max_new_tokens=8, ignore_eos=True)
             stats, position = off.stats.to_dict(), (router.position, router.passes)
-            cache = off.graphs.static_cache(gpu_model.config, 1, 32)
-            x = ids[:1].to("cuda")
+            cache = off.graphs.static_cache(gpu_model.config, 3, 32)
+            x = ids.to("cuda")  # 3 rows, as the trace is replayed for 3 sequences
             with torch.no_grad():  # a 2-D mask that grows: the decoder eager, the layers one graph
-                off.model(input_ids=x[:, :4], attention_mask=torch.ones(1, 4, dtype=torch.long, device="cuda"),
+                off.model(input_ids=x[:, :4], attention_mask=torch.ones(3, 4, dtype=torch.long, device="cuda"),
                           use_cache=True, cache=cache)
                 logits = [off.model(input_ids=x[:, 4 + t:5 + t], use_cache=True, cache=cache,
-                                    attention_mask=torch.ones(1, 5 + t, dtype=torch.long, device="cuda")).logits.float()
+                                    attention_mask=torch.ones(3, 5 + t, dtype=torch.long, device="cuda")).logits.float()
                           for t in range(4)]
             got[whole] = dict(ids=[r.sequences for r in runs], beams=beams.sequences, stats=stats,
                               graphs=off.graphs.to_dict(), position=position, logits=logits)
