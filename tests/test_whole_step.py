@@ -14,7 +14,7 @@ from torch import nn
 from toolkit.errors import ToolkitError
 from toolkit.moe import generation as G
 from toolkit.moe.costs import CostModel
-from toolkit.moe.graphs import DecodeGraphs, EagerCapture, graphs_line
+from toolkit.moe.graphs import DecodeGraphs, EagerCapture, cache_keyword, graphs_line
 from toolkit.moe.offload import offload
 from toolkit.moe.presets import build_moe
 from toolkit.moe.prompts import random_prompts
@@ -132,9 +132,10 @@ def test_a_growing_two_d_mask_keeps_the_decoder_eager_and_makes_the_layers_one_g
 
     @torch.no_grad()
     def steps(cache):
-        model(input_ids=ids[:, :5], attention_mask=torch.ones(1, 5, dtype=torch.long), use_cache=True, cache=cache)
+        kv = {cache_keyword(model): cache}  # the name this transformers release gives the KV cache
+        model(input_ids=ids[:, :5], attention_mask=torch.ones(1, 5, dtype=torch.long), use_cache=True, **kv)
         return [model(input_ids=ids[:, 5 + t:6 + t], attention_mask=torch.ones(1, 6 + t, dtype=torch.long),
-                      use_cache=True, cache=cache).logits.clone() for t in range(5)]
+                      use_cache=True, **kv).logits.clone() for t in range(5)]
 
     ref = steps(StaticCache(config=model.config, max_cache_len=256))
     off = offload(model, gpu_experts="all", device="cpu", cost_model=CM, graphs=True)
@@ -258,10 +259,11 @@ def test_gpu_whole_steps_equal_graphs_per_layer_with_a_trace_replayed():
             stats, position = off.stats.to_dict(), (router.position, router.passes)
             cache = off.graphs.static_cache(gpu_model.config, 3, 32)
             x = ids.to("cuda")  # 3 rows, as the trace is replayed for 3 sequences
+            kv = {cache_keyword(gpu_model): cache}
             with torch.no_grad():  # a 2-D mask that grows: the decoder eager, the layers one graph
                 off.model(input_ids=x[:, :4], attention_mask=torch.ones(3, 4, dtype=torch.long, device="cuda"),
-                          use_cache=True, cache=cache)
-                logits = [off.model(input_ids=x[:, 4 + t:5 + t], use_cache=True, cache=cache,
+                          use_cache=True, **kv)
+                logits = [off.model(input_ids=x[:, 4 + t:5 + t], use_cache=True, **kv,
                                     attention_mask=torch.ones(3, 5 + t, dtype=torch.long, device="cuda")).logits.float()
                           for t in range(4)]
             got[whole] = dict(ids=[r.sequences for r in runs], beams=beams.sequences, stats=stats,
@@ -286,10 +288,11 @@ def test_hidden_states_asked_for_go_layer_by_layer_and_later_steps_are_whole_aga
 
     @torch.no_grad()
     def steps(cache, hidden):
-        model(input_ids=ids[:, :5], use_cache=True, cache=cache)
+        kv = {cache_keyword(model): cache}
+        model(input_ids=ids[:, :5], use_cache=True, **kv)
         out = []
         for t in range(5):
-            o = model(input_ids=ids[:, 5 + t:6 + t], use_cache=True, cache=cache, output_hidden_states=hidden)
+            o = model(input_ids=ids[:, 5 + t:6 + t], use_cache=True, output_hidden_states=hidden, **kv)
             out.append((o.logits.clone(), o.hidden_states if hidden else None))
         return out
 
