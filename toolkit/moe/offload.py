@@ -1055,9 +1055,9 @@ class EngineOptions:
     resident for good (a static placement) chooses each row's expert on the
     device, without bringing its routing to the host (``OffloadedExperts._on_device``).
     whole_step: with graphs, a decode step whose layers are all sync-free (and
-    whose routing is the model's router or a trace replay) is one CUDA graph of
-    every layer (``Offloaded.whole_step_ready``); False keeps a graph per part of
-    each layer (an ablation).
+    whose routing is the model's router or a trace replay) is one CUDA graph
+    (``Offloaded.whole_step_ready``, ``toolkit.moe.graphs``); False keeps a graph
+    per part of each layer (an ablation).
     lookahead (default on): in long passes (prefill), start copying the next layer's
     missed experts into free staging slots while this layer computes
     (``Offloaded.look_ahead``). spread_copies: with several devices, a
@@ -1613,8 +1613,10 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     counts stay on the device until the stats are read); False keeps the
     per-expert path with its one sync per layer. whole_step (default on): with
     graphs, a decode step whose layers are all sync-free is captured and
-    replayed as one graph of every layer, the routing included; False keeps a
-    graph per layer part with the router eager between them (an ablation).
+    replayed as one graph, the routing included: the decoder's whole forward
+    where its inputs keep their shapes (as ``generate`` calls it), else every
+    layer; False keeps a graph per layer part with the router eager between
+    them (an ablation).
     lookahead (default on): in a
     long pass (prefill) start copying the next layer's missed experts into free
     staging slots while this layer computes (the makespan and copy decisions;
