@@ -74,6 +74,28 @@ def test_fake_clock_gives_exact_timings(model):
     assert res.experts is None and res.hit_rate is None and res.gpu_experts is None
 
 
+class FakeEvent:
+    def __init__(self, t: float):
+        self.t = t
+
+    def elapsed_time(self, end: "FakeEvent") -> float:  # as torch.cuda.Event: milliseconds to a later event
+        return (end.t - self.t) * 1e3
+
+
+def test_events_time_the_steps_without_a_sync_at_each(model):
+    """With events (a GPU), steps are marked where transformers calls the timer and read after the run: the
+    host syncs only before the start and at the end, so its work between steps overlaps with the GPU's."""
+    ids, mask = random_prompts(model.config.vocab_size, 6, batch_size=2)
+    clock = FakeClock([10.0, 10.2])  # start and end: the only clock reads
+    marks = iter([3.0, 3.100, 3.102, 3.105, 3.109])  # the start event, then prefill and 3 decode steps
+    res = G.generate(model, ids, mask, max_new_tokens=4, ignore_eos=True, clock=clock, synchronize=clock.sync,
+                     mark=lambda: FakeEvent(next(marks)))
+    assert res.prefill_ms == pytest.approx(100.0)
+    assert res.decode_samples_ms == pytest.approx((2.0, 3.0, 4.0))
+    assert res.end_to_end_ms == pytest.approx(200.0)
+    assert clock.syncs == 2
+
+
 def test_beam_tokens_per_second_counts_steps_times_batch(model):
     ids, mask = random_prompts(model.config.vocab_size, 5)
     clock = FakeClock([0.0, 0.5, 0.51, 0.52, 1.0])
@@ -252,6 +274,10 @@ def test_offloaded_generation_on_gpu_equals_unmodified_and_streams():
     assert [r.sequences for r in got] == [r.sequences for r in ref]
     assert rec == list(one.sequences[0])
     assert all(r.prefill_ms > 0 and len(r.decode_samples_ms) == 9 for r in got)
+    # the steps are CUDA events read after the run: they fit within the run's synced wall time, and cover most of it
+    for r in got + ref:
+        marked = r.prefill_ms + sum(r.decode_samples_ms)
+        assert min(r.decode_samples_ms) > 0 and 0.5 * r.end_to_end_ms < marked <= r.end_to_end_ms * 1.001 + 0.05
     assert got[0].to_dict()["cpu_expert_calls"] > 0 and got[0].to_dict()["bytes_copied"] > 0
 
 

@@ -4,11 +4,16 @@
 search; never a hand-written loop) and measures it from the inside:
 
 - ``StepTimer`` is a logits processor, so transformers calls it once per step,
-  right after the step's forward pass. It synchronizes the GPU and reads the
-  clock. Its first call marks the end of prefill (time to first token) and
-  switches an offloaded model's statistics from the prefill to the decode
-  phase; each later call closes one decode step. So a decode sample is the full
-  latency of one step (forward pass, logits, token choice, beam bookkeeping).
+  right after the step's forward pass. On a GPU it records a CUDA event there
+  (read once the run is over); elsewhere it reads the clock. Its first call
+  marks the end of prefill (time to first token) and switches an offloaded
+  model's statistics from the prefill to the decode phase; each later call
+  closes one decode step. So a decode sample is the full time of one step
+  (forward pass, logits, token choice, beam bookkeeping, and the host's work
+  between steps while the GPU waits for it). It never waits for the GPU
+  itself: a sync there would make the host's work after the forward
+  (token choice, bookkeeping) wait for the forward instead of overlapping
+  with it, and the timer would slow the step it times.
 - Streaming (``toolkit.moe.streaming``, beam search included) never runs inside
   a timed step: its taps only copy token ids to the host and enqueue them.
 
@@ -44,23 +49,44 @@ def cuda_synchronizer(device) -> Callable[[], None]:
 
 
 class StepTimer:
-    """Logits processor that syncs and reads the clock once per generation step.
+    """Logits processor that marks the end of each generation step: a CUDA event, or the clock.
 
-    ``times[0]`` is the end of prefill; ``times[i] - times[i-1]`` is decode step i.
-    ``on_first`` runs at the first call (switch the experts' phase to decode).
+    ``mark`` (optional): records and returns an event on the device's stream
+    (``cuda_event``); the marks are read after the run (``elapsed_ms``), so no
+    step waits for them. Without it the timer syncs (``synchronize``) and reads
+    ``clock`` at each call, into ``times``. ``on_first`` runs at the first call
+    (switch the experts' phase to decode).
     """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter, synchronize: Callable[[], None] = lambda: None,
-                 on_first: Callable[[], None] | None = None):
-        self.clock, self.synchronize, self.on_first = clock, synchronize, on_first
+                 on_first: Callable[[], None] | None = None, mark: Callable[[], object] | None = None):
+        self.clock, self.synchronize, self.on_first, self.mark = clock, synchronize, on_first, mark
         self.times: list[float] = []
+        self.marks: list = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.synchronize()
-        self.times.append(self.clock())
-        if len(self.times) == 1 and self.on_first is not None:
+        if self.mark is not None:
+            self.marks.append(self.mark())
+        else:
+            self.synchronize()
+            self.times.append(self.clock())
+        if len(self.times) + len(self.marks) == 1 and self.on_first is not None:
             self.on_first()
         return scores
+
+    def elapsed_ms(self, start) -> list[float]:
+        """Milliseconds from ``start`` (an event recorded before the run) to each step's mark; after a sync."""
+        return [float(start.elapsed_time(m)) for m in self.marks]
+
+
+def cuda_event(device) -> Callable[[], object]:
+    """A function that records a timing CUDA event on ``device``'s current stream and returns it."""
+    def mark():
+        e = torch.cuda.Event(enable_timing=True)
+        e.record(torch.cuda.current_stream(device))
+        return e
+
+    return mark
 
 
 # --------------------------------------------------------------------------- result
@@ -244,7 +270,8 @@ def _release_phase(offloaded) -> None:
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              max_new_tokens: int = 32, num_beams: int = 1, do_sample: bool = False, ignore_eos: bool = False,
              seed: int = 0, streamer=None, tokenizer=None, clock: Callable[[], float] = time.perf_counter,
-             synchronize: Callable[[], None] | None = None, **generate_kwargs) -> GenerationResult:
+             synchronize: Callable[[], None] | None = None, mark: Callable[[], object] | None = None,
+             **generate_kwargs) -> GenerationResult:
     """Generate with transformers ``generate`` and measure prefill, every decode step and the experts' hit rates.
 
     ``model``: a transformers causal LM or an ``Offloaded`` (then its stats are
@@ -254,7 +281,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     final, batch size 1 only; works for greedy, sampling and beam search.
     ``ignore_eos`` generates exactly ``max_new_tokens`` (EOS is suppressed),
     which benchmarks want. ``tokenizer`` (optional) decodes the output into
-    ``text`` after timing. ``clock``/``synchronize`` are injectable for tests.
+    ``text`` after timing. Steps are timed with CUDA events on a GPU
+    (``StepTimer``); ``clock``/``synchronize`` (a synced clock at every step
+    instead) and ``mark`` (events from elsewhere) are injectable for tests.
     Extra keyword arguments go to transformers (``temperature``, ``top_k``,
     ``length_penalty``, ...).
     """
@@ -282,7 +311,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
-    timer = StepTimer(clock, sync, on_first=to_decode)
+    if mark is None and synchronize is None and device.type == "cuda":
+        mark = cuda_event(device)
+    timer = StepTimer(clock, sync, on_first=to_decode, mark=mark)
     user_processors = generate_kwargs.pop("logits_processor", None) or []
     processors = LogitsProcessorList([as_logits_processor(timer), *user_processors])
     criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
@@ -316,6 +347,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     try:
         sync()
         t0 = clock()
+        start = mark() if mark is not None else None
         # no_grad, not inference_mode: buffers the engine creates here must stay writable afterwards
         with torch.no_grad():
             out = hf.generate(input_ids, attention_mask=attention_mask, logits_processor=processors,
@@ -336,7 +368,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if stream is not None and not stream.prefix.consistent:
         raise RuntimeError("beam streaming emitted a token the search later changed (bug)")
 
-    times = timer.times
+    # seconds since the start, at the end of prefill and of each decode step
+    times = [t0 + ms / 1e3 for ms in timer.elapsed_ms(start)] if mark is not None else timer.times
     generated = out[:, P:].cpu()
     text = None
     if tokenizer is not None:
