@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
+from toy_layers import Layer, static_cache
 
 from toolkit.moe import generation as G
 from toolkit.moe.costs import CostModel
@@ -127,23 +127,6 @@ def test_a_new_batch_size_recaptures_and_still_equals_the_unmodified_model(model
 
 # ------------------------------------------------------------------ the static-input bookkeeping, on a toy layer
 
-class Attn(nn.Module):
-    def forward(self, hidden_states, bias, scale, cache=None, **kwargs):
-        self.calls = getattr(self, "calls", 0) + 1
-        return hidden_states * scale + bias, None
-
-
-class Layer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.input_layernorm, self.post_attention_layernorm, self.mlp = nn.Identity(), nn.Identity(), nn.Identity()
-        self.self_attn = Attn()
-
-
-def _static_cache():
-    return SimpleNamespace(is_compileable=True, layers=[SimpleNamespace(is_sliding=False)])
-
-
 def _step(graphs, x, bias, scale, cache):
     """One decode step through the layers in turn -> each layer's output."""
     out = []
@@ -156,7 +139,7 @@ def _step(graphs, x, bias, scale, cache):
 
 def test_inputs_reach_every_replay_and_a_tensor_shared_by_layers_is_copied_once(monkeypatch):
     graphs = DecodeGraphs([Layer(), Layer()], EagerCapture()).install()
-    cache = _static_cache()
+    cache = static_cache()
     copies = []
     real_copy = torch.Tensor.copy_
 
@@ -181,7 +164,7 @@ def test_changing_inputs_recapture_then_fall_back_to_eager_with_a_reason():
     graphs = DecodeGraphs([Layer()], EagerCapture()).install()
     for n in range(1, MAX_RECAPTURES + 3):  # a new shape on every call: nothing is ever replayed
         x = torch.ones(1, 1, n)
-        out = _step(graphs, x, torch.zeros(1, 1, n), 2, _static_cache())
+        out = _step(graphs, x, torch.zeros(1, 1, n), 2, static_cache())
         assert torch.equal(out[0], x * 6)
     assert graphs.captures == MAX_RECAPTURES and graphs.replays == 0
     assert "changed on each" in graphs.reasons[0]
@@ -194,11 +177,11 @@ def test_prefill_dynamic_caches_sliding_windows_and_grad_mode_run_eagerly():
     sliding = SimpleNamespace(is_compileable=True, layers=[SimpleNamespace(is_sliding=True)])
     dynamic = SimpleNamespace(is_compileable=False, layers=[])
     with torch.no_grad():
-        graphs.layers[0](torch.ones(1, 4, 3), bias=torch.zeros(1, 4, 3), scale=1, cache=_static_cache())  # prefill
+        graphs.layers[0](torch.ones(1, 4, 3), bias=torch.zeros(1, 4, 3), scale=1, cache=static_cache())  # prefill
         graphs.layers[0](x, bias=b, scale=1, cache=sliding)
         graphs.layers[0](x, bias=b, scale=1, cache=dynamic)
         graphs.layers[0](x, bias=b, scale=1, cache=None)
-    graphs.layers[0](x, bias=b, scale=1, cache=_static_cache())  # grad mode on
+    graphs.layers[0](x, bias=b, scale=1, cache=static_cache())  # grad mode on
     assert graphs.captures == 0 and graphs.eager_calls == 5
     graphs.restore()
     assert "forward" not in graphs.layers[0].__dict__

@@ -5,11 +5,10 @@ check the bookkeeping (what is captured, replayed and handed out, the trace's po
 the GPU test at the end checks the same on CUDA graphs.
 """
 
-from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
+from toy_layers import Layer, static_cache
 
 from toolkit.errors import ToolkitError
 from toolkit.moe import generation as G
@@ -150,18 +149,6 @@ def test_a_growing_two_d_mask_keeps_the_decoder_eager_and_makes_the_layers_one_g
 
 # ------------------------------------------------------------------ the bookkeeping, on toy layers
 
-class Attn(nn.Module):
-    def forward(self, hidden_states, bias, scale, cache=None, **kwargs):
-        return hidden_states * scale + bias, None
-
-
-class Layer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.input_layernorm, self.post_attention_layernorm, self.mlp = nn.Identity(), nn.Identity(), nn.Identity()
-        self.self_attn = Attn()
-
-
 class Owner:
     def __init__(self):
         self.ready, self.begun, self.ended = True, 0, 0
@@ -176,10 +163,6 @@ class Owner:
         self.ended += 1
 
 
-def _cache():
-    return SimpleNamespace(is_compileable=True, layers=[SimpleNamespace(is_sliding=False)])
-
-
 def _expected(x, bias, scale, n):
     out = []
     for _ in range(n):
@@ -192,7 +175,7 @@ def _expected(x, bias, scale, n):
 def test_after_one_watched_step_every_step_is_one_graph_and_the_layers_get_its_outputs():
     owner = Owner()
     graphs = DecodeGraphs([Layer(), Layer(), Layer()], EagerCapture(), owner=owner).install()
-    cache = _cache()
+    cache = static_cache()
     for step in range(4):
         x, bias = torch.full((1, 1, 2), float(step)), torch.full((1, 1, 2), 1.0 + step)
         h = x
@@ -217,7 +200,7 @@ def test_after_one_watched_step_every_step_is_one_graph_and_the_layers_get_its_o
 @torch.no_grad()
 def test_layers_called_with_their_own_arguments_or_hooked_never_make_a_whole_step():
     graphs = DecodeGraphs([Layer(), Layer()], EagerCapture(), owner=Owner()).install()
-    cache = _cache()
+    cache = static_cache()
     for _ in range(3):  # each layer its own bias (as models whose layers differ in their attention mask)
         x = torch.ones(1, 1, 2)
         h = graphs.layers[0](x, bias=torch.zeros(1, 1, 2), scale=2, cache=cache)
