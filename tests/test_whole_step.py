@@ -291,3 +291,32 @@ def test_hidden_states_asked_for_go_layer_by_layer_and_later_steps_are_whole_aga
     for (lr, hr), (lg, hg), (lp, _) in zip(ref, got, plain):
         assert torch.allclose(lr, lg) and torch.allclose(lr, lp)
         assert all(torch.allclose(a, b) for a, b in zip(hr, hg))
+
+
+def test_hidden_states_asked_for_by_the_config_go_layer_by_layer_too():
+    """A config that comes to ask for hidden states on every call, after whole steps have run: those steps run
+    layer by layer, and each step's hidden states are its own (a replay would hand back the captured step's)."""
+    from transformers import StaticCache
+
+    asking = build_moe("tiny-mixtral", seed=0)
+    ids, _ = random_prompts(asking.config.vocab_size, [10], seed=6)
+
+    @torch.no_grad()
+    def steps(cache):
+        kv = {cache_keyword(asking): cache}
+        asking(input_ids=ids[:, :5], use_cache=True, **kv)
+        outs = [asking(input_ids=ids[:, 5 + t:6 + t], use_cache=True, **kv) for t in range(4)]
+        return [None if o.hidden_states is None else [h.clone() for h in o.hidden_states] for o in outs]
+
+    off = offload(asking, gpu_experts="all", device="cpu", cost_model=CM, graphs=True)
+    try:
+        steps(off.graphs.static_cache(asking.config, 1, 32))
+        assert off.graphs.model_captures == 1  # whole steps, the config asking for nothing
+        asking.config.output_hidden_states = True
+        got = steps(off.graphs.static_cache(asking.config, 1, 32))
+        d = off.graphs.to_dict()
+    finally:
+        off.restore()
+    ref = steps(StaticCache(config=asking.config, max_cache_len=256))
+    assert d["model_replays"] == 2 and d["step_captures"] == 0  # no whole step once the config asks
+    assert all(torch.allclose(a, b) for r, g in zip(ref, got) for a, b in zip(r, g))

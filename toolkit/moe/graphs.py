@@ -64,6 +64,9 @@ from ..errors import ToolkitError
 CACHE_BLOCK = 256
 # a layer that captures this many times in a row without one replay stops trying (its inputs change every call)
 MAX_RECAPTURES = 3
+# what a call (or the model's config) may ask the layers for: collected by hooks as the layers run, so a step
+# that asks for any of them runs its layers one by one
+OUTPUTS = ("output_hidden_states", "output_attentions", "output_router_logits")
 
 
 def cache_keyword(model) -> str:
@@ -466,10 +469,12 @@ class DecodeGraphs:
         """A decode step whose inputs keep their shapes: token ids [B, 1] and a 4-D mask (or none), nothing asked of
         the layers' outputs, every layer ready to be part of one graph."""
         ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        config = getattr(self.base, "config", None)
+        asked = any(kwargs.get(k, getattr(config, k, False)) for k in OUTPUTS)  # a call's word, else the config's
         if (self.model_reason is not None or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] != 1
                 or kwargs.get("inputs_embeds") is not None
                 or not (mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4))
-                or any(k.startswith("output_") and v for k, v in kwargs.items())):
+                or asked or any(k.startswith("output_") and v for k, v in kwargs.items())):
             return False
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         layers = getattr(cache, "layers", None)
