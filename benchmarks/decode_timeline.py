@@ -133,14 +133,8 @@ def main(argv=None) -> int:
             finally:
                 engine.restore()
         run.save("complete")
-    except KeyboardInterrupt:
-        run.save("interrupted")
-        print("interrupted: what was measured is in", run.path, file=sys.stderr)
-        return 130
-    except ToolkitError as e:  # a preset, budget or device this machine cannot run: one line, not a traceback
-        run.save(f"error: {e}")
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (KeyboardInterrupt, ToolkitError) as e:  # Ctrl-C, or a preset, budget or device this machine cannot run: one line, not a traceback
+        return run.stopped(e)
     print_table(record)
     return 0
 

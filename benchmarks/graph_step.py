@@ -520,14 +520,8 @@ def main(argv=None) -> int:
                 run.log(f"round {r + 1}: " + ", ".join(f"f={f} {steps[f][-1]:.2f} ms" for f in configs.values()))
                 run.save()
         run.save("complete")
-    except KeyboardInterrupt:
-        run.save("interrupted")
-        print("interrupted: what was measured is in", run.path, file=sys.stderr)
-        return 130
-    except ToolkitError as e:
-        run.save(f"error: {e}")
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (KeyboardInterrupt, ToolkitError) as e:
+        return run.stopped(e)
     print_table(record)
     return 0
 

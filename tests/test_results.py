@@ -47,6 +47,17 @@ def test_start_counts_time_spent_before_the_record_was_built(tmp_path):
     assert json.loads((tmp_path / "b.json").read_text()) == {"status": "interrupted", "elapsed_s": 6.0}
 
 
+def test_a_stopped_run_keeps_what_it_measured_says_why_in_one_line_and_gives_the_exit_code(tmp_path, capsys):
+    run = RunRecord("b", tmp_path / "b.json", {"rows": [1]}, clock=FakeClock(2.0), start=0.0)
+    assert run.stopped(KeyboardInterrupt()) == 130
+    assert json.loads((tmp_path / "b.json").read_text())["status"] == "interrupted"
+    assert capsys.readouterr().err == f"interrupted: what was measured is in {tmp_path / 'b.json'}\n"
+    assert run.stopped(ToolkitError("needs a CUDA GPU")) == 2
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["status"] == "error: needs a CUDA GPU" and saved["rows"] == [1]
+    assert capsys.readouterr().err == "error: needs a CUDA GPU\n"
+
+
 def test_log_writes_one_line_with_the_name_and_elapsed_seconds_to_stderr(tmp_path, capsys):
     clock = FakeClock()
     run = RunRecord("moe_decode", tmp_path / "b.json", {}, clock=clock)

@@ -159,6 +159,17 @@ class RunRecord:
         """One progress line on stderr, ``[name   12.3s] msg``, flushed: a benchmark script's running commentary."""
         print(f"[{self.name} {self.elapsed_s:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
+    def stopped(self, e: BaseException) -> int:
+        """A run stopped by Ctrl-C (``KeyboardInterrupt``) or by what this machine cannot run (``ToolkitError``):
+        saves that status with what was measured, says so in one line on stderr -> the exit code (130 or 2)."""
+        if isinstance(e, KeyboardInterrupt):
+            self.save("interrupted")
+            print("interrupted: what was measured is in", self.path, file=sys.stderr)
+            return 130
+        self.save(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
 
 def load_json(path: str | os.PathLike) -> Any:
     """Read a JSON file, turning a missing or corrupt file into a ToolkitError."""
