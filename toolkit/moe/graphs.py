@@ -239,7 +239,7 @@ class DecodeGraphs:
     expert resident, no routing sync) are captured too, as a second graph per
     layer (``experts_captures``, ``experts_replays``). ``owner`` (optional: the
     engine) says when a decode step may be one graph of all layers
-    (``whole_step_ready()``) and sets up each such step (``begin_step(hidden_states)``,
+    (``whole_step_ready()``) and sets up each such step (``begin_step(ids or hidden states)``,
     ``end_step()``); ``step_captures`` and ``step_replays`` count those steps,
     ``step_reason`` says why steps are never whole. ``base`` (optional: the
     decoder model whose ``layers`` these are) lets such a step's whole forward
@@ -427,14 +427,19 @@ class DecodeGraphs:
         if self._in_model:  # inside the decoder's forward being captured: its graph holds the layers
             outs = step(hidden_states, kwargs)
         else:
-            self.owner.begin_step(hidden_states)
-            try:
-                outs = self._graphed("step", 0, step, {"hidden_states": hidden_states, "kwargs": kwargs})
-            finally:
-                self.owner.end_step()
+            outs = self._owned_step("step", hidden_states, step, {"hidden_states": hidden_states, "kwargs": kwargs})
         if len(layers) > 1:
             self._handing = outs
         return outs[0]
+
+    def _owned_step(self, part: str, rows: torch.Tensor, fn: Callable, inputs: dict):
+        """Part ``part`` (a whole step) replayed or captured, between the owner's set-up for a pass of
+        ``rows`` [B, S] and its end."""
+        self.owner.begin_step(rows)
+        try:
+            return self._graphed(part, 0, fn, inputs)
+        finally:
+            self.owner.end_step()
 
     # -- the decoder's whole forward ----------------------------------------------------------
     def _model_forward(self, *args, **kwargs):
@@ -453,11 +458,7 @@ class DecodeGraphs:
             made.append(out)
             return (out[0],)  # the last hidden state: the graph's output
 
-        self.owner.begin_step(kwargs["input_ids"])
-        try:
-            hidden = self._graphed("model", 0, forward, {"model": kwargs})[0]
-        finally:
-            self.owner.end_step()
+        hidden = self._owned_step("model", kwargs["input_ids"], forward, {"model": kwargs})[0]
         if made:  # captured now (the first call is the warm-up: this step's work) or run eagerly for good
             self._model_out = made[0]
             return made[0]

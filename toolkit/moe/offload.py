@@ -1195,10 +1195,12 @@ class Offloaded:
                 and all(m.sync_free for m in self.experts)
                 and (self.routing is None or hasattr(self.routing, "begin_pass")))
 
-    def begin_step(self, hidden_states: torch.Tensor) -> None:
-        """Before a whole step's capture or replay: the replayed routing's rows of this pass, set on the device."""
+    def begin_step(self, inputs: torch.Tensor) -> None:
+        """Before a whole step's capture or replay: the replayed routing's rows of this pass, set on the device.
+
+        ``inputs``: the pass's token ids [B, S] or hidden states [B, S, D] (B * S rows)."""
         if self.routing is not None:
-            self.routing.begin_pass(hidden_states.shape[0] * hidden_states.shape[1], hidden_states.device)
+            self.routing.begin_pass(inputs.shape[0] * inputs.shape[1], inputs.device)
 
     def end_step(self) -> None:
         if self.routing is not None:
