@@ -234,6 +234,9 @@ def format_table(r: dict) -> str:
         lines.append("  per device                     " + "; ".join(
             f"{d['device']}: {plural(d['experts'], 'expert')}, {plural(d['rows'], 'resident row')}, "
             f"{plural(d.get('copies', 0), 'copy', 'copies')} in" for d in devices))
+    fused = _fused_line(engine.get("fused"))
+    if fused:
+        lines.append(f"  fused kernels                  {fused}")
     sync_free = engine.get("sync_free_layers")
     if sync_free:
         lines.append(f"  sync-free layers               {sync_free} of {r['layers']} (every expert resident: "
@@ -261,6 +264,20 @@ def format_table(r: dict) -> str:
                 "not counted: the plan takes CPU experts and copies at their speeds alone"))
     lines += [f"  WARNING: {w}" for w in r.get("warnings") or ()]
     return "\n".join(lines)
+
+
+def _fused_line(fused: dict | None) -> str:
+    """What ran as fused Triton kernels (``Offloaded.fused_dict``), or "" where nothing did."""
+    if not fused or not (fused.get("norms") or fused.get("expert_layers") or fused.get("norms_kept")):
+        return ""
+    parts = []
+    if fused.get("norms"):
+        parts.append(f"{plural(fused['norms'], 'RMSNorm')} as one kernel each")
+    if fused.get("norms_kept"):
+        parts.append(f"{plural(fused['norms_kept'], 'norm')} kept torch's ops (the kernel did not reproduce them)")
+    if fused.get("expert_layers"):
+        parts.append(f"the experts of {plural(fused['expert_layers'], 'sync-free layer')} in 3 kernels a decode pass")
+    return "; ".join(parts)
 
 
 def _copied(r: dict) -> str:

@@ -71,6 +71,7 @@ class Baseline:
     graphs: bool | None = None  # decode steps' dense part from CUDA graphs; None: the engine's default (on with CUDA)
     sync_free: bool = True  # layers with every expert resident skip the routing sync (experts chosen on the device)
     whole_step: bool = True  # decode steps whose layers are all sync-free replay as one graph of every layer
+    fused: bool = True  # RMSNorms and sync-free decode experts as single Triton kernels (CUDA with Triton)
     lookahead: bool = False  # prefill: the next layer's copies start while this layer computes (ours only)
     spread_copies: bool = True  # several GPUs: a missed expert may be copied to any of them (each its own link)
     contention: bool = True  # the makespan decision plans with the measured contention of CPU experts and copies
@@ -97,7 +98,7 @@ class Baseline:
         """Keyword arguments of ``offload()`` for this scheme at a GPU expert budget."""
         kw = dict(decision=self.decision, serial=self.serial, pageable_copies=self.pageable_copies,
                   split=self.split, overlap=self.overlap, graphs=self.graphs, sync_free=self.sync_free,
-                  whole_step=self.whole_step,
+                  whole_step=self.whole_step, fused=self.fused,
                   lookahead=self.lookahead, spread_copies=self.spread_copies, contention=self.contention,
                   cpu_kernel=self.cpu_kernel)
         if self.policy is not None:

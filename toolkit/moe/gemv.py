@@ -15,6 +15,18 @@ CUDA graph can replay it, and streams the weight rows with one program per
 It needs Triton and a CUDA device (``usable``); rows that share an expert read
 its weights once each, so it takes at most ``MAX_ROWS`` rows (more, as in beam
 search or prefill, take grouped_mm).
+
+A decode pass's experts are a handful of such kernels and many small ones
+around them (the token's copy per slot, the activation, the routing weight, the
+sum over slots, the counts), each a launch and a few microseconds in a step
+of a few milliseconds. Three kernels make the whole pass:
+``expert_gate_up_act`` (gate and up rows of a unit in one program, the
+activation ``silu(gate) * up`` in its epilogue), ``expert_down`` (each
+token's slots weighted and summed in its epilogue) and ``count_rows`` (a
+pass's rows per expert added to device counters). They keep torch's
+roundings: each projection's output, the SiLU and the product rounded to the
+model's dtype, each slot's output and its weighted value too, the sum over
+slots once.
 """
 
 from __future__ import annotations
@@ -37,10 +49,11 @@ def _kernel():
 
     @triton.jit
     def expert_gemv_kernel(x_ptr, idx_ptr, w_ptr, out_ptr, N, K, stride_we, stride_wn,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_DIV: tl.constexpr):
         pid_n = tl.program_id(0)
         r = tl.program_id(1)
         e = tl.load(idx_ptr + r).to(tl.int64)
+        xr = r // X_DIV  # the x row of output row r: X_DIV rows (a token's slots) share one
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output units
         n_ok = n < N
         rows = w_ptr + e * stride_we + n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
@@ -48,7 +61,7 @@ def _kernel():
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < K
-            xv = tl.load(x_ptr + r * K + k, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+            xv = tl.load(x_ptr + xr * K + k, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
             w = tl.load(rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
             acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
         tl.store(out_ptr + r * N + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
@@ -68,11 +81,12 @@ def disable(reason: str) -> None:
 
 def usable(device: torch.device, rows: int) -> bool:
     """Whether ``expert_gemv`` runs here for this many rows: a CUDA device, Triton installed, few rows."""
-    return broken is None and torch.device(device).type == "cuda" and rows <= MAX_ROWS and _has_triton()
+    return broken is None and torch.device(device).type == "cuda" and rows <= MAX_ROWS and has_triton()
 
 
 @functools.cache
-def _has_triton() -> bool:
+def has_triton() -> bool:
+    """Whether Triton imports here (asked once per process)."""
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -89,16 +103,201 @@ def launch_config(k: int) -> tuple[int, int]:
     return (128, 4) if k <= 4096 else (256, 8)
 
 
-def expert_gemv(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [R, K], index [R] (int), weight [E, N, K] (unit stride in K) -> [R, N] in x's dtype."""
-    R, K = x.shape
+def expert_gemv(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, per_x: int = 1) -> torch.Tensor:
+    """x [R / per_x, K], index [R] (int), weight [E, N, K] (unit stride in K) -> [R, N] in x's dtype.
+
+    per_x: output rows per row of x (a token's top-k slots read the token's
+    one row; no copy of it per slot): row r is ``x[r // per_x] @ weight[index[r]].T``.
+    """
+    R = index.shape[0] if index.dim() == 1 else -1
+    K = x.shape[-1]
     E, N, K2 = weight.shape
-    if K2 != K or index.shape != (R,) or weight.stride(2) != 1:
+    if (K2 != K or index.dim() != 1 or per_x < 1 or x.dim() != 2 or x.shape[0] * per_x != R
+            or weight.stride(2) != 1):
         raise ValueError(f"expert_gemv: x {tuple(x.shape)}, index {tuple(index.shape)}, weight {tuple(weight.shape)} "
-                         f"(stride {weight.stride()}) do not fit [R, K], [R], [E, N, K] with unit stride in K")
+                         f"(stride {weight.stride()}) do not fit [R / {per_x}, K], [R], [E, N, K] with unit stride "
+                         "in K")
     x = x.contiguous()
     out = torch.empty(R, N, device=x.device, dtype=x.dtype)
     block_k, warps = launch_config(K)
     _kernel()[(-(-N // BLOCK_N), R)](x, index.contiguous(), weight, out, N, K, weight.stride(0), weight.stride(1),
-                                     BLOCK_N=BLOCK_N, BLOCK_K=block_k, num_warps=warps)
+                                     BLOCK_N=BLOCK_N, BLOCK_K=block_k, X_DIV=per_x, num_warps=warps)
     return out
+
+
+@functools.cache
+def _act_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def expert_gate_up_act_kernel(x_ptr, idx_ptr, w_ptr, out_ptr, INTER, K, stride_we, stride_wn,
+                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_DIV: tl.constexpr):
+        pid_n = tl.program_id(0)
+        r = tl.program_id(1)
+        e = tl.load(idx_ptr + r).to(tl.int64)
+        xr = r // X_DIV
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] intermediate units: gate row n, up row INTER + n
+        n_ok = n < INTER
+        gate_rows = w_ptr + e * stride_we + n.to(tl.int64)[:, None] * stride_wn
+        up_rows = gate_rows + INTER * stride_wn
+        acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            xv = tl.load(x_ptr + xr * K + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            m = n_ok[:, None] & k_ok[None, :]
+            acc_g += tl.sum(tl.load(gate_rows + k[None, :], mask=m, other=0.0).to(tl.float32) * xv, axis=1)
+            acc_u += tl.sum(tl.load(up_rows + k[None, :], mask=m, other=0.0).to(tl.float32) * xv, axis=1)
+        dt = out_ptr.dtype.element_ty
+        g = acc_g.to(dt).to(tl.float32)  # each projection's output in the model dtype, as torch's GEMV gives it
+        u = acc_u.to(dt).to(tl.float32)
+        a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)  # silu, rounded as torch's
+        tl.store(out_ptr + r * INTER + n, (a * u).to(dt), mask=n_ok)
+
+    return expert_gate_up_act_kernel
+
+
+@functools.cache
+def _down_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def expert_down_kernel(a_ptr, idx_ptr, w_ptr, rw_ptr, out_ptr, N, INTER, stride_we, stride_wn,
+                           SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_n = tl.program_id(0)
+        t = tl.program_id(1)  # token
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output units
+        n_ok = n < N
+        dt = out_ptr.dtype.element_ty
+        total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for s in tl.static_range(SLOTS):
+            r = t * SLOTS + s  # (token, slot) row
+            e = tl.load(idx_ptr + r).to(tl.int64)
+            rows = w_ptr + e * stride_we + n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k0 in range(0, INTER, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = k < INTER
+                a = tl.load(a_ptr + r * INTER + k, mask=k_ok, other=0.0).to(tl.float32)
+                w = tl.load(rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+            y = acc.to(dt).to(tl.float32)  # the slot's output in the model dtype
+            total += (y * tl.load(rw_ptr + r).to(tl.float32)).to(dt).to(tl.float32)  # weighted, rounded
+        tl.store(out_ptr + t * N + n, total.to(dt), mask=n_ok)
+
+    return expert_down_kernel
+
+
+def is_silu(act_fn) -> bool:
+    """Whether ``act_fn`` computes SiLU (what ``expert_down`` folds in), checked on a probe of values."""
+    x = torch.linspace(-12.0, 12.0, 97)
+    try:
+        with torch.no_grad():
+            y = act_fn(x)
+    except Exception:  # an activation that does not take a plain tensor
+        return False
+    return isinstance(y, torch.Tensor) and y.shape == x.shape and torch.allclose(y, torch.nn.functional.silu(x),
+                                                                                 rtol=1e-6, atol=1e-7)
+
+
+# (units per program, BLOCK_K, warps) of the two pass kernels. Gate/up: a program reads a unit's gate and up
+# rows; down: BLOCK_N rows of each of a token's experts.
+ACT_CONFIG = (8, 128, 4)
+DOWN_CONFIG = (8, 1024, 8)
+
+
+def expert_gate_up_act(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, per_x: int = 1,
+                       config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Each row's expert's ``silu(x @ gate.T) * (x @ up.T)`` in one kernel.
+
+    x [R / per_x, D] (``per_x`` rows per row of x, a token's slots), index [R],
+    weight [E, 2I, D] (gate rows, then up rows; unit stride in D) -> [R, I] in
+    x's dtype, with torch's roundings: gate and up each rounded to x's dtype,
+    the SiLU too, then the product. config: (BLOCK_N, BLOCK_K, warps), default ``ACT_CONFIG``.
+    """
+    K = x.shape[-1]
+    E, two_i, K2 = weight.shape
+    R = index.shape[0] if index.dim() == 1 else -1
+    if (K2 != K or two_i % 2 or index.dim() != 1 or per_x < 1 or x.dim() != 2 or x.shape[0] * per_x != R
+            or weight.stride(2) != 1):
+        raise ValueError(f"expert_gate_up_act: x {tuple(x.shape)}, index {tuple(index.shape)}, weight "
+                         f"{tuple(weight.shape)} (stride {weight.stride()}) do not fit [R / {per_x}, D], [R], "
+                         "[E, 2I, D] with unit stride in D")
+    inter = two_i // 2
+    x = x.contiguous()
+    out = torch.empty(R, inter, device=x.device, dtype=x.dtype)
+    block_n, block_k, warps = config or ACT_CONFIG
+    _act_kernel()[(-(-inter // block_n), R)](x, index.contiguous(), weight, out, inter, K, weight.stride(0),
+                                             weight.stride(1), BLOCK_N=block_n, BLOCK_K=block_k, X_DIV=per_x,
+                                             num_warps=warps)
+    return out
+
+
+def expert_down(a: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, route_weights: torch.Tensor,
+                config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """A token's experts' down projections, weighted and summed, in one kernel.
+
+    a [T*S, I] (each (token, slot) row's activation, ``expert_gate_up_act``),
+    index [T*S] each row's expert, weight [E, D, I] (unit stride in I),
+    route_weights [T, S] -> [T, D] in a's dtype:
+    ``sum_s w[t, s] * down[index[t*S + s]] @ a[t*S + s]``, with the roundings
+    of torch's ops in a's dtype (each slot's output, its weighted value, the sum).
+    config: (BLOCK_N, BLOCK_K, warps), default ``DOWN_CONFIG``.
+    """
+    R, inter = a.shape
+    E, D, INTER = weight.shape
+    if route_weights.dim() != 2 or index.shape != (R,) or inter != INTER or route_weights.numel() != R \
+            or weight.stride(2) != 1:
+        raise ValueError(f"expert_down: a {tuple(a.shape)}, index {tuple(index.shape)}, weight {tuple(weight.shape)} "
+                         f"(stride {weight.stride()}), route_weights {tuple(route_weights.shape)} do not fit "
+                         "[T*S, I], [T*S], [E, D, I] with unit stride in I, [T, S]")
+    T, S = route_weights.shape
+    a = a.contiguous()
+    out = torch.empty(T, D, device=a.device, dtype=a.dtype)
+    block_n, block_k, warps = config or DOWN_CONFIG
+    _down_kernel()[(-(-D // block_n), T)](a, index.contiguous(), weight, route_weights.contiguous(), out, D, INTER,
+                                          weight.stride(0), weight.stride(1), SLOTS=S, BLOCK_N=block_n,
+                                          BLOCK_K=block_k, num_warps=warps)
+    return out
+
+
+@functools.cache
+def _count_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def count_rows_kernel(idx_ptr, t_ptr, R, E, row0, plane, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+        r = tl.arange(0, BLOCK_R)
+        e = tl.arange(0, BLOCK_E)
+        idx = tl.load(idx_ptr + r, mask=r < R, other=-1)
+        n = tl.sum((idx[None, :] == e[:, None]).to(tl.int64), axis=1)  # [BLOCK_E] rows per expert
+        ok = e < E
+        act = t_ptr + row0 + e
+        tl.store(act, tl.load(act, mask=ok, other=0) + n, mask=ok)
+        used = t_ptr + plane + row0 + e
+        tl.store(used, tl.load(used, mask=ok, other=0) + (n > 0).to(tl.int64), mask=ok)
+        fwd = t_ptr + 2 * plane + row0 + e
+        tl.store(fwd, tl.load(fwd, mask=e == 0, other=0) + 1, mask=e == 0)
+
+    return count_rows_kernel
+
+
+def count_rows(index: torch.Tensor, counters: torch.Tensor, layer: int) -> None:
+    """Add one pass of ``layer`` to ``counters`` int64 [3, L, E] in one kernel.
+
+    index [R]: each (token, slot) row's expert. Plane 0 gains the rows per
+    expert, plane 1 one for each expert used, plane 2 (column 0) one pass.
+    """
+    import triton
+
+    _, L, E = counters.shape
+    if counters.dtype != torch.int64 or not counters.is_contiguous() or index.dim() != 1 or not 0 <= layer < L:
+        raise ValueError(f"count_rows: counters {tuple(counters.shape)} {counters.dtype} (contiguous int64 [3, L, E]), "
+                         f"index {tuple(index.shape)} ([R]), layer {layer}")
+    R = index.shape[0]
+    _count_kernel()[(1,)](index.contiguous(), counters, R, E, layer * E, L * E,
+                          BLOCK_R=triton.next_power_of_2(max(R, 16)), BLOCK_E=triton.next_power_of_2(max(E, 16)))

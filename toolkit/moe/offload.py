@@ -82,6 +82,7 @@ from ..errors import ToolkitError
 from . import gemv
 from .costs import CostModel, choose_threads, dtype_name, expert_forward, torch_threads
 from .graphs import CudaCapture, DecodeGraphs, EagerCapture, decoder_layers
+from .norm import fuse_norms
 from .phases import PHASES
 from .presets import is_experts_module, moe_blocks
 
@@ -395,6 +396,11 @@ class _DeviceCounts:
         t[2, layer, 0] += 1
         self.used = True
 
+    def record_rows(self, phase: str, layer: int, index: torch.Tensor) -> None:
+        """The same from index [R] (each row's expert), in one kernel (``gemv.count_rows``)."""
+        gemv.count_rows(index, self.t[phase], layer)
+        self.used = True
+
     def fold(self, stats: ExpertStats) -> None:
         """Add the counts to ``stats`` (every expert of these passes was resident: each activation a hit)."""
         if not self.used:
@@ -546,6 +552,8 @@ class OffloadedExperts(nn.Module):
         # every expert resident for good on the engine's device: stacked [E, 2I, D], [E, D, I], and the passes
         # run sync-free (``_on_device``); self.gpu then holds views of the stacks
         self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None
+        # a sync-free decode pass in three kernels (``gemv.expert_gate_up_act`` folds SiLU in: SiLU only)
+        self.fused = engine.options.fused and gemv.is_silu(self.act_fn)
         dev = engine.device
         if (engine.options.sync_free and tiers is None and bool(np.all(resident))
                 and getattr(engine.policy, "static", False) and grouped_mm_usable(dev, host_gate_up.dtype)):
@@ -632,6 +640,13 @@ class OffloadedExperts(nn.Module):
         """Whether a pass of this layer runs without the host (every expert resident): it can be captured."""
         return self.stacked is not None
 
+    def _count(self, flat: torch.Tensor, phase: str) -> torch.Tensor:
+        """Rows per expert of a sync-free pass, int64 [E] on the device, added to the engine's device counts."""
+        counts = torch.zeros(self.n_experts, dtype=torch.int64, device=flat.device)
+        counts.index_add_(0, flat, torch.ones_like(flat))  # [E] (bincount would sync for its length)
+        self.engine.device_counts.record(phase, self.layer, counts)
+        return counts
+
     def _on_device(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                    phase: str) -> torch.Tensor:
         """Every expert resident: the experts chosen on the device, so nothing comes back to the host.
@@ -645,16 +660,18 @@ class OffloadedExperts(nn.Module):
         """
         eng, (T, K) = self.engine, top_k_index.shape
         flat = top_k_index.reshape(-1)  # [T*K] expert of each (token, slot)
-        counts = torch.zeros(self.n_experts, dtype=torch.int64, device=flat.device)
-        counts.index_add_(0, flat, torch.ones_like(flat))  # [E] (bincount would sync for its length)
-        eng.device_counts.record(phase, self.layer, counts)
         if eng.recorder is not None:
             eng.recorder.observe(self.layer, phase, top_k_index, top_k_weights)
         gate_up, down = self.stacked  # [E, 2I, D], [E, D, I]
         if gemv.usable(hidden.device, T * K):
             try:
-                x = hidden[:, None].expand(T, K, hidden.shape[1]).reshape(T * K, -1)  # [T*K, D] row t*K + k
-                gate, up = gemv.expert_gemv(x, flat, gate_up).chunk(2, dim=-1)  # [T*K, I] each
+                if self.fused:  # the pass is three kernels; counted last, so a failure above never counts twice
+                    a = gemv.expert_gate_up_act(hidden, flat, gate_up, per_x=K)  # [T*K, I] silu(gate) * up
+                    out = gemv.expert_down(a, flat, down, top_k_weights)  # [T, D] weighted, summed over slots
+                    eng.device_counts.record_rows(phase, self.layer, flat)
+                    return out
+                self._count(flat, phase)
+                gate, up = gemv.expert_gemv(hidden, flat, gate_up, per_x=K).chunk(2, dim=-1)  # [T*K, I] each
                 y = gemv.expert_gemv(self.act_fn(gate) * up, flat, down)  # [T*K, D]
                 y = (y * top_k_weights.reshape(-1, 1)).to(hidden.dtype)
                 return y.view(T, K, -1).sum(dim=1)  # [T, D]
@@ -662,6 +679,7 @@ class OffloadedExperts(nn.Module):
                 gemv.disable(f"{type(e).__name__}: {e}")
                 warnings.warn(f"the expert GEMV failed here ({gemv.broken}); sync-free layers use grouped_mm "
                               "from now on", RuntimeWarning, stacklevel=2)
+        counts = self._count(flat, phase)
         order = torch.sort(flat, stable=True).indices  # [T*K] positions grouped by expert
         offs = counts.cumsum(0).to(torch.int32)  # [E] end of each expert's rows
         tok = order // K  # [T*K]
@@ -1057,7 +1075,12 @@ class EngineOptions:
     whole_step: with graphs, a decode step whose layers are all sync-free (and
     whose routing is the model's router or a trace replay) is one CUDA graph
     (``Offloaded.whole_step_ready``, ``toolkit.moe.graphs``); False keeps a graph
-    per part of each layer (an ablation).
+    per part of each layer (an ablation). fused: on a CUDA device with
+    Triton, the decode step's small ops run as single kernels: the model's
+    RMSNorms (``toolkit.moe.norm``; each checked against its own forward
+    first) and a sync-free pass's experts (activation, weighted sum over the
+    slots and counts folded into the expert GEMVs, ``toolkit.moe.gemv``);
+    False keeps torch's ops (an ablation).
     lookahead (default on): in long passes (prefill), start copying the next layer's
     missed experts into free staging slots while this layer computes
     (``Offloaded.look_ahead``). spread_copies: with several devices, a
@@ -1081,6 +1104,7 @@ class EngineOptions:
     graphs: bool = False
     sync_free: bool = True
     whole_step: bool = True
+    fused: bool = True
     lookahead: bool = True
     spread_copies: bool = True
     contention: bool = True
@@ -1154,6 +1178,7 @@ class Offloaded:
         self.copy_stream = self.copy_streams[0]
         self.executor = self._start_worker() if options.overlaps else None
         self._hooks = []
+        self.norms = None  # toolkit.moe.norm.FusedNorms: the model's RMSNorms given the kernel (options.fused)
         self._orig_param_devices = original_devices
         self.experts: list[OffloadedExperts] = []
         for layer, block in enumerate(blocks):
@@ -1487,6 +1512,13 @@ class Offloaded:
         """Layers whose experts are all resident for good: their passes run without a routing sync."""
         return sum(mod.stacked is not None for mod in self.experts)
 
+    def fused_dict(self) -> dict:
+        """What runs as fused kernels: norms given the RMSNorm kernel (and kept), sync-free layers' experts."""
+        return {"norms": len(self.norms.fused) if self.norms is not None else 0,
+                "norms_kept": len(self.norms.kept) if self.norms is not None else 0,
+                "expert_layers": sum(m.stacked is not None and m.fused and gemv.usable(self.device, 1)
+                                     for m in self.experts)}
+
     @property
     def active(self) -> bool:
         """True until ``restore()``: the model runs through this engine (afterwards its experts are not here)."""
@@ -1525,6 +1557,7 @@ class Offloaded:
             "cpu_kernel_tokens": getattr(self.cpu_linear, "tokens", 0),
             "overlap": self.executor is not None, "decision": self.decision, "serial": self.serial,
             "pageable_copies": self.pageable_copies, "split": self.split, "sync_free_layers": self.sync_free_layers,
+            "fused": self.fused_dict(),
             "graphs": self.graphs.to_dict() if self.graphs is not None else None,
             "placement": self.placement.astype(int).tolist(),
             "cost_model": self.cost_model.to_dict(), "stats": self.stats.to_dict(),
@@ -1561,6 +1594,9 @@ class Offloaded:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self.norms is not None:
+            self.norms.restore()
+            self.norms = None
         if self.executor is not None:
             self.executor.shutdown(wait=True)
             self.executor = None
@@ -1586,7 +1622,7 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
             copy_slots: int = 2, overlap: bool | None = None, *, decision: str = "makespan", serial: bool = False,
             pageable_copies: bool = False, split: bool = True, devices=None, devices_budget=None,
             ranking=None, graphs: bool | None = None, sync_free: bool = True, whole_step: bool = True,
-            lookahead: bool = True,
+            fused: bool = True, lookahead: bool = True,
             spread_copies: bool = True, contention: bool = True, cpu_kernel: bool = True,
             spare_cores: int = 0) -> Offloaded:
     """Split the experts of ``model`` between the GPU (``gpu_experts`` of them in total, or "all") and the CPU.
@@ -1618,7 +1654,12 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     replayed as one graph, the routing included: the decoder's whole forward
     where its inputs keep their shapes (as ``generate`` calls it), else every
     layer; False keeps a graph per layer part with the router eager between
-    them (an ablation).
+    them (an ablation). fused (default on): on a CUDA device with Triton,
+    the model's RMSNorms run as one kernel each (``toolkit.moe.norm``, each
+    norm checked against its own forward before it is swapped) and a
+    sync-free decode pass's experts as three (the gate/up GEMV with the
+    activation folded in, the down GEMV with the routing weights and the sum
+    over slots, and the counts); False keeps torch's ops (an ablation).
     lookahead (default on): in a
     long pass (prefill) start copying the next layer's missed experts into free
     staging slots while this layer computes (the makespan and copy decisions;
@@ -1738,7 +1779,7 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     options = EngineOptions(cpu_threads=cpu_threads, cpu_dtype=cpu_dtype, decision=decision, serial=bool(serial),
                             pageable_copies=bool(pageable_copies), split=bool(split), overlap=bool(overlap),
                             copy_slots=int(copy_slots), graphs=bool(graphs), sync_free=bool(sync_free),
-                            whole_step=bool(whole_step),
+                            whole_step=bool(whole_step), fused=bool(fused),
                             lookahead=bool(lookahead), spread_copies=spread_copies, contention=bool(contention),
                             cpu_kernel=bool(cpu_kernel), spare_cores=spare_cores)
     off = Offloaded(model, blocks, policy=policy, resident=resident, device=device, cost_model=cost_model,
@@ -1746,6 +1787,8 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
                     devices=devices, tiers=tiers)
     if any(p.device != device for p in model.parameters()):
         model.to(device)  # the dense part (the experts are no longer parameters of the model)
+    if options.fused:
+        off.norms = fuse_norms(model)  # on the device now: each norm checked there against its own forward
     return off
 
 
