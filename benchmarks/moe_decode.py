@@ -25,7 +25,9 @@ OUT/moe_decode.json after every measurement so an interruption keeps what was me
    experts on torch's matmul instead of the calibrated few-token kernel (``ours-torchgemv``); all-gpu with its
    experts through the per-expert path and its routing sync instead of the sync-free grouped GEMMs
    (``all-gpu-sync``); all-gpu with a graph per layer part and the router eager between them instead of
-   each decode step replayed as one graph of every layer (``all-gpu-layers``); and ours with the engine's
+   each decode step replayed as one graph of every layer (``all-gpu-layers``); all-gpu with torch's small
+   ops (RMSNorms, the experts' activation, weighting, sum and counts) instead of the fused Triton kernels
+   (``all-gpu-unfused``); and ours with the engine's
    default schedule (``ours-default``), which differs from each ours variant by that variant's one
    switch and alternates with them (``ablation``);
 4. each configuration is measured ``--rounds`` times (default 3), round-robin within its group (round
@@ -98,7 +100,7 @@ FULL_MODEL = {"preset": "mixtral-8x7b", "layers": 32, "budget": "56/256", "new_t
 # "ours-default": ours with the engine's default schedule (a variant's schedule is not measured either), so that
 # each variant alternates in its group with a reference that differs from it by its one switch
 ABLATIONS = ("ours-default", "ours-nosplit", "ours-inline", "ours-eager", "ours-nolookahead", "ours-nocontention",
-             "ours-torchgemv", "all-gpu-eager", "all-gpu-sync", "all-gpu-layers")
+             "ours-torchgemv", "all-gpu-eager", "all-gpu-sync", "all-gpu-layers", "all-gpu-unfused")
 GROUPS = ("compare", "sweep", "ablation")
 # seconds one round of a configuration may take on the GPU (conservative): skipped when less than this is left;
 # later rounds use the configuration's own first round instead. Round 1 of ours measures its candidate schedules.
@@ -462,7 +464,8 @@ def main(argv=None) -> int:
                                               (get_baseline("all-gpu"), "all-gpu-eager", {"graphs": False}, total),
                                               (get_baseline("all-gpu"), "all-gpu-sync", {"sync_free": False}, total),
                                               (get_baseline("all-gpu"), "all-gpu-layers", {"whole_step": False},
-                                               total))
+                                               total),
+                                              (get_baseline("all-gpu"), "all-gpu-unfused", {"fused": False}, total))
              if variant in args.ablations.split(",")],
         ]
         deadline = lambda: args.budget_s - run.elapsed_s  # noqa: E731
