@@ -280,9 +280,10 @@ def test_the_benchmarks_refuse_a_machine_without_a_gpu(tmp_path, capsys, name, s
     assert not any(tmp_path.iterdir())  # nothing written
 
 
-def test_a_gemv_that_fails_here_falls_back_to_grouped_mm_with_a_warning(monkeypatch):
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_gemv_that_fails_here_falls_back_to_grouped_mm_with_a_warning(monkeypatch, fused):
     model = build_moe("tiny-mixtral", seed=0)
-    off = offload(model, "all", device="cpu", cost_model=CM)
+    off = offload(model, "all", device="cpu", cost_model=CM, fused=fused)
     try:
         mod = off.experts[0]
         hidden = torch.randn(1, model.config.hidden_size)

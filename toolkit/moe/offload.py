@@ -665,16 +665,17 @@ class OffloadedExperts(nn.Module):
         gate_up, down = self.stacked  # [E, 2I, D], [E, D, I]
         if gemv.usable(hidden.device, T * K):
             try:
-                if self.fused:  # the pass is three kernels; counted last, so a failure above never counts twice
+                # counted after the kernels: a pass whose kernels fail is counted once, by the fallback below
+                if self.fused:  # three kernels
                     a = gemv.expert_gate_up_act(hidden, flat, gate_up, per_x=K)  # [T*K, I] silu(gate) * up
                     out = gemv.expert_down(a, flat, down, top_k_weights)  # [T, D] weighted, summed over slots
                     eng.device_counts.record_rows(phase, self.layer, flat)
                     return out
-                self._count(flat, phase)
                 gate, up = gemv.expert_gemv(hidden, flat, gate_up, per_x=K).chunk(2, dim=-1)  # [T*K, I] each
                 y = gemv.expert_gemv(self.act_fn(gate) * up, flat, down)  # [T*K, D]
-                y = (y * top_k_weights.reshape(-1, 1)).to(hidden.dtype)
-                return y.view(T, K, -1).sum(dim=1)  # [T, D]
+                out = (y * top_k_weights.reshape(-1, 1)).to(hidden.dtype).view(T, K, -1).sum(dim=1)  # [T, D]
+                self._count(flat, phase)
+                return out
             except Exception as e:  # e.g. a Triton that cannot compile for this GPU: grouped_mm, which also works
                 gemv.disable(f"{type(e).__name__}: {e}")
                 warnings.warn(f"the expert GEMV failed here ({gemv.broken}); sync-free layers use grouped_mm "
