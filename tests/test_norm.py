@@ -231,3 +231,20 @@ def test_the_moe_command_prints_what_ran_fused():
     assert line({"norms": 0, "norms_kept": 5, "expert_layers": 0}).endswith(
         "5 norms kept torch's ops (the kernel did not reproduce them)")
     assert line({"norms": 0, "norms_kept": 0, "expert_layers": 0}) is None and line(None) is None
+
+
+def test_no_fused_on_the_command_line_reaches_the_engine():
+    import argparse
+
+    from toolkit.cli.moe import register, settings_from_args
+    from toolkit.moe.run import MoESession
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    assert settings_from_args(parser.parse_args(["moe"])).fused is True
+    off = settings_from_args(parser.parse_args(["moe", "--no-fused", "--preset", "tiny-mixtral", "--device", "cpu",
+                                                "--gpu-experts", "4", "--routing", "model"]))
+    assert off.fused is False
+    with MoESession(off) as session:
+        with session.offload() as engine:
+            assert engine.options.fused is False and engine.norms is None

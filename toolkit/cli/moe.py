@@ -70,6 +70,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-graphs", dest="graphs", action="store_false",
                    help="run the dense part of decode steps eagerly, as transformers does (default on a GPU: "
                         "replayed from one CUDA graph per layer)")
+    p.add_argument("--no-fused", dest="fused", action="store_false",
+                   help="run the model's RMSNorms and the decode experts' small ops as torch's separate kernels "
+                        "(default on a GPU with Triton: one fused kernel per norm, three per decode pass)")
     p.add_argument("--warmup", type=nonnegative_int, default=MoESettings.warmup_tokens,
                    help="tokens of each untimed warm-up generation, repeated until decode steps are steady "
                         "(0: none; default: as many as --new-tokens)")
@@ -94,7 +97,7 @@ def settings_from_args(args):
         new_tokens=args.new_tokens, batch_size=args.batch_size, beams=args.beams, sample=args.sample,
         temperature=args.temperature, top_k=args.top_k, allow_eos=args.allow_eos, warmup_tokens=args.warmup,
         repeats=args.repeats, seed=args.seed, device=args.device, gpus=args.gpus, schedule=args.schedule,
-        graphs=args.graphs)
+        graphs=args.graphs, fused=args.fused)
 
 
 def building_line(session) -> str:

@@ -77,6 +77,9 @@ class MoESettings:
     graphs: replay the dense part of each decode step's layers from CUDA
     graphs (``toolkit.moe.graphs``, on a GPU; False: eager, as transformers
     runs it, which shows what the graphs save).
+    fused: the model's RMSNorms and each sync-free decode pass's experts as
+    single Triton kernels (on a GPU with Triton; False: torch's ops, which
+    shows what the fusing saves).
     dtype: the model's dtype (None: the preset's).
     gpus: GPUs of this host holding resident experts (None: one GPU, the
     one-device engine); the dense part stays on the first, ``gpu_experts``
@@ -102,6 +105,7 @@ class MoESettings:
     threads: int | None = None  # CPU threads for CPU experts; None: chosen for this machine
     schedule: str = "auto"  # worker thread or inline, split or not: measured per run (toolkit.moe.schedule)
     graphs: bool = True  # decode steps' dense part from CUDA graphs (GPU only)
+    fused: bool = True  # norms and sync-free decode passes as fused Triton kernels (GPU with Triton only)
     dtype: str | None = None
     prompt_tokens: int = 16
     new_tokens: int = 32
@@ -632,6 +636,8 @@ class MoESession:
             kw["overlap"], kw["split"], kw["spare_cores"] = SCHEDULES[schedule]
         if not self.settings.graphs:
             kw["graphs"] = False
+        if not self.settings.fused:
+            kw["fused"] = False
         policy = policy or self.settings.policy
         if policy is not None:
             from .policies import get_policy
