@@ -66,12 +66,14 @@ def test_paper_figure_items_give_a_caption_then_the_figure_or_why_not(tmp_path):
             draw_paper_figure(by_stem["gpu_moe_timeline"], tmp_path / "nowhere")]
     rows[0]["paths"] = ["a.pdf", "a.png"]
     items = notebook.paper_figure_items(rows)
-    assert items[0].startswith("**gpu_pitfall_errors**: ") and items[0].endswith(
+    caption, saved = items[0].split("\n\n")
+    assert caption.startswith("**gpu_pitfall_errors**: ") and caption.endswith(
         "(recorded on NVIDIA H100 80GB HBM3, 2026-11-27)")
-    assert items[1] == "saved as `a.pdf`, `a.png`" and isinstance(items[2], Figure)
-    assert items[3].startswith("**gpu_moe_timeline**") and items[3].endswith("(data/gpu/profile_cases.json)")
-    assert items[4] == "not drawn: no recording: data/gpu/profile_cases.json is not present"
-    assert len(items) == 5
+    assert saved == "saved as `a.pdf`, `a.png`" and isinstance(items[1], Figure)
+    caption, why = items[2].split("\n\n")
+    assert caption.startswith("**gpu_moe_timeline**") and caption.endswith("(data/gpu/profile_cases.json)")
+    assert why == "not drawn: no recording: data/gpu/profile_cases.json is not present"
+    assert len(items) == 3  # two outputs a drawn figure, one for a figure not drawn: a cell shows 50 outputs
 
 
 def test_show_flattens_items_and_shows_experiment_figures_with_their_captions():

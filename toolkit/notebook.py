@@ -69,18 +69,21 @@ def missing_recording(name: str, problem: str | None = None) -> Note:
 
 
 def paper_figure_items(rows: Iterable[dict]) -> list:
-    """Display items for ``draw_paper_figure`` / ``paper_figures`` rows: a caption line, then the figure or why not."""
+    """Display items for ``draw_paper_figure`` / ``paper_figures`` rows: per figure one note (its caption, then
+    where it was saved or why it was not drawn), then the figure.
+
+    Two outputs a figure at most: JupyterLab shows the first 50 outputs of a cell and folds the rest away.
+    """
     items = []
     for r in rows:
         source = ("drawn from data/routing (no GPU needed)" if r["source"] == ROUTING
                   else r["label"] or f"data/{r['source']}")
-        items.append(Note(f"**{r['stem']}**: {r['caption']} ({source})"))
+        caption = f"**{r['stem']}**: {r['caption']} ({source})"
         if r["figure"] is None:
-            items.append(Note(f"not drawn: {r['missing']}"))
-        else:
-            if r["paths"]:
-                items.append(Note("saved as " + ", ".join(f"`{p}`" for p in r["paths"])))
-            items.append(r["figure"])
+            items.append(Note(f"{caption}\n\nnot drawn: {r['missing']}"))
+            continue
+        saved = ("\n\nsaved as " + ", ".join(f"`{p}`" for p in r["paths"])) if r["paths"] else ""
+        items += [Note(caption + saved), r["figure"]]
     return items
 
 
