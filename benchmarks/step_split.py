@@ -17,7 +17,8 @@ alternating rounds, each round on a freshly offloaded model:
 
 ``generate_ms - gpu_ms`` is the time a step of ``generate`` adds beyond the
 GPU's own: its host work after the stopping check's sync, while the GPU
-waits. Saved to OUT/step_split.json after every round.
+waits. Saved to OUT/step_split.json after every round (``RunRecord``): an interrupted run keeps
+what it measured.
 
   PYTHONPATH=. python benchmarks/step_split.py --out data/gpu      # one H200, ~2 min at 8 layers
 """
@@ -33,9 +34,10 @@ from pathlib import Path
 
 import torch
 
+from toolkit.errors import ToolkitError
 from toolkit.moe.baselines import get_baseline
 from toolkit.moe.run import MoESession, MoESettings
-from toolkit.results import provenance, save_json
+from toolkit.results import RunRecord, provenance
 
 VARIANTS = {"fused": {}, "unfused": {"fused": False}}
 
@@ -87,41 +89,45 @@ def main(argv=None) -> int:
         p.error("needs a CUDA GPU")
     settings = MoESettings(preset=a.preset, layers=a.layers, gpu_experts="all", routing=a.routing,
                            new_tokens=a.new_tokens, device="cuda")
-    result = {"benchmark": "step_split", "provenance": provenance("cuda", " ".join(["step_split.py",
-                                                                                    *(argv or sys.argv[1:])])),
-              "settings": dataclasses.asdict(settings), "rounds": {v: [] for v in VARIANTS}, "status": "running"}
-    path = Path(a.out) / "step_split.json"
+    record = {"benchmark": "step_split", "status": "running",
+              "provenance": provenance("cuda", " ".join(["step_split.py", *(argv or sys.argv[1:])])),
+              "settings": dataclasses.asdict(settings), "rounds": {v: [] for v in VARIANTS}, "medians": {}}
+    run = RunRecord("step_split", Path(a.out) / "step_split.json", record)
     base = get_baseline("all-gpu")
     try:
         with MoESession(settings) as session:
             for r in range(a.rounds):
                 for name, change in VARIANTS.items():
                     scheme = dataclasses.replace(base, name=f"all-gpu-{name}", **change)
-                    run = session.run(scheme=scheme)
+                    measured = session.run(scheme=scheme)
                     with session.offload(scheme=scheme) as engine:
                         step, args, _ = session.decode_step(engine)
                         gpu, launch = gpu_and_launch_ms(step, args, a.calls)
                         n, kms = kernels_per_step(step, args, a.profiled)
                         fused = engine.fused_dict()
-                    rec = {"generate_ms": run.generation.decode_ms["median"], "tokens_per_s": run.decode_tokens_per_s, "gpu_ms": gpu, "launch_ms": launch,
-                        "kernels": n, "kernel_ms": kms, "fused": fused}
-                    result["rounds"][name].append(rec)
-                    print(f"round {r + 1} {name:8s} generate {rec['generate_ms']:.3f} ms/step "
-                          f"({rec['tokens_per_s']:.1f} tok/s)  GPU back to back {gpu:.3f} ms  host launch "
-                          f"{launch:.3f} ms/call  {n:.0f} GPU activities, {kms:.3f} ms of them", flush=True)
-                    save_json(result, path)
-        result["status"] = "complete"
-    except KeyboardInterrupt:
-        result["status"] = "interrupted"
-    result["medians"] = {name: {k: statistics.median(x[k] for x in rs) for k in
-                                ("generate_ms", "tokens_per_s", "gpu_ms", "launch_ms", "kernels", "kernel_ms")}
-                         for name, rs in result["rounds"].items() if rs}
-    save_json(result, path)
-    for name, m in result["medians"].items():
+                    rec = {"generate_ms": measured.generation.decode_ms["median"],
+                           "tokens_per_s": measured.decode_tokens_per_s, "gpu_ms": gpu, "launch_ms": launch,
+                           "kernels": n, "kernel_ms": kms, "fused": fused}
+                    record["rounds"][name].append(rec)
+                    record["medians"] = medians(record["rounds"])
+                    run.log(f"round {r + 1} {name:8s} generate {rec['generate_ms']:.3f} ms/step "
+                            f"({rec['tokens_per_s']:.1f} tok/s)  GPU back to back {gpu:.3f} ms  host launch "
+                            f"{launch:.3f} ms/call  {n:.0f} GPU activities, {kms:.3f} ms of them")
+                    run.save()
+        run.save("complete")
+    except (KeyboardInterrupt, ToolkitError) as e:
+        return run.stopped(e)
+    for name, m in record["medians"].items():
         print(f"{name:8s} median: generate {m['generate_ms']:.3f} ms, GPU {m['gpu_ms']:.3f} ms, "
               f"generate beyond the GPU {m['generate_ms'] - m['gpu_ms']:.3f} ms, {m['kernels']:.0f} GPU activities")
-    return 0 if result["status"] == "complete" else 130
+    return 0
 
+
+def medians(rounds: dict) -> dict:
+    """Per variant with at least one round: the median of each measured quantity over its rounds."""
+    return {name: {k: statistics.median(x[k] for x in rs) for k in
+                   ("generate_ms", "tokens_per_s", "gpu_ms", "launch_ms", "kernels", "kernel_ms")}
+            for name, rs in rounds.items() if rs}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,6 +27,15 @@ def interpreted():
         pytest.skip("the interpreter is for machines without a GPU (the gpu tests run the kernel itself)")
 
 
+@pytest.fixture
+def cuda_generator():
+    """A seeded generator on the GPU, for the kernels themselves (Triton on a CUDA device)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("triton")
+    return torch.Generator(device="cuda").manual_seed(0)
+
+
 def reference(x, index, weight):
     return torch.stack([weight[int(e)].float() @ x[r].float() for r, e in enumerate(index)])
 
@@ -204,11 +213,8 @@ def test_only_silu_is_folded_into_the_down_kernel():
 
 
 @pytest.mark.gpu
-def test_gpu_gemv_equals_linear_per_row_in_bf16():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    pytest.importorskip("triton")
-    g = torch.Generator(device="cuda").manual_seed(0)
+def test_gpu_gemv_equals_linear_per_row_in_bf16(cuda_generator):
+    g = cuda_generator
     for n, k in ((28672 // 8, 4096), (4096, 14336 // 8)):
         weight = torch.randn(8, n, k, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
         x = torch.randn(2, k, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -219,11 +225,8 @@ def test_gpu_gemv_equals_linear_per_row_in_bf16():
 
 
 @pytest.mark.gpu
-def test_gpu_pass_kernels_keep_torchs_roundings_in_bf16():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    pytest.importorskip("triton")
-    g = torch.Generator(device="cuda").manual_seed(0)
+def test_gpu_pass_kernels_keep_torchs_roundings_in_bf16(cuda_generator):
+    g = cuda_generator
     E, D, inter = 8, 4096, 14336 // 4
     gate_up = torch.randn(E, 2 * inter, D, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
     down = torch.randn(E, D, inter, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02

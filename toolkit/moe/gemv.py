@@ -103,20 +103,26 @@ def launch_config(k: int) -> tuple[int, int]:
     return (128, 4) if k <= 4096 else (256, 8)
 
 
+def _rows(name: str, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, per_x: int, layout: str,
+          even: bool = False) -> int:
+    """R, the output rows of a GEMV kernel taking x [R / per_x, K], index [R] and weight [E, N, K] (unit stride in
+    K; ``even``: N even, gate rows then up rows); else a ValueError naming ``layout`` (``{per_x}`` filled in)."""
+    R = index.shape[0] if index.dim() == 1 else -1
+    if (weight.dim() != 3 or weight.shape[2] != x.shape[-1] or (even and weight.shape[1] % 2) or index.dim() != 1
+            or per_x < 1 or x.dim() != 2 or x.shape[0] * per_x != R or weight.stride(2) != 1):
+        raise ValueError(f"{name}: x {tuple(x.shape)}, index {tuple(index.shape)}, weight {tuple(weight.shape)} "
+                         f"(stride {weight.stride()}) do not fit {layout.format(per_x=per_x)}")
+    return R
+
+
 def expert_gemv(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, per_x: int = 1) -> torch.Tensor:
     """x [R / per_x, K], index [R] (int), weight [E, N, K] (unit stride in K) -> [R, N] in x's dtype.
 
     per_x: output rows per row of x (a token's top-k slots read the token's
     one row; no copy of it per slot): row r is ``x[r // per_x] @ weight[index[r]].T``.
     """
-    R = index.shape[0] if index.dim() == 1 else -1
-    K = x.shape[-1]
-    E, N, K2 = weight.shape
-    if (K2 != K or index.dim() != 1 or per_x < 1 or x.dim() != 2 or x.shape[0] * per_x != R
-            or weight.stride(2) != 1):
-        raise ValueError(f"expert_gemv: x {tuple(x.shape)}, index {tuple(index.shape)}, weight {tuple(weight.shape)} "
-                         f"(stride {weight.stride()}) do not fit [R / {per_x}, K], [R], [E, N, K] with unit stride "
-                         "in K")
+    R = _rows("expert_gemv", x, index, weight, per_x, "[R / {per_x}, K], [R], [E, N, K] with unit stride in K")
+    K, N = x.shape[-1], weight.shape[1]
     x = x.contiguous()
     out = torch.empty(R, N, device=x.device, dtype=x.dtype)
     block_k, warps = launch_config(K)
@@ -220,15 +226,9 @@ def expert_gate_up_act(x: torch.Tensor, index: torch.Tensor, weight: torch.Tenso
     x's dtype, with torch's roundings: gate and up each rounded to x's dtype,
     the SiLU too, then the product. config: (BLOCK_N, BLOCK_K, warps), default ``ACT_CONFIG``.
     """
-    K = x.shape[-1]
-    E, two_i, K2 = weight.shape
-    R = index.shape[0] if index.dim() == 1 else -1
-    if (K2 != K or two_i % 2 or index.dim() != 1 or per_x < 1 or x.dim() != 2 or x.shape[0] * per_x != R
-            or weight.stride(2) != 1):
-        raise ValueError(f"expert_gate_up_act: x {tuple(x.shape)}, index {tuple(index.shape)}, weight "
-                         f"{tuple(weight.shape)} (stride {weight.stride()}) do not fit [R / {per_x}, D], [R], "
-                         "[E, 2I, D] with unit stride in D")
-    inter = two_i // 2
+    R = _rows("expert_gate_up_act", x, index, weight, per_x, "[R / {per_x}, D], [R], [E, 2I, D] with unit stride in D",
+              even=True)
+    K, inter = x.shape[-1], weight.shape[1] // 2
     x = x.contiguous()
     out = torch.empty(R, inter, device=x.device, dtype=x.dtype)
     block_n, block_k, warps = config or ACT_CONFIG

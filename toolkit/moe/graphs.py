@@ -477,10 +477,7 @@ class DecodeGraphs:
                 or not (mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4))
                 or asked or any(k.startswith("output_") and v for k, v in kwargs.items())):
             return False
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
-        layers = getattr(cache, "layers", None)
-        return (not torch.is_grad_enabled() and bool(getattr(cache, "is_compileable", False)) and layers is not None
-                and not any(getattr(c, "is_sliding", False) for c in layers) and self._whole_step_ready())
+        return not torch.is_grad_enabled() and _static_cache(kwargs) and self._whole_step_ready()
 
     def _hand_out(self, i: int, hidden_states: torch.Tensor) -> torch.Tensor:
         """Layer i's output of the whole-step graph (layer i-1's was handed out just before)."""
@@ -496,10 +493,7 @@ class DecodeGraphs:
     def _eligible(self, i: int, hidden_states: torch.Tensor, kwargs: dict) -> bool:
         if i in self.reasons or torch.is_grad_enabled() or hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
             return False
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
-        layers = getattr(cache, "layers", None)
-        return (bool(getattr(cache, "is_compileable", False)) and layers is not None
-                and not any(getattr(c, "is_sliding", False) for c in layers))
+        return _static_cache(kwargs)
 
     def _dense_graphed(self, i: int, hidden_states: torch.Tensor, kwargs: dict):
         layer = self.layers[i]
@@ -567,6 +561,15 @@ class DecodeGraphs:
                 continue
             self._static[name].copy_(t)
             self._last[name] = (t, v)
+
+
+def _static_cache(kwargs: dict) -> bool:
+    """Whether a call's KV cache (under either keyword) is static with no sliding layer: fixed addresses a graph
+    can write through."""
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    layers = getattr(cache, "layers", None)
+    return (bool(getattr(cache, "is_compileable", False)) and layers is not None
+            and not any(getattr(c, "is_sliding", False) for c in layers))
 
 
 def _hooks_act(layers) -> bool:
