@@ -26,7 +26,7 @@ The GPU's share of a missed expert arrives one of two ways (``--modes``):
   GEMVs compute it there. Which expert a slot holds depends on the routing,
   which the graph does not know when it is captured, so each (slot, expert
   that may miss) pair is a conditional node of the graph whose body is the
-  copies (``conditional_nodes.py``); the predicate, the slot's expert id being
+  copies (``toolkit.moe.conditional``); the predicate, the slot's expert id being
   that expert, is computed on the GPU. The down projection's
   units are columns of ``down`` [D, I], so this mode keeps the experts' down
   projections transposed too ([I, D], its units rows), for the copies.
@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from host_functions import HostPointer, ShareJob, kernel_entry, launch, library
 
 from toolkit.errors import ToolkitError
+from toolkit.moe import conditional as conditional_nodes
 from toolkit.results import RunRecord, provenance
 
 HIDDEN, INTER, EXPERTS, TOP_K = 4096, 14336, 8, 2  # Mixtral-8x7B
@@ -114,11 +115,8 @@ def parse_args(argv=None):
 
 def balanced_share(cm) -> float:
     """The GPU share f of a one-token missed expert at which its copy and the CPU's rest end together, by the
-    calibration (``toolkit.moe.costs.CostModel``): f x copy = (1 - f) x CPU expert, each at its rate beside the
-    other (the measured contention), so f = CPU / (CPU + copy); rounded to 3 digits."""
-    cpu = float(cm.cpu_time_during_copies(np.array([1]))[0])
-    copy = cm.copy_ms * cm.copy_slowdown
-    return round(cpu / (cpu + copy), 3)
+    calibration (``CostModel.balanced_share``, the engine's split of a missed expert in a captured pass)."""
+    return cm.balanced_share()
 
 
 def units(fraction: float, inter: int = INTER, block: int = 16) -> int:
@@ -271,19 +269,7 @@ class Layer:
         return x + y.to(x.dtype)[None]
 
 
-def conditional(conditions: torch.Tensor):
-    """``run(i, body)``: ``body()`` where the i-th element of the bool tensor ``conditions`` is true.
-
-    While torch captures a CUDA graph on the current stream, each ``run`` adds a conditional node whose body is
-    what ``body()`` queues, and the conditions are set on the GPU on each replay (``conditional_nodes.IfNodes``);
-    otherwise the conditions are read on the host, once.
-    """
-    if conditions.is_cuda and torch.cuda.is_current_stream_capturing():
-        from conditional_nodes import IfNodes
-
-        return IfNodes(conditions.contiguous()).run
-    flat = conditions.reshape(-1).tolist()
-    return lambda i, body: body() if flat[i] else None
+conditional = conditional_nodes.conditional  # run(i, body) where conditions[i] holds, set on the GPU in a graph
 
 
 def copy_units(lay: Layer, e: int, s: int, k: int, stage_gu: torch.Tensor, stage_dt: torch.Tensor) -> None:
@@ -402,8 +388,6 @@ def main(argv=None) -> int:
         stage_gu = torch.zeros(TOP_K, 2 * k_max, HIDDEN, dtype=torch.bfloat16, device=dev)
         stage_dt = torch.zeros(TOP_K, k_max, HIDDEN, dtype=torch.bfloat16, device=dev)
         if copying:
-            import conditional_nodes
-
             conditional_nodes.prepare()
         if copying and any(lay.missed_ids for lay in layers):
             probe_layer = next(lay for lay in layers if lay.missed_ids)

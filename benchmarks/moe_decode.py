@@ -27,7 +27,8 @@ OUT/moe_decode.json after every measurement so an interruption keeps what was me
    (``all-gpu-sync``); all-gpu with a graph per layer part and the router eager between them instead of
    each decode step replayed as one graph of every layer (``all-gpu-layers``); all-gpu with torch's small
    ops (RMSNorms, the experts' activation, weighting, sum and counts) instead of the fused Triton kernels
-   (``all-gpu-unfused``); and ours with the engine's
+   (``all-gpu-unfused``); ours with its missed experts served layer by layer from Python instead of its
+   one-token decode passes captured whole (``ours-per-layer``, ``toolkit.moe.graph_pass``); and ours with the engine's
    default schedule (``ours-default``), which differs from each ours variant by that variant's one
    switch and alternates with them (``ablation``);
 4. each configuration is measured ``--rounds`` times (default 3), round-robin within its group (round
@@ -99,7 +100,7 @@ FULL_MODEL = {"preset": "mixtral-8x7b", "layers": 32, "budget": "56/256", "new_t
               "routings": "trace"}
 # "ours-default": ours with the engine's default schedule (a variant's schedule is not measured either), so that
 # each variant alternates in its group with a reference that differs from it by its one switch
-ABLATIONS = ("ours-default", "ours-nosplit", "ours-inline", "ours-eager", "ours-nolookahead", "ours-nocontention",
+ABLATIONS = ("ours-default", "ours-per-layer", "ours-nosplit", "ours-inline", "ours-eager", "ours-nolookahead", "ours-nocontention",
              "ours-torchgemv", "all-gpu-eager", "all-gpu-sync", "all-gpu-layers", "all-gpu-unfused")
 GROUPS = ("compare", "sweep", "ablation")
 # seconds one round of a configuration may take on the GPU (conservative): skipped when less than this is left;
@@ -455,6 +456,7 @@ def main(argv=None) -> int:
             [Config("ablation", dataclasses.replace(base, name=variant, **change),
                     "uniform" if "uniform" in sessions else next(iter(sessions)), k, EST_S["ablation"])
              for base, variant, change, k in ((ours, "ours-default", {}, budget),
+                                              (ours, "ours-per-layer", {"graph_misses": False}, budget),
                                               (ours, "ours-nosplit", {"split": False}, budget),
                                               (ours, "ours-inline", {"overlap": False}, budget),
                                               (ours, "ours-eager", {"graphs": False}, budget),

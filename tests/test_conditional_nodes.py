@@ -1,4 +1,4 @@
-"""Conditional nodes in a captured CUDA graph (``benchmarks/conditional_nodes.py``): each body runs on a replay
+"""Conditional nodes in a captured CUDA graph (``toolkit.moe.conditional``): each body runs on a replay
 exactly when its condition, set on the GPU in that replay, holds; the host-side stand-in reads them once."""
 
 import pytest
@@ -21,7 +21,7 @@ def test_the_driver_structs_have_the_c_layout():
     type, size, the body graphs' pointer and the context (cuda.h, CUDA 12.4+)."""
     import ctypes
 
-    import conditional_nodes as cn
+    from toolkit.moe import conditional as cn
 
     assert ctypes.sizeof(cn._NodeParams) == 256 and cn._NodeParams.u.offset == 16
     c = cn._ConditionalParams
@@ -34,7 +34,7 @@ def test_the_driver_structs_have_the_c_layout():
 def test_bodies_run_on_a_replay_exactly_where_their_condition_holds():
     """Four conditional copies from pinned host memory and one conditional kernel, their conditions computed in
     the graph from an input; replayed with new inputs, each destination changes only where its condition held."""
-    import conditional_nodes
+    from toolkit.moe import conditional as conditional_nodes
 
     conditional_nodes.prepare()  # the kernel compiled and the bodies' stream made before the capture
     n = 4

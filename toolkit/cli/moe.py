@@ -73,6 +73,10 @@ def register(subparsers) -> None:
     p.add_argument("--no-fused", dest="fused", action="store_false",
                    help="run the model's RMSNorms and the decode experts' small ops as torch's separate kernels "
                         "(default on a GPU with Triton: one fused kernel per norm, three per decode pass)")
+    p.add_argument("--no-graph-misses", dest="graph_misses", action="store_false",
+                   help="serve missed experts of decode steps from Python layer by layer (default on a GPU with a "
+                        "static placement: the whole decode step one CUDA graph, each missed expert split between "
+                        "conditional copies and a CPU host function)")
     p.add_argument("--warmup", type=nonnegative_int, default=MoESettings.warmup_tokens,
                    help="tokens of each untimed warm-up generation, repeated until decode steps are steady "
                         "(0: none; default: as many as --new-tokens)")
@@ -97,7 +101,7 @@ def settings_from_args(args):
         new_tokens=args.new_tokens, batch_size=args.batch_size, beams=args.beams, sample=args.sample,
         temperature=args.temperature, top_k=args.top_k, allow_eos=args.allow_eos, warmup_tokens=args.warmup,
         repeats=args.repeats, seed=args.seed, device=args.device, gpus=args.gpus, schedule=args.schedule,
-        graphs=args.graphs, fused=args.fused)
+        graphs=args.graphs, fused=args.fused, graph_misses=args.graph_misses)
 
 
 def building_line(session) -> str:
@@ -240,6 +244,9 @@ def format_table(r: dict) -> str:
     fused = _fused_line(engine.get("fused"))
     if fused:
         lines.append(f"  fused kernels                  {fused}")
+    captured = _graph_misses_line(engine.get("graph_misses"), r["layers"])
+    if captured:
+        lines.append(f"  captured decode passes         {captured}")
     sync_free = engine.get("sync_free_layers")
     if sync_free:
         lines.append(f"  sync-free layers               {sync_free} of {r['layers']} (every expert resident: "
@@ -281,6 +288,27 @@ def _fused_line(fused: dict | None) -> str:
     if fused.get("expert_layers"):
         parts.append(f"the experts of {plural(fused['expert_layers'], 'sync-free layer')} in 3 kernels a decode pass")
     return "; ".join(parts)
+
+
+def _graph_misses_line(d: dict | None, layers: int) -> str:
+    """How one-token decode passes with missed experts ran (``Offloaded.graph_misses_dict``), or "" where the
+    question does not arise (every expert resident, or an older record)."""
+    if not d:
+        return ""
+    if d.get("layers"):
+        line = (f"{d['layers']} of {layers} layers: each missed expert's units [0, {d['units']}) "
+                f"({d['share']:.0%}) copied by conditional copies, the rest on the CPU in a host function; "
+                "the whole step one graph at batch 1")
+        b = d.get("balanced")
+        if b:
+            line += (f"; split balanced on the rates measured in this run (a whole expert {b['cpu_ms_per_expert']:.2f} "
+                     f"ms on the CPU beside the copies, {b['copy_ms_per_expert']:.2f} ms copied; the calibration's "
+                     f"split was [0, {b['first_units']}))")
+        return line
+    reason = d.get("reason")
+    if not reason or reason == "every expert resident":
+        return ""
+    return f"off ({reason}): missed experts served layer by layer from Python"
 
 
 def _copied(r: dict) -> str:

@@ -76,6 +76,7 @@ class Baseline:
     spread_copies: bool = True  # several GPUs: a missed expert may be copied to any of them (each its own link)
     contention: bool = True  # the makespan decision plans with the measured contention of CPU experts and copies
     cpu_kernel: bool = True  # CPU experts of few tokens take the calibrated kernel (toolkit.moe.cpu_gemv) where faster
+    graph_misses: bool = True  # one-token decode passes with missed experts captured whole (toolkit.moe.graph_pass)
 
     def placement_for(self, budget: int, n_layers: int, n_experts: int, popularity=None) -> np.ndarray:
         """Initial residency, bool [L, E]."""
@@ -100,7 +101,7 @@ class Baseline:
                   split=self.split, overlap=self.overlap, graphs=self.graphs, sync_free=self.sync_free,
                   whole_step=self.whole_step, fused=self.fused,
                   lookahead=self.lookahead, spread_copies=self.spread_copies, contention=self.contention,
-                  cpu_kernel=self.cpu_kernel)
+                  cpu_kernel=self.cpu_kernel, graph_misses=self.graph_misses)
         if self.policy is not None:
             from .policies import get_policy
 

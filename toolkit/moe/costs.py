@@ -299,6 +299,14 @@ class CostModel:
         """How much longer a copy takes while a CPU expert runs (1: not measured)."""
         return float(self.copy_contention) if self.copy_contention else 1.0
 
+    def balanced_share(self) -> float:
+        """The GPU's share f of a one-token missed expert at which its copy and the CPU's rest end together:
+        f x copy = (1 - f) x CPU expert, each at its rate beside the other (the measured contention), so
+        f = CPU / (CPU + copy), rounded to 3 digits (``toolkit.moe.graph_pass`` splits each missed expert there)."""
+        cpu = float(self.cpu_time_during_copies(np.array([1]))[0])
+        copy = self.copy_ms * self.copy_slowdown
+        return round(cpu / (cpu + copy), 3) if cpu + copy > 0 else 0.0
+
     def without_contention(self) -> CostModel:
         """This model planning as if CPU experts and copies did not slow each other (an ablation, and decode
         passes); one instance per model, so its plans are cached across the layers that ask for it."""

@@ -115,6 +115,15 @@ def _rows(name: str, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
     return R
 
 
+def _units(name: str, units: torch.Tensor | None, R: int) -> torch.Tensor | None:
+    """``units`` as a contiguous int tensor of R rows, or a ValueError; None stays None (every unit)."""
+    if units is None:
+        return None
+    if units.shape != (R,) or units.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: units {tuple(units.shape)} {units.dtype} must be int32 or int64 [{R}]")
+    return units.contiguous()
+
+
 def expert_gemv(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, per_x: int = 1) -> torch.Tensor:
     """x [R / per_x, K], index [R] (int), weight [E, N, K] (unit stride in K) -> [R, N] in x's dtype.
 
@@ -137,14 +146,19 @@ def _act_kernel():
     import triton.language as tl
 
     @triton.jit
-    def expert_gate_up_act_kernel(x_ptr, idx_ptr, w_ptr, out_ptr, INTER, K, stride_we, stride_wn,
-                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_DIV: tl.constexpr):
+    def expert_gate_up_act_kernel(x_ptr, idx_ptr, w_ptr, out_ptr, units_ptr, INTER, K, stride_we, stride_wn,
+                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X_DIV: tl.constexpr,
+                                  HAS_UNITS: tl.constexpr):
         pid_n = tl.program_id(0)
         r = tl.program_id(1)
         e = tl.load(idx_ptr + r).to(tl.int64)
         xr = r // X_DIV
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] intermediate units: gate row n, up row INTER + n
-        n_ok = n < INTER
+        n_out = n < INTER
+        if HAS_UNITS:  # the row's units [0, units[r]): the rest are read as zeros and stored as zeros
+            n_ok = n_out & (n < tl.load(units_ptr + r))
+        else:
+            n_ok = n_out
         gate_rows = w_ptr + e * stride_we + n.to(tl.int64)[:, None] * stride_wn
         up_rows = gate_rows + INTER * stride_wn
         acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -160,7 +174,7 @@ def _act_kernel():
         g = acc_g.to(dt).to(tl.float32)  # each projection's output in the model dtype, as torch's GEMV gives it
         u = acc_u.to(dt).to(tl.float32)
         a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)  # silu, rounded as torch's
-        tl.store(out_ptr + r * INTER + n, (a * u).to(dt), mask=n_ok)
+        tl.store(out_ptr + r * INTER + n, (a * u).to(dt), mask=n_out)
 
     return expert_gate_up_act_kernel
 
@@ -171,8 +185,8 @@ def _down_kernel():
     import triton.language as tl
 
     @triton.jit
-    def expert_down_kernel(a_ptr, idx_ptr, w_ptr, rw_ptr, out_ptr, N, INTER, stride_we, stride_wn,
-                           SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def expert_down_kernel(a_ptr, idx_ptr, w_ptr, rw_ptr, out_ptr, units_ptr, N, INTER, stride_we, stride_wn,
+                           SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_UNITS: tl.constexpr):
         pid_n = tl.program_id(0)
         t = tl.program_id(1)  # token
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output units
@@ -184,9 +198,13 @@ def _down_kernel():
             e = tl.load(idx_ptr + r).to(tl.int64)
             rows = w_ptr + e * stride_we + n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k0 in range(0, INTER, BLOCK_K):
+            if HAS_UNITS:  # the row's units [0, units[r]): the down projection's other columns are not read
+                n_units = tl.minimum(tl.load(units_ptr + r), INTER)
+            else:
+                n_units = INTER
+            for k0 in range(0, n_units, BLOCK_K):
                 k = k0 + tl.arange(0, BLOCK_K)
-                k_ok = k < INTER
+                k_ok = k < n_units
                 a = tl.load(a_ptr + r * INTER + k, mask=k_ok, other=0.0).to(tl.float32)
                 w = tl.load(rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                 acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
@@ -218,13 +236,15 @@ DOWN_CONFIG = (8, 1024, 8)
 
 
 def expert_gate_up_act(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, per_x: int = 1,
-                       config: tuple[int, int, int] | None = None) -> torch.Tensor:
+                       config: tuple[int, int, int] | None = None, units: torch.Tensor | None = None) -> torch.Tensor:
     """Each row's expert's ``silu(x @ gate.T) * (x @ up.T)`` in one kernel.
 
     x [R / per_x, D] (``per_x`` rows per row of x, a token's slots), index [R],
     weight [E, 2I, D] (gate rows, then up rows; unit stride in D) -> [R, I] in
     x's dtype, with torch's roundings: gate and up each rounded to x's dtype,
     the SiLU too, then the product. config: (BLOCK_N, BLOCK_K, warps), default ``ACT_CONFIG``.
+    units: int [R] (on the device), row r computes intermediate units [0, units[r]) only and stores zeros
+    past them, reading none of those weight rows (a missed expert whose other units another path computes).
     """
     R = _rows("expert_gate_up_act", x, index, weight, per_x, "[R / {per_x}, D], [R], [E, 2I, D] with unit stride in D",
               even=True)
@@ -232,14 +252,16 @@ def expert_gate_up_act(x: torch.Tensor, index: torch.Tensor, weight: torch.Tenso
     x = x.contiguous()
     out = torch.empty(R, inter, device=x.device, dtype=x.dtype)
     block_n, block_k, warps = config or ACT_CONFIG
-    _act_kernel()[(-(-inter // block_n), R)](x, index.contiguous(), weight, out, inter, K, weight.stride(0),
-                                             weight.stride(1), BLOCK_N=block_n, BLOCK_K=block_k, X_DIV=per_x,
+    units = _units("expert_gate_up_act", units, R)
+    _act_kernel()[(-(-inter // block_n), R)](x, index.contiguous(), weight, out, index if units is None else units,
+                                             inter, K, weight.stride(0), weight.stride(1), BLOCK_N=block_n,
+                                             BLOCK_K=block_k, X_DIV=per_x, HAS_UNITS=units is not None,
                                              num_warps=warps)
     return out
 
 
 def expert_down(a: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, route_weights: torch.Tensor,
-                config: tuple[int, int, int] | None = None) -> torch.Tensor:
+                config: tuple[int, int, int] | None = None, units: torch.Tensor | None = None) -> torch.Tensor:
     """A token's experts' down projections, weighted and summed, in one kernel.
 
     a [T*S, I] (each (token, slot) row's activation, ``expert_gate_up_act``),
@@ -247,7 +269,8 @@ def expert_down(a: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, rout
     route_weights [T, S] -> [T, D] in a's dtype:
     ``sum_s w[t, s] * down[index[t*S + s]] @ a[t*S + s]``, with the roundings
     of torch's ops in a's dtype (each slot's output, its weighted value, the sum).
-    config: (BLOCK_N, BLOCK_K, warps), default ``DOWN_CONFIG``.
+    config: (BLOCK_N, BLOCK_K, warps), default ``DOWN_CONFIG``. units: int [R], row r's down projection
+    over its units [0, units[r]) only (the columns past them are not read).
     """
     R, inter = a.shape
     E, D, INTER = weight.shape
@@ -260,9 +283,11 @@ def expert_down(a: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, rout
     a = a.contiguous()
     out = torch.empty(T, D, device=a.device, dtype=a.dtype)
     block_n, block_k, warps = config or DOWN_CONFIG
-    _down_kernel()[(-(-D // block_n), T)](a, index.contiguous(), weight, route_weights.contiguous(), out, D, INTER,
-                                          weight.stride(0), weight.stride(1), SLOTS=S, BLOCK_N=block_n,
-                                          BLOCK_K=block_k, num_warps=warps)
+    units = _units("expert_down", units, R)
+    _down_kernel()[(-(-D // block_n), T)](a, index.contiguous(), weight, route_weights.contiguous(), out,
+                                          index if units is None else units, D, INTER, weight.stride(0),
+                                          weight.stride(1), SLOTS=S, BLOCK_N=block_n, BLOCK_K=block_k,
+                                          HAS_UNITS=units is not None, num_warps=warps)
     return out
 
 

@@ -255,6 +255,7 @@ class DecodeGraphs:
         self._static: dict[str, torch.Tensor] = {}
         self._last: dict[str, tuple] = {}  # name -> (source tensor, its version) last copied into the static one
         self._stepping = [False] * n  # layer i's dense part was graphed in this call: its experts may be too
+        self._in_step = False  # a whole step's layers are running inside its graph's warm-up or capture
         self.reasons: dict[int, str] = {}  # layer -> why it runs eagerly for good
         self.experts_reasons: dict[int, str] = {}  # layer -> why its experts run eagerly for good
         self.captures = self.replays = self.eager_calls = 0
@@ -297,6 +298,13 @@ class DecodeGraphs:
         self._cache = self._cache_shape = None
         self._chain = self._handing = self._model_out = None
         self.installed = False
+
+    def drop_captures(self) -> None:
+        """Free every captured graph (the static inputs and the cache stay): the next eligible calls capture
+        again, with what their parts queue then (a captured pass whose copies changed size, say)."""
+        self._entries.clear()
+        self._in_a_row.clear()
+        self._handing = None
 
     def __enter__(self) -> DecodeGraphs:
         return self.install()
@@ -353,7 +361,7 @@ class DecodeGraphs:
         elif self._handing is not None:
             return self._hand_out(i, hidden_states)
         if self._eligible(i, hidden_states, kwargs):
-            if i == 0 and self._whole_step_ready():
+            if i == 0 and self._whole_step_ready(hidden_states.shape[0] * hidden_states.shape[1]):
                 return self._whole_step(hidden_states, kwargs)
             residual, normed = self._dense_graphed(i, hidden_states, kwargs)
             self._stepping[i] = True
@@ -367,6 +375,11 @@ class DecodeGraphs:
         self.eager_calls += 1
         residual, normed = dense_part(layer, hidden_states, **kwargs)
         return residual + layer.mlp(normed)
+
+    def graphed(self, i: int) -> bool:
+        """Whether layer i's call now is part of a graph (its dense part graphed in this call, or a whole step's
+        warm-up or capture): its experts may queue work that needs no host, nothing else."""
+        return self._stepping[i] or self._in_step
 
     def experts(self, i: int, fn: Callable, *inputs) -> torch.Tensor:
         """``fn(*inputs) -> tensor``, layer i's experts (inputs: tensors, and plain values that key the graph).
@@ -408,9 +421,10 @@ class DecodeGraphs:
         if i == len(self.layers) - 1:
             self._chained, self._chain = True, None
 
-    def _whole_step_ready(self) -> bool:
+    def _whole_step_ready(self, rows: int) -> bool:
+        """Whether a step of ``rows`` tokens (batch x 1) may be one graph: seen chained, the owner ready for it."""
         return (self._chained and self.step_reason is None and not self.reasons and not self.experts_reasons
-                and not _hooks_act(self.layers) and bool(self.owner.whole_step_ready()))
+                and not _hooks_act(self.layers) and bool(self.owner.whole_step_ready(rows)))
 
     def _whole_step(self, hidden_states: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Every layer of this decode step from one graph (captured at the first such step) -> layer 0's output."""
@@ -418,10 +432,14 @@ class DecodeGraphs:
 
         def step(h, kw):  # the layers' own parts, no graph inside (``experts`` calls straight through)
             outs = []
-            for layer in layers:
-                residual, normed = dense_part(layer, h, **kw)
-                h = residual + layer.mlp(normed)
-                outs.append(h)
+            self._in_step = True
+            try:
+                for layer in layers:
+                    residual, normed = dense_part(layer, h, **kw)
+                    h = residual + layer.mlp(normed)
+                    outs.append(h)
+            finally:
+                self._in_step = False
             return tuple(outs)
 
         if self._in_model:  # inside the decoder's forward being captured: its graph holds the layers
@@ -477,7 +495,7 @@ class DecodeGraphs:
                 or not (mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4))
                 or asked or any(k.startswith("output_") and v for k, v in kwargs.items())):
             return False
-        return not torch.is_grad_enabled() and _static_cache(kwargs) and self._whole_step_ready()
+        return not torch.is_grad_enabled() and _static_cache(kwargs) and self._whole_step_ready(ids.numel())
 
     def _hand_out(self, i: int, hidden_states: torch.Tensor) -> torch.Tensor:
         """Layer i's output of the whole-step graph (layer i-1's was handed out just before)."""

@@ -79,7 +79,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from ..errors import ToolkitError
-from . import gemv
+from . import gemv, graph_pass
 from .costs import CostModel, choose_threads, dtype_name, expert_forward, torch_threads
 from .graphs import CudaCapture, DecodeGraphs, EagerCapture, decoder_layers
 from .norm import fuse_norms
@@ -401,18 +401,20 @@ class _DeviceCounts:
         gemv.count_rows(index, self.t[phase], layer)
         self.used = True
 
-    def fold(self, stats: ExpertStats) -> None:
-        """Add the counts to ``stats`` (every expert of these passes was resident: each activation a hit)."""
+    def fold(self, stats: ExpertStats, resident: np.ndarray) -> None:
+        """Add the counts to ``stats``; ``resident`` bool [L, E], the static placement these passes ran under
+        (an activation of a resident expert is a hit)."""
         if not self.used:
             return
+        held = np.asarray(resident, dtype=np.int64)
         for p, t in self.t.items():
             act, passes, fwd = t.cpu().numpy()  # the one sync, when the stats are read
             stats.activations[p] += act
-            stats.hits[p] += act
+            stats.hits[p] += act * held
             stats.passes_used[p] += passes
-            stats.passes_hit[p] += passes
+            stats.passes_hit[p] += passes * held
             stats.forwards[p] += int(fwd[:, 0].sum())
-            stats.gpu_expert_calls += int(passes.sum())
+            stats.gpu_expert_calls += int((passes * held).sum())
             t.zero_()
 
     def reset(self) -> None:
@@ -554,6 +556,8 @@ class OffloadedExperts(nn.Module):
         self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None
         # a sync-free decode pass in three kernels (``gemv.expert_gate_up_act`` folds SiLU in: SiLU only)
         self.fused = engine.options.fused and gemv.is_silu(self.act_fn)
+        # one-token decode passes with nothing on the host (``toolkit.moe.graph_pass``), set up by the engine
+        self.graph_pass: graph_pass.GraphPass | None = None
         dev = engine.device
         if (engine.options.sync_free and tiers is None and bool(np.all(resident))
                 and getattr(engine.policy, "static", False) and grouped_mm_usable(dev, host_gate_up.dtype)):
@@ -590,6 +594,12 @@ class OffloadedExperts(nn.Module):
         return self._pageable
 
     def _to_device(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        row = self.engine.pool_rows.get((self.layer, e))
+        if row is not None:  # the engine's pool of resident experts (captured decode passes): copied into its row
+            gu, dn = self.engine.pool
+            gu[row].copy_(self.host_gate_up[e])
+            dn[row].copy_(self.host_down[e])
+            return gu[row], dn[row]
         dev = self.engine.devices[self.tier[e]] if e in self.tier else self.engine.device
         if dev.type == "cpu":  # both tiers on the CPU: the "GPU" copy is the host tensor itself
             return self.host_gate_up[e], self.host_down[e]
@@ -709,6 +719,9 @@ class OffloadedExperts(nn.Module):
                 return self._on_device(hidden, top_k_index, top_k_weights, eng.phase)
         eng, layer = self.engine, self.layer
         phase = eng.phase
+        if self._captured_pass(hidden):
+            with _label(f"moe.captured_pass[L{layer}]"):
+                return eng.graphs.experts(layer, self._captured, hidden, top_k_index, top_k_weights, phase)
 
         with _label(f"moe.route[L{layer}]"):
             p = _Pass(self, hidden, top_k_index, top_k_weights)
@@ -766,6 +779,18 @@ class OffloadedExperts(nn.Module):
         for e in fresh:
             self.gpu[e] = fresh[e]
         return out
+
+    def _captured_pass(self, hidden: torch.Tensor) -> bool:
+        """Whether this pass runs as ``graph_pass``: one token, inside a graphed decode step (captured or
+        replayed), with no recorder or host timeline asking to see the layer's routing."""
+        eng = self.engine
+        return (self.graph_pass is not None and hidden.shape[0] == 1 and eng.recorder is None
+                and eng.timeline is None and eng.graphs is not None and eng.graphs.graphed(self.layer))
+
+    def _captured(self, hidden, top_k_index, top_k_weights, phase: str) -> torch.Tensor:
+        counts = self.engine.device_counts
+        counts.used = True
+        return self.graph_pass(hidden, top_k_index, top_k_weights, counts.t[phase])
 
     def _split_bytes(self, k: int) -> int:
         """Bytes a split expert copies: gate/up rows [0, k) and the down projection."""
@@ -1092,6 +1117,12 @@ class EngineOptions:
     cost model the engine holds says whether any was measured. cpu_kernel:
     CPU experts of few tokens take ``toolkit.moe.cpu_gemv`` where the
     calibration found it faster than torch's matmul (off: torch's everywhere).
+    graph_misses: with graphs, a static placement and the makespan decision
+    (not serial), one-token decode passes of layers with missed experts run
+    with nothing on the host (``toolkit.moe.graph_pass``): each missed expert
+    split at the calibration's balanced share, its GPU units copied by
+    conditional copies and its other units computed by a host function, so
+    the whole step is one graph; False keeps the per-layer path (an ablation).
     """
 
     cpu_threads: int
@@ -1111,6 +1142,7 @@ class EngineOptions:
     contention: bool = True
     cpu_kernel: bool = True
     spare_cores: int = 0
+    graph_misses: bool = True
 
     @property
     def splits(self) -> bool:
@@ -1182,6 +1214,15 @@ class Offloaded:
         self.norms = None  # toolkit.moe.norm.FusedNorms: the model's RMSNorms given the kernel (options.fused)
         self._orig_param_devices = original_devices
         self.experts: list[OffloadedExperts] = []
+        # captured decode passes (options.graph_misses): the resident experts of their layers in one device pool,
+        # the staging slots after them; (layer, expert) -> its row
+        self.pool: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.pool_rows: dict[tuple[int, int], int] = {}
+        self.graph_misses_units = 0  # the GPU's units of a missed expert in a captured pass
+        self.graph_misses_balanced: dict | None = None  # what ``balance_graph_misses`` measured and chose
+        self.graph_misses_reason = self._graph_misses_reason(blocks, resident, routing)
+        if self.graph_misses_reason is None:
+            self._make_pool(blocks, resident)
         for layer, block in enumerate(blocks):
             orig = block.experts
             mod = OffloadedExperts(self, layer, orig, orig.gate_up_proj.data, orig.down_proj.data, cpu_dtype,
@@ -1193,10 +1234,15 @@ class Offloaded:
         # staging slots are allocated once, up front: a buffer the side stream writes must never be memory
         # that the main stream's allocator has just recycled from a kernel still in flight
         first = self.experts[0]
-        with persistent():
-            self._slots_on = [[_Slot(torch.empty_like(first.host_gate_up[0], device=d),
-                                     torch.empty_like(first.host_down[0], device=d), link) for _ in range(copy_slots)]
-                              for link, d in enumerate(self.copy_devices)]
+        if self.pool is not None:  # the pool's last rows (the captured passes stage into them too)
+            gu, dn = self.pool
+            self._slots_on = [[_Slot(gu[r], dn[r]) for r in range(gu.shape[0] - copy_slots, gu.shape[0])]]
+            self._set_up_graph_passes(resident)
+        else:
+            with persistent():
+                self._slots_on = [[_Slot(torch.empty_like(first.host_gate_up[0], device=d),
+                                         torch.empty_like(first.host_down[0], device=d), link)
+                                   for _ in range(copy_slots)] for link, d in enumerate(self.copy_devices)]
         self._slots = self._slots_on[0]
         self._install_hooks()
         self.graphs = None  # DecodeGraphs of the decoder layers' dense part (options.graphs)
@@ -1208,17 +1254,137 @@ class Offloaded:
                 base = None
             self.graphs = DecodeGraphs(layers, capture, owner=self, base=base).install()
 
-    # -- a decode step as one graph (``DecodeGraphs``' owner) ---------------------------------------
-    def whole_step_ready(self) -> bool:
-        """Whether a decode step may replay every layer from one graph: nothing in it needs the host.
+    # -- captured decode passes with missed experts (``toolkit.moe.graph_pass``) ---------------------
+    def _top_k(self, blocks) -> int | None:
+        """Experts per token of the model's router (every block the same), or None where it does not say."""
+        ks = {getattr(b.gate, "top_k", None) or getattr(b, "top_k", None) for b in blocks}
+        k = ks.pop() if len(ks) == 1 else None
+        return int(k) if isinstance(k, int) and k > 0 else None
 
-        Every layer sync-free (each expert resident, chosen on the device), the
-        routing the model's router or a trace replay that gathers its rows on the
-        device (``begin_pass``), and no recorder or host timeline (they see each
+    def _stacked_layer(self, resident_row: np.ndarray, dtype: torch.dtype) -> bool:
+        """Whether a layer with this residency keeps every expert stacked and runs sync-free (``OffloadedExperts``)."""
+        return (self.options.sync_free and not self.spread and bool(np.all(resident_row))
+                and getattr(self.policy, "static", False) and grouped_mm_usable(self.device, dtype))
+
+    def _graph_misses_reason(self, blocks, resident: np.ndarray, routing) -> str | None:
+        """Why decode passes with missed experts are not captured here (``options.graph_misses``), or None."""
+        o = self.options
+        first = blocks[0].experts
+        if not o.graph_misses:
+            return "switched off"
+        if not o.graphs:
+            return "the dense part is not graphed (graphs off)"
+        if self.spread:
+            return "experts on several devices"
+        if not getattr(self.policy, "static", False):
+            return f"policy {getattr(self.policy, 'name', type(self.policy).__name__)} moves experts"
+        if o.decision != "makespan" or o.serial:
+            return f"missed experts are served whole (decision {o.decision}{', serial' if o.serial else ''})"
+        if not o.cpu_kernel:
+            return "the CPU kernel is off (the captured pass computes the CPU's share with it)"
+        if routing is not None and not hasattr(routing, "begin_pass"):
+            return "the replayed routing is read on the host"
+        if all(self._stacked_layer(row, first.gate_up_proj.dtype) for row in resident):
+            return "every expert resident"
+        if self._top_k(blocks) is None:
+            return "the router does not say its experts per token (top_k)"
+        if self._top_k(blocks) > self.copy_slots:
+            return f"{self._top_k(blocks)} experts a token need as many staging slots, not {self.copy_slots}"
+        return graph_pass.why_not(self.device, first.gate_up_proj.dtype, first.act_fn)
+
+    def _make_pool(self, blocks, resident: np.ndarray) -> None:
+        """One device tensor for the resident experts of the layers with captured passes, then the staging slots."""
+        first = blocks[0].experts
+        dtype = first.gate_up_proj.dtype
+        rows = [(layer, int(e)) for layer, row in enumerate(resident) if not self._stacked_layer(row, dtype)
+                for e in np.flatnonzero(row)]
+        self.pool_rows = {key: i for i, key in enumerate(rows)}
+        n = len(rows) + self.copy_slots
+        with persistent():
+            self.pool = (torch.empty((n, *first.gate_up_proj.shape[1:]), dtype=dtype, device=self.device),
+                         torch.empty((n, *first.down_proj.shape[1:]), dtype=dtype, device=self.device))
+
+    def _set_up_graph_passes(self, resident: np.ndarray) -> None:
+        """A ``GraphPass`` for each layer with pooled residents or missed experts, splitting each missed expert at
+        the calibration's balanced share (``CostModel.balanced_share``)."""
+        inter = self.experts[0].intermediate
+        self.graph_misses_units = graph_pass.share_units(self.cost_model.balanced_share(), inter)
+        top_k = self._top_k(self._blocks)
+        first_slot = self.pool[0].shape[0] - self.copy_slots
+        for layer, mod in enumerate(self.experts):
+            if mod.stacked is not None:
+                continue
+            pos = np.full(mod.n_experts, -1, dtype=np.int64)
+            for e in np.flatnonzero(resident[layer]):
+                pos[e] = self.pool_rows[(layer, int(e))]
+            mod.graph_pass = graph_pass.GraphPass(mod, self.pool, pos, first_slot, top_k, resident[layer],
+                                                  self.graph_misses_units, self.cpu_threads)
+
+    def balance_graph_misses(self, min_experts: int = 16) -> dict | None:
+        """Move the split of missed experts to where the CPU's share and the copy end together at the rates this
+        engine's own captured passes ran: once, after at least ``min_experts`` missed experts were served.
+
+        The calibration times a CPU expert and a copy each beside the other,
+        but in a captured step the CPU's share streams beside copies for the
+        whole step: on an H200 host a whole expert's worth took 5.1-5.2 ms
+        against the calibration's 4.1 (``data/gpu/moe_decode_h200_captured.json``),
+        and host nodes beside copies read 60-63 GB/s against 78-104 alone
+        (``data/gpu/cpu_share_h200.json``), so the first split left the CPU the
+        long pole. The host function times itself: its
+        seconds per missed expert give a whole expert's CPU time at the rate it
+        really ran, and the copy keeps the calibration's time (the captured
+        copies ran at its rate). The new share is
+        CPU / (CPU + copy); the graphs are dropped so the next step captures the
+        copies at their new size. Returns what was measured and chosen (also in
+        ``graph_misses_dict()``), or None when nothing was done.
+        """
+        passes = [m.graph_pass for m in self.experts if m.graph_pass is not None]
+        if not passes or self.graph_misses_balanced is not None:
+            return None
+        served = sum(g.served()[0] for g in passes)
+        busy = sum(g.served()[1] for g in passes)
+        inter, old = self.intermediate_size, self.graph_misses_units
+        if served < min_experts or old >= inter or busy <= 0:
+            return None
+        cpu_ms = busy / served * 1e3 * inter / (inter - old)  # a whole expert at the rate the CPU's shares ran
+        copy_ms = self.cost_model.copy_ms * self.cost_model.copy_slowdown
+        share = cpu_ms / (cpu_ms + copy_ms)
+        k = graph_pass.share_units(share, inter)
+        self.graph_misses_balanced = {"first_units": old, "experts_measured": served,
+                                      "cpu_ms_per_expert": cpu_ms, "copy_ms_per_expert": copy_ms,
+                                      "share": round(share, 3), "units": k}
+        if k != old:
+            for g in passes:
+                g.set_units(k)
+            self.graph_misses_units = k
+            if self.graphs is not None:
+                self.graphs.drop_captures()
+        return self.graph_misses_balanced
+
+    def graph_misses_dict(self) -> dict:
+        """Captured decode passes: layers, the GPU's units of a missed expert and its share, whether the split was
+        balanced on measured rates (``balance_graph_misses``), or why there are none."""
+        layers = sum(m.graph_pass is not None for m in self.experts)
+        inter = self.intermediate_size
+        return {"layers": layers, "units": self.graph_misses_units if layers else 0,
+                "share": self.graph_misses_units / inter if layers else 0.0, "reason": self.graph_misses_reason,
+                "balanced": self.graph_misses_balanced}
+
+    # -- a decode step as one graph (``DecodeGraphs``' owner) ---------------------------------------
+    def whole_step_ready(self, rows: int | None = None) -> bool:
+        """Whether a decode step of ``rows`` tokens may replay every layer from one graph: nothing in it needs
+        the host.
+
+        Every layer sync-free (each expert resident, chosen on the device) or
+        with captured passes (``graph_pass``: one token only), the routing the
+        model's router or a trace replay that gathers its rows on the device
+        (``begin_pass``), and no recorder or host timeline (they see each
         layer's call, which a replay does not make).
         """
+        captured = any(m.graph_pass is not None for m in self.experts)
         return (self.options.whole_step and self.recorder is None and self.timeline is None
-                and all(m.sync_free for m in self.experts)
+                and all(m.sync_free or m.graph_pass is not None for m in self.experts)
+                and (not captured or rows == 1)
                 and (self.routing is None or hasattr(self.routing, "begin_pass")))
 
     def begin_step(self, inputs: torch.Tensor) -> None:
@@ -1505,8 +1671,24 @@ class Offloaded:
     @property
     def stats(self) -> ExpertStats:
         """Activations, hits and counters so far (``ExpertStats``), the sync-free passes' device counts included."""
-        self.device_counts.fold(self._stats)
+        self.device_counts.fold(self._stats, self.placement)
+        for mod in self.experts:
+            if mod.graph_pass is not None:
+                self._fold_graph_pass(mod.graph_pass)
         return self._stats
+
+    def _fold_graph_pass(self, gp: graph_pass.GraphPass) -> None:
+        """A layer's captured passes' missed experts into the counters, as the per-layer path counts them."""
+        experts, _ = gp.take_counts()
+        st = self._stats
+        st.cpu_tokens += experts if gp.k < gp.inter else 0
+        if gp.k == 0:
+            st.cpu_expert_calls += experts
+        elif gp.k >= gp.inter:
+            st.copy_expert_calls += experts
+        else:
+            st.split_expert_calls += experts
+        st.bytes_copied += experts * gp.share_bytes
 
     @property
     def sync_free_layers(self) -> int:
@@ -1532,6 +1714,9 @@ class Offloaded:
     def reset_stats(self) -> None:
         self._check_active()  # generate() starts here: a restored engine would report experts it no longer has
         self.device_counts.reset()
+        for mod in self.experts:
+            if mod.graph_pass is not None:
+                mod.graph_pass.take_counts()
         self._stats.reset()
         self.device_rows = [0] * len(self.devices)
         self.device_copies = [0] * len(self.copy_devices)
@@ -1558,7 +1743,7 @@ class Offloaded:
             "cpu_kernel_tokens": getattr(self.cpu_linear, "tokens", 0),
             "overlap": self.executor is not None, "decision": self.decision, "serial": self.serial,
             "pageable_copies": self.pageable_copies, "split": self.split, "sync_free_layers": self.sync_free_layers,
-            "fused": self.fused_dict(),
+            "fused": self.fused_dict(), "graph_misses": self.graph_misses_dict(),
             "graphs": self.graphs.to_dict() if self.graphs is not None else None,
             "placement": self.placement.astype(int).tolist(),
             "cost_model": self.cost_model.to_dict(), "stats": self.stats.to_dict(),
@@ -1579,7 +1764,10 @@ class Offloaded:
         for mod in self.experts:  # free the GPU tier first: the experts may be moving back to the GPU
             mod.gpu.clear()
             mod.stacked = None
+            mod.graph_pass = None
             mod._pageable = None  # drop pageable clones
+        self.pool = None
+        self.pool_rows.clear()
         for slots in self._slots_on:  # the first device's list is ``_slots``: emptied too
             slots.clear()
         self._ahead.clear()
@@ -1625,7 +1813,7 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
             ranking=None, graphs: bool | None = None, sync_free: bool = True, whole_step: bool = True,
             fused: bool = True, lookahead: bool = True,
             spread_copies: bool = True, contention: bool = True, cpu_kernel: bool = True,
-            spare_cores: int = 0) -> Offloaded:
+            spare_cores: int = 0, graph_misses: bool = True) -> Offloaded:
     """Split the experts of ``model`` between the GPU (``gpu_experts`` of them in total, or "all") and the CPU.
 
     placement: bool [L, E] (which experts), numeric [L, E] (a popularity
@@ -1677,6 +1865,17 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     overlap, the worker's CPU experts run on ``cpu_threads - spare_cores``
     threads, leaving those cores to the host thread's work between layers
     (``EngineOptions.spare_cores``; the ``-spare`` schedules of ``toolkit.moe.schedule``).
+    graph_misses (default on): with graphs, a static placement on one device
+    and the makespan decision (not serial), a one-token decode pass of a
+    layer with missed experts needs nothing from the host
+    (``toolkit.moe.graph_pass``): each missed expert is split at the
+    calibration's balanced share, its GPU units copied into a staging slot by
+    conditional copies of the graph and its other units computed by a host
+    function at the same time, so the whole decode step is one graph (at
+    batch 1). It takes a staging slot per expert of a token (``copy_slots``
+    is raised to the router's top-k). ``Offloaded.graph_misses_dict()`` says
+    whether it runs and, if not, why; False keeps the per-layer path (an
+    ablation).
 
     Several devices of one host (``devices``, e.g. ["cuda:0", "cuda:1"]; the
     first is ``device``): the dense part stays on ``device``, the resident
@@ -1713,6 +1912,9 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     dtype = first.gate_up_proj.dtype
     if copy_slots < 1:
         raise ToolkitError(f"copy_slots must be >= 1, got {copy_slots}")
+    top_k = {getattr(b.gate, "top_k", None) or getattr(b, "top_k", None) for b in blocks}
+    if graph_misses and len(top_k) == 1 and isinstance(k := top_k.pop(), int) and k > copy_slots:
+        copy_slots = k  # a captured pass stages each of a token's missed experts in a slot of its own
     if decision not in DECISIONS:
         raise ToolkitError(f"decision must be one of {', '.join(DECISIONS)}, got {decision!r}")
     devices = _several_devices(devices, device)
@@ -1782,7 +1984,7 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
                             copy_slots=int(copy_slots), graphs=bool(graphs), sync_free=bool(sync_free),
                             whole_step=bool(whole_step), fused=bool(fused),
                             lookahead=bool(lookahead), spread_copies=spread_copies, contention=bool(contention),
-                            cpu_kernel=bool(cpu_kernel), spare_cores=spare_cores)
+                            cpu_kernel=bool(cpu_kernel), spare_cores=spare_cores, graph_misses=bool(graph_misses))
     off = Offloaded(model, blocks, policy=policy, resident=resident, device=device, cost_model=cost_model,
                     routing=routing, gpu_experts=gpu_experts, original_devices=orig_devices, options=options,
                     devices=devices, tiers=tiers)

@@ -80,6 +80,12 @@ class MoESettings:
     fused: the model's RMSNorms and each sync-free decode pass's experts as
     single Triton kernels (on a GPU with Triton; False: torch's ops, which
     shows what the fusing saves).
+    graph_misses: with a static placement on one GPU, each one-token decode
+    pass of a layer with missed experts needs nothing from the host
+    (``toolkit.moe.graph_pass``: missed experts split at the calibration's
+    balanced share, the GPU's units copied by conditional copies, the CPU's
+    computed by a host function), so the whole decode step is one CUDA graph;
+    False keeps the per-layer path, which shows what capturing saves.
     dtype: the model's dtype (None: the preset's).
     gpus: GPUs of this host holding resident experts (None: one GPU, the
     one-device engine); the dense part stays on the first, ``gpu_experts``
@@ -106,6 +112,7 @@ class MoESettings:
     schedule: str = "auto"  # worker thread or inline, split or not: measured per run (toolkit.moe.schedule)
     graphs: bool = True  # decode steps' dense part from CUDA graphs (GPU only)
     fused: bool = True  # norms and sync-free decode passes as fused Triton kernels (GPU with Triton only)
+    graph_misses: bool = True  # one-token decode passes with missed experts captured whole (GPU, static placement)
     dtype: str | None = None
     prompt_tokens: int = 16
     new_tokens: int = 32
@@ -638,6 +645,8 @@ class MoESession:
             kw["graphs"] = False
         if not self.settings.fused:
             kw["fused"] = False
+        if not self.settings.graph_misses:
+            kw["graph_misses"] = False
         policy = policy or self.settings.policy
         if policy is not None:
             from .policies import get_policy
@@ -675,17 +684,30 @@ class MoESession:
         kw = s.generate_kwargs(beams)
         prior = [float(x) for x in prior]
         medians, at = [], []
-        for _ in range(max(1, WARMUP_ROUNDS - len(prior))):
+        rounds, moved = max(1, WARMUP_ROUNDS - len(prior)), 0
+        while len(medians) < rounds:
             self.reset_routing()
             r = generate(target, self.ids, self.mask, max_new_tokens=max(2, n), **kw)
+            if self._balanced(target):  # the split of missed experts moved: steadiness is judged from here on
+                prior, medians, at, moved = [], [], [], moved + 1
+                rounds = WARMUP_ROUNDS
+                continue
             medians.append(r.decode_ms["median"])
             at.append(time.perf_counter() - self.built_at)
             if on_generation is not None:
                 on_generation("warm-up", len(medians), _steady(prior + medians))
             if _steady(prior + medians):
                 break
-        return {"rounds": len(medians), "median_decode_ms": medians, "seconds_after_build": at,
+        return {"rounds": len(medians) + moved, "median_decode_ms": medians, "seconds_after_build": at,
                 "steady": _steady(prior + medians), "after_schedule_rounds": len(prior)}
+
+    @staticmethod
+    def _balanced(target) -> bool:
+        """Whether ``target`` (an engine) just moved the split of its captured passes' missed experts to the
+        rates it measured (``Offloaded.balance_graph_misses``; once per engine)."""
+        balance = getattr(target, "balance_graph_misses", None)
+        done = balance() if balance is not None else None
+        return bool(done) and done["units"] != done["first_units"]
 
     def choose_schedule(self, engine, scheme: str | None = None, *, schedule: str | None = None,
                         beams: int | None = None, new_tokens: int | None = None, on_generation=None):

@@ -1,4 +1,12 @@
-"""Conditional nodes in a CUDA graph captured by torch, through the CUDA driver (for ``graph_step.py``).
+"""Conditional nodes, host functions and 2-D copies in a CUDA graph captured by torch, through the CUDA driver.
+
+A decode pass whose missed experts are served inside a captured graph
+(``toolkit.moe.graph_pass``) needs three things torch 2.11 does not offer:
+copies that run on a replay only for the experts the routing picked in that
+replay (conditional nodes), a CPU function run in stream order (a host
+function, ``launch_host_func``) and a strided copy from host memory by the
+copy engines (``copy_2d``). ``benchmarks/graph_step.py`` measured the design in
+miniature with the same calls.
 
 A captured graph replays the same work each time; a conditional node is the
 exception: its body runs on a replay only if a value the GPU set earlier in
@@ -27,7 +35,7 @@ import os
 
 import torch
 
-from toolkit.errors import ToolkitError
+from ..errors import ToolkitError
 
 MAX_NODES = 32  # conditions one kernel sets (its handles travel by value in one struct)
 
@@ -91,6 +99,8 @@ def _driver() -> ctypes.CDLL:
         "cuStreamBeginCaptureToGraph": [p, p, p, p, sz, ctypes.c_int],
         "cuStreamEndCapture": [p, p],
         "cuModuleLoadData": [p, p],
+        "cuLaunchHostFunc": [p, p, p],
+        "cuMemcpy2DAsync_v2": [p, p],
         "cuModuleGetFunction": [p, p, ctypes.c_char_p],
         "cuLaunchKernel": [p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
                            ctypes.c_uint, ctypes.c_uint, p, p, p],
@@ -221,3 +231,60 @@ class IfNodes:
         finally:
             out = ctypes.c_void_p()
             _check(d.cuStreamEndCapture(self.body_stream.cuda_stream, ctypes.byref(out)), "cuStreamEndCapture")
+
+
+def conditional(conditions: torch.Tensor):
+    """``run(i, body)``: ``body()`` where the i-th element of the bool tensor ``conditions`` is true.
+
+    While torch captures a CUDA graph on the current stream, each ``run`` adds a conditional node whose body is
+    what ``body()`` queues, and the conditions are set on the GPU on each replay (``IfNodes``); otherwise the
+    conditions are read on the host, once (a sync).
+    """
+    if conditions.is_cuda and torch.cuda.is_current_stream_capturing():
+        return IfNodes(conditions.contiguous()).run
+    flat = conditions.reshape(-1).tolist()
+    return lambda i, body: body() if flat[i] else None
+
+
+def launch_host_func(fn, arg) -> None:
+    """Queue the C function ``fn(arg)`` (a ctypes function pointer and a ctypes object passed by reference) on the
+    current CUDA stream, in its order (``cuLaunchHostFunc``): under stream capture it becomes a host node."""
+    rc = _driver().cuLaunchHostFunc(torch.cuda.current_stream().cuda_stream, ctypes.cast(fn, ctypes.c_void_p),
+                                    ctypes.byref(arg))
+    _check(rc, "cuLaunchHostFunc")
+
+
+class _Memcpy2D(ctypes.Structure):  # CUDA_MEMCPY2D
+    _fields_ = [("srcXInBytes", ctypes.c_size_t), ("srcY", ctypes.c_size_t), ("srcMemoryType", ctypes.c_int),
+                ("srcHost", ctypes.c_void_p), ("srcDevice", ctypes.c_uint64), ("srcArray", ctypes.c_void_p),
+                ("srcPitch", ctypes.c_size_t),
+                ("dstXInBytes", ctypes.c_size_t), ("dstY", ctypes.c_size_t), ("dstMemoryType", ctypes.c_int),
+                ("dstHost", ctypes.c_void_p), ("dstDevice", ctypes.c_uint64), ("dstArray", ctypes.c_void_p),
+                ("dstPitch", ctypes.c_size_t),
+                ("WidthInBytes", ctypes.c_size_t), ("Height", ctypes.c_size_t)]
+
+
+CU_MEMORYTYPE_UNIFIED = 4  # the driver reads where each pointer lives (pinned host memory or the device)
+
+
+def copy_2d(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for two 2-D views with unit stride in their last dimension, of the same shape and
+    dtype, on the current stream, as one strided copy of the copy engines (``cuMemcpy2DAsync``): rows of
+    ``src`` at its row stride into rows of ``dst`` at its own, nothing staged on the host (torch would gather a
+    strided host tensor into a contiguous one first, which a captured graph would not repeat). On the CPU
+    (tests) it is ``copy_``."""
+    if dst.shape != src.shape or dst.dim() != 2 or dst.dtype != src.dtype or dst.stride(1) != 1 or src.stride(1) != 1:
+        raise ValueError(f"copy_2d: dst {tuple(dst.shape)} (stride {dst.stride()}) and src {tuple(src.shape)} "
+                         f"(stride {src.stride()}) must be 2-D views of one shape and dtype, unit stride in the last")
+    if not (dst.is_cuda or src.is_cuda):
+        dst.copy_(src)
+        return
+    size = dst.element_size()
+    p = _Memcpy2D()
+    p.srcMemoryType = p.dstMemoryType = CU_MEMORYTYPE_UNIFIED
+    p.srcDevice, p.srcPitch = src.data_ptr(), src.stride(0) * size
+    p.dstDevice, p.dstPitch = dst.data_ptr(), dst.stride(0) * size
+    p.WidthInBytes, p.Height = dst.shape[1] * size, dst.shape[0]
+    if p.WidthInBytes and p.Height:
+        _check(_driver().cuMemcpy2DAsync_v2(ctypes.byref(p), torch.cuda.current_stream().cuda_stream),
+               "cuMemcpy2DAsync")

@@ -1,0 +1,270 @@
+"""A one-token decode pass of an offloaded layer that needs nothing from the host: it can be captured.
+
+Why: the engine's per-layer path brings each layer's routing to the host
+(a sync), plans, hands CPU experts to a thread and copies missed experts in,
+and that host work costs 1.4-2.2 ms a layer on the H200 hosts, each operation
+at several times its warm price after a CPU expert (``benchmarks/PERF_NOTES.md``).
+A decode step at batch 1 with a static placement can do without any of it:
+
+- the resident experts of every such layer live in one device pool (the
+  engine's ``pool``), and each (token, slot) row reads its expert there
+  through the pass kernels of ``toolkit.moe.gemv``, the expert chosen on the
+  device;
+- each missed expert is split at a fixed unit ``k``: intermediate units
+  [0, k) go to the GPU, copied by the copy engines into the row's staging
+  slot of the pool (a conditional node of the graph for each pair of slot
+  and expert that may miss, its condition set on the GPU from the routing:
+  ``toolkit.moe.conditional``); units [k, I) are computed at the same time on
+  the CPU by a host function in stream order (``host_share.c``), which reads
+  the routing and the token from pinned memory that copies earlier in the
+  stream wrote;
+- the GPU's rows run in the same two kernels whatever the routing (a missed
+  row over units [0, k) of its slot, a resident one over all of them), and the
+  CPU's sum is added.
+
+So the whole decode step, every layer, is one CUDA graph
+(``toolkit.moe.graphs``) and the host does nothing per layer. ``k`` is where the
+copy of a one-token expert's GPU share and the CPU's rest end together by
+the calibration (``CostModel.balanced_share``): measured in miniature,
+that was within 2% of the best share swept (``benchmarks/graph_step.py``).
+
+On a CPU device (the tests) the same pass runs eagerly: the host function is
+called in place, the conditions are read on the host and torch's ops stand
+in for the Triton kernels, with the same roundings.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ToolkitError
+from . import conditional, cpu_gemv, gemv
+
+SOURCE = Path(__file__).with_name("host_share.c")
+UNIT_BLOCK = 16  # the GPU's share is a whole number of these units (copies of whole 16-row blocks)
+
+
+class ShareJob(ctypes.Structure):
+    """``host_share.c``'s ``share_job``: one layer's buffers, read by its host function when it runs."""
+
+    _fields_ = [("lin", ctypes.c_void_p), ("sel", ctypes.c_void_p), ("wts", ctypes.c_void_p), ("x", ctypes.c_void_p),
+                ("resident", ctypes.c_void_p), ("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p),
+                ("K", ctypes.c_int64), ("E", ctypes.c_int64), ("D", ctypes.c_int64), ("I", ctypes.c_int64),
+                ("k", ctypes.c_int64), ("h", ctypes.c_void_p), ("act", ctypes.c_void_p), ("yk", ctypes.c_void_p),
+                ("acc", ctypes.c_void_p), ("y", ctypes.c_void_p), ("threads", ctypes.c_int),
+                ("busy_s", ctypes.c_double), ("calls", ctypes.c_int64), ("experts", ctypes.c_int64)]
+
+
+@functools.cache
+def _library():
+    """``host_share.c`` built for this machine (as ``toolkit.moe.cpu_gemv`` builds its kernel) and loaded, or why
+    not (a string)."""
+    if cpu_gemv.why_not():
+        return f"the CPU kernel cannot run here: {cpu_gemv.why_not()}"
+    built = cpu_gemv._build(source=SOURCE)
+    if isinstance(built, str):
+        return built
+    lib = ctypes.CDLL(str(built))
+    lib.toolkit_host_share.argtypes, lib.toolkit_host_share.restype = [ctypes.c_void_p], None
+    return lib
+
+
+def why_not(device: torch.device, dtype: torch.dtype, act_fn) -> str | None:
+    """Why a layer's decode passes cannot run as a captured pass here, or None when they can. The CPU's share
+    reads the experts' bf16 host tier through the toolkit's kernel, whatever dtype the per-layer path's CPU
+    experts were given."""
+    device = torch.device(device)
+    if dtype != torch.bfloat16:
+        return f"the CPU's share runs in bf16 only (experts {dtype})"
+    if not gemv.is_silu(act_fn):
+        return "the experts' activation is not SiLU (the pass kernels fold SiLU in)"
+    if device.type == "cuda":
+        if not gemv.usable(device, 1):
+            return f"the expert GEMV does not run here ({gemv.broken or 'no Triton'})"
+        try:
+            conditional.prepare()
+        except (ToolkitError, OSError, AttributeError) as e:
+            return f"conditional nodes are not available: {e}"
+    elif device.type != "cpu":
+        return f"a {device.type} device"
+    lib = _library()
+    return lib if isinstance(lib, str) else None
+
+
+def share_units(share: float, inter: int, block: int = UNIT_BLOCK) -> int:
+    """The GPU's units k of a missed expert for a share in [0, 1]: a whole number of ``block`` units, at most I."""
+    if not 0 <= share <= 1:
+        raise ToolkitError(f"the GPU's share of a missed expert must be in [0, 1], not {share}")
+    if share >= 1:
+        return inter
+    return min(inter, int(round(share * inter / block)) * block)
+
+
+class GraphPass:
+    """One layer's one-token decode passes with nothing on the host (see the module's docstring).
+
+    ``mod``: the layer's ``OffloadedExperts`` (its host weights, pinned); ``pool``: (gate_up [P, 2I, D],
+    down [P, D, I]) on the device, the layer's resident expert e at ``pos[e]`` and the K staging slots at rows
+    ``slots[0] .. slots[0] + K - 1``; ``resident``: bool [E]; ``k``: the GPU's units of a missed expert;
+    ``counters``: the engine's device counts for this pass's phase are passed at each call.
+    """
+
+    def __init__(self, mod, pool: tuple[torch.Tensor, torch.Tensor], pos: np.ndarray, first_slot: int, top_k: int,
+                 resident: np.ndarray, k: int, threads: int):
+        dev = pool[0].device
+        self.mod, self.pool, self.k, self.top_k = mod, pool, int(k), int(top_k)
+        self.first_slot = int(first_slot)
+        self.inter, self.hidden = mod.intermediate, mod.host_gate_up.shape[2]
+        E = mod.n_experts
+        self.missed_ids = [int(e) for e in np.flatnonzero(~resident)]
+        self.missed_dev = torch.as_tensor(self.missed_ids or [-1], dtype=torch.int64, device=dev)
+        self.pos = torch.as_tensor(pos, dtype=torch.int64, device=dev)  # [E] pool row, -1 where missed
+        self.slot_rows = torch.arange(first_slot, first_slot + top_k, dtype=torch.int64, device=dev)  # [K]
+        self.units_missed = torch.full((top_k,), self.k, dtype=torch.int32, device=dev)
+        self.units_all = torch.full((top_k,), self.inter, dtype=torch.int32, device=dev)
+        pin = dev.type == "cuda"
+
+        def host(n, dtype):
+            return torch.zeros(n, dtype=dtype, pin_memory=pin)
+
+        self.sel_h, self.w_h = host(top_k, torch.int64), host(top_k, torch.float32)
+        self.x_h, self.y_h = host(self.hidden, torch.bfloat16), host(self.hidden, torch.bfloat16)
+        self.y_dev = torch.zeros(1, self.hidden, dtype=torch.bfloat16, device=dev)
+        self.resident = torch.as_tensor(np.asarray(resident, dtype=np.uint8))
+        # sized for every unit on the CPU, so ``set_units`` may move the split anywhere
+        self.scratch = [torch.empty(2 * self.inter, dtype=torch.bfloat16), torch.empty(self.inter, dtype=torch.bfloat16),
+                        torch.empty(self.hidden, dtype=torch.bfloat16), torch.empty(self.hidden, dtype=torch.float32)]
+        self._taken = (0, 0.0)  # the host function's (experts, seconds) at the last ``take_counts``
+        gu, dn = mod.host_gate_up, mod.host_down
+        if gu.dtype != torch.bfloat16 or not (gu.is_contiguous() and dn.is_contiguous()):
+            raise ToolkitError("a captured pass reads the layer's host experts as contiguous bf16")
+        j = self.job = ShareJob()
+        j.lin = ctypes.cast(cpu_gemv._library(), ctypes.c_void_p).value
+        j.sel, j.wts, j.x, j.y = (t.data_ptr() for t in (self.sel_h, self.w_h, self.x_h, self.y_h))
+        j.resident, j.gate_up, j.down = self.resident.data_ptr(), gu.data_ptr(), dn.data_ptr()
+        j.K, j.E, j.D, j.I, j.k = top_k, E, self.hidden, self.inter, self.k
+        j.h, j.act, j.yk, j.acc = (t.data_ptr() for t in self.scratch)
+        j.threads = int(threads)
+        self.side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+
+    # -- counters of the host function (read when the engine's stats are read) ---------------------
+    def served(self) -> tuple[int, float]:
+        """(missed experts served, seconds the CPU spent on their shares) since this pass was made."""
+        return int(self.job.experts), float(self.job.busy_s)
+
+    def take_counts(self) -> tuple[int, float]:
+        """(missed experts served, seconds the CPU spent) since the last call."""
+        now = self.served()
+        experts, busy = now[0] - self._taken[0], now[1] - self._taken[1]
+        self._taken = now
+        return experts, busy
+
+    def set_units(self, k: int) -> None:
+        """Move the split of a missed expert to units [0, k) on the GPU. The copies of a captured graph keep the
+        sizes they were captured with: the owner drops its graphs after this (``Offloaded.balance_graph_misses``)."""
+        self.k = self.job.k = int(k)
+        self.units_missed.fill_(self.k)
+
+    @property
+    def share_bytes(self) -> int:
+        """Bytes copied to the GPU per missed expert: its units [0, k) of gate, up and down."""
+        return 3 * self.k * self.hidden * self.mod.host_gate_up.element_size()
+
+    # -- the pass -----------------------------------------------------------------------------
+    def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                 counters: torch.Tensor) -> torch.Tensor:
+        """hidden [1, D], top_k_index [1, K], top_k_weights [1, K] -> [1, D]; counts added to ``counters``
+        int64 [3, L, E] (``gemv.count_rows``). Nothing in it reads a device value on the host while a graph is
+        captured."""
+        if hidden.shape[0] != 1 or top_k_index.shape != (1, self.top_k):
+            raise ToolkitError(f"a captured pass takes one token and its {self.top_k} experts, not hidden "
+                               f"{tuple(hidden.shape)} and experts {tuple(top_k_index.shape)}")
+        flat = top_k_index.reshape(-1)
+        pos = self.pos[flat]  # [K] pool row of each slot's expert, -1 where it missed
+        missed = pos < 0
+        rows = torch.where(missed, self.slot_rows, pos)
+        units = torch.where(missed, self.units_missed, self.units_all)
+        w = top_k_weights.reshape(-1)
+        # the CPU's inputs, in pinned memory before its host function runs (in stream order)
+        self.sel_h.copy_(flat, non_blocking=True)
+        self.w_h.copy_(w, non_blocking=True)
+        self.x_h.copy_(hidden.reshape(-1), non_blocking=True)
+        if self.side is None:  # CPU device: in order, in place
+            self._gpu_side(hidden, flat, rows, units, top_k_weights, counters)
+            self._lib().toolkit_host_share(ctypes.byref(self.job))
+            self.y_dev.copy_(self.y_h[None])
+            return (self._out + self.y_dev)
+        main = torch.cuda.current_stream()
+        self.side.wait_stream(main)
+        with torch.cuda.stream(self.side):  # copies of the GPU's shares, then the GPU's rows
+            self._gpu_side(hidden, flat, rows, units, top_k_weights, counters)
+        conditional.launch_host_func(self._lib().toolkit_host_share, self.job)  # the CPU's shares, meanwhile
+        self.y_dev.copy_(self.y_h[None], non_blocking=True)
+        main.wait_stream(self.side)
+        return self._out + self.y_dev
+
+    @staticmethod
+    def _lib():
+        lib = _library()
+        if isinstance(lib, str):
+            raise ToolkitError(f"the CPU's share cannot run here: {lib}")
+        return lib
+
+    def _gpu_side(self, hidden, flat, rows, units, top_k_weights, counters) -> None:
+        """The copies of the missed experts' units [0, k) into the rows' slots, then every row's GPU units ->
+        ``self._out`` [1, D]; the pass counted."""
+        if self.k and self.missed_ids:
+            hits = flat[:, None] == self.missed_dev[None, :]  # [K, M]: slot s holds the j-th expert that may miss
+            m, per = len(self.missed_ids), conditional.MAX_NODES
+            cells = [(s, j) for s in range(self.top_k) for j in range(m)]
+            flat_hits = hits.reshape(-1)
+            for c0 in range(0, len(cells), per):  # one conditions' kernel sets at most MAX_NODES nodes
+                run = conditional.conditional(flat_hits[c0:c0 + per])
+                for i, (s, j) in enumerate(cells[c0:c0 + per]):
+                    run(i, functools.partial(self._copy_share, self.missed_ids[j], s))
+        gu, dn = self.pool
+        if self.side is not None:
+            a = gemv.expert_gate_up_act(hidden, rows, gu, per_x=self.top_k, units=units)
+            self._out = gemv.expert_down(a, rows, dn, top_k_weights, units=units)
+            gemv.count_rows(flat, counters, self.mod.layer)
+        else:
+            self._out = _rows_in_torch(hidden, rows, units, gu, dn, top_k_weights, self.mod.act_fn)
+            _count_in_torch(flat, counters, self.mod.layer)
+
+    def _copy_share(self, e: int, s: int) -> None:
+        """Queue expert e's units [0, k) into staging slot s: gate rows [0, k) and up rows [I, I + k) as one
+        strided copy, then the down projection's columns [0, k) as another."""
+        gu, dn = self.pool
+        slot = self.first_slot + s
+        inter, k = self.inter, self.k
+        src_gu = self.mod.host_gate_up[e].view(2, inter, -1)[:, :k].reshape(2, -1)  # [2, k D] views of gate, up
+        conditional.copy_2d(gu[slot].view(2, inter, -1)[:, :k].reshape(2, -1), src_gu)
+        conditional.copy_2d(dn[slot, :, :k], self.mod.host_down[e, :, :k])
+
+
+def _rows_in_torch(hidden, rows, units, gu, dn, top_k_weights, act_fn) -> torch.Tensor:
+    """``gemv.expert_gate_up_act`` then ``gemv.expert_down`` with units, in torch's ops (CPU device): the same
+    roundings, one token."""
+    total = torch.zeros(hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+    inter = dn.shape[2]
+    for s, (r, n) in enumerate(zip(rows.tolist(), units.tolist())):
+        n = min(int(n), inter)
+        g, u = F.linear(hidden[0], gu[r, :n]), F.linear(hidden[0], gu[r, inter:inter + n])
+        y = F.linear(act_fn(g) * u, dn[r, :, :n]) if n else torch.zeros_like(hidden[0])
+        total += (y * top_k_weights[0, s].to(y.dtype)).to(hidden.dtype).float()
+    return total.to(hidden.dtype)[None]
+
+
+def _count_in_torch(flat: torch.Tensor, counters: torch.Tensor, layer: int) -> None:
+    """``gemv.count_rows`` in torch's ops."""
+    counts = torch.zeros(counters.shape[2], dtype=torch.int64, device=flat.device).index_add_(
+        0, flat, torch.ones_like(flat))
+    counters[0, layer] += counts
+    counters[1, layer] += counts > 0
+    counters[2, layer, 0] += 1
