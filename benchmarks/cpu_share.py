@@ -48,7 +48,7 @@ def job(gate_up, down, threads: int, k: int):
                 scratch=[torch.empty(2 * INTER, dtype=torch.bfloat16), torch.empty(INTER, dtype=torch.bfloat16),
                          torch.empty(D, dtype=torch.bfloat16), torch.empty(D, dtype=torch.float32)])
     j = graph_pass.ShareJob()
-    j.lin = ctypes.cast(cpu_gemv._library(), ctypes.c_void_p).value
+    j.lin = cpu_gemv.entry_point()
     j.sel, j.wts, j.x, j.y = (keep[n].data_ptr() for n in ("sel", "w", "x", "y"))
     j.resident, j.gate_up, j.down = keep["res"].data_ptr(), gate_up.data_ptr(), down.data_ptr()
     j.K, j.E, j.D, j.I, j.k = K, E, D, INTER, k

@@ -45,9 +45,9 @@ class ShareJob(ctypes.Structure):
 @functools.cache
 def library() -> ctypes.CDLL:
     """``host_functions.c`` built for this machine and loaded, its functions' argument types declared."""
-    from toolkit.moe.cpu_gemv import _build
+    from toolkit.moe.cpu_gemv import build_source
 
-    built = _build(source=SOURCE)
+    built = build_source(SOURCE)
     if isinstance(built, str):
         raise ToolkitError(f"the host functions cannot be built: {built}")
     lib = ctypes.CDLL(str(built))
@@ -60,9 +60,7 @@ def kernel_entry() -> int:
     """The address of the toolkit's CPU kernel entry point (``toolkit_linear_bf16_path``): each job's ``lin``."""
     from toolkit.moe import cpu_gemv
 
-    if cpu_gemv.why_not():
-        raise ToolkitError(f"the toolkit's CPU kernel cannot run here: {cpu_gemv.why_not()}")
-    return ctypes.cast(cpu_gemv._library(), ctypes.c_void_p).value
+    return cpu_gemv.entry_point()
 
 
 @functools.cache

@@ -52,6 +52,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import ToolkitError
+
 MAX_TOKENS = 16  # rows of x up to which the vector path is offered: each pass over a weight row takes 4 of them
 AMX_FROM_TOKENS = 5  # passes of this many rows or more take AMX where it runs (the C source's AMX_FROM_TOKENS)
 PATHS = {"auto": 0, "vector": 1, "amx": 2}  # the C entry point's path argument
@@ -152,6 +154,21 @@ def _library():
     """The kernel built for this machine, or the reason there is none."""
     built = _build()
     return built if isinstance(built, str) else _load(built)
+
+
+def entry_point() -> int:
+    """The address of the kernel's C entry point (``toolkit_linear_bf16_path``), for C code that calls the kernel
+    itself (``toolkit.moe.graph_pass``'s host function); a ToolkitError where the kernel cannot run here."""
+    reason = why_not()
+    if reason:
+        raise ToolkitError(f"the CPU kernel cannot run here: {reason}")
+    return ctypes.cast(_library(), ctypes.c_void_p).value
+
+
+def build_source(source: Path) -> Path | str:
+    """Another C file that calls the kernel built as the kernel is (the machine's compiler, ``-O3
+    -march=native -fopenmp``, once per source, compiler and CPU, into the toolkit cache): its path, or why not."""
+    return _build(source=source)
 
 
 def why_not() -> str | None:

@@ -67,7 +67,7 @@ def _library():
     not (a string)."""
     if cpu_gemv.why_not():
         return f"the CPU kernel cannot run here: {cpu_gemv.why_not()}"
-    built = cpu_gemv._build(source=SOURCE)
+    built = cpu_gemv.build_source(SOURCE)
     if isinstance(built, str):
         return built
     lib = ctypes.CDLL(str(built))
@@ -145,7 +145,7 @@ class GraphPass:
         if gu.dtype != torch.bfloat16 or not (gu.is_contiguous() and dn.is_contiguous()):
             raise ToolkitError("a captured pass reads the layer's host experts as contiguous bf16")
         j = self.job = ShareJob()
-        j.lin = ctypes.cast(cpu_gemv._library(), ctypes.c_void_p).value
+        j.lin = cpu_gemv.entry_point()
         j.sel, j.wts, j.x, j.y = (t.data_ptr() for t in (self.sel_h, self.w_h, self.x_h, self.y_h))
         j.resident, j.gate_up, j.down = self.resident.data_ptr(), gu.data_ptr(), dn.data_ptr()
         j.K, j.E, j.D, j.I, j.k = top_k, E, self.hidden, self.inter, self.k
