@@ -11,7 +11,8 @@ the token's two experts
 - missed: intermediate units [0, k) on the GPU, the same GEMVs reading the
   expert's weights in place from pinned host memory (no copy into a slot),
   and units [k, I) on the CPU at the same time, in a host node
-  (``graph_step_cpu_share`` of ``host_functions.c``, through the toolkit's CPU kernel),
+  (``toolkit_host_share``, the engine's host function of ``toolkit/moe/host_share.c``, through the toolkit's
+  CPU kernel),
   which reads the routing from pinned memory;
 
 and the two sums added. The whole step is captured as one CUDA graph and
@@ -60,10 +61,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from host_functions import HostPointer, ShareJob, kernel_entry, launch, library
+from host_functions import HostPointer, kernel_entry, launch, library
 
 from toolkit.errors import ToolkitError
 from toolkit.moe import conditional as conditional_nodes
+from toolkit.moe.graph_pass import ShareJob
 from toolkit.results import RunRecord, provenance
 
 HIDDEN, INTER, EXPERTS, TOP_K = 4096, 14336, 8, 2  # Mixtral-8x7B
@@ -240,11 +242,11 @@ class Layer:
         def host(n, dtype):
             return torch.zeros(n, dtype=dtype, pin_memory=pin)
 
-        self.sel_h, self.w_h, self.x_h, self.y_h = (host(top_k, torch.int64), host(top_k, torch.bfloat16),
+        self.sel_h, self.w_h, self.x_h, self.y_h = (host(top_k, torch.int64), host(top_k, torch.float32),
                                                     host(hidden, torch.bfloat16), host(hidden, torch.bfloat16))
         self.scratch = [torch.empty(2 * inter, dtype=torch.bfloat16), torch.empty(inter, dtype=torch.bfloat16),
                         torch.empty(hidden, dtype=torch.bfloat16), torch.empty(hidden, dtype=torch.float32)]
-        j = self.job = ShareJob()
+        j = self.job = ShareJob()  # the engine's job (toolkit.moe.graph_pass): routing weights in float32
         j.lin, j.sel, j.wts, j.x = kernel_entry(), self.sel_h.data_ptr(), self.w_h.data_ptr(), self.x_h.data_ptr()
         j.resident, j.gate_up, j.down = self.resident.data_ptr(), self.gate_up.data_ptr(), self.down.data_ptr()
         j.K, j.E, j.D, j.I, j.k = top_k, E, hidden, inter, 0
@@ -425,7 +427,7 @@ def main(argv=None) -> int:
             lay.sel_h.copy_(sel, non_blocking=True)
             lay.w_h.copy_(w, non_blocking=True)
             lay.x_h.copy_(x[0], non_blocking=True)
-            launch(main, lib.graph_step_cpu_share, lay.job)
+            launch(main, lib.toolkit_host_share, lay.job)
             lay.y_cpu.copy_(lay.y_h, non_blocking=True)
             main.wait_stream(side)
             return x + (y_gpu + lay.y_cpu.float()).to(torch.bfloat16)[None]

@@ -3,62 +3,14 @@
  *
  * - host_nodes_layer (benchmarks/host_nodes.py): y = sum over the layer's experts of
  *   0.5 * down @ (SiLU(gate @ x) * (up @ x)).
- * - graph_step_cpu_share (benchmarks/graph_step.py): the CPU's share of the layer's missed experts. The routing
- *   and the activations arrive in pinned memory by copies earlier in the stream; for each of the token's K
- *   experts that is not resident, intermediate units [k, I) are computed here (gate and up rows [k, I) and
- *   [I + k, 2I), SiLU, the down projection's columns [k, I)) and summed with their routing weights into y;
- *   units [0, k) are the GPU's, read in place from the same pinned weights.
+ * - toolkit_host_share (benchmarks/graph_step.py, from toolkit/moe/host_share.c, included below): the CPU's share
+ *   of the layer's missed experts, as the engine's captured decode passes compute it.
  *
  * bf16 in and out, sums in float32, SiLU rounded to bf16 before the product as torch rounds it. Each linear layer
  * goes through the toolkit's CPU kernel (toolkit/moe/cpu_gemv.c, its entry point passed in as ``lin``). Built by
  * host_functions.py with the machine's compiler (-O3 -march=native -fopenmp). */
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-#include <time.h>
-
-typedef int (*linear_fn)(const uint16_t *, int64_t, int64_t, int64_t, const uint16_t *, int64_t, int64_t,
-                         uint16_t *, int64_t, int, int);
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; the values are finite */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static double seconds(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-/* acc [D] += w * (intermediate units [k, I) of the expert gu [2I, D], dn [D, I] at the token x [D]).
- * Scratch: h [2 (I - k)], act [I - k], yk [D]. */
-static void expert_units(linear_fn lin, const uint16_t *x, const uint16_t *gu, const uint16_t *dn, int64_t D,
-                         int64_t I, int64_t k, float w, uint16_t *h, uint16_t *act, uint16_t *yk, float *acc,
-                         int threads) {
-    const int64_t n = I - k;
-    if (k == 0) {
-        lin(x, 1, D, D, gu, 2 * I, D, h, 2 * I, threads, 0); /* gate and up rows lie together: one pass */
-    } else {
-        lin(x, 1, D, D, gu + k * D, n, D, h, n, threads, 0);           /* gate rows [k, I) */
-        lin(x, 1, D, D, gu + (I + k) * D, n, D, h + n, n, threads, 0); /* up rows [I + k, 2I) */
-    }
-    for (int64_t i = 0; i < n; ++i) {
-        const float g = bf16_to_f32(h[i]), u = bf16_to_f32(h[n + i]);
-        act[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(g / (1.f + expf(-g)))) * u);
-    }
-    lin(act, 1, n, n, dn + k, D, I, yk, D, threads, 0); /* down columns [k, I) */
-    for (int64_t d = 0; d < D; ++d) acc[d] += w * bf16_to_f32(yk[d]);
-}
+/* bf16 conversions, seconds(), expert_units() and the share function: the toolkit's (the engine's captured passes) */
+#include "../toolkit/moe/host_share.c"
 
 #define MAX_EXPERTS 8
 typedef struct {
@@ -86,43 +38,6 @@ void host_nodes_layer(void *arg) {
         expert_units(j->lin, j->x, j->gate_up[e], j->down[e], j->D, j->I, 0, 0.5f, j->h, j->act, j->yk, j->acc,
                      j->threads);
     for (int64_t d = 0; d < j->D; ++d) j->y[d] = f32_to_bf16(j->acc[d]);
-    j->busy_s += seconds() - t0;
-    j->calls += 1;
-}
-
-typedef struct {
-    linear_fn lin;           /* toolkit_linear_bf16_path */
-    const int64_t *sel;      /* [K] the token's experts (pinned) */
-    const uint16_t *wts;     /* [K] their routing weights, bf16 (pinned) */
-    const uint16_t *x;       /* [D] the token's activations, bf16 (pinned) */
-    const uint8_t *resident; /* [E] 1: the GPU computes all of that expert */
-    const uint16_t *gate_up; /* [E, 2I, D] the layer's experts in host memory */
-    const uint16_t *down;    /* [E, D, I] */
-    int64_t K, E, D, I, k;   /* k: units [0, k) of a missed expert are the GPU's; read when the node runs */
-    uint16_t *h;             /* [2 (I - k)] scratch */
-    uint16_t *act;           /* [I - k] scratch */
-    uint16_t *yk;            /* [D] scratch */
-    float *acc;              /* [D] scratch */
-    uint16_t *y;             /* [D] the CPU's sum, bf16 (pinned: copied to the GPU after this node) */
-    int threads;
-    double busy_s;   /* seconds spent in here, summed over calls */
-    int64_t calls;   /* calls */
-    int64_t experts; /* missed experts whose share was computed, summed over calls */
-} share_job;
-
-void graph_step_cpu_share(void *arg) {
-    share_job *j = (share_job *)arg;
-    const double t0 = seconds();
-    const int64_t D = j->D, I = j->I;
-    for (int64_t d = 0; d < D; ++d) j->acc[d] = 0.f;
-    for (int64_t s = 0; s < j->K; ++s) {
-        const int64_t e = j->sel[s];
-        if (e < 0 || e >= j->E || j->resident[e] || j->k >= I) continue;
-        expert_units(j->lin, j->x, j->gate_up + e * 2 * I * D, j->down + e * D * I, D, I, j->k,
-                     bf16_to_f32(j->wts[s]), j->h, j->act, j->yk, j->acc, j->threads);
-        j->experts += 1;
-    }
-    for (int64_t d = 0; d < D; ++d) j->y[d] = f32_to_bf16(j->acc[d]);
     j->busy_s += seconds() - t0;
     j->calls += 1;
 }

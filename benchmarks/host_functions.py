@@ -3,8 +3,9 @@
 
 ``host_functions.c`` beside this module holds the functions; ``library()`` builds it the way the toolkit builds
 its CPU kernel (``toolkit.moe.cpu_gemv``: the machine's compiler, once per source, compiler and CPU, into the
-toolkit's cache) and loads it. Each function takes one job, a C struct mirrored here (``LayerJob``,
-``ShareJob``), whose buffers the caller keeps alive. ``launch`` queues a function on a CUDA stream
+toolkit's cache) and loads it. Each function takes one job, a C struct whose buffers the caller keeps alive:
+``LayerJob`` here, and for ``toolkit_host_share`` (the toolkit's, included by the C source)
+``toolkit.moe.graph_pass.ShareJob``. ``launch`` queues a function on a CUDA stream
 (``cuLaunchHostFunc``); under stream capture it becomes a host node of the graph. ``HostPointer`` hands a
 pinned host tensor to a Triton kernel, which then reads it in place.
 """
@@ -31,27 +32,17 @@ class LayerJob(ctypes.Structure):
                 ("busy_s", ctypes.c_double), ("calls", ctypes.c_int64)]
 
 
-class ShareJob(ctypes.Structure):
-    """The C source's ``share_job`` (``graph_step_cpu_share``)."""
-
-    _fields_ = [("lin", ctypes.c_void_p), ("sel", ctypes.c_void_p), ("wts", ctypes.c_void_p), ("x", ctypes.c_void_p),
-                ("resident", ctypes.c_void_p), ("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p),
-                ("K", ctypes.c_int64), ("E", ctypes.c_int64), ("D", ctypes.c_int64), ("I", ctypes.c_int64),
-                ("k", ctypes.c_int64), ("h", ctypes.c_void_p), ("act", ctypes.c_void_p), ("yk", ctypes.c_void_p),
-                ("acc", ctypes.c_void_p), ("y", ctypes.c_void_p), ("threads", ctypes.c_int),
-                ("busy_s", ctypes.c_double), ("calls", ctypes.c_int64), ("experts", ctypes.c_int64)]
-
-
 @functools.cache
 def library() -> ctypes.CDLL:
     """``host_functions.c`` built for this machine and loaded, its functions' argument types declared."""
+    from toolkit.moe import graph_pass
     from toolkit.moe.cpu_gemv import build_source
 
-    built = build_source(SOURCE)
+    built = build_source(SOURCE, depends=(graph_pass.SOURCE,))
     if isinstance(built, str):
         raise ToolkitError(f"the host functions cannot be built: {built}")
     lib = ctypes.CDLL(str(built))
-    for fn in (lib.host_nodes_layer, lib.graph_step_cpu_share):
+    for fn in (lib.host_nodes_layer, lib.toolkit_host_share):
         fn.argtypes, fn.restype = [ctypes.c_void_p], None
     return lib
 

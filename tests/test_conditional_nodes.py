@@ -3,14 +3,13 @@ exactly when its condition, set on the GPU in that replay, holds; the host-side 
 
 import pytest
 import torch
-from benchmark_scripts import load_benchmark
 
-gs = load_benchmark("graph_step")
+from toolkit.moe import conditional as cn
 
 
 def test_outside_a_capture_the_conditions_are_read_on_the_host():
     ran = []
-    run = gs.conditional(torch.tensor([[True, False], [False, True]]))
+    run = cn.conditional(torch.tensor([[True, False], [False, True]]))
     for i in range(4):
         run(i, lambda i=i: ran.append(i))
     assert ran == [0, 3]
@@ -20,8 +19,6 @@ def test_the_driver_structs_have_the_c_layout():
     """``CUgraphNodeParams`` is 256 bytes with its union at byte 16; ``CUDA_CONDITIONAL_NODE_PARAMS`` is handle,
     type, size, the body graphs' pointer and the context (cuda.h, CUDA 12.4+)."""
     import ctypes
-
-    from toolkit.moe import conditional as cn
 
     assert ctypes.sizeof(cn._NodeParams) == 256 and cn._NodeParams.u.offset == 16
     c = cn._ConditionalParams
@@ -34,9 +31,7 @@ def test_the_driver_structs_have_the_c_layout():
 def test_bodies_run_on_a_replay_exactly_where_their_condition_holds():
     """Four conditional copies from pinned host memory and one conditional kernel, their conditions computed in
     the graph from an input; replayed with new inputs, each destination changes only where its condition held."""
-    from toolkit.moe import conditional as conditional_nodes
-
-    conditional_nodes.prepare()  # the kernel compiled and the bodies' stream made before the capture
+    cn.prepare()  # the kernel compiled and the bodies' stream made before the capture
     n = 4
     src = torch.arange(n * 1024, dtype=torch.float32).reshape(n, 1024).pin_memory()
     dst = torch.zeros(n, 1024, device="cuda")
@@ -45,7 +40,7 @@ def test_bodies_run_on_a_replay_exactly_where_their_condition_holds():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         conditions = picked == torch.arange(n, device="cuda")
-        run = gs.conditional(conditions)
+        run = cn.conditional(conditions)
         for i in range(n):
             def body(i=i):
                 dst[i].copy_(src[i], non_blocking=True)

@@ -50,14 +50,6 @@ def test_a_strided_copy_on_the_cpu_copies_the_view_and_refuses_other_shapes():
         conditional.copy_2d(dst.t()[:4], src.t()[:4])  # not unit stride in the last dimension
 
 
-def test_outside_a_capture_the_conditions_are_read_on_the_host():
-    ran = []
-    run = conditional.conditional(torch.tensor([[True, False], [False, True]]))
-    for i in range(4):
-        run(i, lambda i=i: ran.append(i))
-    assert ran == [0, 3]
-
-
 @needs_kernel
 def test_generate_gives_the_per_layer_engines_tokens_hits_and_one_graph_a_step(model):
     ids, mask = random_prompts(model.config.vocab_size, [6], seed=1)

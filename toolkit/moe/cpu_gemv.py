@@ -98,18 +98,20 @@ def _build_dir() -> Path:
     return folder
 
 
-def _build(march: str = "native", defines: tuple[str, ...] = (), source: Path | None = None) -> Path | str:
+def _build(march: str = "native", defines: tuple[str, ...] = (), source: Path | None = None,
+           depends: tuple[Path, ...] = ()) -> Path | str:
     """The kernel compiled for ``-march=<march>`` (once per source, compiler, flags and CPU): its path, or why not.
 
     The engine builds for the machine it runs on ("native"); the tests also build the AVX2 and plain-C paths,
     and the AMX blocking over plain-C tiles (``defines=("TOOLKIT_AMX_EMULATE",)``). ``source``: another C
-    file built the same way (default: the kernel's), e.g. the benchmarks' host functions that call the kernel.
+    file built the same way (default: the kernel's), e.g. the benchmarks' host functions that call the kernel;
+    ``depends``: files it includes, whose text keys the build too.
     """
     source = SOURCE if source is None else Path(source)
     cc = _compiler()
     if cc is None:
         return f"no C compiler ({os.environ.get('CC') or 'cc'} or gcc) on PATH"
-    text = source.read_bytes()
+    text = b"\0".join([source.read_bytes(), *(Path(d).read_bytes() for d in depends)])
     flags = ["-O3", f"-march={march}", *(f"-D{d}" for d in defines), "-fopenmp", "-shared", "-fPIC"]
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
@@ -165,10 +167,11 @@ def entry_point() -> int:
     return ctypes.cast(_library(), ctypes.c_void_p).value
 
 
-def build_source(source: Path) -> Path | str:
+def build_source(source: Path, depends: tuple[Path, ...] = ()) -> Path | str:
     """Another C file that calls the kernel built as the kernel is (the machine's compiler, ``-O3
-    -march=native -fopenmp``, once per source, compiler and CPU, into the toolkit cache): its path, or why not."""
-    return _build(source=source)
+    -march=native -fopenmp``, once per source, the files it includes (``depends``), compiler and CPU, into the
+    toolkit cache): its path, or why not."""
+    return _build(source=source, depends=tuple(depends))
 
 
 def why_not() -> str | None:

@@ -37,6 +37,26 @@ static double seconds(void) {
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
+/* acc [D] += w * (intermediate units [k, I) of the expert gu [2I, D], dn [D, I] at the token x [D]).
+ * Scratch: h [2 (I - k)], act [I - k], yk [D]. */
+static void expert_units(linear_fn lin, const uint16_t *x, const uint16_t *gu, const uint16_t *dn, int64_t D,
+                         int64_t I, int64_t k, float w, uint16_t *h, uint16_t *act, uint16_t *yk, float *acc,
+                         int threads) {
+    const int64_t n = I - k;
+    if (k == 0) {
+        lin(x, 1, D, D, gu, 2 * I, D, h, 2 * I, threads, 0); /* gate and up rows lie together: one pass */
+    } else {
+        lin(x, 1, D, D, gu + k * D, n, D, h, n, threads, 0);           /* gate rows [k, I) */
+        lin(x, 1, D, D, gu + (I + k) * D, n, D, h + n, n, threads, 0); /* up rows [I + k, 2I) */
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        const float g = bf16_to_f32(h[i]), u = bf16_to_f32(h[n + i]);
+        act[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(g / (1.f + expf(-g)))) * u);
+    }
+    lin(act, 1, n, n, dn + k, D, I, yk, D, threads, 0); /* down columns [k, I) */
+    for (int64_t d = 0; d < D; ++d) acc[d] += w * bf16_to_f32(yk[d]);
+}
+
 typedef struct {
     linear_fn lin;           /* toolkit_linear_bf16_path */
     const int64_t *sel;      /* [K] the token's experts (pinned) */
@@ -60,27 +80,15 @@ typedef struct {
 void toolkit_host_share(void *arg) {
     share_job *j = (share_job *)arg;
     const double t0 = seconds();
-    const int64_t D = j->D, I = j->I, k = j->k, n = I - k;
+    const int64_t D = j->D, I = j->I, k = j->k;
     for (int64_t d = 0; d < D; ++d) j->acc[d] = 0.f;
     for (int64_t s = 0; s < j->K; ++s) {
         const int64_t e = j->sel[s];
         if (e < 0 || e >= j->E || j->resident[e]) continue;
         j->experts += 1;
-        if (n <= 0) continue; /* the GPU computes all of it */
-        const uint16_t *gu = j->gate_up + e * 2 * I * D, *dn = j->down + e * D * I;
-        if (k == 0) {
-            j->lin(j->x, 1, D, D, gu, 2 * I, D, j->h, 2 * I, j->threads, 0); /* gate and up rows lie together */
-        } else {
-            j->lin(j->x, 1, D, D, gu + k * D, n, D, j->h, n, j->threads, 0);           /* gate rows [k, I) */
-            j->lin(j->x, 1, D, D, gu + (I + k) * D, n, D, j->h + n, n, j->threads, 0); /* up rows [I + k, 2I) */
-        }
-        for (int64_t i = 0; i < n; ++i) {
-            const float g = bf16_to_f32(j->h[i]), u = bf16_to_f32(j->h[n + i]);
-            j->act[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(g / (1.f + expf(-g)))) * u);
-        }
-        j->lin(j->act, 1, n, n, dn + k, D, I, j->yk, D, j->threads, 0); /* down columns [k, I) */
-        const float w = j->wts[s];
-        for (int64_t d = 0; d < D; ++d) j->acc[d] += w * bf16_to_f32(j->yk[d]);
+        if (k < I)  /* else the GPU computes all of it */
+            expert_units(j->lin, j->x, j->gate_up + e * 2 * I * D, j->down + e * D * I, D, I, k, j->wts[s], j->h,
+                         j->act, j->yk, j->acc, j->threads);
     }
     for (int64_t d = 0; d < D; ++d) j->y[d] = f32_to_bf16(j->acc[d]);
     j->busy_s += seconds() - t0;

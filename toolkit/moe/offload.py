@@ -1912,12 +1912,13 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     dtype = first.gate_up_proj.dtype
     if copy_slots < 1:
         raise ToolkitError(f"copy_slots must be >= 1, got {copy_slots}")
-    top_k = {getattr(b.gate, "top_k", None) or getattr(b, "top_k", None) for b in blocks}
-    if graph_misses and len(top_k) == 1 and isinstance(k := top_k.pop(), int) and k > copy_slots:
-        copy_slots = k  # a captured pass stages each of a token's missed experts in a slot of its own
     if decision not in DECISIONS:
         raise ToolkitError(f"decision must be one of {', '.join(DECISIONS)}, got {decision!r}")
     devices = _several_devices(devices, device)
+    top_k = {getattr(b.gate, "top_k", None) or getattr(b, "top_k", None) for b in blocks}
+    if (graph_misses and devices is None and decision == "makespan" and not serial and len(top_k) == 1
+            and isinstance(k := top_k.pop(), int) and k > copy_slots):
+        copy_slots = k  # a captured pass stages each of a token's missed experts in a slot of its own
     gpu_experts = _budget(gpu_experts, n_layers, n_experts)
     policy, resident = _initial_residency(placement, policy, gpu_experts, n_layers, n_experts)
     if gpu_experts is None:
