@@ -39,6 +39,12 @@
 # the model's norms and each pass's experts run as fused Triton kernels (`offload(fused=False)`
 # is the ablation): an H200 decoded 312.6-333.2 tokens/s at 8 layers, 53-56% of its HBM roofline
 # and 3.0x transformers' eager `generate`, and 96.9 at 32 layers (3.38x).
+# With some experts missing, a batch-1 decode step under a static placement is one graph as well
+# (`toolkit.moe.graph_pass`): each missed expert is split, part copied to the GPU by conditional
+# nodes of the graph, the rest computed on the CPU by a host function, at the share where both end
+# together on this machine's measured rates. An H200 decoded 22.9-24.7 tokens/s at 14 of 64 experts,
+# 80-81% of the host-memory roofline and 1.18x the per-layer path (`offload(graph_misses=False)`),
+# and the whole 32-layer model at 5.91 tokens/s, 78% of its roofline.
 
 # %%
 # %matplotlib inline
@@ -170,7 +176,12 @@ notebook.show(notebook.recorded_figures("profile_cases"))
 # waits for its routing, plans, runs its CPU experts and hands their results back before the next layer
 # can start. `benchmarks/decode_timeline.py` has the engine mark those moments (`toolkit.moe.timeline`)
 # and splits a step into per-layer segments for each CPU-expert schedule: about three quarters of a step is
-# the CPU experts, most of the rest is host work around them, which no schedule hides.
+# the CPU experts, most of the rest is host work around them, which no schedule hides. A decode step
+# captured whole has none of it; the engine then takes that path at batch 1 (the figure after the
+# timeline compares the two on one host).
 
 # %%
 notebook.show(notebook.recorded_figures("decode_timeline_h200"))
+
+# %%
+notebook.show(notebook.recorded_figures("moe_decode_h200_captured"))

@@ -208,8 +208,10 @@ def write_fake_recordings(gpu_dir):
     runs += [{"kind": "sweep", "scheme": "ours", "routing": "trace", "budget": k, "decode": dec(10.0 + k, 15.0, k / 64),
               "prefill": {"ms": 500.0 - k}} for k in (0, 32, 64)]
     runs += [{"kind": "compare", "scheme": "copy-on-demand", "routing": "trace", "budget": 14, "skipped": "time"}]
+    runs += [{"kind": "ablation", "scheme": s, "routing": "uniform", "budget": 14, "decode": dec(t, 35.0, 0.23)}
+             for s, t in (("ours-default", 22.9), ("ours-per-layer", 19.3))]
     for name in ("moe_decode.json", "moe_decode_h200.json", "moe_decode_h200_full.json",
-                 "moe_decode_h200_fused_second_host.json"):
+                 "moe_decode_h200_fused_second_host.json", "moe_decode_h200_captured.json"):
         save_json({"provenance": GPU_ENV, "settings": {"total_experts": 64}, "runs": runs}, gpu_dir / name)
 
     def measure(key, value, bound_ms, spread):
@@ -292,7 +294,8 @@ def test_multi_gpu_recording_judges_decode_and_prefill_apart(tmp_path):
 def test_recorded_readers_rebuild_frames_from_the_benchmark_files(tmp_path):
     rec = recorded.recorded_results(write_fake_recordings(tmp_path))
     assert sorted(rec) == ["batch_search", "cpu_gemv_h200_amx", "decode_timeline_h200", "moe_decode", "moe_decode_h200",
-                           "moe_decode_h200_full", "moe_decode_h200_fused_second_host", "moe_engine", "moe_multi_gpu",
+                           "moe_decode_h200_captured", "moe_decode_h200_full", "moe_decode_h200_fused_second_host",
+                           "moe_engine", "moe_multi_gpu",
                            "profile_cases", "timer_agreement"]
     audit = recorded.recorded_pitfalls(rec["timer_agreement"])
     assert audit.attrs["correct"].median_ms == 2.0 and list(audit["pitfall"])[0] == "copy_in_timed_region"

@@ -155,6 +155,16 @@ def _all_resident(doc):
                                                 f"generate (hf-eager)\n{_moe_setup(doc)}")
 
 
+def _captured(doc):
+    frame = recorded_moe_schemes(doc, "ablation")
+    if not len(frame):
+        return None
+    s = (doc or {}).get("settings") or {}
+    return plots.scheme_comparison(frame, title=f"{s.get('budget', '?')} of {s.get('total_experts', '?')} experts "
+                                                f"on the GPU, decode steps\ncaptured whole (ours-default) "
+                                                f"or layer by layer (ours-per-layer)\n{_moe_setup(doc)}")
+
+
 def _multi_gpu(doc, measure: str = "decode"):
     frame = recorded_multi_gpu(doc, measure)
     if not len(frame):
@@ -275,6 +285,10 @@ PAPER_FIGURES = [
                 "Every expert of 8 Mixtral-8x7B layers resident (batch 1): decode tokens/s of the engine with its "
                 "fused Triton kernels and with torch's ops, and of transformers' eager generate on the unmodified "
                 "model, each with its HBM roofline bound; a run whose decode rounds disagree is excluded and named."),
+    PaperFigure("gpu_moe_captured", "gpu/moe_decode_h200_captured.json", _captured,
+                "14 of 64 experts of 8 Mixtral-8x7B layers on the GPU (batch 1, uniform routing): decode tokens/s "
+                "with each decode step captured whole (missed experts split between conditional copies and a CPU "
+                "host function) and with the per-layer path, 3 alternating rounds, each with its roofline bound."),
     PaperFigure("gpu_moe_multi_gpu_decode", "gpu/moe_multi_gpu.json", _multi_gpu,
                 "Decode tokens/s with the resident experts on one GPU or spread over two at the same per-GPU budget, "
                 "with each run's roofline bound; a run whose decode rounds disagree is excluded and named."),
