@@ -306,3 +306,18 @@ def test_the_cli_line_says_when_the_split_was_balanced():
                                             "experts_measured": 200, "share": 0.502, "units": 6848}}, 8)
     assert "split balanced on the rates measured in this run (a whole expert 6.60 ms on the CPU" in line
     assert "the calibration's split was [0, 6000))" in line
+
+
+@needs_kernel
+def test_a_session_does_not_race_schedules_that_captured_decode_steps_do_not_take():
+    from toolkit.moe.run import MoESession, MoESettings
+
+    s = MoESettings(preset="tiny-mixtral", dtype="bfloat16", gpu_experts=5, device="cpu", routing="model",
+                    new_tokens=4, warmup_tokens=2)
+    with MoESession(s) as session:  # on a CPU the session keeps graphs off: an engine with them, on its model
+        engine = offload(session.model, gpu_experts=5, device="cpu", cost_model=CM, graphs=True)
+        assert engine.graph_misses_dict()["layers"] == 2
+        choice = session.choose_schedule(engine)
+        assert not choice.measured and "captured whole at batch 1" in choice.reason
+        assert not session.choose_schedule(engine, beams=2).reason.startswith("not measured: decode steps")
+        engine.restore()

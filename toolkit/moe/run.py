@@ -719,7 +719,10 @@ class MoESession:
         alternating; a set name, a peer scheme, a CPU device or no warm-up keep the
         engine's schedule unmeasured, and the record says why. ``scheme``: the
         engine's scheme name (default: the settings'). ``on_generation("warm-up",
-        generations done, False)`` after each measured generation.
+        generations done, False)`` after each measured generation. Batch-1 greedy
+        or sampled decoding on an engine whose decode passes are captured whole
+        (``Offloaded.graph_misses_dict``) is not measured either: the schedules
+        are the per-layer path's, which those steps do not take.
         """
         from .generation import generate
         from .schedule import (
@@ -737,6 +740,10 @@ class MoESession:
         current = schedule_name(engine.options)
         if requested != "auto":
             return ScheduleChoice.fixed(current, f"set by schedule={requested!r}")
+        if (getattr(engine, "graph_misses_dict", dict)().get("layers") and s.batch_size == 1
+                and (beams or s.beams) == 1):
+            return ScheduleChoice.fixed(current, "not measured: decode steps are captured whole at batch 1 "
+                                                 "(toolkit.moe.graph_pass), which no schedule changes")
         all_resident = engine.gpu_experts >= engine.n_layers * engine.n_experts
         candidates, reason = schedule_candidates(scheme, engine.options, engine.device.type, all_resident)
         n = s.warmup_length(new_tokens)
