@@ -110,9 +110,10 @@ class GraphPass:
     """One layer's one-token decode passes with nothing on the host (see the module's docstring).
 
     ``mod``: the layer's ``OffloadedExperts`` (its host weights, pinned); ``pool``: (gate_up [P, 2I, D],
-    down [P, D, I]) on the device, the layer's resident expert e at ``pos[e]`` and the K staging slots at rows
-    ``slots[0] .. slots[0] + K - 1``; ``resident``: bool [E]; ``k``: the GPU's units of a missed expert;
-    ``counters``: the engine's device counts for this pass's phase are passed at each call.
+    down [P, D, I]) on the device, the layer's resident expert e at row ``pos[e]`` (-1: not resident) and the
+    token's K staging slots at rows ``first_slot .. first_slot + K - 1``; ``resident``: bool [E]; ``k``: the
+    GPU's units of a missed expert; ``threads``: the host function's CPU threads. A call takes the engine's
+    device counts of the pass's phase.
     """
 
     def __init__(self, mod, pool: tuple[torch.Tensor, torch.Tensor], pos: np.ndarray, first_slot: int, top_k: int,

@@ -559,8 +559,7 @@ class OffloadedExperts(nn.Module):
         # one-token decode passes with nothing on the host (``toolkit.moe.graph_pass``), set up by the engine
         self.graph_pass: graph_pass.GraphPass | None = None
         dev = engine.device
-        if (engine.options.sync_free and tiers is None and bool(np.all(resident))
-                and getattr(engine.policy, "static", False) and grouped_mm_usable(dev, host_gate_up.dtype)):
+        if engine._stacked_layer(resident, host_gate_up.dtype):
             if dev.type == "cpu":
                 self.stacked = (host_gate_up, host_down)
             else:
@@ -1262,7 +1261,8 @@ class Offloaded:
         return int(k) if isinstance(k, int) and k > 0 else None
 
     def _stacked_layer(self, resident_row: np.ndarray, dtype: torch.dtype) -> bool:
-        """Whether a layer with this residency keeps every expert stacked and runs sync-free (``OffloadedExperts``)."""
+        """Whether a layer with this residency keeps every expert stacked and runs sync-free (``OffloadedExperts``):
+        every expert resident for good (a static placement) on the one device, where grouped_mm runs."""
         return (self.options.sync_free and not self.spread and bool(np.all(resident_row))
                 and getattr(self.policy, "static", False) and grouped_mm_usable(self.device, dtype))
 
@@ -1286,10 +1286,11 @@ class Offloaded:
             return "the replayed routing is read on the host"
         if all(self._stacked_layer(row, first.gate_up_proj.dtype) for row in resident):
             return "every expert resident"
-        if self._top_k(blocks) is None:
+        top_k = self._top_k(blocks)
+        if top_k is None:
             return "the router does not say its experts per token (top_k)"
-        if self._top_k(blocks) > self.copy_slots:
-            return f"{self._top_k(blocks)} experts a token need as many staging slots, not {self.copy_slots}"
+        if top_k > self.copy_slots:
+            return f"{top_k} experts a token need as many staging slots, not {self.copy_slots}"
         return graph_pass.why_not(self.device, first.gate_up_proj.dtype, first.act_fn)
 
     def _make_pool(self, blocks, resident: np.ndarray) -> None:
