@@ -49,6 +49,11 @@ def test_a_missing_recording_is_one_line_naming_the_file_and_its_benchmark(tmp_p
     (tmp_path / "gpu" / "batch_search.json").write_text("{not json")
     broken = notebook.recorded_figures("batch_search", tmp_path)
     assert len(broken) == 1 and "No GPU recording is present" in broken[0] and "batch_search.json" in broken[0]
+    # a recording named after its host or variant names the benchmark that wrote it
+    assert "`PYTHONPATH=. python benchmarks/moe_decode.py`" in notebook.recorded_figures("moe_decode_h200_captured",
+                                                                                       tmp_path)[0]
+    assert notebook.benchmark_for("decode_timeline_h200") == "decode_timeline"
+    assert notebook.benchmark_for("no_such_thing") == "no_such_thing"
 
 
 def test_a_recording_without_data_for_a_figure_says_so(tmp_path):

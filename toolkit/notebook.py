@@ -61,11 +61,23 @@ class Note(str):
         return str(self)
 
 
+def benchmark_for(name: str, benchmarks: Path | None = None) -> str:
+    """The benchmark script that records ``data/gpu/<name>.json``: the longest leading part of the name, cut at
+    an underscore, that names a script in ``benchmarks`` (default: the repository's), e.g. moe_decode for
+    moe_decode_h200_captured; the name itself where none does."""
+    folder = benchmarks if benchmarks is not None else Path(__file__).resolve().parent.parent / "benchmarks"
+    parts = name.split("_")
+    for n in range(len(parts), 0, -1):
+        if (folder / f"{'_'.join(parts[:n])}.py").is_file():
+            return "_".join(parts[:n])
+    return name
+
+
 def missing_recording(name: str, problem: str | None = None) -> Note:
     """'No GPU recording is present: ...' naming the file and the benchmark that records it."""
     why = problem or f"data/gpu/{name}.json is not present"
-    return Note(f"No GPU recording is present: {why}. `PYTHONPATH=. python benchmarks/{name}.py` on a GPU machine "
-                "records it (`bash benchmarks/run_gpu.sh` records them all).")
+    return Note(f"No GPU recording is present: {why}. `PYTHONPATH=. python benchmarks/{benchmark_for(name)}.py` on "
+                "a GPU machine records it (`bash benchmarks/run_gpu.sh` records them all).")
 
 
 def paper_figure_items(rows: Iterable[dict]) -> list:
@@ -124,5 +136,5 @@ def show(*items, display: Callable | None = None) -> None:
             display(item)
 
 
-__all__ = ["NotebookSetup", "setup", "figures_folder", "Note", "missing_recording", "paper_figure_items",
+__all__ = ["NotebookSetup", "setup", "figures_folder", "Note", "benchmark_for", "missing_recording", "paper_figure_items",
            "recorded_figures", "show"]
