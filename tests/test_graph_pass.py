@@ -321,3 +321,20 @@ def test_a_session_does_not_race_schedules_that_captured_decode_steps_do_not_tak
         assert not choice.measured and "captured whole at batch 1" in choice.reason
         assert not session.choose_schedule(engine, beams=2).reason.startswith("not measured: decode steps")
         engine.restore()
+
+
+def test_pass_kernels_that_do_not_run_here_are_found_when_the_engine_is_built(interpreted, monkeypatch):
+    device = torch.device("cpu")  # the interpreter runs the kernels on CPU tensors
+    graph_pass.kernels_fail.cache_clear()
+    try:
+        assert graph_pass.kernels_fail(device) is None
+        graph_pass.kernels_fail.cache_clear()
+
+        def fails(*a, **kw):
+            raise RuntimeError("no compiler for this GPU")
+
+        monkeypatch.setattr(gemv, "expert_down", fails)
+        assert graph_pass.kernels_fail(device) == "the pass kernels do not run here: RuntimeError: no compiler for " \
+                                                  "this GPU"
+    finally:
+        graph_pass.kernels_fail.cache_clear()

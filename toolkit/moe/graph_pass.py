@@ -87,6 +87,9 @@ def why_not(device: torch.device, dtype: torch.dtype, act_fn) -> str | None:
     if device.type == "cuda":
         if not gemv.usable(device, 1):
             return f"the expert GEMV does not run here ({gemv.broken or 'no Triton'})"
+        failed = kernels_fail(device)
+        if failed:
+            return failed
         try:
             conditional.prepare()
         except (ToolkitError, OSError, AttributeError) as e:
@@ -95,6 +98,26 @@ def why_not(device: torch.device, dtype: torch.dtype, act_fn) -> str | None:
         return f"a {device.type} device"
     lib = _library()
     return lib if isinstance(lib, str) else None
+
+
+@functools.cache
+def kernels_fail(device: torch.device) -> str | None:
+    """Why the pass kernels with per-row units do not run on ``device``, or None: both run once on tiny bf16
+    tensors, so a Triton that cannot compile them for this GPU is found when an engine is built, not inside the
+    first capture of a decode step."""
+    try:
+        x = torch.ones(1, 64, dtype=torch.bfloat16, device=device)
+        index = torch.zeros(2, dtype=torch.int64, device=device)
+        units = torch.full((2,), 16, dtype=torch.int32, device=device)
+        a = gemv.expert_gate_up_act(x, index, torch.ones(1, 64, 64, dtype=torch.bfloat16, device=device), per_x=2,
+                                    units=units)
+        gemv.expert_down(a, index, torch.ones(1, 64, 32, dtype=torch.bfloat16, device=device),
+                         torch.ones(1, 2, device=device), units=units)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as e:  # a compiler error of any kind: the per-layer path serves these passes
+        return f"the pass kernels do not run here: {type(e).__name__}: {e}"
+    return None
 
 
 def share_units(share: float, inter: int, block: int = UNIT_BLOCK) -> int:
