@@ -33,41 +33,33 @@ import numpy as np
 import torch
 
 from toolkit.errors import ToolkitError
-from toolkit.moe import conditional, cpu_gemv, graph_pass
+from toolkit.moe import conditional, graph_pass
 from toolkit.results import provenance, save_json
 
 D, INTER, E, K = 4096, 14336, 8, 2  # Mixtral-8x7B: one layer's experts, top-2
 SHARE_UNITS = 6000  # the GPU's units of a missed expert (the calibration's split on an H200 host, 0.42)
 
 
-def job(gate_up, down, threads: int, k: int):
-    """A host function's job over the layer's experts (every one missed), its buffers kept alive with it."""
-    keep = dict(sel=torch.zeros(K, dtype=torch.int64, pin_memory=True), w=torch.full((K,), 0.5, pin_memory=True),
-                x=torch.randn(D).to(torch.bfloat16).pin_memory(), y=torch.zeros(D, dtype=torch.bfloat16, pin_memory=True),
-                res=torch.zeros(E, dtype=torch.uint8),
-                scratch=[torch.empty(2 * INTER, dtype=torch.bfloat16), torch.empty(INTER, dtype=torch.bfloat16),
-                         torch.empty(D, dtype=torch.bfloat16), torch.empty(D, dtype=torch.float32)])
-    j = graph_pass.ShareJob()
-    j.lin = cpu_gemv.entry_point()
-    j.sel, j.wts, j.x, j.y = (keep[n].data_ptr() for n in ("sel", "w", "x", "y"))
-    j.resident, j.gate_up, j.down = keep["res"].data_ptr(), gate_up.data_ptr(), down.data_ptr()
-    j.K, j.E, j.D, j.I, j.k = K, E, D, INTER, k
-    j.h, j.act, j.yk, j.acc = (t.data_ptr() for t in keep["scratch"])
-    j.threads = threads
-    return j, keep
+def job(gate_up, down, threads: int, k: int) -> graph_pass.HostShare:
+    """A host function's job over the layer's experts (every one missed), with its pinned buffers: weights 0.5,
+    a random token."""
+    share = graph_pass.HostShare(gate_up, down, np.zeros(E, dtype=bool), K, k, threads, pin=True)
+    share.w.fill_(0.5)
+    share.x.copy_(torch.randn(D).to(torch.bfloat16))
+    return share
 
 
 def timed(fn, jobs, reps: int = 12) -> dict:
     """ms a layer and GB/s of the shares' bytes: each call picks 2 other experts per layer."""
     ts = []
     for r in range(reps):
-        for _, keep in jobs:
-            keep["sel"][:] = torch.tensor([(2 * r) % E, (2 * r + 1) % E])
+        for share in jobs:
+            share.sel[:] = torch.tensor([(2 * r) % E, (2 * r + 1) % E])
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
     ms = float(np.median(ts[2:])) * 1e3 / len(jobs)
-    k = jobs[0][0].k
+    k = jobs[0].job.k
     return {"ms_per_layer": ms, "gbs": K * 3 * (INTER - k) * D * 2 / ms / 1e6}
 
 
@@ -100,11 +92,11 @@ def main(argv=None) -> int:
 
     for th in sorted({threads, cores, max(1, cores // 2)}):
         j = job(gate_up, down, th, SHARE_UNITS)
-        say(f"direct, {th} threads", timed(lambda j=j: lib.toolkit_host_share(ctypes.byref(j[0])), [j]))
+        say(f"direct, {th} threads", timed(lambda j=j: lib.toolkit_host_share(ctypes.byref(j.job)), [j]))
     j = job(gate_up, down, threads, SHARE_UNITS)
 
     def node():
-        conditional.launch_host_func(lib.toolkit_host_share, j[0])
+        conditional.launch_host_func(lib.toolkit_host_share, j.job)
         torch.cuda.synchronize()
 
     say("host node, eager", timed(node, [j]))
@@ -112,11 +104,11 @@ def main(argv=None) -> int:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for jj in jobs:
-            conditional.launch_host_func(lib.toolkit_host_share, jj[0])
+            conditional.launch_host_func(lib.toolkit_host_share, jj.job)
     step = lambda: (graph.replay(), torch.cuda.synchronize())  # noqa: E731
     say("graph of 8 host nodes", timed(step, jobs))
     whole = job(gate_up, down, threads, 0)
-    say("direct, whole experts (k = 0)", timed(lambda: lib.toolkit_host_share(ctypes.byref(whole[0])), [whole]))
+    say("direct, whole experts (k = 0)", timed(lambda: lib.toolkit_host_share(ctypes.byref(whole.job)), [whole]))
     dst = torch.empty(2 * INTER, D, dtype=torch.bfloat16, device="cuda")
     stream, stop = torch.cuda.Stream(), threading.Event()
 

@@ -65,7 +65,7 @@ from host_functions import HostPointer, kernel_entry, launch, library
 
 from toolkit.errors import ToolkitError
 from toolkit.moe import conditional as conditional_nodes
-from toolkit.moe.graph_pass import ShareJob
+from toolkit.moe.graph_pass import HostShare
 from toolkit.results import RunRecord, provenance
 
 HIDDEN, INTER, EXPERTS, TOP_K = 4096, 14336, 8, 2  # Mixtral-8x7B
@@ -232,26 +232,15 @@ class Layer:
         self.slot = slot.to(device)
         keep = ids if len(ids) else torch.zeros(1, dtype=torch.long)  # a kernel argument even with none resident
         self.dev_gate_up, self.dev_down = self.gate_up[keep].to(device), self.down[keep].to(device)
-        self.resident = torch.as_tensor(resident.astype(np.uint8))
         self.router = torch.randn(E, hidden, dtype=torch.bfloat16, device=device) * 0.05
         self.dense = torch.randn(DENSE_OUT, hidden, dtype=torch.bfloat16, device=device) * 0.01
         self.act = torch.empty(top_k, inter, dtype=torch.bfloat16, device=device)
         self.ys = torch.empty(top_k, hidden, dtype=torch.float32, device=device)
         self.y_cpu = torch.empty(hidden, dtype=torch.bfloat16, device=device)
-
-        def host(n, dtype):
-            return torch.zeros(n, dtype=dtype, pin_memory=pin)
-
-        self.sel_h, self.w_h, self.x_h, self.y_h = (host(top_k, torch.int64), host(top_k, torch.float32),
-                                                    host(hidden, torch.bfloat16), host(hidden, torch.bfloat16))
-        self.scratch = [torch.empty(2 * inter, dtype=torch.bfloat16), torch.empty(inter, dtype=torch.bfloat16),
-                        torch.empty(hidden, dtype=torch.bfloat16), torch.empty(hidden, dtype=torch.float32)]
-        j = self.job = ShareJob()  # the engine's job (toolkit.moe.graph_pass): routing weights in float32
-        j.lin, j.sel, j.wts, j.x = kernel_entry(), self.sel_h.data_ptr(), self.w_h.data_ptr(), self.x_h.data_ptr()
-        j.resident, j.gate_up, j.down = self.resident.data_ptr(), self.gate_up.data_ptr(), self.down.data_ptr()
-        j.K, j.E, j.D, j.I, j.k = top_k, E, hidden, inter, 0
-        j.h, j.act, j.yk, j.acc = (t.data_ptr() for t in self.scratch)
-        j.y, j.threads = self.y_h.data_ptr(), threads
+        # the host node's job and buffers, as the engine's captured passes have them (routing weights in float32)
+        share = HostShare(self.gate_up, self.down, resident, top_k, 0, threads, pin)
+        self.job, self.sel_h, self.w_h, self.x_h, self.y_h = share.job, share.sel, share.w, share.x, share.y
+        self.share = share
 
     def route(self, x: torch.Tensor):
         """x [1, D] -> (x after the stand-in dense op [1, D], the token's experts [K], their weights [K] bf16)."""

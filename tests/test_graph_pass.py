@@ -5,6 +5,7 @@ GPU's rows) inside the whole-step graph's stand-in (``EagerCapture``), so the en
 arithmetic of the split are checked here; the GPU tests at the end check the captured graph itself.
 """
 
+import functools
 import os
 
 import numpy as np
@@ -97,7 +98,7 @@ def test_a_pass_equals_the_whole_experts_within_bf16_rounding(model, resident):
             assert mod.graph_pass is None and mod.stacked is not None  # a sync-free layer, not a captured one
             return
         with torch.no_grad():
-            got = mod.graph_pass(hidden, index, weights, off.device_counts.t["decode"])
+            got = mod.graph_pass(hidden, index, weights, functools.partial(mod._count, phase="decode"))
         counts = off.device_counts.t["decode"][0, 0]
         assert counts[2] == 1 and counts[3] == 1 and int(counts.sum()) == 2
         assert mod.graph_pass.take_counts()[0] == sum(e not in resident for e in (2, 3))
@@ -113,7 +114,7 @@ def test_a_pass_refuses_more_than_one_token(model):
         gp = off.experts[0].graph_pass
         with pytest.raises(ToolkitError, match="one token"):
             gp(torch.zeros(2, model.config.hidden_size, dtype=torch.bfloat16), torch.zeros(2, 2, dtype=torch.long),
-               torch.zeros(2, 2), off.device_counts.t["decode"])
+               torch.zeros(2, 2), functools.partial(off.experts[0]._count, phase="decode"))
     finally:
         off.restore()
 

@@ -120,6 +120,41 @@ def kernels_fail(device: torch.device) -> str | None:
     return None
 
 
+class HostShare:
+    """One layer's host function job (``ShareJob``) with the buffers it reads and writes.
+
+    ``gate_up`` [E, 2I, D] and ``down`` [E, D, I]: the layer's experts in host memory, contiguous bf16;
+    ``resident``: bool [E], the experts the GPU computes whole; ``k``: the GPU's units of a missed expert (the
+    job's ``k`` may be moved later: the scratch holds every unit). In, written before the function runs:
+    ``sel`` [K] int64, the token's experts; ``w`` [K] float32, their weights; ``x`` [D] bf16, the token.
+    Out: ``y`` [D] bf16. Pinned where ``pin`` (copies of a CUDA stream write and read them).
+    """
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, resident, top_k: int, k: int, threads: int,
+                 pin: bool):
+        E, two_i, D = gate_up.shape
+        inter = two_i // 2
+        if gate_up.dtype != torch.bfloat16 or not (gate_up.is_contiguous() and down.is_contiguous()):
+            raise ToolkitError("the CPU's share reads the layer's host experts as contiguous bf16")
+
+        def host(n, dtype):
+            return torch.zeros(n, dtype=dtype, pin_memory=pin)
+
+        self.sel, self.w = host(top_k, torch.int64), host(top_k, torch.float32)
+        self.x, self.y = host(D, torch.bfloat16), host(D, torch.bfloat16)
+        self.resident = torch.as_tensor(np.asarray(resident, dtype=np.uint8))
+        self.scratch = [torch.empty(2 * inter, dtype=torch.bfloat16), torch.empty(inter, dtype=torch.bfloat16),
+                        torch.empty(D, dtype=torch.bfloat16), torch.empty(D, dtype=torch.float32)]
+        self.experts = (gate_up, down)  # kept alive with the job, which holds their addresses
+        j = self.job = ShareJob()
+        j.lin = cpu_gemv.entry_point()
+        j.sel, j.wts, j.x, j.y = (t.data_ptr() for t in (self.sel, self.w, self.x, self.y))
+        j.resident, j.gate_up, j.down = self.resident.data_ptr(), gate_up.data_ptr(), down.data_ptr()
+        j.K, j.E, j.D, j.I, j.k = top_k, E, D, inter, int(k)
+        j.h, j.act, j.yk, j.acc = (t.data_ptr() for t in self.scratch)
+        j.threads = int(threads)
+
+
 def share_units(share: float, inter: int, block: int = UNIT_BLOCK) -> int:
     """The GPU's units k of a missed expert for a share in [0, 1]: a whole number of ``block`` units, at most I."""
     if not 0 <= share <= 1:
@@ -135,8 +170,8 @@ class GraphPass:
     ``mod``: the layer's ``OffloadedExperts`` (its host weights, pinned); ``pool``: (gate_up [P, 2I, D],
     down [P, D, I]) on the device, the layer's resident expert e at row ``pos[e]`` (-1: not resident) and the
     token's K staging slots at rows ``first_slot .. first_slot + K - 1``; ``resident``: bool [E]; ``k``: the
-    GPU's units of a missed expert; ``threads``: the host function's CPU threads. A call takes the engine's
-    device counts of the pass's phase.
+    GPU's units of a missed expert; ``threads``: the host function's CPU threads. A call takes the function
+    that counts the pass (``_DeviceCounts.record_rows`` of its phase and layer).
     """
 
     def __init__(self, mod, pool: tuple[torch.Tensor, torch.Tensor], pos: np.ndarray, first_slot: int, top_k: int,
@@ -145,36 +180,17 @@ class GraphPass:
         self.mod, self.pool, self.k, self.top_k = mod, pool, int(k), int(top_k)
         self.first_slot = int(first_slot)
         self.inter, self.hidden = mod.intermediate, mod.host_gate_up.shape[2]
-        E = mod.n_experts
         self.missed_ids = [int(e) for e in np.flatnonzero(~resident)]
         self.missed_dev = torch.as_tensor(self.missed_ids or [-1], dtype=torch.int64, device=dev)
         self.pos = torch.as_tensor(pos, dtype=torch.int64, device=dev)  # [E] pool row, -1 where missed
         self.slot_rows = torch.arange(first_slot, first_slot + top_k, dtype=torch.int64, device=dev)  # [K]
         self.units_missed = torch.full((top_k,), self.k, dtype=torch.int32, device=dev)
         self.units_all = torch.full((top_k,), self.inter, dtype=torch.int32, device=dev)
-        pin = dev.type == "cuda"
-
-        def host(n, dtype):
-            return torch.zeros(n, dtype=dtype, pin_memory=pin)
-
-        self.sel_h, self.w_h = host(top_k, torch.int64), host(top_k, torch.float32)
-        self.x_h, self.y_h = host(self.hidden, torch.bfloat16), host(self.hidden, torch.bfloat16)
+        self.share = HostShare(mod.host_gate_up, mod.host_down, resident, top_k, self.k, threads,
+                               pin=dev.type == "cuda")
+        self.job = self.share.job
         self.y_dev = torch.zeros(1, self.hidden, dtype=torch.bfloat16, device=dev)
-        self.resident = torch.as_tensor(np.asarray(resident, dtype=np.uint8))
-        # sized for every unit on the CPU, so ``set_units`` may move the split anywhere
-        self.scratch = [torch.empty(2 * self.inter, dtype=torch.bfloat16), torch.empty(self.inter, dtype=torch.bfloat16),
-                        torch.empty(self.hidden, dtype=torch.bfloat16), torch.empty(self.hidden, dtype=torch.float32)]
         self._taken = (0, 0.0)  # the host function's (experts, seconds) at the last ``take_counts``
-        gu, dn = mod.host_gate_up, mod.host_down
-        if gu.dtype != torch.bfloat16 or not (gu.is_contiguous() and dn.is_contiguous()):
-            raise ToolkitError("a captured pass reads the layer's host experts as contiguous bf16")
-        j = self.job = ShareJob()
-        j.lin = cpu_gemv.entry_point()
-        j.sel, j.wts, j.x, j.y = (t.data_ptr() for t in (self.sel_h, self.w_h, self.x_h, self.y_h))
-        j.resident, j.gate_up, j.down = self.resident.data_ptr(), gu.data_ptr(), dn.data_ptr()
-        j.K, j.E, j.D, j.I, j.k = top_k, E, self.hidden, self.inter, self.k
-        j.h, j.act, j.yk, j.acc = (t.data_ptr() for t in self.scratch)
-        j.threads = int(threads)
         self.side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
 
     # -- counters of the host function (read when the engine's stats are read) ---------------------
@@ -202,10 +218,9 @@ class GraphPass:
 
     # -- the pass -----------------------------------------------------------------------------
     def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                 counters: torch.Tensor) -> torch.Tensor:
-        """hidden [1, D], top_k_index [1, K], top_k_weights [1, K] -> [1, D]; counts added to ``counters``
-        int64 [3, L, E] (``gemv.count_rows``). Nothing in it reads a device value on the host while a graph is
-        captured."""
+                 count) -> torch.Tensor:
+        """hidden [1, D], top_k_index [1, K], top_k_weights [1, K] -> [1, D]; ``count(index [K])`` counts the
+        pass. Nothing in it reads a device value on the host while a graph is captured."""
         if hidden.shape[0] != 1 or top_k_index.shape != (1, self.top_k):
             raise ToolkitError(f"a captured pass takes one token and its {self.top_k} experts, not hidden "
                                f"{tuple(hidden.shape)} and experts {tuple(top_k_index.shape)}")
@@ -216,20 +231,21 @@ class GraphPass:
         units = torch.where(missed, self.units_missed, self.units_all)
         w = top_k_weights.reshape(-1)
         # the CPU's inputs, in pinned memory before its host function runs (in stream order)
-        self.sel_h.copy_(flat, non_blocking=True)
-        self.w_h.copy_(w, non_blocking=True)
-        self.x_h.copy_(hidden.reshape(-1), non_blocking=True)
+        share = self.share
+        share.sel.copy_(flat, non_blocking=True)
+        share.w.copy_(w, non_blocking=True)
+        share.x.copy_(hidden.reshape(-1), non_blocking=True)
         if self.side is None:  # CPU device: in order, in place
-            self._gpu_side(hidden, flat, rows, units, top_k_weights, counters)
+            self._gpu_side(hidden, flat, rows, units, top_k_weights, count)
             self._lib().toolkit_host_share(ctypes.byref(self.job))
-            self.y_dev.copy_(self.y_h[None])
+            self.y_dev.copy_(share.y[None])
             return (self._out + self.y_dev)
         main = torch.cuda.current_stream()
         self.side.wait_stream(main)
         with torch.cuda.stream(self.side):  # copies of the GPU's shares, then the GPU's rows
-            self._gpu_side(hidden, flat, rows, units, top_k_weights, counters)
+            self._gpu_side(hidden, flat, rows, units, top_k_weights, count)
         conditional.launch_host_func(self._lib().toolkit_host_share, self.job)  # the CPU's shares, meanwhile
-        self.y_dev.copy_(self.y_h[None], non_blocking=True)
+        self.y_dev.copy_(share.y[None], non_blocking=True)
         main.wait_stream(self.side)
         return self._out + self.y_dev
 
@@ -240,7 +256,7 @@ class GraphPass:
             raise ToolkitError(f"the CPU's share cannot run here: {lib}")
         return lib
 
-    def _gpu_side(self, hidden, flat, rows, units, top_k_weights, counters) -> None:
+    def _gpu_side(self, hidden, flat, rows, units, top_k_weights, count) -> None:
         """The copies of the missed experts' units [0, k) into the rows' slots, then every row's GPU units ->
         ``self._out`` [1, D]; the pass counted."""
         if self.k and self.missed_ids:
@@ -256,10 +272,9 @@ class GraphPass:
         if self.side is not None:
             a = gemv.expert_gate_up_act(hidden, rows, gu, per_x=self.top_k, units=units)
             self._out = gemv.expert_down(a, rows, dn, top_k_weights, units=units)
-            gemv.count_rows(flat, counters, self.mod.layer)
         else:
             self._out = _rows_in_torch(hidden, rows, units, gu, dn, top_k_weights, self.mod.act_fn)
-            _count_in_torch(flat, counters, self.mod.layer)
+        count(flat)
 
     def _copy_share(self, e: int, s: int) -> None:
         """Queue expert e's units [0, k) into staging slot s: gate rows [0, k) and up rows [I, I + k) as one
@@ -283,12 +298,3 @@ def _rows_in_torch(hidden, rows, units, gu, dn, top_k_weights, act_fn) -> torch.
         y = F.linear(act_fn(g) * u, dn[r, :, :n]) if n else torch.zeros_like(hidden[0])
         total += (y * top_k_weights[0, s].to(y.dtype)).to(hidden.dtype).float()
     return total.to(hidden.dtype)[None]
-
-
-def _count_in_torch(flat: torch.Tensor, counters: torch.Tensor, layer: int) -> None:
-    """``gemv.count_rows`` in torch's ops."""
-    counts = torch.zeros(counters.shape[2], dtype=torch.int64, device=flat.device).index_add_(
-        0, flat, torch.ones_like(flat))
-    counters[0, layer] += counts
-    counters[1, layer] += counts > 0
-    counters[2, layer, 0] += 1

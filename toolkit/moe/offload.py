@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import warnings
@@ -787,9 +788,11 @@ class OffloadedExperts(nn.Module):
                 and eng.timeline is None and eng.graphs is not None and eng.graphs.graphed(self.layer))
 
     def _captured(self, hidden, top_k_index, top_k_weights, phase: str) -> torch.Tensor:
-        counts = self.engine.device_counts
-        counts.used = True
-        return self.graph_pass(hidden, top_k_index, top_k_weights, counts.t[phase])
+        if hidden.is_cuda:  # one kernel
+            count = functools.partial(self.engine.device_counts.record_rows, phase, self.layer)
+        else:  # torch's ops (the kernel is Triton's)
+            count = functools.partial(self._count, phase=phase)
+        return self.graph_pass(hidden, top_k_index, top_k_weights, count)
 
     def _split_bytes(self, k: int) -> int:
         """Bytes a split expert copies: gate/up rows [0, k) and the down projection."""
@@ -1254,12 +1257,6 @@ class Offloaded:
             self.graphs = DecodeGraphs(layers, capture, owner=self, base=base).install()
 
     # -- captured decode passes with missed experts (``toolkit.moe.graph_pass``) ---------------------
-    def _top_k(self, blocks) -> int | None:
-        """Experts per token of the model's router (every block the same), or None where it does not say."""
-        ks = {getattr(b.gate, "top_k", None) or getattr(b, "top_k", None) for b in blocks}
-        k = ks.pop() if len(ks) == 1 else None
-        return int(k) if isinstance(k, int) and k > 0 else None
-
     def _stacked_layer(self, resident_row: np.ndarray, dtype: torch.dtype) -> bool:
         """Whether a layer with this residency keeps every expert stacked and runs sync-free (``OffloadedExperts``):
         every expert resident for good (a static placement) on the one device, where grouped_mm runs."""
@@ -1286,7 +1283,7 @@ class Offloaded:
             return "the replayed routing is read on the host"
         if all(self._stacked_layer(row, first.gate_up_proj.dtype) for row in resident):
             return "every expert resident"
-        top_k = self._top_k(blocks)
+        top_k = router_top_k(blocks)
         if top_k is None:
             return "the router does not say its experts per token (top_k)"
         if top_k > self.copy_slots:
@@ -1310,7 +1307,7 @@ class Offloaded:
         the calibration's balanced share (``CostModel.balanced_share``)."""
         inter = self.experts[0].intermediate
         self.graph_misses_units = graph_pass.share_units(self.cost_model.balanced_share(), inter)
-        top_k = self._top_k(self._blocks)
+        top_k = router_top_k(self._blocks)
         first_slot = self.pool[0].shape[0] - self.copy_slots
         for layer, mod in enumerate(self.experts):
             if mod.stacked is not None:
@@ -1916,10 +1913,9 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     if decision not in DECISIONS:
         raise ToolkitError(f"decision must be one of {', '.join(DECISIONS)}, got {decision!r}")
     devices = _several_devices(devices, device)
-    top_k = {getattr(b.gate, "top_k", None) or getattr(b, "top_k", None) for b in blocks}
-    if (graph_misses and devices is None and decision == "makespan" and not serial and len(top_k) == 1
-            and isinstance(k := top_k.pop(), int) and k > copy_slots):
-        copy_slots = k  # a captured pass stages each of a token's missed experts in a slot of its own
+    top_k = router_top_k(blocks)
+    if graph_misses and devices is None and decision == "makespan" and not serial and (top_k or 0) > copy_slots:
+        copy_slots = top_k  # a captured pass stages each of a token's missed experts in a slot of its own
     gpu_experts = _budget(gpu_experts, n_layers, n_experts)
     policy, resident = _initial_residency(placement, policy, gpu_experts, n_layers, n_experts)
     if gpu_experts is None:
@@ -1995,6 +1991,13 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     if options.fused:
         off.norms = fuse_norms(model)  # on the device now: each norm checked there against its own forward
     return off
+
+
+def router_top_k(blocks) -> int | None:
+    """Experts per token of the MoE blocks' routers (every block the same), or None where they do not say."""
+    ks = {getattr(b.gate, "top_k", None) or getattr(b, "top_k", None) for b in blocks}
+    k = ks.pop() if len(ks) == 1 else None
+    return int(k) if isinstance(k, int) and k > 0 else None
 
 
 def _several_devices(devices, device: torch.device) -> list[torch.device] | None:
