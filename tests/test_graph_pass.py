@@ -339,3 +339,29 @@ def test_pass_kernels_that_do_not_run_here_are_found_when_the_engine_is_built(in
                                                   "this GPU"
     finally:
         graph_pass.kernels_fail.cache_clear()
+
+
+@needs_kernel
+def test_the_host_function_stamps_each_call_in_a_ring(model):
+    """``keep_stamps`` makes the job record every call's start and end (Unix seconds) in a ring of the last calls,
+    for a profile to set beside the GPU's activities; before it, reading stamps is one clear error."""
+    import time
+
+    off = offload(model, gpu_experts=5, device="cpu", cost_model=CM, graphs=True)
+    try:
+        share = off.experts[0].graph_pass.share
+        with pytest.raises(ToolkitError, match="keep_stamps"):
+            share.stamps(0)
+        with pytest.raises(ToolkitError, match="at least one"):
+            share.keep_stamps(0)
+        share.keep_stamps(2)
+        lib, job = graph_pass._library(), share.job
+        first, t0 = int(job.calls), time.time()
+        for _ in range(3):
+            lib.toolkit_host_share(graph_pass.ctypes.byref(job))
+        got = share.stamps(first)
+        assert len(got) == 2 and int(job.calls) == first + 3  # the ring holds the last two calls
+        assert all(t0 - 1 <= a <= b <= time.time() + 1 for a, b in got) and got[0][1] <= got[1][0]
+        assert share.stamps(first + 2) == got[1:]
+    finally:
+        off.restore()

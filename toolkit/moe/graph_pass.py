@@ -58,7 +58,8 @@ class ShareJob(ctypes.Structure):
                 ("K", ctypes.c_int64), ("E", ctypes.c_int64), ("D", ctypes.c_int64), ("I", ctypes.c_int64),
                 ("k", ctypes.c_int64), ("h", ctypes.c_void_p), ("act", ctypes.c_void_p), ("yk", ctypes.c_void_p),
                 ("acc", ctypes.c_void_p), ("y", ctypes.c_void_p), ("threads", ctypes.c_int),
-                ("busy_s", ctypes.c_double), ("calls", ctypes.c_int64), ("experts", ctypes.c_int64)]
+                ("busy_s", ctypes.c_double), ("calls", ctypes.c_int64), ("experts", ctypes.c_int64),
+                ("stamps", ctypes.c_void_p), ("stamp_cap", ctypes.c_int64)]
 
 
 @functools.cache
@@ -153,6 +154,23 @@ class HostShare:
         j.K, j.E, j.D, j.I, j.k = top_k, E, D, inter, int(k)
         j.h, j.act, j.yk, j.acc = (t.data_ptr() for t in self.scratch)
         j.threads = int(threads)
+        self._stamps = None
+
+    def keep_stamps(self, cap: int) -> None:
+        """From now on the job records each call's start and end (Unix seconds, the clock of a profiler's trace) in
+        a ring of the last ``cap`` calls: ``stamps`` reads them."""
+        if cap < 1:
+            raise ToolkitError(f"keep the stamps of at least one call, not {cap}")
+        self._stamps = torch.zeros(2 * int(cap), dtype=torch.float64)
+        self.job.stamps, self.job.stamp_cap = self._stamps.data_ptr(), int(cap)
+
+    def stamps(self, since: int) -> list[tuple[float, float]]:
+        """(start, end) in Unix seconds of calls ``since``, ``since + 1``, ... so far (those the ring still holds)."""
+        if self._stamps is None:
+            raise ToolkitError("no stamps kept: call keep_stamps first")
+        cap, calls = int(self.job.stamp_cap), int(self.job.calls)
+        ring = self._stamps.view(cap, 2).tolist()
+        return [tuple(ring[c % cap]) for c in range(max(int(since), calls - cap), calls)]
 
 
 def share_units(share: float, inter: int, block: int = UNIT_BLOCK) -> int:

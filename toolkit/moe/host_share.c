@@ -31,11 +31,13 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; the valu
     return (uint16_t)(u >> 16);
 }
 
-static double seconds(void) {
+static double seconds_of(clockid_t clock) {
     struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
+    clock_gettime(clock, &t);
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
+
+static double seconds(void) { return seconds_of(CLOCK_MONOTONIC); }
 
 /* acc [D] += w * (intermediate units [k, I) of the expert gu [2I, D], dn [D, I] at the token x [D]).
  * Scratch: h [2 (I - k)], act [I - k], yk [D]. */
@@ -75,11 +77,14 @@ typedef struct {
     double busy_s;   /* seconds spent in here, summed over calls */
     int64_t calls;   /* calls */
     int64_t experts; /* missed experts whose share was computed, summed over calls */
+    double *stamps;    /* NULL, or [2 stamp_cap]: each call's start and end, Unix seconds (CLOCK_REALTIME, the
+                          clock a profiler's trace is on), call c at (c mod stamp_cap) */
+    int64_t stamp_cap;
 } share_job;
 
 void toolkit_host_share(void *arg) {
     share_job *j = (share_job *)arg;
-    const double t0 = seconds();
+    const double t0 = seconds(), wall0 = j->stamps ? seconds_of(CLOCK_REALTIME) : 0.0;
     const int64_t D = j->D, I = j->I, k = j->k;
     for (int64_t d = 0; d < D; ++d) j->acc[d] = 0.f;
     for (int64_t s = 0; s < j->K; ++s) {
@@ -92,5 +97,10 @@ void toolkit_host_share(void *arg) {
     }
     for (int64_t d = 0; d < D; ++d) j->y[d] = f32_to_bf16(j->acc[d]);
     j->busy_s += seconds() - t0;
+    if (j->stamps && j->stamp_cap > 0) {
+        const int64_t at = 2 * (j->calls % j->stamp_cap);
+        j->stamps[at] = wall0;
+        j->stamps[at + 1] = seconds_of(CLOCK_REALTIME);
+    }
     j->calls += 1;
 }
