@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import mmap
 import sys
 import threading
 import time
@@ -63,6 +64,91 @@ def timed(fn, jobs, reps: int = 12) -> dict:
     return {"ms_per_layer": ms, "gbs": K * 3 * (INTER - k) * D * 2 / ms / 1e6}
 
 
+def huge_pinned(shape, dtype=torch.bfloat16) -> torch.Tensor:
+    """A tensor in anonymous memory advised for transparent huge pages, touched, then page-locked for the GPU
+    (``cudaHostRegister``): pinned like ``pin_memory=True``, on 2 MiB pages where the kernel grants them."""
+    n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    align = 2 << 20
+    m = mmap.mmap(-1, n + align, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_HUGEPAGE)
+    raw = torch.frombuffer(m, dtype=torch.uint8)
+    off = (-raw.data_ptr()) % align
+    t = raw[off:off + n].view(dtype).view(shape)
+    t.zero_()
+    rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), n, 0)
+    if int(rc) != 0:
+        raise ToolkitError(f"cudaHostRegister failed ({rc})")
+    return t
+
+
+def anon_huge_kb() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+
+
+def paths_together(gate_up, down, lib, threads: int, k: int = SHARE_UNITS, seconds: float = 1.0) -> dict:
+    """GB/s of the two paths of missed experts, each alone and both at once for ``seconds``: the CPU's share of two
+    experts a call (experts 0-3 in turn) and the GPU's units [0, k) of one expert a copy (gate/up and down
+    columns, 2-D copies as a captured pass queues them; experts 4-7 in turn), so neither reads what the other just
+    read and no share is read twice in a row from the CPU's cache."""
+    sgu = torch.empty(2 * INTER, D, dtype=torch.bfloat16, device="cuda")
+    sdn = torch.empty(D, INTER, dtype=torch.bfloat16, device="cuda")
+    copy_bytes, cpu_bytes = 3 * k * D * 2, K * 3 * (INTER - k) * D * 2
+    stream = torch.cuda.Stream()
+
+    def copy(e):
+        conditional.copy_2d(sgu.view(2, INTER, -1)[:, :k].reshape(2, -1),
+                            gate_up[e].view(2, INTER, -1)[:, :k].reshape(2, -1))
+        conditional.copy_2d(sdn[:, :k], down[e][:, :k])
+
+    cpu = job(gate_up, down, threads, k)
+    stop = threading.Event()
+    count = {"calls": 0, "s": 0.0}
+
+    def stream_cpu():
+        i = 0
+        while not stop.is_set():
+            cpu.sel[:] = torch.tensor([i % 4, (i + 1) % 4])
+            t0 = time.perf_counter()
+            lib.toolkit_host_share(ctypes.byref(cpu.job))
+            count["s"] += time.perf_counter() - t0
+            count["calls"] += 1
+            i += 2
+
+    def copies_for(secs):
+        n, t0 = 0, time.perf_counter()
+        with torch.cuda.stream(stream):
+            while time.perf_counter() - t0 < secs:
+                copy(4 + n % 4)
+                n += 1
+                if n % 4 == 0:
+                    stream.synchronize()
+            stream.synchronize()
+        return n * copy_bytes / (time.perf_counter() - t0) / 1e9
+
+    out = {"copies alone": copies_for(seconds / 2)}
+    t = threading.Thread(target=stream_cpu)
+    t.start()
+    time.sleep(seconds / 2)
+    stop.set()
+    t.join()
+    out["CPU share alone"] = count["calls"] * cpu_bytes / count["s"] / 1e9
+    stop.clear()
+    count.update(calls=0, s=0.0)
+    t = threading.Thread(target=stream_cpu)
+    t.start()
+    try:
+        time.sleep(0.05)
+        c0, s0 = count["calls"], count["s"]
+        out["copies beside the CPU"] = copies_for(seconds)
+        out["CPU share beside copies"] = (count["calls"] - c0) * cpu_bytes / (count["s"] - s0) / 1e9
+    finally:
+        stop.set()
+        t.join()
+    out["both paths"] = out["copies beside the CPU"] + out["CPU share beside copies"]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="data/gpu")
@@ -77,8 +163,12 @@ def main(argv=None) -> int:
         print(f"cpu_share: {e}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    gate_up = torch.empty(E, 2 * INTER, D, dtype=torch.bfloat16, pin_memory=True).uniform_(-0.01, 0.01)
-    down = torch.empty(E, D, INTER, dtype=torch.bfloat16, pin_memory=True).uniform_(-0.01, 0.01)
+
+    def fresh():
+        return (torch.empty(E, 2 * INTER, D, dtype=torch.bfloat16, pin_memory=True).uniform_(-0.01, 0.01),
+                torch.empty(E, D, INTER, dtype=torch.bfloat16, pin_memory=True).uniform_(-0.01, 0.01))
+
+    gate_up, down = fresh()
     cores = torch.get_num_threads()
     threads = max(1, cores - 1)
     rec = {"benchmark": "cpu_share", "provenance": provenance("cuda"),
@@ -126,6 +216,17 @@ def main(argv=None) -> int:
     finally:
         stop.set()
         t.join()
+    rec["paths"] = {"pinned (cudaHostAlloc)": paths_together(gate_up, down, lib, threads)}
+    before = anon_huge_kb()
+    hgu, hdn = huge_pinned((E, 2 * INTER, D)), huge_pinned((E, D, INTER))
+    hgu.uniform_(-0.01, 0.01)
+    hdn.uniform_(-0.01, 0.01)
+    rec["huge_pages_gb"] = (anon_huge_kb() - before) / 1e6
+    rec["paths"]["huge pages, registered"] = paths_together(hgu, hdn, lib, threads)
+    rec["paths"]["pinned (cudaHostAlloc), again"] = paths_together(*fresh(), lib, threads)
+    for mem, r in rec["paths"].items():
+        print(f"{mem:36s} " + ", ".join(f"{k} {v:5.1f}" for k, v in r.items()) + " GB/s", flush=True)
+    print(f"huge pages granted: {rec['huge_pages_gb']:.2f} GB", flush=True)
     path = save_json(rec, Path(args.out) / "cpu_share.json")
     print(f"saved {path}")
     return 0

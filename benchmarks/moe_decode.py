@@ -319,6 +319,8 @@ def parse_args(argv=None):
                          "--full-model)")
     ap.add_argument("--no-prefill", action="store_true", help="skip the long-prompt prefill measurement")
     ap.add_argument("--no-beam", action="store_true", help="skip the beam-search measurement")
+    ap.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
+                    help="the experts' pinned host memory (and the calibration's) on 4 KiB pages, as torch pins it")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
@@ -417,7 +419,7 @@ def main(argv=None) -> int:
     try:
         settings = MoESettings(preset=preset.name, layers=preset.layers, gpu_experts=budget,
                                routing=ROUTINGS["uniform"], threads=args.threads, prompt_tokens=args.prompt_tokens,
-                               new_tokens=args.new_tokens, device=device)
+                               new_tokens=args.new_tokens, device=device, huge_pages=args.huge_pages)
         # the session calibrates as the CLI's does: after the build, from the per-machine cache, so both
         # plan every layer from the same cost model; a copy is kept next to the results
         first = MoESession(settings)

@@ -77,6 +77,9 @@ def register(subparsers) -> None:
                    help="serve missed experts of decode steps from Python layer by layer (default on a GPU with a "
                         "static placement: the whole decode step one CUDA graph, each missed expert split between "
                         "conditional copies and a CPU host function)")
+    p.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
+                   help="keep the experts' pinned host memory on 4 KiB pages (default: on 2 MiB transparent huge "
+                        "pages where the OS grants them, which both paths of a missed expert read faster)")
     p.add_argument("--warmup", type=nonnegative_int, default=MoESettings.warmup_tokens,
                    help="tokens of each untimed warm-up generation, repeated until decode steps are steady "
                         "(0: none; default: as many as --new-tokens)")
@@ -101,7 +104,7 @@ def settings_from_args(args):
         new_tokens=args.new_tokens, batch_size=args.batch_size, beams=args.beams, sample=args.sample,
         temperature=args.temperature, top_k=args.top_k, allow_eos=args.allow_eos, warmup_tokens=args.warmup,
         repeats=args.repeats, seed=args.seed, device=args.device, gpus=args.gpus, schedule=args.schedule,
-        graphs=args.graphs, fused=args.fused, graph_misses=args.graph_misses)
+        graphs=args.graphs, fused=args.fused, graph_misses=args.graph_misses, huge_pages=args.huge_pages)
 
 
 def building_line(session) -> str:
@@ -247,6 +250,9 @@ def format_table(r: dict) -> str:
     captured = _graph_misses_line(engine.get("graph_misses"), r["layers"])
     if captured:
         lines.append(f"  captured decode passes         {captured}")
+    host = _host_memory_line(engine.get("host_memory"))
+    if host:
+        lines.append(f"  experts' host memory           {host}")
     sync_free = engine.get("sync_free_layers")
     if sync_free:
         lines.append(f"  sync-free layers               {sync_free} of {r['layers']} (every expert resident: "
@@ -288,6 +294,19 @@ def _fused_line(fused: dict | None) -> str:
     if fused.get("expert_layers"):
         parts.append(f"the experts of {plural(fused['expert_layers'], 'sync-free layer')} in 3 kernels a decode pass")
     return "; ".join(parts)
+
+
+def _host_memory_line(d: dict | None) -> str:
+    """Where the host tier lies (``host_memory.describe``), or "" where nothing is copied from it."""
+    if not d or not d.get("pinned"):
+        return ""
+    frac = d.get("huge_pages")
+    if frac is None:
+        return "page-locked; huge pages unknown (no /proc/self/smaps)"
+    if frac > 0:
+        return f"page-locked, {frac:.0%} on 2 MiB pages"
+    why = d.get("reason")
+    return "page-locked, on 4 KiB pages" + (f" ({why})" if why else " (the kernel granted no huge pages)")
 
 
 def _graph_misses_line(d: dict | None, layers: int) -> str:

@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from ..env import cache_bytes, physical_cores
 from ..errors import ToolkitError
 from ..results import load_json, save_json
+from . import host_memory
 
 CACHE_VERSION = 1
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -878,6 +879,8 @@ def calibration_key(hidden: int, intermediate: int, dtype, device: str, threads:
     """The cache entry of one calibration; ``devices`` (several, the peer hops measured) adds them to the key."""
     gpu = torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda") else "cpu"
     key = f"{socket.gethostname()}|{gpu}|D{hidden}|I{intermediate}|{dtype_name(dtype)}|t{threads}"
+    if gpu != "cpu" and host_memory.enabled():  # the experts' host memory on huge pages: measured on those
+        key += "|huge"
     return key + f"|devices={','.join(devices)}" if devices else key
 
 
@@ -999,12 +1002,16 @@ def cold_copies(nbytes: int, cache: int | None) -> int:
     return max(2, min(COLD_COPIES_MAX, math.ceil(COLD_SPAN * cache / max(1, nbytes))))
 
 
-def _cold_set(gu: torch.Tensor, dn: torch.Tensor, dtype, cache: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _cold_set(gu: torch.Tensor, dn: torch.Tensor, dtype, cache: int | None,
+              pin: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Distinct copies of an expert (gate/up, down) in ``dtype``, as many as ``cold_copies`` asks: CPU timings
-    cycle through them."""
+    and copies cycle through them. On a GPU machine they lie in memory as the engine's host tier does
+    (``host_memory``: huge pages where granted, page-locked with ``pin``)."""
     w1, w2 = gu.to(dtype), dn.to(dtype)
     k = cold_copies((w1.numel() + w2.numel()) * w1.element_size(), cache)
-    return [(w1, w2)] + [(w1.clone(), w2.clone()) for _ in range(k - 1)]
+    if not torch.cuda.is_available():
+        return [(w1, w2)] + [(w1.clone(), w2.clone()) for _ in range(k - 1)]
+    return [(host_memory.copy_of(w1, pin=pin), host_memory.copy_of(w2, pin=pin)) for _ in range(k)]
 
 
 def _cycle(items: list):
@@ -1087,7 +1094,7 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
         xs = {n: torch.full((n, hidden), 0.1, dtype=dtype, device=dev) for n in tokens}  # [n, D]
         gpu_ms = [_median_ms(lambda x=xs[n]: expert_forward(x, g1, g2), repeats, warm, sync=sync, clock=clock)
                   for n in tokens]
-        h1, h2 = gu.pin_memory(), dn.pin_memory()
+        h1, h2 = host_memory.copy_of(gu), host_memory.copy_of(dn)  # as the engine's host tier is allocated
 
         def copy():
             g1.copy_(h1, non_blocking=True)
@@ -1107,8 +1114,8 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
 
     host_bw = None
     if cuda:  # host memory read bandwidth with the CPU threads, shared by both paths; a buffer beyond the cache
-        buf = torch.ones(max(64 << 20, 2 * gu.numel() * gu.element_size(), COLD_SPAN * (cache or 0)) // 4,
-                         dtype=torch.float32)
+        buf = host_memory.empty((max(64 << 20, 2 * gu.numel() * gu.element_size(), COLD_SPAN * (cache or 0)) // 4,),
+                                torch.float32, pin=False).fill_(1.0)  # the memory the experts lie in
         with torch_threads(threads):
             ms = _median_ms(lambda: buf.sum(), repeats, 1, clock=clock)
         host_bw = buf.numel() * 4 / (ms * 1e-3) / 1e9
@@ -1182,8 +1189,7 @@ def _measure_contention(gu, dn, cpu_dtype, threads, tokens, devices, repeats, wa
         "host_paths_gbs": GB/s}
     """
     devs = [torch.device(d) for d in devices]
-    sources = [(h if h.is_pinned() else h.pin_memory(), d if d.is_pinned() else d.pin_memory())
-               for h, d in _cold_set(gu, dn, gu.dtype, cache)]  # the copies' sources, pinned
+    sources = _cold_set(gu, dn, gu.dtype, cache, pin=True)  # the copies' sources, pinned
     dst = [(torch.empty_like(gu, device=d), torch.empty_like(dn, device=d)) for d in devs]  # [2I, D], [D, I]
     streams = [torch.cuda.Stream(d) for d in devs]
     cold = _cold_set(gu, dn, cpu_dtype, cache)

@@ -80,7 +80,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from ..errors import ToolkitError
-from . import gemv, graph_pass
+from . import gemv, graph_pass, host_memory
 from .costs import CostModel, choose_threads, dtype_name, expert_forward, torch_threads
 from .graphs import CudaCapture, DecodeGraphs, EagerCapture, decoder_layers
 from .norm import fuse_norms
@@ -1742,6 +1742,7 @@ class Offloaded:
             "overlap": self.executor is not None, "decision": self.decision, "serial": self.serial,
             "pageable_copies": self.pageable_copies, "split": self.split, "sync_free_layers": self.sync_free_layers,
             "fused": self.fused_dict(), "graph_misses": self.graph_misses_dict(),
+            "host_memory": host_memory.describe(self.experts[0].host_gate_up if self.experts else None),
             "graphs": self.graphs.to_dict() if self.graphs is not None else None,
             "placement": self.placement.astype(int).tolist(),
             "cost_model": self.cost_model.to_dict(), "stats": self.stats.to_dict(),
@@ -2064,7 +2065,7 @@ def _to_host(experts: nn.Module, pinned: bool) -> None:
         p = getattr(experts, name)
         if p.device.type == "cpu" and (p.is_pinned() or not pinned):
             continue
-        host = torch.empty(p.shape, dtype=p.dtype, pin_memory=pinned)
+        host = host_memory.empty(p.shape, p.dtype) if pinned else torch.empty(p.shape, dtype=p.dtype)
         host.copy_(p.data)
         experts._parameters[name] = nn.Parameter(host, requires_grad=False)
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..errors import ToolkitError
+from . import host_memory
 
 
 @dataclass(frozen=True)
@@ -226,7 +227,10 @@ def build_moe(preset: str | MoEPreset, layers: int | None = None, device: str = 
             full = f"{mod_name}.{p_name}" if mod_name else p_name
             is_expert = id(p) in expert_param_ids
             where = expert_device if is_expert else device
-            t = torch.empty(p.shape, dtype=dtype, device=where, pin_memory=pin and is_expert)
+            if pin and is_expert:  # the host tier: page-locked, on huge pages where the OS grants them
+                t = host_memory.empty(p.shape, dtype, pin=True)
+            else:
+                t = torch.empty(p.shape, dtype=dtype, device=where)
             if "norm" in full and p.dim() == 1:
                 t.fill_(1.0)
             elif p.dim() == 1:  # biases

@@ -311,15 +311,17 @@ def measure_ceilings(device: str = "cuda", threads: int | None = None, nbytes: i
 
     dev = torch.device(resolve_device(device))
     threads = choose_threads(threads)
+    from . import host_memory
+
     n = max(1, int(nbytes) // 4)
-    host = torch.ones(n, dtype=torch.float32)  # [n]
+    host = host_memory.empty((n,), torch.float32, pin=False).fill_(1.0)  # [n], the memory the experts lie in
     with torch_threads(threads):
         host_s = _median_s(lambda: host.sum(), repeats, lambda: None, clock)
     if dev.type == "cuda":
         sync = torch.cuda.synchronize
         gpu = torch.ones(n, dtype=torch.float32, device=dev)
         gpu_s = _median_s(lambda: gpu.sum(), repeats, sync, clock)
-        pinned = torch.ones(n, dtype=torch.float32, pin_memory=True)
+        pinned = host_memory.empty((n,), torch.float32).fill_(1.0)
         h2d_s = _median_s(lambda: gpu.copy_(pinned, non_blocking=True), repeats, sync, clock)
         del gpu, pinned
     else:

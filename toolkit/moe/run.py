@@ -86,6 +86,10 @@ class MoESettings:
     balanced share, the GPU's units copied by conditional copies, the CPU's
     computed by a host function), so the whole decode step is one CUDA graph;
     False keeps the per-layer path, which shows what capturing saves.
+    huge_pages: the experts' page-locked host memory, and the calibration's,
+    on transparent huge pages where the OS grants them
+    (``toolkit.moe.host_memory``: both paths of a missed expert read it
+    faster); False keeps torch's pinned memory on 4 KiB pages.
     dtype: the model's dtype (None: the preset's).
     gpus: GPUs of this host holding resident experts (None: one GPU, the
     one-device engine); the dense part stays on the first, ``gpu_experts``
@@ -113,6 +117,7 @@ class MoESettings:
     graphs: bool = True  # decode steps' dense part from CUDA graphs (GPU only)
     fused: bool = True  # norms and sync-free decode passes as fused Triton kernels (GPU with Triton only)
     graph_misses: bool = True  # one-token decode passes with missed experts captured whole (GPU, static placement)
+    huge_pages: bool = True  # the experts' pinned host memory on 2 MiB pages where the OS grants them (GPU only)
     dtype: str | None = None
     prompt_tokens: int = 16
     new_tokens: int = 32
@@ -424,6 +429,9 @@ class MoESession:
         from .presets import from_name
 
         self.settings = s = resolve_settings(settings, **overrides)
+        from . import host_memory
+
+        host_memory.set_enabled(s.huge_pages)  # before the model's host tier and the calibration are allocated
         p = from_name(s.preset, s.layers)
         if s.dtype is not None:
             import torch
@@ -469,7 +477,8 @@ class MoESession:
                                         devices=self.devices)
         self.cpu_threads = self.cost_model.cpu_threads if s.threads is None else int(s.threads)
 
-    _SHARED = ("preset", "layers", "dtype", "seed", "device", "threads", "calibration")  # what the model and costs fix
+    _SHARED = ("preset", "layers", "dtype", "seed", "device", "threads", "calibration",
+               "huge_pages")  # what the model and costs fix
 
     def with_settings(self, **changes) -> MoESession:
         """A session on the same built model and cost model with other run settings (routing, tokens, ...).
