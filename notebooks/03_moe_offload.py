@@ -185,3 +185,12 @@ notebook.show(notebook.recorded_figures("decode_timeline_h200"))
 
 # %%
 notebook.show(notebook.recorded_figures("moe_decode_h200_captured"))
+
+# %% [markdown]
+# Inside a step captured whole there is no host work to split: `benchmarks/captured_step.py` profiles one and
+# cuts each layer at its copies, with the host function stamping its own start and end. The CPU's share,
+# with the copies beside it, streams for most of the step; what keeps the step from its bound is the rate the
+# two paths reach together, not time where neither runs.
+
+# %%
+notebook.show(notebook.recorded_figures("captured_step_h200"))

@@ -237,6 +237,14 @@ def write_fake_recordings(gpu_dir):
                "results": {"uniform": {"overlap": segments(40.0, 0.2), "inline-nosplit": segments(44.0, 0.05)},
                            "trace": {"overlap-nosplit": segments(36.0, 0.03)}}},
               gpu_dir / "decode_timeline_h200.json")
+    stamped = {"pre": 2.0, "window": 37.0, "fn_start": 0.6, "fn_busy": 36.3, "fn_end": 0.1, "copies": 35.0,
+               "gpu_after_copies": 1.2, "wait_gpu": 0.5, "step": 39.45, "layers": 8, "outside_layers": -0.05}
+    unstamped = {**stamped, "fn_start": float("nan"), "fn_busy": float("nan"), "fn_end": float("nan"),
+                 "outside_layers": 0.4, "step": 39.9}
+    save_json({"provenance": GPU_ENV, "benchmark": "captured_step",
+               "settings": {"layers": 8, "gpu_experts": 14, "routing": "uniform"}, "graph_misses": {"units": 5776},
+               "profiled_steps": [{"layers": [], "summary": stamped}, {"layers": [], "summary": unstamped}]},
+              gpu_dir / "captured_step_h200.json")
     return gpu_dir
 
 
@@ -277,6 +285,23 @@ def test_decode_timeline_recording_keeps_the_configurations_whose_rounds_agree(t
     assert "excluded uniform overlap (rounds spread 20%)" in _figure_text(fig)
 
 
+def test_a_captured_step_recording_is_cut_into_its_segments_in_step_order(tmp_path):
+    import json
+
+    doc = json.loads((write_fake_recordings(tmp_path / "gpu") / "captured_step_h200.json").read_text())
+    frame = recorded.recorded_captured_step(doc)
+    first = frame[frame["schedule"] == "profiled step 1"]
+    assert list(first["segment"]) == list(recorded.CAPTURED_SEGMENT_LABELS.values())
+    assert first["ms"].sum() == pytest.approx(39.5) and first["ms"].iloc[-1] == 0.0  # -0.05 ms outside reads 0
+    second = frame[frame["schedule"] == "profiled step 2"]  # no stamps: the host function's window is one segment
+    assert list(second["segment"]) == ["dense part, router, token out", "host function's window",
+                                       "waiting for the GPU's rows", "outside the layers"]
+    assert second["ms"].sum() == pytest.approx(39.9)
+    figure = next(f for f in paper.PAPER_FIGURES if f.stem == "gpu_moe_captured_step")
+    text = _figure_text(paper.draw_paper_figure(figure, tmp_path)["figure"])
+    assert "split at unit 5776" in text and "host node start" in text
+
+
 def test_multi_gpu_recording_judges_decode_and_prefill_apart(tmp_path):
     import json
 
@@ -293,7 +318,8 @@ def test_multi_gpu_recording_judges_decode_and_prefill_apart(tmp_path):
 
 def test_recorded_readers_rebuild_frames_from_the_benchmark_files(tmp_path):
     rec = recorded.recorded_results(write_fake_recordings(tmp_path))
-    assert sorted(rec) == ["batch_search", "cpu_gemv_h200_amx", "decode_timeline_h200", "moe_decode", "moe_decode_h200",
+    assert sorted(rec) == ["batch_search", "captured_step_h200", "cpu_gemv_h200_amx", "decode_timeline_h200",
+                           "moe_decode", "moe_decode_h200",
                            "moe_decode_h200_captured", "moe_decode_h200_full", "moe_decode_h200_fused_second_host",
                            "moe_engine", "moe_multi_gpu",
                            "profile_cases", "timer_agreement"]
@@ -391,7 +417,7 @@ READERS = [recorded.recorded_pitfalls, recorded.recorded_latency, recorded.recor
            recorded.recorded_timer_differences, recorded.recorded_throughput_curves,
            recorded.recorded_throughput_cases, recorded.recorded_moe_sweep, recorded.recorded_decode_samples,
            recorded.recorded_timeline, recorded.recorded_moe_schemes, recorded.recorded_moe_decode_sweep,
-           recorded.recorded_cpu_gemv, recorded.recorded_decode_timeline]
+           recorded.recorded_cpu_gemv, recorded.recorded_decode_timeline, recorded.recorded_captured_step]
 
 
 @pytest.mark.parametrize("reader", READERS, ids=lambda f: f.__name__)
@@ -412,7 +438,8 @@ def test_readers_parse_the_shipped_recordings():
                recorded.recorded_moe_sweep: "moe_engine", recorded.recorded_decode_samples:
                "moe_engine", recorded.recorded_timeline: "profile_cases", recorded.recorded_moe_schemes: "moe_decode",
                recorded.recorded_moe_decode_sweep: "moe_decode", recorded.recorded_cpu_gemv: "cpu_gemv_h200_amx",
-               recorded.recorded_decode_timeline: "decode_timeline_h200"}
+               recorded.recorded_decode_timeline: "decode_timeline_h200",
+               recorded.recorded_captured_step: "captured_step_h200"}
     assert set(sources) == set(READERS)
     for reader, name in sources.items():
         assert len(reader(rec[name])) > 0, reader.__name__

@@ -19,6 +19,7 @@ import pandas as pd
 
 from . import plots
 from .recorded import (
+    recorded_captured_step,
     recorded_cpu_gemv,
     recorded_decode_samples,
     recorded_decode_timeline,
@@ -197,6 +198,19 @@ def _host_segments(doc):
     return _excluded(fig, frame)
 
 
+def _captured_step(doc):
+    frame = recorded_captured_step(doc)
+    if not len(frame):
+        return None
+    s, split = (doc or {}).get("settings") or {}, (doc or {}).get("graph_misses") or {}
+    layers, experts = s.get("layers", "?"), s.get("gpu_experts", "?")
+    return plots.host_segments(
+        frame, xlabel="ms per profiled step (summed over its layers)",
+        title=f"Where a decode step captured whole goes, summed over its layers\n{layers} Mixtral-8x7B layers "
+              f"(bf16), {experts} experts resident, {s.get('routing', '?')} routing\nmissed experts split at unit "
+              f"{split.get('units', '?')}; {recorded_where(doc)}")
+
+
 def _decode_sweep(doc, routing: str = "trace"):
     frame = recorded_moe_decode_sweep(doc, routing)
     if not len(frame):
@@ -289,6 +303,11 @@ PAPER_FIGURES = [
                 "14 of 64 experts of 8 Mixtral-8x7B layers on the GPU (batch 1, uniform routing): decode tokens/s "
                 "with each decode step captured whole (missed experts split between conditional copies and a CPU "
                 "host function) and with the per-layer path, 3 alternating rounds, each with its roofline bound."),
+    PaperFigure("gpu_moe_captured_step", "gpu/captured_step_h200.json", _captured_step,
+                "A decode step captured whole (Mixtral-8x7B layers, 14 of 64 experts on the GPU, batch 1) under "
+                "torch's profiler, cut at each layer's copies and the host function's own stamps: the CPU's share "
+                "streams, with the copies beside it, for most of the step; the layers' dense part and the host "
+                "node's latencies are the rest."),
     PaperFigure("gpu_moe_multi_gpu_decode", "gpu/moe_multi_gpu.json", _multi_gpu,
                 "Decode tokens/s with the resident experts on one GPU or spread over two at the same per-GPU budget, "
                 "with each run's roofline bound; a run whose decode rounds disagree is excluded and named."),

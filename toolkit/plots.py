@@ -717,7 +717,7 @@ def cpu_kernel_rates(frame, title: str | None = None) -> Figure:
     return fig
 
 
-def host_segments(frame, title: str | None = None) -> Figure:
+def host_segments(frame, title: str | None = None, xlabel: str = "ms per step (mean, median round)") -> Figure:
     """Where each configuration's step went: one horizontal bar per (routing, schedule), stacked by segment.
 
     ``frame``: ``toolkit.recorded.recorded_decode_timeline`` (``routing``, ``schedule``, ``segment``, ``ms``;
@@ -740,7 +740,7 @@ def host_segments(frame, title: str | None = None) -> Figure:
                 left += ms
         ax.set_yticks(range(len(configs)), [f"{r}, {s}" for r, s in configs], fontsize="x-small")
         ax.invert_yaxis()
-        ax.set_xlabel("ms per step (mean, median round)", fontsize="small")
+        ax.set_xlabel(xlabel, fontsize="small")
         fig.legend(*ax.get_legend_handles_labels(), loc="outside right center", fontsize="x-small", handlelength=1.2)
         set_title(fig, title)
     return fig

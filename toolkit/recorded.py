@@ -20,6 +20,7 @@ Shapes of the returned frames are given in each reader's docstring.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -548,6 +549,35 @@ def recorded_decode_timeline(doc: dict | None) -> pd.DataFrame:
     return frame
 
 
+CAPTURED_SEGMENT_LABELS = {"pre": "dense part, router, token out", "fn_start": "host node start",
+                           "fn_busy": "CPU share, copies beside it", "fn_end": "host function end to sum back",
+                           "wait_gpu": "waiting for the GPU's rows", "outside_layers": "outside the layers"}
+_UNSTAMPED_LABELS = {"pre": CAPTURED_SEGMENT_LABELS["pre"], "window": "host function's window",
+                     "wait_gpu": CAPTURED_SEGMENT_LABELS["wait_gpu"],
+                     "outside_layers": CAPTURED_SEGMENT_LABELS["outside_layers"]}
+
+
+def recorded_captured_step(doc: dict | None) -> pd.DataFrame:
+    """Where a decode step captured whole went (``benchmarks/captured_step.py``): one row per (profiled step,
+    segment), ``ms`` summed over the step's layers, in step order.
+
+    Columns ``routing``, ``schedule`` (the profiled step), ``segment`` (``CAPTURED_SEGMENT_LABELS``' labels; a
+    step without the host function's stamps has its window as one segment), ``ms``, ``step_ms`` (the profiled
+    step's wall time). The few µs a sum of segments overshoots a step by read as 0 outside the layers.
+    """
+    routing = ((doc or {}).get("settings") or {}).get("routing", "?")
+    rows = []
+    for j, step in enumerate((doc or {}).get("profiled_steps") or []):
+        summary = step.get("summary") or {}
+        stamped = all(isinstance(summary.get(k), int | float) and math.isfinite(summary[k])
+                      for k in ("fn_start", "fn_busy", "fn_end"))
+        for key, label in (CAPTURED_SEGMENT_LABELS if stamped else _UNSTAMPED_LABELS).items():
+            if summary.get(key) is not None:
+                rows.append({"routing": routing, "schedule": f"profiled step {j + 1}", "segment": label,
+                             "ms": max(0.0, float(summary[key])), "step_ms": summary.get("step")})
+    return pd.DataFrame(rows, columns=["routing", "schedule", "segment", "ms", "step_ms"])
+
+
 __all__ = ["Recording", "recording", "is_calibration_cache", "recorded_results", "recorded_env", "recorded_device",
            "recorded_date", "recorded_complete", "recorded_label", "recorded_where", "ANOMALY_RATIO",
            "flag_anomalies", "run_name", "recorded_pitfalls", "recorded_latency", "audit_first_call_ms",
@@ -556,4 +586,4 @@ __all__ = ["Recording", "recording", "is_calibration_cache", "recorded_results",
            "recorded_throughput_curves", "THROUGHPUT_COLUMNS", "recorded_throughput_cases", "recorded_moe_sweep",
            "recorded_decode_samples", "recorded_timeline", "SCHEME_COLUMNS", "recorded_moe_schemes",
            "recorded_moe_decode_sweep", "SWEEP_COLUMNS", "PITFALL_COLUMNS", "MULTI_GPU_MEASURES", "MULTI_GPU_ABLATIONS", "recorded_multi_gpu",
-           "HOST_SEGMENT_LABELS", "recorded_decode_timeline"]
+           "HOST_SEGMENT_LABELS", "recorded_decode_timeline", "CAPTURED_SEGMENT_LABELS", "recorded_captured_step"]
