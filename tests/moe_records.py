@@ -1,4 +1,5 @@
-"""A ``moe`` run record as ``format_table`` reads it, for tests of what the command prints."""
+"""A ``moe`` run record as ``format_table`` reads it, and the settings a ``moe`` command line makes, for tests of
+the command."""
 
 
 def run_record(**overrides) -> dict:
@@ -10,3 +11,14 @@ def run_record(**overrides) -> dict:
               "cpu_expert_calls": 300, "engine": {}}
     record.update(overrides)
     return record
+
+
+def moe_settings(*args: str):
+    """The ``MoESettings`` that ``python -m toolkit moe ARGS`` runs with."""
+    import argparse
+
+    from toolkit.cli.moe import register, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    return settings_from_args(parser.parse_args(["moe", *args]))

@@ -171,16 +171,13 @@ def test_the_cli_says_how_decode_passes_ran():
 
 
 def test_the_moe_command_has_the_switch_and_the_session_passes_it_on():
-    import argparse
+    from moe_records import moe_settings
 
-    from toolkit.cli.moe import register, settings_from_args
     from toolkit.moe.run import MoESession
 
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    assert settings_from_args(parser.parse_args(["moe"])).graph_misses is True
-    off = settings_from_args(parser.parse_args(["moe", "--no-graph-misses", "--preset", "tiny-mixtral", "--device",
-                                                "cpu", "--gpu-experts", "4", "--routing", "model"]))
+    assert moe_settings().graph_misses is True
+    off = moe_settings("--no-graph-misses", "--preset", "tiny-mixtral", "--device", "cpu", "--gpu-experts", "4",
+                       "--routing", "model")
     assert off.graph_misses is False
     with MoESession(off) as session:
         with session.offload() as engine:

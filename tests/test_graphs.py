@@ -304,15 +304,9 @@ def test_the_moe_command_prints_what_the_graphs_did():
 
 
 def test_no_graphs_on_the_command_line_reaches_the_settings():
-    import argparse
+    from moe_records import moe_settings
 
-    from toolkit.cli.moe import register, settings_from_args
-
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    on = settings_from_args(parser.parse_args(["moe"]))
-    off = settings_from_args(parser.parse_args(["moe", "--no-graphs"]))
-    assert on.graphs is True and off.graphs is False
+    assert moe_settings().graphs is True and moe_settings("--no-graphs").graphs is False
 
 
 def test_the_profiled_decode_step_replays_the_graphs_on_a_rewound_static_cache():

@@ -88,16 +88,13 @@ def test_the_cli_says_where_the_host_tier_lies():
 
 
 def test_the_moe_command_has_the_switch_and_the_session_sets_it(switch):
-    import argparse
+    from moe_records import moe_settings
 
-    from toolkit.cli.moe import register, settings_from_args
     from toolkit.moe.run import MoESession
 
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    assert settings_from_args(parser.parse_args(["moe"])).huge_pages is True
-    off = settings_from_args(parser.parse_args(["moe", "--no-huge-pages", "--preset", "tiny-mixtral", "--device",
-                                                "cpu", "--gpu-experts", "4", "--routing", "model"]))
+    assert moe_settings().huge_pages is True
+    off = moe_settings("--no-huge-pages", "--preset", "tiny-mixtral", "--device", "cpu", "--gpu-experts", "4",
+                       "--routing", "model")
     assert off.huge_pages is False
     with MoESession(off) as session:
         assert host_memory.why_not() == "switched off"  # before the model and the calibration were allocated
