@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from host_functions import replay_ms
 
 from toolkit.moe import conditional
 from toolkit.moe.run import MoESession, MoESettings
@@ -74,15 +75,7 @@ def copies_probe() -> dict:
         torch.cuda.synchronize()
         with torch.cuda.graph(graph):
             fn()
-        ts = []
-        for _ in range(8):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            graph.replay()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        ms = float(np.median(ts))
+        ms = replay_ms(graph, 8)
         out[name] = {"ms": ms, "gbs": nbytes / ms / 1e6}
         print(f"{name:30s} {ms:7.3f} ms {nbytes / ms / 1e6:6.1f} GB/s", flush=True)
     return out

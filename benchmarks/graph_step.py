@@ -61,7 +61,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from host_functions import HostPointer, kernel_entry, launch, library
+from host_functions import HostPointer, kernel_entry, launch, library, replay_ms
 
 from toolkit.errors import ToolkitError
 from toolkit.moe import conditional as conditional_nodes
@@ -317,15 +317,7 @@ def copy_probe(lay: Layer, k: int, stage_gu: torch.Tensor, stage_dt: torch.Tenso
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
-        times = []
-        for _ in range(replays):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            graph.replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        ms = float(np.median(times))
+        ms = replay_ms(graph, replays)
         out[name] = {"ms": ms, "gbs": nbytes / ms / 1e6}
         del graph
     return out

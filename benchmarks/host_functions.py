@@ -7,7 +7,8 @@ toolkit's cache) and loads it. Each function takes one job, a C struct whose buf
 ``LayerJob`` here, and for ``toolkit_host_share`` (the toolkit's, included by the C source)
 ``toolkit.moe.graph_pass.ShareJob``. ``launch`` queues a function on a CUDA stream
 (``cuLaunchHostFunc``); under stream capture it becomes a host node of the graph. ``HostPointer`` hands a
-pinned host tensor to a Triton kernel, which then reads it in place.
+pinned host tensor to a Triton kernel, which then reads it in place. ``replay_ms`` times a captured graph's
+replays (``graph_step.py``, ``graph_pass_probe.py``).
 """
 
 from __future__ import annotations
@@ -78,3 +79,21 @@ class HostPointer:
 
     def data_ptr(self) -> int:
         return self.t.data_ptr()
+
+
+def replay_ms(graph, replays: int) -> float:
+    """GPU ms of one replay of a captured ``graph`` (``torch.cuda.CUDAGraph``): the median of ``replays``, each
+    timed with CUDA events around it."""
+    import statistics
+
+    import torch
+
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return float(statistics.median(times))
