@@ -15,16 +15,18 @@ ways, to say which rate the split must be balanced on:
 - a whole expert (k = 0) called directly, for the calibration's reference.
 
 Per way: ms a layer and the rate the share's bytes were read at (medians of
-12 calls, the first 2 dropped). Saved to OUT/cpu_share.json with provenance.
+12 calls, the first 2 dropped). Then both paths alone and at once
+(``paths``: the share on 4 experts and the GPU's units of 4 others copied,
+in turn), on torch's pinned memory and on huge pages (``toolkit.moe.host_memory``),
+and torch's pinned memory again. Saved to OUT/cpu_share.json with provenance.
 
-  PYTHONPATH=. python benchmarks/cpu_share.py --out data/gpu     # CUDA GPU, ~15 s, 22 GB of pinned memory
+  PYTHONPATH=. python benchmarks/cpu_share.py --out data/gpu     # CUDA GPU, ~35 s, 9 GB of pinned memory
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import mmap
 import sys
 import threading
 import time
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 
 from toolkit.errors import ToolkitError
-from toolkit.moe import conditional, graph_pass
+from toolkit.moe import conditional, graph_pass, host_memory
 from toolkit.results import provenance, save_json
 
 D, INTER, E, K = 4096, 14336, 8, 2  # Mixtral-8x7B: one layer's experts, top-2
@@ -62,28 +64,6 @@ def timed(fn, jobs, reps: int = 12) -> dict:
     ms = float(np.median(ts[2:])) * 1e3 / len(jobs)
     k = jobs[0].job.k
     return {"ms_per_layer": ms, "gbs": K * 3 * (INTER - k) * D * 2 / ms / 1e6}
-
-
-def huge_pinned(shape, dtype=torch.bfloat16) -> torch.Tensor:
-    """A tensor in anonymous memory advised for transparent huge pages, touched, then page-locked for the GPU
-    (``cudaHostRegister``): pinned like ``pin_memory=True``, on 2 MiB pages where the kernel grants them."""
-    n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-    align = 2 << 20
-    m = mmap.mmap(-1, n + align, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    m.madvise(mmap.MADV_HUGEPAGE)
-    raw = torch.frombuffer(m, dtype=torch.uint8)
-    off = (-raw.data_ptr()) % align
-    t = raw[off:off + n].view(dtype).view(shape)
-    t.zero_()
-    rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), n, 0)
-    if int(rc) != 0:
-        raise ToolkitError(f"cudaHostRegister failed ({rc})")
-    return t
-
-
-def anon_huge_kb() -> int:
-    with open("/proc/meminfo") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
 
 
 def paths_together(gate_up, down, lib, threads: int, k: int = SHARE_UNITS, seconds: float = 1.0) -> dict:
@@ -217,16 +197,17 @@ def main(argv=None) -> int:
         stop.set()
         t.join()
     rec["paths"] = {"pinned (cudaHostAlloc)": paths_together(gate_up, down, lib, threads)}
-    before = anon_huge_kb()
-    hgu, hdn = huge_pinned((E, 2 * INTER, D)), huge_pinned((E, D, INTER))
-    hgu.uniform_(-0.01, 0.01)
-    hdn.uniform_(-0.01, 0.01)
-    rec["huge_pages_gb"] = (anon_huge_kb() - before) / 1e6
+    host_memory.set_enabled(True)
+    hgu = host_memory.empty((E, 2 * INTER, D), torch.bfloat16).uniform_(-0.01, 0.01)
+    hdn = host_memory.empty((E, D, INTER), torch.bfloat16).uniform_(-0.01, 0.01)
+    rec["huge_pages_gb"] = sum((host_memory.huge_fraction(t) or 0.0) * t.numel() * 2 for t in (hgu, hdn)) / 1e9
+    rec["huge_pages_reason"] = host_memory.why_not()
     rec["paths"]["huge pages, registered"] = paths_together(hgu, hdn, lib, threads)
     rec["paths"]["pinned (cudaHostAlloc), again"] = paths_together(*fresh(), lib, threads)
     for mem, r in rec["paths"].items():
         print(f"{mem:36s} " + ", ".join(f"{k} {v:5.1f}" for k, v in r.items()) + " GB/s", flush=True)
-    print(f"huge pages granted: {rec['huge_pages_gb']:.2f} GB", flush=True)
+    print(f"huge pages granted: {rec['huge_pages_gb']:.2f} GB"
+          + (f" ({rec['huge_pages_reason']})" if rec["huge_pages_reason"] else ""), flush=True)
     path = save_json(rec, Path(args.out) / "cpu_share.json")
     print(f"saved {path}")
     return 0
