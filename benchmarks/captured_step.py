@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -115,7 +116,17 @@ def step_summary(layers: list[dict], step_ms: float) -> dict:
 
 
 def main(argv=None) -> int:
+    from toolkit.errors import ToolkitError
+
     args = parse_args(argv)
+    try:
+        return measure(args)
+    except ToolkitError as e:  # bad settings (an unknown preset, more GPU experts than the model has): one line
+        print(f"captured_step: {e}", file=sys.stderr)
+        return 2
+
+
+def measure(args) -> int:
     import torch
 
     from toolkit.moe.generation import generate

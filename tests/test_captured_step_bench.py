@@ -54,3 +54,12 @@ def test_copies_on_the_copy_engines_count_as_copies_and_do_not_cut_layers():
            for e in a]
     (only,) = cs.layer_segments(dma, [sa])
     assert only["copies"] == pytest.approx(2.0) and only["window"] == pytest.approx(3.7)
+
+
+def test_bad_settings_are_one_line_and_a_nonzero_exit(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the GPU check, to the settings
+    assert cs.main(["--preset", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("captured_step: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1
