@@ -38,6 +38,12 @@ OUT/moe_decode.json after every measurement so an interruption keeps what was me
    all-gpu, hf-eager); each ``session.run`` warms up until decode steps are steady and replays the routing.
    Round 1 also checks the logits against all-gpu (``session.probe_logits``). Per run the roofline
    bound from the experts the run really read, and measured / bound;
+   the host's ceiling is measured again before each group and after every round (``costs.HostPaths``:
+   both paths at once and a plain read, as the calibration measured them, ~0.5 s; on the lent hosts it
+   moved by 10-22 GB/s between calibrations minutes apart), each round's bounds are taken again at the
+   mean of the measurements just before and after it (``bound_beside``, ``measured_over_bound_beside``)
+   and the targets judge decode and prefill at that ceiling; ``host_ceiling.probes`` holds every
+   measurement;
 5. the schedule of ours (worker thread or inline, split or not) is chosen by ``session.run`` as in the
    CLI: round 1 measures the candidates during its warm-up (``toolkit.moe.schedule``), later rounds,
    its prefill and its beam run the schedule round 1 picked. Each configuration's record holds round
@@ -67,6 +73,7 @@ import argparse
 import dataclasses
 import gc
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -77,7 +84,7 @@ from toolkit.env import resolve_device
 from toolkit.errors import ToolkitError
 from toolkit.moe import roofline as R
 from toolkit.moe.baselines import Baseline, get_baseline
-from toolkit.moe.costs import save_cost_model
+from toolkit.moe.costs import HostPaths, save_cost_model
 from toolkit.moe.memory import check_host_memory, host_memory_needed
 from toolkit.moe.presets import from_name
 from toolkit.moe.run import ANOMALY_SPREAD, MoESession, MoESettings, logits_check, summarize_rounds
@@ -129,12 +136,26 @@ class Config:
 class Bench:
     """The fixed parts of every measurement: one session per routing on one model, the ceilings, the args."""
 
-    def __init__(self, sessions: dict, ceilings, args):
+    def __init__(self, sessions: dict, ceilings, args, paths=None, probes: list | None = None, clock=None):
         self.sessions, self.ceilings, self.args = sessions, ceilings, args
         first = next(iter(sessions.values()))
         self.preset, self.model, self.cuda = first.preset, first.model, first.device.startswith("cuda")
         sizes = R.ModelBytes.of(first)
         self.expert_bytes, self.dense = sizes.expert_bytes, sizes.dense
+        self.paths = paths  # HostPaths: the host's ceiling measured again between rounds (None: not measured)
+        self.probes = probes if probes is not None else []  # every measurement of it, in order
+        self.clock = clock or time.perf_counter
+
+    def host_ceiling_now(self, after: str) -> dict | None:
+        """The host's ceiling measured now (``HostPaths.measure``), recorded in ``probes`` with what it follows;
+        None without a probe."""
+        if self.paths is None:
+            return None
+        t = self.clock()
+        probe = {"after": after, **self.paths.measure()}
+        probe["seconds"] = self.clock() - t
+        self.probes.append(probe)
+        return probe
 
     def decode(self, session, cfg: Config, tokens: int, beams: int = 1) -> dict:
         """``session.run``: warm-up, then batch-1 generation of ``tokens`` (beam width ``beams``); timings and the bound.
@@ -228,6 +249,7 @@ def run_group(configs: list[Config], bench: Bench, record: dict, save, log, dead
     """Every configuration of a group ``--rounds`` times, round-robin; the record updated after each round."""
     a = bench.args
     entries, rounds, seconds = {}, {id(c): [] for c in configs}, {}
+    before = bench.host_ceiling_now(after=f"the start of the {configs[0].kind} group") if configs else None
     for i in range(a.rounds):
         for cfg in configs:
             entry = entries.get(id(cfg))
@@ -267,6 +289,10 @@ def run_group(configs: list[Config], bench: Bench, record: dict, save, log, dead
                 if bench.cuda:
                     gc.collect()  # drop the restored engine's host copies before the next one pins its own
             seconds[id(cfg)] = time.perf_counter() - t
+            after = bench.host_ceiling_now(after=f"{cfg.label} round {i + 1}")
+            if before is not None and after is not None:
+                judge_beside(r, bench.ceilings, before["host_gbs"], after["host_gbs"])
+            before = after
             if "check" in r:
                 entry["check"] = r.pop("check")
             entry["engine"] = r["decode"].pop("engine")
@@ -278,6 +304,29 @@ def run_group(configs: list[Config], bench: Bench, record: dict, save, log, dead
             entry["seconds"] = entry.get("seconds", 0.0) + seconds[id(cfg)]
             save()
             log(f"round {i + 1}: {_line(entry)}")
+
+
+def judge_beside(round_record: dict, ceilings, before_gbs: float, after_gbs: float) -> None:
+    """A round's bounds again with the host's ceiling measured beside it, in place.
+
+    The run's ``ceilings`` take the host ceiling from the calibration, made
+    minutes earlier; on the lent H200 hosts that ceiling has moved by 10-22
+    GB/s between two calibrations minutes apart. Each part of the round with
+    a bound (decode, prefill, beam) gets ``host_ceiling_beside`` (the mean of
+    the measurements just before and just after the round, and both),
+    ``bound_beside`` and ``measured_over_bound_beside``.
+    """
+    gbs = (before_gbs + after_gbs) / 2
+    beside = dataclasses.replace(ceilings, host_gbs=gbs, source=f"{ceilings.source}; host measured beside the round")
+    for part in ("decode", "prefill", "beam"):
+        rec = round_record.get(part)
+        if not rec or not rec.get("bound") or not rec.get("measured_over_bound"):
+            continue
+        old = rec["bound"]
+        bound = R.pass_bound(old["missed_bytes"], old["resident_bytes"], old["dense_bytes"], beside)
+        measured_ms = rec["measured_over_bound"] * old["ms"]
+        rec.update(host_ceiling_beside={"gbs": gbs, "before": before_gbs, "after": after_gbs},
+                   bound_beside=bound.to_dict(), measured_over_bound_beside=bound.ratio(measured_ms))
 
 
 def _entry(cfg: Config) -> dict:
@@ -442,7 +491,9 @@ def main(argv=None) -> int:
         ceilings = measure(cm, device, quick, record)
         log(f"ceilings: GPU {ceilings.gpu_gbs:.0f} GB/s, host {ceilings.host_gbs:.1f} GB/s, "
             f"H2D {ceilings.h2d_gbs:.1f} GB/s")
-        bench = Bench(sessions, ceilings, args)
+        paths, why = host_paths(cm, device)
+        record["host_ceiling"] = {"probes": [], "why_not": why}
+        bench = Bench(sessions, ceilings, args, paths=paths, probes=record["host_ceiling"]["probes"])
         save()
 
         refs = {}  # routing -> all-gpu probe logits
@@ -490,6 +541,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def host_paths(cm, device: str) -> tuple[HostPaths | None, str | None]:
+    """What measures the host's ceiling again between rounds (both paths at once and a plain read, as the
+    calibration did) -> (it, None), or (None, why not): it needs a CUDA device and ~3 GB of host memory."""
+    if not device.startswith("cuda"):
+        return None, "no GPU: both paths need copies to a device"
+    try:
+        return HostPaths.for_model(cm), None
+    except (ToolkitError, RuntimeError) as e:  # e.g. the pinned copies do not fit beside the experts
+        return None, f"{type(e).__name__}: {e}"
+
+
 def measure(cm, device: str, quick: bool, record: dict):
     """The ceilings (``roofline.calibrated_ceilings``), recorded with the direct measurement beside them."""
     ceilings, measured = R.calibrated_ceilings(cm, device, nbytes=(64 << 20) if quick else (1 << 30))
@@ -528,19 +590,27 @@ def targets(record) -> dict:
 
         add("decode tok/s vs copy-on-demand", ratio(ours, cod, "tokens_per_s", "decode"), 10.0)
         add("decode tok/s vs fiddler-serial", ratio(ours, fid, "tokens_per_s", "decode"), 2.0)
-        add("decode measured/bound", ours["decode"]["measured_over_bound"] if ours and "decode" in ours else None,
-            1 / decode_share, higher=False)
+        add("decode measured/bound", _judged(ours, "decode"), 1 / decode_share, higher=False)
         pre = (fid["prefill"]["ms"] / ours["prefill"]["ms"]) if ours and fid and "prefill" in ours \
             and "prefill" in fid else None
         add("prefill speed-up vs fiddler-serial (pageable)", pre, 5.0)
-        add("prefill measured/bound", ours["prefill"]["measured_over_bound"] if ours and "prefill" in ours else None,
-            1 / PREFILL_OF_BOUND, higher=False)
+        add("prefill measured/bound", _judged(ours, "prefill"), 1 / PREFILL_OF_BOUND, higher=False)
         add("beam steps/s vs fiddler-serial", ratio(ours, fid, "steps_per_s", "beam"), 2.0)
         if fid and ours and "decode" in fid and "decode" in ours:  # what limits the fiddler ratio on this machine
             t["ceiling of decode speed-up vs fiddler-serial (fiddler ms / ours' bound)"] = \
                 fid["decode"]["mean_ms"] / ours["decode"]["bound"]["ms"]
         out[routing] = t
     return out
+
+
+def _judged(entry, part: str):
+    """measured / bound of an entry's part, with the host ceiling measured beside its round where it was, else
+    the calibration's; None where the part is missing."""
+    rec = (entry or {}).get(part)
+    if not rec:
+        return None
+    beside = rec.get("measured_over_bound_beside")
+    return beside if beside is not None else rec.get("measured_over_bound")
 
 
 def _ratio(record, entry, other: str, phase: str = "decode", key: str = "tokens_per_s"):
@@ -582,10 +652,32 @@ def _line(e) -> str:
         return f"{e['kind']} {e['scheme']} {e['routing']} k={e['budget']}: {e.get('skipped') or e.get('error')}"
     d, p, b = e.get("decode") or {}, e.get("prefill") or {}, e.get("beam") or {}
     return (f"{e['kind']} {e['scheme']} {e['routing']} k={e['budget']}: decode {_f(d.get('tokens_per_s'))} tok/s "
-            f"(x{_f(d.get('measured_over_bound'))} bound, spread {_spread(d)}), prefill {_f(p.get('ms'), '.0f')} ms "
-            f"(x{_f(p.get('measured_over_bound'))}), beam {_f(b.get('steps_per_s'))} steps/s, "
+            f"(x{_f(d.get('measured_over_bound'))} bound{_beside(d)}, spread {_spread(d)}), prefill "
+            f"{_f(p.get('ms'), '.0f')} ms (x{_f(p.get('measured_over_bound'))}{_beside(p)}), beam "
+            f"{_f(b.get('steps_per_s'))} steps/s, "
             f"check {'-' if not e.get('check') else ('ok' if e['check']['pass'] else 'FAIL')}, "
             f"schedule {_schedule(e)}{', ANOMALOUS' if e.get('anomalous') else ''} ({e.get('seconds', 0):.0f} s)")
+
+
+def _beside(part: dict) -> str:
+    """', x1.23 at the host ceiling beside the round (119.0 GB/s)', or '' where it was not measured."""
+    r, c = (part or {}).get("measured_over_bound_beside"), (part or {}).get("host_ceiling_beside")
+    return "" if r is None else f", x{_f(r)} at the host ceiling beside the round ({c['gbs']:.1f} GB/s)"
+
+
+def host_ceiling_line(record: dict) -> str | None:
+    """How far the host's ceiling moved over the run: its measurements between rounds against the calibration's."""
+    c, probes = record.get("ceilings") or {}, ((record.get("host_ceiling") or {}).get("probes") or [])
+    if not probes:
+        why = (record.get("host_ceiling") or {}).get("why_not")
+        return f"host ceiling not measured between rounds: {why}" if why else None
+    host = [p["host_gbs"] for p in probes]
+    both = [p["both_paths_gbs"] for p in probes]
+    read = [p["read_gbs"] for p in probes]
+    cal = f" against the calibration's {c['host_gbs']:.1f}" if c.get("host_gbs") else ""
+    return (f"host ceiling between rounds ({len(probes)} measurements): {min(host):.1f}-{max(host):.1f} GB/s "
+            f"(median {statistics.median(host):.1f}){cal}; both paths {min(both):.1f}-{max(both):.1f}, plain read "
+            f"{min(read):.1f}-{max(read):.1f}; decode and prefill are judged at the ceiling beside their round")
 
 
 def _schedule(e) -> str:
@@ -610,8 +702,11 @@ def print_summary(record: dict) -> None:
     c = record.get("ceilings")
     if c:
         print(f"ceilings: GPU {c['gpu_gbs']:.0f} GB/s, host {c['host_gbs']:.1f} GB/s, H2D {c['h2d_gbs']:.1f} GB/s")
+    line = host_ceiling_line(record)
+    if line:
+        print(line)
     head = (f"{'kind':<8} {'routing':<8} {'scheme':<15} {'k':>3} {'hit':>5} {'tok/s':>7} {'spread':>6} {'p50 ms':>7} "
-            f"{'p90 ms':>7} {'bound':>6} {'x bnd':>5} {'vs cod':>6} {'vs fid':>6} {'prefill':>8} {'bound':>6} "
+            f"{'p90 ms':>7} {'bound':>6} {'x bnd':>5} {'x now':>5} {'vs cod':>6} {'vs fid':>6} {'prefill':>8} {'bound':>6} "
             f"{'x bnd':>5} {'beam st/s':>9} {'check':>5}  schedule")
     print(head)
     for e in record["runs"]:
@@ -624,6 +719,7 @@ def print_summary(record: dict) -> None:
         print(f"{e['kind']:<8} {e['routing']:<8} {e['scheme']:<15} {e['budget']:>3} {_f(d.get('hit_rate')):>5} "
               f"{_f(d.get('tokens_per_s')):>7} {_spread(d):>6} {_f(d.get('median_ms')):>7} {_f(d.get('p90_ms')):>7} "
               f"{_f((d.get('bound') or {}).get('ms')):>6} {_f(d.get('measured_over_bound')):>5} "
+              f"{_f(d.get('measured_over_bound_beside')):>5} "
               f"{_f(_ratio(record, e, 'copy-on-demand')):>6} {_f(_ratio(record, e, 'fiddler-serial')):>6} "
               f"{_f(p.get('ms'), '.1f'):>8} {_f((p.get('bound') or {}).get('ms'), '.1f'):>6} "
               f"{_f(p.get('measured_over_bound')):>5} {_f(b.get('steps_per_s')):>9} "

@@ -480,6 +480,25 @@ def test_a_session_that_gains_a_gpu_measures_the_peer_hop(tmp_path, monkeypatch)
         assert one.cost_model.contention_links == 1 and two.cost_model.contention_links == 2
 
 
+def test_both_paths_need_a_cuda_device_to_copy_to():
+    gu, dn = torch.zeros(64, 32, dtype=torch.bfloat16), torch.zeros(32, 32, dtype=torch.bfloat16)
+    with pytest.raises(ToolkitError, match=r"both paths need CUDA devices to copy to, not \['cpu'\]"):
+        costs.HostPaths(gu, dn, torch.bfloat16, 1, ["cpu"])
+
+
+@pytest.mark.gpu
+def test_host_paths_measure_the_ceiling_again_as_the_calibration_did(tmp_path):
+    cm = calibrate(preset="mixtral-8x7b", device="cuda", tokens=(1, 32), repeats=3, path=tmp_path / "c.json")
+    paths = costs.HostPaths.for_model(cm)
+    assert paths.devs == [torch.device("cuda")] and len(paths.sources) == len(paths.cold) >= 2
+    first, again = paths.measure(repeats=3), paths.measure(repeats=3)
+    for m in (first, again):
+        assert m["host_gbs"] == max(m["both_paths_gbs"], m["read_gbs"]) and m["read_gbs"] > 1
+        # both paths read at least most of what the copies alone do, and within 2x of the calibration's figure
+        assert m["both_paths_gbs"] > 0.8 * cm.expert_bytes / cm.copy_ms * 1e-6
+        assert 0.5 < m["both_paths_gbs"] / cm.host_paths_gbs < 2
+
+
 def test_cpu_slowdown_samples_alternately_and_queues_more_copies_until_they_outlast_the_expert():
     """Fakes: the CPU expert takes 4 ms alone and 5 ms beside copies, 9 ms when its threads wake from a sync (the
     untimed call takes that); a copy takes 1 ms, so 2 copies end first."""

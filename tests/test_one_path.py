@@ -140,11 +140,20 @@ def moe_decode_run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("TOOLKIT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     out = tmp_path_factory.mktemp("moe_decode")
+    bench = load_benchmark("moe_decode")
+    # the host's ceiling between rounds needs a GPU; a stand-in reads 100, 102, 104, ... GB/s, one a measurement
+    probes = iter(range(1000))
+
+    class Paths:
+        def measure(self):
+            gbs = 100.0 + 2 * next(probes)
+            return {"both_paths_gbs": gbs, "read_gbs": gbs - 10, "host_gbs": gbs}
+
+    mp.setattr(bench, "host_paths", lambda cm, device: (Paths(), None))
     try:
         spy = Spy(mp)
         t = time.perf_counter()
-        assert load_benchmark("moe_decode").main(["--quick", "--device", "cpu", "--out", str(out),
-                                                  "--rounds", "2"]) == 0
+        assert bench.main(["--quick", "--device", "cpu", "--out", str(out), "--rounds", "2"]) == 0
         seconds = time.perf_counter() - t
     finally:
         mp.undo()
@@ -382,6 +391,41 @@ def test_slow_steps_and_an_unsettled_warm_up_warn_next_to_the_number():
     assert any("spread widely" in x for x in spread.warnings)
     text = format_table({**r.to_dict(), "cost_model": None})
     assert text.splitlines()[-2:] == [f"  WARNING: {x}" for x in w]
+
+
+def test_moe_decode_judges_each_round_at_the_host_ceiling_measured_beside_it(moe_decode_run):
+    _, record, _ = moe_decode_run
+    probes = record["host_ceiling"]["probes"]
+    groups = [p for p in probes if p["after"].startswith("the start of")]
+    assert [p["after"] for p in groups] == [f"the start of the {g} group" for g in ("compare", "sweep", "ablation")]
+    rounds = [p for p in probes if " round " in p["after"]]
+    assert len(probes) == len(groups) + len(rounds) and [p["host_gbs"] for p in probes] == \
+        [100.0 + 2 * i for i in range(len(probes))]  # in order: one before each group, one after every round
+    ceilings = record["ceilings"]
+    judged = 0
+    for r in (r for r in record["runs"] if "decode" in r and r["decode"]["bound"]):
+        for part in ("decode", "prefill"):
+            rec = r[part]
+            c = rec["host_ceiling_beside"]
+            i = next(i for i, p in enumerate(probes) if p["host_gbs"] == c["after"])
+            assert c["before"] == probes[i - 1]["host_gbs"] and c["gbs"] == (c["before"] + c["after"]) / 2
+            assert probes[i]["after"].endswith(f"round {r['median_round'] + 1}")
+            b, old = rec["bound_beside"], rec["bound"]
+            host_gbs = max(c["gbs"], ceilings["h2d_gbs"])  # the missed bytes leave at the faster of the two
+            assert b["host_ms"] == pytest.approx(old["missed_bytes"] / (host_gbs * 1e9) * 1e3)
+            assert b["dense_ms"] == pytest.approx(old["dense_ms"]) and b["missed_bytes"] == old["missed_bytes"]
+            assert rec["measured_over_bound_beside"] == pytest.approx(rec["measured_over_bound"] * old["ms"] / b["ms"])
+            judged += 1
+    assert judged >= 4
+    for routing, t in record["targets"].items():  # the targets take the ceiling beside the round
+        ours = next(r for r in record["runs"] if r["routing"] == routing and r["kind"] == "compare"
+                    and r["scheme"] == "ours")
+        assert t["decode measured/bound"]["value"] == ours["decode"]["measured_over_bound_beside"]
+        assert t["prefill measured/bound"]["value"] == ours["prefill"]["measured_over_bound_beside"]
+    line = load_benchmark("moe_decode").host_ceiling_line(record)
+    assert line.startswith(f"host ceiling between rounds ({len(probes)} measurements): 100.0-") and "calibration" in line
+    bare = {**record, "host_ceiling": {"probes": [], "why_not": "no GPU: both paths need copies to a device"}}
+    assert load_benchmark("moe_decode").host_ceiling_line(bare).endswith("no GPU: both paths need copies to a device")
 
 
 def test_moe_decode_judges_each_phase_against_its_share_of_the_bound(moe_decode_run):

@@ -1114,8 +1114,7 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
 
     host_bw = None
     if cuda:  # host memory read bandwidth with the CPU threads, shared by both paths; a buffer beyond the cache
-        buf = host_memory.empty((max(64 << 20, 2 * gu.numel() * gu.element_size(), COLD_SPAN * (cache or 0)) // 4,),
-                                torch.float32, pin=False).fill_(1.0)  # the memory the experts lie in
+        buf = _read_buffer(gu.numel() * gu.element_size(), cache)
         with torch_threads(threads):
             ms = _median_ms(lambda: buf.sum(), repeats, 1, clock=clock)
         host_bw = buf.numel() * 4 / (ms * 1e-3) / 1e9
@@ -1163,6 +1162,134 @@ def cpu_slowdown(cpu_ms, queue, landed, sync, warm: int, repeats: int) -> float:
     return max(1.0, statistics.median(during[warm:]) / statistics.median(alone[warm:]))
 
 
+class HostPaths:
+    """Both paths of missed experts reading host memory, measured on demand: CPU experts and pinned copies.
+
+    Holds what the calibration's contention timings cycle through: distinct
+    copies of an expert (``cold_copies`` of a ``cache``-byte last-level cache)
+    for the CPU experts and, pinned, as the copies' sources, so every call
+    reads host memory, as in a run; one destination and stream per device in
+    ``devices`` (CUDA); and a buffer for a plain read by the CPU threads.
+    ``both_gbs()`` is the bytes both paths read per second while
+    ``BOTH_PATHS_MS`` of copies are queued on every link and one-token CPU
+    experts run until they land (the calibration's ``host_paths_gbs``);
+    ``read_gbs()`` a plain read (``host_bandwidth_gbs``). Taken again between
+    a benchmark's rounds they show how far the host's ceiling moved since
+    the calibration: on the lent H200 hosts two calibrations minutes apart read
+    139.3 and 125.7 GB/s.
+    """
+
+    def __init__(self, gu: torch.Tensor, dn: torch.Tensor, cpu_dtype, threads: int, devices, linear=F.linear,
+                 cache: int | None = None, clock=time.perf_counter):
+        self.devs = [torch.device(d) for d in devices]
+        if not self.devs or any(d.type != "cuda" for d in self.devs):
+            raise ToolkitError(f"both paths need CUDA devices to copy to, not {[str(d) for d in devices]}")
+        self.threads, self.linear, self.clock = int(threads), linear, clock
+        self.sources = _cold_set(gu, dn, gu.dtype, cache, pin=True)  # the copies' sources, pinned
+        self.dst = [(torch.empty_like(gu, device=d), torch.empty_like(dn, device=d)) for d in self.devs]
+        self.streams = [torch.cuda.Stream(d) for d in self.devs]
+        self.cold = _cold_set(gu, dn, cpu_dtype, cache)  # the CPU experts' weights
+        self.take, self.source = _cycle(self.cold), _cycle(self.sources)
+        self.copy_bytes = (gu.numel() + dn.numel()) * gu.element_size()
+        self.cpu_bytes = (gu.numel() + dn.numel()) * self.cold[0][0].element_size()
+        self.x1 = torch.full((1, gu.shape[1]), 0.1, dtype=cpu_dtype)  # [1, D]: the most memory-bound CPU expert
+        self._read = None
+        self._queued = None  # copies a link queues for ``both_gbs``, from the first ``measure``
+
+    @classmethod
+    def for_model(cls, model: CostModel, devices=None) -> HostPaths:
+        """For ``model``'s expert sizes, dtypes, CPU threads and CPU matmul, over ``devices`` (default: the
+        model's device and its peers)."""
+        devices = devices or [model.device, *(model.peer_devices or ())]
+        gu, dn = _expert_weights(model.hidden, model.intermediate, DTYPES[model.dtype])
+        return cls(gu, dn, DTYPES[model.cpu_dtype], model.cpu_threads, devices, model.cpu_linear, cache=cache_bytes())
+
+    def sync(self) -> None:
+        for d in self.devs:
+            torch.cuda.synchronize(d)
+
+    def queue(self, k: int) -> list:
+        """k copies of the expert on every link; -> an event after each link's last."""
+        ends = []
+        for (g1, g2), stream in zip(self.dst, self.streams):
+            with torch.cuda.stream(stream):
+                for _ in range(k):
+                    h1, h2 = self.source()
+                    g1.copy_(h1, non_blocking=True)
+                    g2.copy_(h2, non_blocking=True)
+                ends.append(torch.cuda.Event())
+                ends[-1].record(stream)
+        return ends
+
+    @staticmethod
+    def landed(ends) -> bool:
+        return all(e.query() for e in ends)
+
+    def cpu_expert(self, x=None) -> None:
+        """One CPU expert on the next cold copy, ``x`` [n, D] (default one token)."""
+        expert_forward(self.x1 if x is None else x, *self.take(), linear=self.linear)
+
+    def copy_ms(self, busy=None) -> float:
+        """ms of one copy on every link at once (the slowest link), with ``busy()`` run until they all land."""
+        marks = []
+        for (g1, g2), stream in zip(self.dst, self.streams):
+            with torch.cuda.stream(stream):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                h1, h2 = self.source()
+                start.record(stream)
+                g1.copy_(h1, non_blocking=True)
+                g2.copy_(h2, non_blocking=True)
+                end.record(stream)
+                marks.append((start, end))
+        while busy is not None and not all(end.query() for _, end in marks):
+            busy()
+        self.sync()
+        return max(start.elapsed_time(end) for start, end in marks)
+
+    def both_gbs(self, k: int) -> float:
+        """GB/s read by k copies on every link and the one-token CPU experts run until they land."""
+        self.sync()
+        t0 = self.clock()
+        ends, n = self.queue(k), 0
+        while not self.landed(ends):
+            self.cpu_expert()
+            n += 1
+        self.sync()
+        return (k * len(self.devs) * self.copy_bytes + n * self.cpu_bytes) / (self.clock() - t0) / 1e9
+
+    def copies_for_both(self, copy_ms: float) -> int:
+        """Copies a link queues so that both paths run together for ``BOTH_PATHS_MS``."""
+        return max(2, math.ceil(BOTH_PATHS_MS / max(1e-3, copy_ms)))
+
+    def read_gbs(self, repeats: int = 5) -> float:
+        """GB/s of a plain read by the CPU threads over a buffer beyond the cache, in the memory the experts
+        lie in."""
+        if self._read is None:
+            self._read = _read_buffer(self.cold[0][0].numel() * self.cold[0][0].element_size(), cache_bytes())
+        with torch_threads(self.threads):
+            ms = _median_ms(lambda: self._read.sum(), repeats, 1, clock=self.clock)
+        return self._read.numel() * 4 / (ms * 1e-3) / 1e9
+
+    @torch.no_grad()
+    def measure(self, repeats: int = 5, warm: int = 1) -> dict:
+        """The host's ceilings now: {"both_paths_gbs": median of ``repeats`` ``both_gbs`` samples after ``warm``,
+        "read_gbs": a plain read, "host_gbs": the faster (what ``CostModel.host_read_gbs`` takes)}."""
+        with torch_threads(self.threads):
+            if self._queued is None:
+                self.copy_ms()
+                self._queued = self.copies_for_both(self.copy_ms())
+            both = statistics.median([self.both_gbs(self._queued) for _ in range(warm + repeats)][warm:])
+        read = self.read_gbs(repeats)
+        return {"both_paths_gbs": both, "read_gbs": read, "host_gbs": max(both, read)}
+
+
+def _read_buffer(expert_bytes: int, cache: int | None) -> torch.Tensor:
+    """float32 ones over at least 64 MiB, twice ``expert_bytes`` and ``COLD_SPAN`` caches, where the experts lie (huge pages
+    where granted): a plain read of it reads host memory, not the cache."""
+    n = max(64 << 20, 2 * int(expert_bytes), COLD_SPAN * (cache or 0)) // 4
+    return host_memory.empty((n,), torch.float32, pin=False).fill_(1.0)
+
+
 @torch.no_grad()
 def _measure_contention(gu, dn, cpu_dtype, threads, tokens, devices, repeats, warm, clock, linear=F.linear,
                         cache: int | None = None) -> dict:
@@ -1178,95 +1305,36 @@ def _measure_contention(gu, dn, cpu_dtype, threads, tokens, devices, repeats, wa
     spell of the machine hits both (a small expert whose copies land as fast
     as they are queued cannot be slowed by them: 1); and one copy on every
     link is timed with CUDA events alone and while CPU experts run until it
-    lands. Last, both paths at once: ``BOTH_PATHS_MS`` of copies queued on every
-    link and one-token CPU experts run until they land; the bytes both read
-    per second (``host_paths_gbs``) can exceed a plain read by the CPU threads
-    alone (126 against 95 GB/s on a lent H200 host, ``host_read_h200.json``).
-    CPU experts and copies cycle through distinct copies of the expert
-    (``cold_copies`` of a ``cache``-byte last-level cache), so every call reads
-    host memory, as in a run.
+    lands. Last, both paths at once (``HostPaths.both_gbs``); the bytes both
+    read per second (``host_paths_gbs``) can exceed a plain read by the CPU
+    threads alone (126 against 95 GB/s on a lent H200 host,
+    ``host_read_h200.json``).
     -> {"cpu_contention": ratios at ``tokens``, "copy_contention": ratio, "contention_links": len(devices),
         "host_paths_gbs": GB/s}
     """
-    devs = [torch.device(d) for d in devices]
-    sources = _cold_set(gu, dn, gu.dtype, cache, pin=True)  # the copies' sources, pinned
-    dst = [(torch.empty_like(gu, device=d), torch.empty_like(dn, device=d)) for d in devs]  # [2I, D], [D, I]
-    streams = [torch.cuda.Stream(d) for d in devs]
-    cold = _cold_set(gu, dn, cpu_dtype, cache)
-    take, source = _cycle(cold), _cycle(sources)
-    copy_bytes = (gu.numel() + dn.numel()) * gu.element_size()
-    cpu_bytes = (gu.numel() + dn.numel()) * cold[0][0].element_size()
-
-    def sync():
-        for d in devs:
-            torch.cuda.synchronize(d)
-
-    def queue(k: int) -> list:
-        """k copies of the expert on every link; -> an event after each link's last."""
-        ends = []
-        for (g1, g2), stream in zip(dst, streams):
-            with torch.cuda.stream(stream):
-                for _ in range(k):
-                    h1, h2 = source()
-                    g1.copy_(h1, non_blocking=True)
-                    g2.copy_(h2, non_blocking=True)
-                ends.append(torch.cuda.Event())
-                ends[-1].record(stream)
-        return ends
-
-    def landed(ends) -> bool:
-        return all(e.query() for e in ends)
+    paths = HostPaths(gu, dn, cpu_dtype, threads, devices, linear, cache, clock)
 
     def cpu_ms(x) -> float:
-        w1, w2 = take()
         t0 = clock()
-        expert_forward(x, w1, w2, linear=linear)
+        paths.cpu_expert(x)
         return (clock() - t0) * 1e3
-
-    def copy_ms(busy=None) -> float:
-        """ms of one copy on every link at once (the slowest link), with ``busy()`` run until they all land."""
-        marks = []
-        for (g1, g2), stream in zip(dst, streams):
-            with torch.cuda.stream(stream):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                h1, h2 = source()
-                start.record(stream)
-                g1.copy_(h1, non_blocking=True)
-                g2.copy_(h2, non_blocking=True)
-                end.record(stream)
-                marks.append((start, end))
-        while busy is not None and not all(end.query() for _, end in marks):
-            busy()
-        sync()
-        return max(start.elapsed_time(end) for start, end in marks)
-
-    def both_gbs(k: int) -> float:
-        """GB/s read by k copies on every link and the one-token CPU experts run until they land."""
-        sync()
-        t0 = clock()
-        ends, n = queue(k), 0
-        while not landed(ends):
-            expert_forward(x1, *take(), linear=linear)
-            n += 1
-        sync()
-        return (k * len(devs) * copy_bytes + n * cpu_bytes) / (clock() - t0) / 1e9
 
     ratios = []
     with torch_threads(threads):
         for n in tokens:
             x = torch.full((n, gu.shape[1]), 0.1, dtype=cpu_dtype)  # [n, D]
-            ratios.append(cpu_slowdown(lambda x=x: cpu_ms(x), queue, landed, sync, warm, repeats))
-        x1 = torch.full((1, gu.shape[1]), 0.1, dtype=cpu_dtype)  # [1, D]: the most memory-bound CPU expert
+            ratios.append(cpu_slowdown(lambda x=x: cpu_ms(x), paths.queue, paths.landed, paths.sync, warm,
+                                       repeats))
         copies_alone, copies_during = [], []
         for _ in range(warm + repeats):
-            copies_alone.append(copy_ms())
-            copies_during.append(copy_ms(lambda: expert_forward(x1, *take(), linear=linear)))
-        k = max(2, math.ceil(BOTH_PATHS_MS / max(1e-3, statistics.median(copies_alone))))
-        both = [both_gbs(k) for _ in range(warm + repeats)][warm:]
+            copies_alone.append(paths.copy_ms())
+            copies_during.append(paths.copy_ms(paths.cpu_expert))
+        k = paths.copies_for_both(statistics.median(copies_alone))
+        both = [paths.both_gbs(k) for _ in range(warm + repeats)][warm:]
     return {"cpu_contention": tuple(ratios),
             "copy_contention": max(1.0, statistics.median(copies_during[warm:])  # never faster beside CPU experts
                                    / statistics.median(copies_alone[warm:])),
-            "contention_links": len(devs), "host_paths_gbs": statistics.median(both)}
+            "contention_links": len(paths.devs), "host_paths_gbs": statistics.median(both)}
 
 
 def with_peer_hops(model: CostModel, devices, *, repeats: int = 5, path: str | os.PathLike | None = None,
