@@ -362,3 +362,50 @@ def test_the_host_function_stamps_each_call_in_a_ring(model):
         assert share.stamps(first + 2) == got[1:]
     finally:
         off.restore()
+
+
+@needs_kernel
+@pytest.mark.parametrize("top_k,k,threads", [(2, 16, 2), (4, 0, 3), (3, 48, 1), (2, 64, 2)])
+def test_the_host_function_sums_the_missed_shares_as_torch_does(top_k, k, threads):
+    """The host function shares the rows of every missed expert among its threads in one parallel region; its sum
+    equals torch's ops on units [k, I) of each (SiLU and each projection rounded to bf16, the sum in float32), and
+    does not depend on the thread count. Odd sizes: runs of rows that cross the gate/up and expert boundaries,
+    rows beyond the last whole block, a thread with no down rows."""
+    E, D, I = 6, 40, 72  # D not a multiple of 16 rows a thread, I - k not either
+    g = torch.Generator().manual_seed(top_k * 100 + k)
+    gate_up = (torch.randn(E, 2 * I, D, generator=g) * 0.2).to(torch.bfloat16)
+    down = (torch.randn(E, D, I, generator=g) * 0.2).to(torch.bfloat16)
+    resident = np.zeros(E, dtype=bool)
+    resident[1] = True
+    sel = [0, 1, 2, 4, 5][:top_k]  # expert 1 resident: the function skips it
+    w = torch.rand(top_k, generator=g)
+    x = torch.randn(D, generator=g).to(torch.bfloat16)
+    lib = graph_pass._library()
+    out = {}
+    for n in (threads, 1):
+        share = graph_pass.HostShare(gate_up, down, resident, top_k, k, n, pin=False)
+        share.sel[:], share.w[:], share.x[:] = torch.tensor(sel), w, x
+        lib.toolkit_host_share(graph_pass.ctypes.byref(share.job))
+        out[n] = share.y.clone()
+        assert int(share.job.experts) == sum(e != 1 for e in sel)
+    assert torch.equal(out[threads], out[1])
+    want = torch.zeros(D)
+    for s, e in enumerate(sel):
+        if e == 1:
+            continue
+        gate = F_linear(x, gate_up[e, k:I])
+        up = F_linear(x, gate_up[e, I + k:])
+        act = (torch.nn.functional.silu(gate.float()).to(torch.bfloat16).float() * up.float()).to(torch.bfloat16)
+        want += w[s] * F_linear(act, down[e, :, k:]).float()
+    torch.testing.assert_close(out[threads].float(), want, atol=1e-2, rtol=1e-2)
+
+
+def F_linear(x, w):
+    """x [K] @ w [N, K].T in float32, rounded to bf16 as the CPU kernel rounds."""
+    return (w.float() @ x.float()).to(torch.bfloat16)
+
+
+def test_the_host_function_takes_at_most_its_top_k_experts():
+    gu, dn = torch.zeros(2, 32, 16, dtype=torch.bfloat16), torch.zeros(2, 16, 16, dtype=torch.bfloat16)
+    with pytest.raises(ToolkitError, match="1 to 64 experts a token, not 65"):
+        graph_pass.HostShare(gu, dn, np.zeros(2, dtype=bool), graph_pass.MAX_TOP_K + 1, 0, 1, pin=False)

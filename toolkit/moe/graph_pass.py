@@ -48,6 +48,7 @@ from . import conditional, cpu_gemv, gemv
 
 SOURCE = Path(__file__).with_name("host_share.c")
 UNIT_BLOCK = 16  # the GPU's share is a whole number of these units (copies of whole 16-row blocks)
+MAX_TOP_K = 64  # experts a token may pick for the host function (host_share.c's TOOLKIT_MAX_TOP_K)
 
 
 class ShareJob(ctypes.Structure):
@@ -137,6 +138,8 @@ class HostShare:
         inter = two_i // 2
         if gate_up.dtype != torch.bfloat16 or not (gate_up.is_contiguous() and down.is_contiguous()):
             raise ToolkitError("the CPU's share reads the layer's host experts as contiguous bf16")
+        if not 0 < top_k <= MAX_TOP_K:
+            raise ToolkitError(f"the CPU's share takes 1 to {MAX_TOP_K} experts a token, not {top_k}")
 
         def host(n, dtype):
             return torch.zeros(n, dtype=dtype, pin_memory=pin)
@@ -144,8 +147,9 @@ class HostShare:
         self.sel, self.w = host(top_k, torch.int64), host(top_k, torch.float32)
         self.x, self.y = host(D, torch.bfloat16), host(D, torch.bfloat16)
         self.resident = torch.as_tensor(np.asarray(resident, dtype=np.uint8))
-        self.scratch = [torch.empty(2 * inter, dtype=torch.bfloat16), torch.empty(inter, dtype=torch.bfloat16),
-                        torch.empty(D, dtype=torch.bfloat16), torch.empty(D, dtype=torch.float32)]
+        self.scratch = [torch.empty(top_k * 2 * inter, dtype=torch.bfloat16),  # h, act, yk: every missed expert's
+                        torch.empty(top_k * inter, dtype=torch.bfloat16),
+                        torch.empty(top_k * D, dtype=torch.bfloat16), torch.empty(D, dtype=torch.float32)]
         self.experts = (gate_up, down)  # kept alive with the job, which holds their addresses
         j = self.job = ShareJob()
         j.lin = cpu_gemv.entry_point()
