@@ -173,6 +173,7 @@ class Bench:
                "p90_ms": d["p90"], "samples_ms": d["samples"], "prefill_ms": r.prefill_ms,
                "hit_rate": 1.0, "reads": None, "bound": None, "measured_over_bound": None, "stats": None,
                "warmup": r.warmup, "schedule": r.schedule, "engine": r.engine,
+               "stop_check_deferred": g.stop_check_deferred,
                "sequences": [list(s) for s in g.sequences]}
         if r.stats is not None:
             reads = R.reads_from_stats(r.stats, "decode")

@@ -307,3 +307,79 @@ def test_the_kv_cache_goes_under_the_name_this_transformers_has(model):
         hf_logger.removeHandler(handler)
     assert step.logits.shape[:2] == (1, 1)
     assert not [r.getMessage() for r in logged if "past_key_values" in r.getMessage()]
+
+
+# ---------------------------------------------------------------- the stop check read one step late
+
+def test_only_a_run_that_ends_at_max_new_tokens_may_read_its_stop_check_late():
+    assert G.fixed_length(True, 1, None, [], {})
+    assert not G.fixed_length(False, 1, None, [], {})  # EOS may end it earlier
+    assert not G.fixed_length(True, 4, None, [], {})  # beam search: its own loop
+    assert not G.fixed_length(True, 1, object(), [], {})  # streaming taps
+    assert not G.fixed_length(True, 1, None, [object()], {})  # a criterion may end it earlier
+    assert not G.fixed_length(True, 1, None, [], {"stop_strings": ["."]})
+
+
+def test_the_deferred_stop_check_is_allowed_on_cuda_inside_only_and_for_caches_it_may_keep():
+    from transformers.generation import utils as gen_utils
+
+    cls = getattr(gen_utils, "DeferredStopCheck", None)
+    if cls is None:
+        with G.deferred_stop_check() as state:
+            assert state["deferred"] is False  # this transformers reads the stop every step
+        return
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    kept = SimpleNamespace(is_croppable=False)  # a static cache handed back to the caller: no rollback
+    ours = SimpleNamespace(is_croppable=False)
+    before = cls.is_supported(cuda, None, False, False)
+    with G.deferred_stop_check(owned_cache=ours) as state:
+        assert state["deferred"] is None  # not asked yet
+        assert cls.is_supported(cuda, None, False, False) and state["deferred"] is True
+        assert cls.is_supported(cuda, ours, True, False)  # the graphs' cache: crop keeps every position
+        assert not cls.is_supported(cuda, kept, True, False) and state["deferred"] is False
+        assert cls.is_supported(cuda, SimpleNamespace(is_croppable=True), True, False)
+        assert not cls.is_supported(cuda, None, False, True)  # assisted generation: transformers' own answer
+        assert not cls.is_supported(cpu, None, False, False)  # CPU: transformers' own answer (no events)
+    assert cls.is_supported(cuda, None, False, False) == before  # put back
+
+
+def test_the_graphs_static_cache_keeps_every_position_when_transformers_crops_it():
+    from toolkit.moe.graphs import keep_in_place
+
+    assert keep_in_place(0) is None and keep_in_place(-1) is None
+    with pytest.raises(ToolkitError, match="cannot be cut to 5 positions"):
+        keep_in_place(5)
+
+
+def test_on_cpu_the_stop_check_is_read_every_step(model):
+    ids, mask = random_prompts(model.config.vocab_size, [4], seed=0)
+    r = G.generate(model, ids, mask, max_new_tokens=3, ignore_eos=True)
+    assert r.stop_check_deferred is False and r.to_dict()["stop_check_deferred"] is False
+
+
+@pytest.mark.gpu
+def test_gpu_a_stop_check_read_late_gives_the_same_tokens_and_steps():
+    """On CUDA, a fixed-length greedy run reads its stop check one step late: the unmodified model (a dynamic
+    cache) and an offloaded one (the graphs' static cache) give the same tokens and as many timed steps as with
+    the check read every step; a run that may end at EOS keeps the check every step."""
+    from toolkit.moe.costs import CostModel
+    from toolkit.moe.offload import offload
+
+    gpu_model = build_moe("tiny-mixtral", device="cuda", seed=0)
+    ids, mask = random_prompts(gpu_model.config.vocab_size, [5], seed=2)
+    kw = dict(max_new_tokens=10, ignore_eos=True)
+    cm = CostModel.fixed(cpu=(0.0, 1.0), gpu=(0.01, 0.0), copy_ms=3.0)
+    for target in ("unmodified", "offloaded"):
+        model = gpu_model if target == "unmodified" else offload(gpu_model, gpu_experts=5, device="cuda",
+                                                                 cost_model=cm)
+        try:
+            late, every = (G.generate(model, ids, mask, defer_stop=d, **kw) for d in (True, False))
+            eos = G.generate(model, ids, mask, max_new_tokens=10)
+        finally:
+            if target == "offloaded":
+                model.restore()
+        assert late.stop_check_deferred and not every.stop_check_deferred and not eos.stop_check_deferred, target
+        assert late.sequences == every.sequences and len(late.decode_samples_ms) == len(every.decode_samples_ms) == 9
+        if target == "offloaded":
+            for phase in ("prefill", "decode"):  # no extra pass counted
+                assert np.array_equal(late.experts["activations"][phase], every.experts["activations"][phase])

@@ -371,10 +371,10 @@ def test_the_host_function_sums_the_missed_shares_as_torch_does(top_k, k, thread
     equals torch's ops on units [k, I) of each (SiLU and each projection rounded to bf16, the sum in float32), and
     does not depend on the thread count. Odd sizes: runs of rows that cross the gate/up and expert boundaries,
     rows beyond the last whole block, a thread with no down rows."""
-    E, D, I = 6, 40, 72  # D not a multiple of 16 rows a thread, I - k not either
+    E, D, inter = 6, 40, 72  # D not a multiple of 16 rows a thread, inter - k not either
     g = torch.Generator().manual_seed(top_k * 100 + k)
-    gate_up = (torch.randn(E, 2 * I, D, generator=g) * 0.2).to(torch.bfloat16)
-    down = (torch.randn(E, D, I, generator=g) * 0.2).to(torch.bfloat16)
+    gate_up = (torch.randn(E, 2 * inter, D, generator=g) * 0.2).to(torch.bfloat16)
+    down = (torch.randn(E, D, inter, generator=g) * 0.2).to(torch.bfloat16)
     resident = np.zeros(E, dtype=bool)
     resident[1] = True
     sel = [0, 1, 2, 4, 5][:top_k]  # expert 1 resident: the function skips it
@@ -393,8 +393,8 @@ def test_the_host_function_sums_the_missed_shares_as_torch_does(top_k, k, thread
     for s, e in enumerate(sel):
         if e == 1:
             continue
-        gate = F_linear(x, gate_up[e, k:I])
-        up = F_linear(x, gate_up[e, I + k:])
+        gate = F_linear(x, gate_up[e, k:inter])
+        up = F_linear(x, gate_up[e, inter + k:])
         act = (torch.nn.functional.silu(gate.float()).to(torch.bfloat16).float() * up.float()).to(torch.bfloat16)
         want += w[s] * F_linear(act, down[e, :, k:]).float()
     torch.testing.assert_close(out[threads].float(), want, atol=1e-2, rtol=1e-2)

@@ -16,6 +16,14 @@ search; never a hand-written loop) and measures it from the inside:
   with it, and the timer would slow the step it times.
 - Streaming (``toolkit.moe.streaming``, beam search included) never runs inside
   a timed step: its taps only copy token ids to the host and enqueue them.
+- transformers' loop asks the GPU after every step whether to stop (a sync),
+  so the host's work between steps (inputs, masks, the next launch: ~2 ms a
+  step on the lent H200 host) runs while the GPU waits. Where no step can stop
+  early (``ignore_eos``, one beam, no other stopping rule, no streaming) on a
+  GPU, ``generate`` lets transformers read that answer one step late
+  (``DeferredStopCheck``, which transformers itself takes on Apple GPUs only):
+  the host queues the next step while the GPU runs this one, and the output
+  is the same, since the loop ends at ``max_new_tokens`` on the host's count.
 
 The run's numbers come back as a ``GenerationResult`` value; inputs for offline
 runs (a synthetic tokenizer, random prompts) are in ``toolkit.moe.prompts``.
@@ -25,6 +33,7 @@ Shapes: B batch, P prompt tokens, S sequence length so far.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +46,48 @@ from ..errors import ToolkitError
 from .graphs import cache_keyword
 from .phases import PHASES
 from .streaming import TokenStream, as_logits_processor, as_stopping_criterion
+
+# --------------------------------------------------------------------------- the stop check
+
+@contextlib.contextmanager
+def deferred_stop_check(owned_cache=None):
+    """Within: transformers' ``generate`` on a CUDA device reads whether to stop one step late, as it does on
+    Apple GPUs (``DeferredStopCheck``), for a cache it may roll back or does not hand back, or ``owned_cache``
+    (the decode graphs' static cache: its ``crop`` keeps every position, ``graphs.keep_in_place``). Yields a
+    dict whose ``"deferred"`` says what transformers chose (None: it did not ask; False where this transformers
+    has no deferred check)."""
+    from transformers.generation import utils as gen_utils
+
+    state = {"deferred": None}
+    cls = getattr(gen_utils, "DeferredStopCheck", None)
+    if cls is None or not isinstance(cls.__dict__.get("is_supported"), staticmethod):
+        state["deferred"] = False
+        yield state
+        return
+    original = cls.__dict__["is_supported"]
+
+    def is_supported(device, cache, cache_is_returned, is_assistant):
+        if torch.device(device).type != "cuda" or is_assistant:
+            ok = original.__func__(device, cache, cache_is_returned, is_assistant)
+        else:
+            ok = cache is None or cache is owned_cache or not cache_is_returned or bool(cache.is_croppable)
+        state["deferred"] = bool(ok)
+        return ok
+
+    cls.is_supported = staticmethod(is_supported)
+    try:
+        yield state
+    finally:
+        cls.is_supported = original
+
+
+def fixed_length(ignore_eos: bool, num_beams: int, stream, criteria, kwargs: dict) -> bool:
+    """Whether ``generate``'s loop can end only at ``max_new_tokens`` (counted on the host): EOS suppressed, one
+    beam (beam search keeps its own loop), no streaming taps, stopping criteria or stop strings. A stop check read
+    one step late then changes nothing but the waiting."""
+    return bool(ignore_eos) and int(num_beams) == 1 and stream is None and not len(criteria or ()) \
+        and not kwargs.get("stop_strings")
+
 
 # --------------------------------------------------------------------------- timing
 
@@ -118,6 +169,7 @@ class GenerationResult:
     gpu_experts: int | None = None
     cost_model: dict | None = None
     env: dict = field(default_factory=dict)
+    stop_check_deferred: bool = False  # transformers read whether to stop one step late (``deferred_stop_check``)
 
     @property
     def mode(self) -> str:
@@ -152,7 +204,7 @@ class GenerationResult:
             "activations": exp.get("activations"),
             "gpu_experts": self.gpu_experts, "cost_model": self.cost_model,
             "sequences": [list(s) for s in self.sequences], "text": None if self.text is None else list(self.text),
-            "env": self.env,
+            "env": self.env, "stop_check_deferred": self.stop_check_deferred,
         }
 
     @classmethod
@@ -271,7 +323,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              max_new_tokens: int = 32, num_beams: int = 1, do_sample: bool = False, ignore_eos: bool = False,
              seed: int = 0, streamer=None, tokenizer=None, clock: Callable[[], float] = time.perf_counter,
              synchronize: Callable[[], None] | None = None, mark: Callable[[], object] | None = None,
-             **generate_kwargs) -> GenerationResult:
+             defer_stop: bool = True, **generate_kwargs) -> GenerationResult:
     """Generate with transformers ``generate`` and measure prefill, every decode step and the experts' hit rates.
 
     ``model``: a transformers causal LM or an ``Offloaded`` (then its stats are
@@ -284,8 +336,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ``text`` after timing. Steps are timed with CUDA events on a GPU
     (``StepTimer``); ``clock``/``synchronize`` (a synced clock at every step
     instead) and ``mark`` (events from elsewhere) are injectable for tests.
-    Extra keyword arguments go to transformers (``temperature``, ``top_k``,
-    ``length_penalty``, ...).
+    ``defer_stop``: on a GPU, where no step can stop early, transformers reads
+    whether to stop one step late (see the module's docstring); False keeps
+    its sync after every step. Extra keyword arguments go to transformers
+    (``temperature``, ``top_k``, ``length_penalty``, ...).
     """
     offloaded = model if _is_offloaded(model) else None
     hf = offloaded.model if offloaded is not None else model
@@ -333,11 +387,15 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         kwargs["min_new_tokens"] = int(max_new_tokens)
     kwargs.update(generate_kwargs)
     graphs = getattr(offloaded, "graphs", None)
+    owned_cache = None
     if graphs is not None and not any(k in kwargs for k in ("cache", "past_key_values", "cache_implementation")):
         # a static KV cache kept across calls: the decode graphs write it in place at fixed addresses (beam
         # search reorders it in place); transformers would compile the forward for a static cache unless told not to
-        kwargs[cache_keyword(hf)] = graphs.static_cache(hf.config, B * int(num_beams), P + int(max_new_tokens))
+        owned_cache = graphs.static_cache(hf.config, B * int(num_beams), P + int(max_new_tokens))
+        kwargs[cache_keyword(hf)] = owned_cache
         kwargs["disable_compile"] = True
+    defer = bool(defer_stop) and device.type == "cuda" and fixed_length(ignore_eos, num_beams, stream, criteria, kwargs)
+    stop_check = deferred_stop_check(owned_cache) if defer else contextlib.nullcontext({"deferred": False})
 
     if offloaded is not None:
         offloaded.reset_stats()
@@ -349,7 +407,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         t0 = clock()
         start = mark() if mark is not None else None
         # no_grad, not inference_mode: buffers the engine creates here must stay writable afterwards
-        with torch.no_grad():
+        with torch.no_grad(), stop_check as checked:
             out = hf.generate(input_ids, attention_mask=attention_mask, logits_processor=processors,
                               stopping_criteria=criteria, **kwargs)
         sync()
@@ -392,5 +450,5 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         batch_size=B, num_beams=int(num_beams), do_sample=bool(do_sample), prompt_tokens=P,
         new_tokens=int(generated.shape[1]), sequences=tuple(tuple(r) for r in generated.tolist()), text=text,
         experts=experts, gpu_experts=gpu_experts, cost_model=cost_model,
-        env=environment(str(device), threads=threads),
+        env=environment(str(device), threads=threads), stop_check_deferred=bool(checked["deferred"]),
     )

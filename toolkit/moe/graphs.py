@@ -337,6 +337,7 @@ class DecodeGraphs:
             self._cache = StaticCache(config=config.get_text_config(decoder=True), max_cache_len=length)
             for layer in self._cache.layers:
                 layer.reorder_cache = functools.partial(reorder_in_place, layer)
+                layer.crop = keep_in_place
             self._cache_shape = (int(batch), length)
         else:
             self._cache.reset()
@@ -634,6 +635,18 @@ def reorder_in_place(layer, beam_idx: torch.Tensor) -> None:
         idx = beam_idx.to(layer.keys.device)
         layer.keys.copy_(layer.keys.index_select(0, idx))
         layer.values.copy_(layer.values.index_select(0, idx))
+
+
+def keep_in_place(tokens_to_remove: int) -> None:
+    """A cache layer's ``crop`` for the graphs' static cache: nothing moves.
+
+    transformers' deferred stop check (``toolkit.moe.generation``) calls
+    ``crop(0)`` after every step, and ``crop(-n)`` after steps it undoes;
+    those steps' keys and values lie past the end of the returned sequence,
+    where nothing reads them, and the cache is reset before its next call.
+    """
+    if int(tokens_to_remove) > 0:  # the legacy meaning, a length to keep: never asked by the deferred check
+        raise ToolkitError(f"the decode graphs' static cache cannot be cut to {tokens_to_remove} positions")
 
 
 def graphs_line(d: dict) -> str:
