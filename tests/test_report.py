@@ -4,6 +4,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from toolkit import experiments, paper, plots, recorded, report, settings
@@ -245,7 +246,45 @@ def write_fake_recordings(gpu_dir):
                "settings": {"layers": 8, "gpu_experts": 14, "routing": "uniform"}, "graph_misses": {"units": 5776},
                "profiled_steps": [{"layers": [], "summary": stamped}, {"layers": [], "summary": unstamped}]},
               gpu_dir / "captured_step_h200.json")
+
+    def ways(every, late, spread):
+        return {"every step": {"tokens_per_s": every, "rounds": [every] * 3, "spread": spread,
+                               "anomalous": spread > 0.1, "deferred": False},
+                "late": {"tokens_per_s": late, "rounds": [late, late * 1.01, late * 0.99], "spread": 0.02,
+                         "anomalous": False, "deferred": True}, "late_over_every_step": late / every}
+
+    save_json({"provenance": GPU_ENV, "benchmark": "stop_check",
+               "settings": {"layers": 8, "gpu_experts": 14, "routing": "uniform", "preset": "mixtral-8x7b"},
+               "summary": {"ours": ways(23.7, 24.2, 0.04), "all-gpu": ways(310.0, 387.0, 0.06),
+                           "hf-eager": ways(68.0, 73.0, 0.5)}}, gpu_dir / "stop_check_h200.json")
     return gpu_dir
+
+
+def test_the_stop_check_recording_gives_each_targets_two_ways_and_the_noisy_one_is_left_out(tmp_path):
+    import json
+
+    doc = json.loads((write_fake_recordings(tmp_path / "gpu") / "stop_check_h200.json").read_text())
+    frame = recorded.recorded_stop_check(doc)
+    assert list(zip(frame["target"], frame["way"])) == [(t, w) for t in ("ours", "all-gpu", "hf-eager")
+                                                         for w in ("every step", "late")]
+    assert frame["tokens_per_s"].tolist() == [23.7, 24.2, 310.0, 387.0, 68.0, 73.0]
+    assert frame["anomalous"].tolist() == [False, False, False, False, True, False]
+    assert frame["anomaly_reason"][4] == "rounds differ by 50% of their median"
+    assert frame["deferred"].tolist() == [False, True] * 3 and frame["rounds"][3] == pytest.approx([387.0, 390.87, 383.13])
+    figure = next(f for f in paper.PAPER_FIGURES if f.stem == "gpu_stop_check")
+    text = _figure_text(paper.draw_paper_figure(figure, tmp_path)["figure"])
+    assert "x1.25" in text and "x1.02" in text and "excluded hf-eager, stop check every step" in text
+    assert "x1.07" not in text  # no ratio against an excluded way
+
+
+def test_paired_ways_draws_a_panel_per_target_with_its_own_axis():
+    frame = pd.DataFrame({"target": ["a", "a", "b", "b"], "way": ["x", "y", "x", "y"],
+                          "tokens_per_s": [10.0, 20.0, 300.0, 330.0], "rounds": [[10.0], [19.0, 21.0], [300.0], [330.0]]})
+    fig = plots.paired_ways(frame, title="t\nsetup")
+    assert [ax.get_title(loc="left") for ax in fig.axes] == ["a", "b"]
+    assert fig.axes[0].get_xlim()[1] < 40 < fig.axes[1].get_xlim()[1]
+    text = _figure_text(fig)
+    assert "x2.00" in text and "x1.10" in text
 
 
 def test_cpu_kernel_recording_gives_each_sides_read_rate_and_the_references(tmp_path):
@@ -322,7 +361,7 @@ def test_recorded_readers_rebuild_frames_from_the_benchmark_files(tmp_path):
                            "moe_decode", "moe_decode_h200",
                            "moe_decode_h200_captured", "moe_decode_h200_full", "moe_decode_h200_fused_second_host",
                            "moe_engine", "moe_multi_gpu",
-                           "profile_cases", "timer_agreement"]
+                           "profile_cases", "stop_check_h200", "timer_agreement"]
     audit = recorded.recorded_pitfalls(rec["timer_agreement"])
     assert audit.attrs["correct"].median_ms == 2.0 and list(audit["pitfall"])[0] == "copy_in_timed_region"
     assert plots.pitfall_frame(audit)["ratio"].tolist() == pytest.approx([1.5, 10.0, 0.1, 1.1, 200.0 / 1.8])
@@ -417,7 +456,8 @@ READERS = [recorded.recorded_pitfalls, recorded.recorded_latency, recorded.recor
            recorded.recorded_timer_differences, recorded.recorded_throughput_curves,
            recorded.recorded_throughput_cases, recorded.recorded_moe_sweep, recorded.recorded_decode_samples,
            recorded.recorded_timeline, recorded.recorded_moe_schemes, recorded.recorded_moe_decode_sweep,
-           recorded.recorded_cpu_gemv, recorded.recorded_decode_timeline, recorded.recorded_captured_step]
+           recorded.recorded_cpu_gemv, recorded.recorded_decode_timeline, recorded.recorded_captured_step,
+           recorded.recorded_stop_check]
 
 
 @pytest.mark.parametrize("reader", READERS, ids=lambda f: f.__name__)
@@ -439,7 +479,7 @@ def test_readers_parse_the_shipped_recordings():
                "moe_engine", recorded.recorded_timeline: "profile_cases", recorded.recorded_moe_schemes: "moe_decode",
                recorded.recorded_moe_decode_sweep: "moe_decode", recorded.recorded_cpu_gemv: "cpu_gemv_h200_amx",
                recorded.recorded_decode_timeline: "decode_timeline_h200",
-               recorded.recorded_captured_step: "captured_step_h200"}
+               recorded.recorded_captured_step: "captured_step_h200", recorded.recorded_stop_check: "stop_check_h200"}
     assert set(sources) == set(READERS)
     for reader, name in sources.items():
         assert len(reader(rec[name])) > 0, reader.__name__

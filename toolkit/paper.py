@@ -30,6 +30,7 @@ from .recorded import (
     recorded_moe_sweep,
     recorded_multi_gpu,
     recorded_pitfalls,
+    recorded_stop_check,
     recorded_throughput_cases,
     recorded_timeline,
     recorded_timer_differences,
@@ -211,6 +212,20 @@ def _captured_step(doc):
               f"{split.get('units', '?')}; {recorded_where(doc)}")
 
 
+def _stop_check(doc):
+    frame = recorded_stop_check(doc)
+    if not len(frame):
+        return None
+    s = (doc or {}).get("settings") or {}
+    frame = frame.assign(way=frame["way"].map({"every step": "stop check every step", "late": "stop check one step "
+                                                                                              "late"}))
+    return plots.paired_ways(
+        frame, title=f"Decode tokens/s of generate, transformers' stop check read after every step or one step "
+                     f"late (the ratio to every step)\n{s.get('layers', '?')} Mixtral-8x7B layers (bf16), batch 1, "
+                     f"{s.get('routing', '?')} routing; ours: {s.get('gpu_experts', '?')} experts on the GPU, "
+                     f"all-gpu: every expert, hf-eager: the unmodified model · {recorded_where(doc)}")
+
+
 def _decode_sweep(doc, routing: str = "trace"):
     frame = recorded_moe_decode_sweep(doc, routing)
     if not len(frame):
@@ -308,6 +323,10 @@ PAPER_FIGURES = [
                 "torch's profiler, cut at each layer's copies and the host function's own stamps: the CPU's share "
                 "streams, with the copies beside it, for most of the step; the layers' dense part and the host "
                 "node's latencies are the rest."),
+    PaperFigure("gpu_stop_check", "gpu/stop_check_h200.json", _stop_check,
+                "generate with transformers' stop check read after every decode step (a sync) or one step late "
+                "(the default on a GPU where no step can end early): the median of 3 rounds, order alternating; a "
+                "way whose rounds disagree is excluded and named under the figure."),
     PaperFigure("gpu_moe_multi_gpu_decode", "gpu/moe_multi_gpu.json", _multi_gpu,
                 "Decode tokens/s with the resident experts on one GPU or spread over two at the same per-GPU budget, "
                 "with each run's roofline bound; a run whose decode rounds disagree is excluded and named."),

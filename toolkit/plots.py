@@ -894,6 +894,57 @@ def scheme_comparison(frame, value: str = "tokens_per_s", label: str = "decode t
     return fig
 
 
+def paired_ways(frame, value: str = "tokens_per_s", label: str = "decode tokens/s",
+                title: str | None = None) -> Figure:
+    """Two or more ways of running each target side by side, one panel (with its own axis) per target: a bar
+    at the rounds' median, a dot per round, and the ratio of each way to the panel's first way.
+
+    ``frame``: columns ``target``, ``way``, ``value``, ``rounds`` (a list per row), optional ``anomalous`` /
+    ``anomaly_reason``: an anomalous way is never drawn; "excluded" stands in its place and a note under the
+    figure says why (its ratio is not given either).
+    """
+    df = pd.DataFrame(frame).reset_index(drop=True)
+    odd = df["anomalous"].fillna(False).astype(bool) if "anomalous" in df.columns else pd.Series(False, df.index)
+    targets = list(dict.fromkeys(df["target"]))
+    ways = list(dict.fromkeys(df["way"]))
+    notes = [f"excluded {t}, {w}: {why}" for t, w, why in
+             zip(df["target"][odd], df["way"][odd], df["anomaly_reason"][odd] if "anomaly_reason" in df.columns
+                 else [""] * int(odd.sum()))]
+    with paper_style():
+        fig, axes = _figure((COLUMN_WIDTH * 2, 0.35 * len(ways) * len(targets) + 1.6), ncols=1)
+        fig.clear()
+        axes = fig.subplots(len(targets), 1, sharex=False, squeeze=False)[:, 0]
+        for ax, target in zip(axes, targets):
+            sub = df.assign(_odd=odd)[df["target"] == target].set_index("way").reindex(ways)
+            sub_odd = sub["_odd"].fillna(False).astype(bool).to_numpy()
+            shown = sub[value].astype(float).where(~pd.Series(sub_odd, sub.index))
+            top = float(np.nanmax([*shown.to_numpy(), *(x for r in sub["rounds"].dropna() for x in r)] or [1.0]))
+            y = np.arange(len(ways))
+            ax.barh(y, shown.fillna(0.0), color="#4C72B0", alpha=0.85, height=0.6)
+            first = shown.iloc[0]
+            for yi, (_, row), bad in zip(y, sub.iterrows(), sub_odd):
+                if bad:
+                    ax.text(0.01 * top, yi, "excluded: its rounds disagree", va="center", fontsize="x-small",
+                            color="#C44E52", style="italic")
+                    continue
+                rounds = row["rounds"] if isinstance(row["rounds"], list | tuple) else []
+                ax.scatter(rounds, [yi] * len(rounds), s=10, color="black", zorder=3)
+                text = f"{row[value]:.3g}"
+                if yi and np.isfinite(first) and first > 0:
+                    text += f"  (x{row[value] / first:.2f})"
+                ax.annotate(text, (max([row[value], *rounds]), yi), xytext=(4, 0), textcoords="offset points",
+                            va="center", fontsize="x-small")
+            ax.set_yticks(y, ways)
+            ax.set_ylim(len(ways) - 0.5, -0.5)
+            ax.set_xlim(0, 1.35 * top)
+            ax.set_title(target, fontsize="small", loc="left")
+            ax.grid(False, axis="y")
+        axes[-1].set_xlabel(label)
+        set_title(fig, title)
+    annotate_warnings(fig, notes)
+    return fig
+
+
 def hit_rate_matrix(hits, activations=None) -> np.ndarray:
     """Hit rate [L, E] from hits/activations (NaN where an expert was never used), or pass-through."""
     hits = np.asarray(hits, dtype=float)

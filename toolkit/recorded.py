@@ -578,6 +578,26 @@ def recorded_captured_step(doc: dict | None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["routing", "schedule", "segment", "ms", "step_ms"])
 
 
+def recorded_stop_check(doc: dict | None) -> pd.DataFrame:
+    """Decode tokens/s with transformers' stop check read every step and one step late, per target
+    (``benchmarks/stop_check.py``), for ``plots.paired_ways``: columns ``target``, ``way`` ("every step",
+    "late"), ``tokens_per_s`` (the rounds' median), ``rounds``, ``deferred`` (transformers took the late
+    check), ``anomalous`` (the benchmark's verdict on the rounds) and ``anomaly_reason``."""
+    rows = []
+    for target, ways in ((doc or {}).get("summary") or {}).items():
+        for way in ("every step", "late"):
+            v = ways.get(way) if isinstance(ways, dict) else None
+            if not isinstance(v, dict):
+                continue
+            rows.append({"target": target, "way": way, "tokens_per_s": v.get("tokens_per_s"),
+                         "rounds": list(v.get("rounds") or []), "deferred": v.get("deferred"),
+                         "anomalous": bool(v.get("anomalous")),
+                         "anomaly_reason": (f"rounds differ by {100 * v['spread']:.0f}% of their median"
+                                            if v.get("anomalous") else None)})
+    return pd.DataFrame(rows, columns=["target", "way", "tokens_per_s", "rounds", "deferred", "anomalous",
+                                       "anomaly_reason"])
+
+
 __all__ = ["Recording", "recording", "is_calibration_cache", "recorded_results", "recorded_env", "recorded_device",
            "recorded_date", "recorded_complete", "recorded_label", "recorded_where", "ANOMALY_RATIO",
            "flag_anomalies", "run_name", "recorded_pitfalls", "recorded_latency", "audit_first_call_ms",
@@ -586,4 +606,5 @@ __all__ = ["Recording", "recording", "is_calibration_cache", "recorded_results",
            "recorded_throughput_curves", "THROUGHPUT_COLUMNS", "recorded_throughput_cases", "recorded_moe_sweep",
            "recorded_decode_samples", "recorded_timeline", "SCHEME_COLUMNS", "recorded_moe_schemes",
            "recorded_moe_decode_sweep", "SWEEP_COLUMNS", "PITFALL_COLUMNS", "MULTI_GPU_MEASURES", "MULTI_GPU_ABLATIONS", "recorded_multi_gpu",
-           "HOST_SEGMENT_LABELS", "recorded_decode_timeline", "CAPTURED_SEGMENT_LABELS", "recorded_captured_step"]
+           "HOST_SEGMENT_LABELS", "recorded_decode_timeline", "CAPTURED_SEGMENT_LABELS", "recorded_captured_step",
+           "recorded_stop_check"]
