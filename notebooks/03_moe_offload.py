@@ -194,3 +194,15 @@ notebook.show(notebook.recorded_figures("moe_decode_h200_captured"))
 
 # %%
 notebook.show(notebook.recorded_figures("captured_step_h200"))
+
+# %% [markdown]
+# Between steps, `generate` itself holds the GPU: transformers asks after every step whether to stop, a
+# sync, and prepares the next step only then. Where a run cannot end before `max_new_tokens`
+# (`ignore_eos`, one beam), `toolkit.moe.generation.generate` lets transformers read that answer one step
+# late, so the host queues the next step while the GPU runs this one; the tokens are the same.
+# `benchmarks/stop_check.py` measures both ways on each target: with every expert resident the step becomes
+# the GPU's own time. The unmodified model's rounds disagreed on that host, so the figure leaves them out
+# and says why.
+
+# %%
+notebook.show(notebook.recorded_figures("stop_check_h200"))
