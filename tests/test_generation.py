@@ -383,3 +383,17 @@ def test_gpu_a_stop_check_read_late_gives_the_same_tokens_and_steps():
         if target == "offloaded":
             for phase in ("prefill", "decode"):  # no extra pass counted
                 assert np.array_equal(late.experts["activations"][phase], every.experts["activations"][phase])
+
+
+def test_the_moe_command_says_how_the_stop_check_was_read():
+    from moe_records import run_record
+
+    from toolkit.cli.moe import format_table
+
+    def line(**kw):
+        return [x for x in format_table(run_record(**kw)).splitlines() if x.startswith("  stop check")]
+
+    assert line(stop_check_deferred=True) == ["  stop check                     read one step late: the host queues "
+                                              "each decode step while the GPU runs the last"]
+    assert "after every decode step (a sync)" in line(stop_check_deferred=False)[0]
+    assert line(stop_check_deferred=False, device="cpu") == [] and line() == []  # no GPU, or an older record

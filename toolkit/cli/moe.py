@@ -253,6 +253,11 @@ def format_table(r: dict) -> str:
     host = _host_memory_line(engine.get("host_memory"))
     if host:
         lines.append(f"  experts' host memory           {host}")
+    if cuda and "stop_check_deferred" in r:
+        lines.append("  stop check                     " + (
+            "read one step late: the host queues each decode step while the GPU runs the last"
+            if r["stop_check_deferred"] else
+            "after every decode step (a sync): the run may end before its last token, searches beams or streams"))
     sync_free = engine.get("sync_free_layers")
     if sync_free:
         lines.append(f"  sync-free layers               {sync_free} of {r['layers']} (every expert resident: "
