@@ -57,7 +57,8 @@ OUT/moe_decode_full.json. The experts take ~90 GB of pinned host memory: the hos
 before building, and a host without it gets a record saying so (status "skipped") instead of a run.
 
 A configuration's record holds its median round (decode tokens/s decides which) and, per measure,
-the rounds' median, min, max and spread; ``"anomalous": true`` (with ``anomaly_reason``) when the
+the rounds' median, min, max and spread (ratios between schemes, and the table's prefill ms and beam
+steps/s, take each measure's own median); ``"anomalous": true`` (with ``anomaly_reason``) when the
 rounds disagree by more than 10% of their median, so figures can leave it out.
 
 Prints a table and whether each target is met (ratios from this one run).
@@ -581,9 +582,8 @@ def targets(record) -> dict:
         t = {}
 
         def ratio(a, b, key, sub):
-            if a and b and sub in a and sub in b and b[sub][key] and a[sub][key]:
-                return a[sub][key] / b[sub][key]
-            return None
+            x, y = _median_of(a, sub, key), _median_of(b, sub, key)
+            return x / y if x and y else None
 
         def add(name, value, goal, higher=True, t=t):
             met = None if value is None else (value >= goal if higher else value <= goal)
@@ -592,8 +592,7 @@ def targets(record) -> dict:
         add("decode tok/s vs copy-on-demand", ratio(ours, cod, "tokens_per_s", "decode"), 10.0)
         add("decode tok/s vs fiddler-serial", ratio(ours, fid, "tokens_per_s", "decode"), 2.0)
         add("decode measured/bound", _judged(ours, "decode"), 1 / decode_share, higher=False)
-        pre = (fid["prefill"]["ms"] / ours["prefill"]["ms"]) if ours and fid and "prefill" in ours \
-            and "prefill" in fid else None
+        pre = ratio(fid, ours, "ms", "prefill")  # a time: fiddler's over ours
         add("prefill speed-up vs fiddler-serial (pageable)", pre, 5.0)
         add("prefill measured/bound", _judged(ours, "prefill"), 1 / PREFILL_OF_BOUND, higher=False)
         add("beam steps/s vs fiddler-serial", ratio(ours, fid, "steps_per_s", "beam"), 2.0)
@@ -614,10 +613,20 @@ def _judged(entry, part: str):
     return beside if beside is not None else rec.get("measured_over_bound")
 
 
+def _median_of(entry, part: str, key: str):
+    """The median over an entry's rounds of one measure (``MEASURES``: decode tokens/s, prefill ms, beam steps/s),
+    else the value its median round recorded; None where the part is missing. The entry stands for its decode's
+    median round, whose prefill and beam need not be their own medians."""
+    rec = (entry or {}).get(part) or {}
+    rounds = rec.get("rounds") or {}
+    return rounds["median"] if rounds.get("median") is not None else rec.get(key)
+
+
 def _ratio(record, entry, other: str, phase: str = "decode", key: str = "tokens_per_s"):
-    """This run's speed over another scheme's at the comparison budget, same routing (None if missing)."""
+    """This run's speed over another scheme's at the comparison budget, same routing, medians over each one's
+    rounds (None if missing)."""
     base = _find(record, "compare", other, entry["routing"])
-    a, b = (entry.get(phase) or {}).get(key), ((base or {}).get(phase) or {}).get(key)
+    a, b = _median_of(entry, phase, key), _median_of(base, phase, key)
     return a / b if a and b else None
 
 
@@ -715,15 +724,15 @@ def print_summary(record: dict) -> None:
             print(f"{e['kind']:<8} {e['routing']:<8} {e['scheme']:<15} {e['budget']:>3}  "
                   f"{e.get('skipped') or e.get('error') or 'not measured'}")
             continue
-        d, p, b = e.get("decode") or {}, e.get("prefill") or {}, e.get("beam") or {}
+        d, p = e.get("decode") or {}, e.get("prefill") or {}
         ck = e.get("check")
         print(f"{e['kind']:<8} {e['routing']:<8} {e['scheme']:<15} {e['budget']:>3} {_f(d.get('hit_rate')):>5} "
               f"{_f(d.get('tokens_per_s')):>7} {_spread(d):>6} {_f(d.get('median_ms')):>7} {_f(d.get('p90_ms')):>7} "
               f"{_f((d.get('bound') or {}).get('ms')):>6} {_f(d.get('measured_over_bound')):>5} "
               f"{_f(d.get('measured_over_bound_beside')):>5} "
               f"{_f(_ratio(record, e, 'copy-on-demand')):>6} {_f(_ratio(record, e, 'fiddler-serial')):>6} "
-              f"{_f(p.get('ms'), '.1f'):>8} {_f((p.get('bound') or {}).get('ms'), '.1f'):>6} "
-              f"{_f(p.get('measured_over_bound')):>5} {_f(b.get('steps_per_s')):>9} "
+              f"{_f(_median_of(e, 'prefill', 'ms'), '.1f'):>8} {_f((p.get('bound') or {}).get('ms'), '.1f'):>6} "
+              f"{_f(p.get('measured_over_bound')):>5} {_f(_median_of(e, 'beam', 'steps_per_s')):>9} "
               f"{'-' if not ck else ('ok' if ck['pass'] else 'FAIL'):>5}  {_schedule(e)}"
               f"{'  anomalous: ' + e['anomaly_reason'] if e.get('anomalous') else ''}")
     for routing, t in (record.get("targets") or {}).items():

@@ -437,3 +437,29 @@ def test_moe_decode_judges_each_phase_against_its_share_of_the_bound(moe_decode_
     full = {**record, "settings": {**record["settings"], "full_model": True}}
     for t in bench.targets(full).values():  # the whole model: 85%
         assert t["decode measured/bound"]["goal"] == pytest.approx(1 / bench.FULL_MODEL_DECODE_OF_BOUND)
+
+
+def test_moe_decode_compares_schemes_by_each_measures_median_over_its_rounds():
+    """An entry stands for its decode's median round; its beam and prefill there need not be their own medians,
+    so the ratios take each measure's median over the rounds."""
+    bench = load_benchmark("moe_decode")
+
+    def entry(scheme, decode, beam, prefill):
+        def part(key, values):  # the record of round 0 (the decode's median round here), and the rounds' median
+            return {key: values[0], "rounds": {"values": values, "median": sorted(values)[1]}}
+
+        return {"kind": "compare", "scheme": scheme, "routing": "trace", "budget": 14,
+                "decode": {**part("tokens_per_s", decode), "measured_over_bound": 1.2, "mean_ms": 1e3 / decode[0],
+                           "bound": {"ms": 1e3 / decode[0] / 1.2}},
+                "beam": part("steps_per_s", beam), "prefill": {**part("ms", prefill), "measured_over_bound": 1.5}}
+
+    record = {"settings": {}, "routings": {"trace": "t"},
+              "runs": [entry("ours", [24.0, 23.0, 25.0], [7.5, 8.9, 9.0], [250.0, 240.0, 260.0]),
+                       entry("fiddler-serial", [16.0, 15.0, 17.0], [6.8, 5.5, 6.7], [2000.0, 1900.0, 2100.0])]}
+    t = bench.targets(record)["trace"]
+    assert t["beam steps/s vs fiddler-serial"]["value"] == pytest.approx(8.9 / 6.7)  # not 7.5 / 6.8
+    assert t["decode tok/s vs fiddler-serial"]["value"] == pytest.approx(24.0 / 16.0)
+    assert t["prefill speed-up vs fiddler-serial (pageable)"]["value"] == pytest.approx(2000.0 / 250.0)
+    r = bench.ratios(record)["trace/compare/ours/14"]
+    assert r["beam_vs_fiddler_serial"] == pytest.approx(8.9 / 6.7)
+    assert r["prefill_vs_fiddler_serial"] == pytest.approx(2000.0 / 250.0)
