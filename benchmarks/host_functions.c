@@ -9,7 +9,8 @@
  * bf16 in and out, sums in float32, SiLU rounded to bf16 before the product as torch rounds it. Each linear layer
  * goes through the toolkit's CPU kernel (toolkit/moe/cpu_gemv.c, its entry point passed in as ``lin``). Built by
  * host_functions.py with the machine's compiler (-O3 -march=native -fopenmp). */
-/* bf16 conversions, seconds(), expert_units() and the share function: the toolkit's (the engine's captured passes) */
+/* bf16 conversions, seconds(), experts_in_one_region() and the share function: the toolkit's (the engine's
+ * captured passes) */
 #include "../toolkit/moe/host_share.c"
 
 #define MAX_EXPERTS 8
@@ -19,9 +20,9 @@ typedef struct {
     int n;                                /* experts this layer computes, <= MAX_EXPERTS */
     const uint16_t *gate_up[MAX_EXPERTS]; /* [2I, D] */
     const uint16_t *down[MAX_EXPERTS];    /* [D, I] */
-    uint16_t *h;                          /* [2I] scratch */
-    uint16_t *act;                        /* [I] scratch */
-    uint16_t *yk;                         /* [D] scratch */
+    uint16_t *h;                          /* [n 2I] scratch */
+    uint16_t *act;                        /* [n I] scratch */
+    uint16_t *yk;                         /* [n D] scratch */
     float *acc;                           /* [D] scratch */
     uint16_t *y;                          /* [D] the layer's CPU result (pinned: a host-to-device copy reads it) */
     int64_t D, I;
@@ -33,10 +34,11 @@ typedef struct {
 void host_nodes_layer(void *arg) {
     layer_job *j = (layer_job *)arg;
     const double t0 = seconds();
+    const float half[MAX_EXPERTS] = {0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f, 0.5f};
     for (int64_t d = 0; d < j->D; ++d) j->acc[d] = 0.f;
-    for (int e = 0; e < j->n; ++e)
-        expert_units(j->lin, j->x, j->gate_up[e], j->down[e], j->D, j->I, 0, 0.5f, j->h, j->act, j->yk, j->acc,
-                     j->threads);
+    if (j->n > 0)
+        experts_in_one_region(j->lin, j->x, j->gate_up, j->down, half, j->n, j->D, j->I, 0, j->h, j->act, j->yk,
+                              j->acc, j->threads);
     for (int64_t d = 0; d < j->D; ++d) j->y[d] = f32_to_bf16(j->acc[d]);
     j->busy_s += seconds() - t0;
     j->calls += 1;

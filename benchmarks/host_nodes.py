@@ -94,8 +94,9 @@ class Layers:
             ws = [(torch.empty(2 * inter, hidden, dtype=torch.bfloat16).uniform_(-0.02, 0.02),
                    torch.empty(hidden, inter, dtype=torch.bfloat16).uniform_(-0.02, 0.02)) for _ in range(n)]
             x, y = buf(hidden), buf(hidden)
-            scratch = [torch.empty(2 * inter, dtype=torch.bfloat16), torch.empty(inter, dtype=torch.bfloat16),
-                       torch.empty(hidden, dtype=torch.bfloat16), torch.empty(hidden, dtype=torch.float32)]
+            m = max(1, n)  # every expert's rows at once (the toolkit's one parallel region)
+            scratch = [torch.empty(m * 2 * inter, dtype=torch.bfloat16), torch.empty(m * inter, dtype=torch.bfloat16),
+                       torch.empty(m * hidden, dtype=torch.bfloat16), torch.empty(hidden, dtype=torch.float32)]
             job.lin, job.x, job.n, job.y = self.entry, x.data_ptr(), n, y.data_ptr()
             for e, (gu, dn) in enumerate(ws):
                 job.gate_up[e], job.down[e] = gu.data_ptr(), dn.data_ptr()
