@@ -117,6 +117,8 @@ def test_result_round_trip_and_dataframe(model):
     back = G.GenerationResult.from_dict(d)
     assert back.decode_samples_ms == res.decode_samples_ms and back.sequences == res.sequences
     assert back.text == res.text and len(res.text[0].split()) == 3
+    late = G.GenerationResult.from_dict({**d, "stop_check_deferred": True})
+    assert late.stop_check_deferred and not back.stop_check_deferred
     df = res.to_dataframe()
     assert df["phase"].tolist() == ["prefill", "decode", "decode"]
     assert df["ms"].tolist() == pytest.approx([10.0, 2.0, 3.0])
