@@ -128,6 +128,7 @@ def main(argv=None) -> int:
 
 def measure(args) -> int:
     import torch
+    from host_functions import synced_steps_ms
 
     from toolkit.moe.generation import generate
     from toolkit.moe.roofline import reads_from_stats
@@ -153,19 +154,9 @@ def measure(args) -> int:
                 raise SystemExit(f"captured_step: decode passes are not captured here: "
                                  f"{record['graph_misses']['reason']}")
             fn, fn_args, label = session.decode_step(eng)
-            with torch.no_grad():  # the step timed bare
-                for _ in range(5):
-                    fn(*fn_args)
-                torch.cuda.synchronize()
-                for g in passes:
-                    g.take_counts()
-                ts = []
-                for _ in range(args.timed):
-                    a = time.perf_counter()
-                    fn(*fn_args)
-                    torch.cuda.synchronize()
-                    ts.append((time.perf_counter() - a) * 1e3)
-                served = [g.take_counts() for g in passes]
+            # the step timed bare; the host functions' counters from the first timed step on
+            ts = synced_steps_ms(fn, fn_args, args.timed, after_warm=lambda: [g.take_counts() for g in passes])
+            served = [g.take_counts() for g in passes]
             record["bare_step_ms"] = ts
             record["cpu_busy_ms_per_step"] = sum(b for _, b in served) / args.timed * 1e3
             record["missed_per_step"] = sum(n for n, _ in served) / args.timed

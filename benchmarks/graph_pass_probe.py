@@ -20,12 +20,11 @@ the second captured engine's overwrites the first's).
 """
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from host_functions import replay_ms
+from host_functions import replay_ms, synced_steps_ms
 
 from toolkit.moe import conditional
 from toolkit.moe.run import MoESession, MoESettings
@@ -90,20 +89,9 @@ def steps_probe(out: dict) -> None:
             with session.offload(14, schedule="inline") as eng:
                 fn, args, _ = session.decode_step(eng)
                 gps = [m.graph_pass for m in eng.experts if m.graph_pass is not None]
-                with torch.no_grad():
-                    for _ in range(5):
-                        fn(*args)
-                    torch.cuda.synchronize()
-                    for g in gps:
-                        g.take_counts()
-                    ts = []
-                    for _ in range(20):
-                        t0 = time.perf_counter()
-                        fn(*args)
-                        torch.cuda.synchronize()
-                        ts.append((time.perf_counter() - t0) * 1e3)
-                    busy = sum(g.job.busy_s for g in gps)
-                    served = [g.take_counts()[0] for g in gps]
+                ts = synced_steps_ms(fn, args, 20, after_warm=lambda gps=gps: [g.take_counts() for g in gps])
+                busy = sum(g.job.busy_s for g in gps)
+                served = [g.take_counts()[0] for g in gps]
                 med = float(np.median(ts))
                 print(f"graph_misses={gm}: step median {med:.2f} ms (min {min(ts):.2f}), CPU share busy "
                       f"{busy / 20 * 1e3:.2f} ms/step, missed experts/step {sum(served) / 20:.2f}", flush=True)

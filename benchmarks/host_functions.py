@@ -8,7 +8,8 @@ toolkit's cache) and loads it. Each function takes one job, a C struct whose buf
 ``toolkit.moe.graph_pass.ShareJob``. ``launch`` queues a function on a CUDA stream
 (``cuLaunchHostFunc``); under stream capture it becomes a host node of the graph. ``HostPointer`` hands a
 pinned host tensor to a Triton kernel, which then reads it in place. ``replay_ms`` times a captured graph's
-replays (``graph_step.py``, ``graph_pass_probe.py``).
+replays (``graph_step.py``, ``graph_pass_probe.py``); ``synced_steps_ms`` an engine's decode step, bare
+(``captured_step.py``, ``graph_pass_probe.py``).
 """
 
 from __future__ import annotations
@@ -97,3 +98,25 @@ def replay_ms(graph, replays: int) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b))
     return float(statistics.median(times))
+
+
+def synced_steps_ms(fn, args, steps: int, warm: int = 5, after_warm=None) -> list[float]:
+    """ms of each of ``steps`` calls ``fn(*args)`` (a decode step), each timed on the host clock up to a sync, after
+    ``warm`` untimed calls and a sync; ``after_warm()`` runs between the two (e.g. to zero a counter)."""
+    import time
+
+    import torch
+
+    with torch.no_grad():
+        for _ in range(warm):
+            fn(*args)
+        torch.cuda.synchronize()
+        if after_warm is not None:
+            after_warm()
+        out = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            fn(*args)
+            torch.cuda.synchronize()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return out
