@@ -22,7 +22,6 @@ OUT/stop_check.json after every round, with provenance.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -52,16 +51,16 @@ def summarize(rows: list[dict], spread_limit: float) -> dict:
     for r in rows:
         way = "late" if r["defer_stop"] else "every step"
         out.setdefault(r["target"], {}).setdefault(way, []).append(r)
+    from toolkit.moe.run import round_spread
+
     summary = {}
     for target, ways in out.items():
         summary[target] = {}
         for way, rs in ways.items():
             tps = [r["tokens_per_s"] for r in rs]
-            med = statistics.median(tps)
-            spread = (max(tps) - min(tps)) / med if med else float("nan")
-            summary[target][way] = {"tokens_per_s": med, "rounds": tps, "spread": spread,
-                                    "anomalous": bool(spread > spread_limit),
-                                    "deferred": all(r["deferred"] for r in rs)}
+            spread = round_spread(tps, spread_limit)
+            summary[target][way] = {"tokens_per_s": spread["median"], "rounds": tps, "spread": spread["spread"],
+                                    "anomalous": spread["anomalous"], "deferred": all(r["deferred"] for r in rs)}
         if {"late", "every step"} <= set(summary[target]):
             a, b = summary[target]["late"]["tokens_per_s"], summary[target]["every step"]["tokens_per_s"]
             summary[target]["late_over_every_step"] = a / b if b else None
