@@ -36,7 +36,9 @@ OUT/moe_decode.json after every measurement so an interruption keeps what was me
    is ``session.run`` for batch-1 decode of 64 tokens after a 16-token prompt (copy-on-demand: 16),
    a 512-token prefill (``session.measure_prefill``), and beam width 4 (compare: ours, fiddler-serial,
    all-gpu, hf-eager); each ``session.run`` warms up until decode steps are steady and replays the routing.
-   Round 1 also checks the logits against all-gpu (``session.probe_logits``). Per run the roofline
+   Round 1 also checks the logits against all-gpu (``session.probe_logits``), and both against the
+   unmodified model computed in float32 (``session.probe_exact``, bf16 models: is a run as close to the
+   exact result as all-gpu is, ``check.exact``). Per run the roofline
    bound from the experts the run really read, and measured / bound;
    the host's ceiling is measured again before each group and after every round (``costs.HostPaths``:
    both paths at once and a plain read, as the calibration measured them, ~0.5 s; on the lent hosts it
@@ -88,7 +90,7 @@ from toolkit.moe.baselines import Baseline, get_baseline
 from toolkit.moe.costs import HostPaths, save_cost_model
 from toolkit.moe.memory import check_host_memory, host_memory_needed
 from toolkit.moe.presets import from_name
-from toolkit.moe.run import ANOMALY_SPREAD, MoESession, MoESettings, logits_check, summarize_rounds
+from toolkit.moe.run import ANOMALY_SPREAD, MoESession, MoESettings, check_word, logits_check, summarize_rounds
 from toolkit.moe.run import BENCHMARK_ROUTINGS as ROUTINGS  # record label -> MoESettings.routing
 from toolkit.moe.schedule import SCHEDULED_SCHEMES
 from toolkit.results import RunRecord, provenance
@@ -146,6 +148,7 @@ class Bench:
         self.paths = paths  # HostPaths: the host's ceiling measured again between rounds (None: not measured)
         self.probes = probes if probes is not None else []  # every measurement of it, in order
         self.clock = clock or time.perf_counter
+        self.exact_probes = {}  # routing -> the float32 logits probe (``exact``)
 
     def host_ceiling_now(self, after: str) -> dict | None:
         """The host's ceiling measured now (``HostPaths.measure``), recorded in ``probes`` with what it follows;
@@ -157,6 +160,17 @@ class Bench:
         probe["seconds"] = self.clock() - t
         self.probes.append(probe)
         return probe
+
+    def exact(self, session, routing: str):
+        """The logits probe of the unmodified model computed in float32 (``session.probe_exact``), once per routing;
+        None for a float32 model (it would be the reference itself)."""
+        import torch
+
+        if self.preset.dtype == torch.float32:
+            return None
+        if routing not in self.exact_probes:
+            self.exact_probes[routing] = session.probe_exact()
+        return self.exact_probes[routing]
 
     def decode(self, session, cfg: Config, tokens: int, beams: int = 1) -> dict:
         """``session.run``: warm-up, then batch-1 generation of ``tokens`` (beam width ``beams``); timings and the bound.
@@ -229,13 +243,14 @@ def measure_round(bench: Bench, cfg: Config, first: bool, refs: dict, tol_rel: f
         cfg.schedule = out["decode"]["schedule"]["picked"]
     unmodified = scheme.name == HF_EAGER.name
     place = session.unmodified() if unmodified else session.offload(cfg.budget, scheme=scheme, schedule=cfg.schedule)
+    exact = bench.exact(session, cfg.routing) if first else None
     with place as target:
         if first:
             logits = session.probe_logits(target)
             if scheme.name == "all-gpu":
                 refs[cfg.routing] = logits
             ref = refs.get(cfg.routing)
-            out["check"] = None if ref is None else logits_check(logits, ref, tol_rel)
+            out["check"] = None if ref is None else logits_check(logits, ref, tol_rel, exact=exact)
         if not bench.args.no_prefill:
             out["prefill"] = bench.prefill(session, target, slow=scheme.serial or scheme.pageable_copies)
     if cfg.beam:
@@ -665,8 +680,14 @@ def _line(e) -> str:
             f"(x{_f(d.get('measured_over_bound'))} bound{_beside(d)}, spread {_spread(d)}), prefill "
             f"{_f(p.get('ms'), '.0f')} ms (x{_f(p.get('measured_over_bound'))}{_beside(p)}), beam "
             f"{_f(b.get('steps_per_s'))} steps/s, "
-            f"check {'-' if not e.get('check') else ('ok' if e['check']['pass'] else 'FAIL')}, "
+            f"check {check_word(e.get('check'))}{_exact(e.get('check'))}, "
             f"schedule {_schedule(e)}{', ANOMALOUS' if e.get('anomalous') else ''} ({e.get('seconds', 0):.0f} s)")
+
+
+def _exact(check: dict | None) -> str:
+    """' (float32: 0.0123 of the largest logit, all-gpu 0.0110)', or '' without the float32 probe."""
+    x = (check or {}).get("exact")
+    return "" if not x else f" (float32: {x['rel']:.4f} of the largest logit, all-gpu {x['reference_rel']:.4f})"
 
 
 def _beside(part: dict) -> str:
@@ -733,8 +754,15 @@ def print_summary(record: dict) -> None:
               f"{_f(_ratio(record, e, 'copy-on-demand')):>6} {_f(_ratio(record, e, 'fiddler-serial')):>6} "
               f"{_f(_median_of(e, 'prefill', 'ms'), '.1f'):>8} {_f((p.get('bound') or {}).get('ms'), '.1f'):>6} "
               f"{_f(p.get('measured_over_bound')):>5} {_f(_median_of(e, 'beam', 'steps_per_s')):>9} "
-              f"{'-' if not ck else ('ok' if ck['pass'] else 'FAIL'):>5}  {_schedule(e)}"
+              f"{check_word(ck):>5}  {_schedule(e)}"
               f"{'  anomalous: ' + e['anomaly_reason'] if e.get('anomalous') else ''}")
+    exact = [(e, e["check"]["exact"]) for e in record["runs"] if (e.get("check") or {}).get("exact")]
+    if exact:
+        print(f"logits against the unmodified model computed in float32 (largest difference over the largest logit; "
+              f"ok32: over the tolerance against all-gpu but at most x{exact[0][1]['factor']:g} all-gpu's distance):")
+        for e, x in exact:
+            print(f"  {e['routing']:<8} {e['scheme']:<15} {e['budget']:>3} {x['rel']:.4f} (all-gpu "
+                  f"{x['reference_rel']:.4f}, x{x['ratio']:.2f}): {'as close' if x['pass'] else 'FURTHER'}")
     for routing, t in (record.get("targets") or {}).items():
         print(f"targets ({routing} routing):")
         for name, v in t.items():

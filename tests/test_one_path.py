@@ -463,3 +463,38 @@ def test_moe_decode_compares_schemes_by_each_measures_median_over_its_rounds():
     r = bench.ratios(record)["trace/compare/ours/14"]
     assert r["beam_vs_fiddler_serial"] == pytest.approx(8.9 / 6.7)
     assert r["prefill_vs_fiddler_serial"] == pytest.approx(2000.0 / 250.0)
+
+
+def test_moe_decode_prints_each_run_against_float32(moe_decode_run, capsys):
+    import copy
+    import types
+
+    import torch
+
+    from toolkit.moe.run import logits_check
+
+    bench = load_benchmark("moe_decode")
+    _, record, _ = moe_decode_run
+    assert all("exact" not in (r.get("check") or {}) for r in record["runs"])  # a float32 model: no float32 probe
+    exact = (torch.tensor([[4.0, -2.0]]), torch.tensor([[1.0, 3.0]]))
+    ref = (exact[0] + 0.04, exact[1])
+    record = copy.deepcopy(record)
+    ours = next(r for r in record["runs"] if r["scheme"] == "ours" and r.get("check"))
+    ours["check"] = logits_check((exact[0] - 0.05, exact[1]), ref, 0.02, exact=exact)
+    bench.print_summary(record)
+    out = capsys.readouterr().out
+    assert "logits against the unmodified model computed in float32" in out and "ok32" in out
+    assert f"{ours['scheme']:<15} {ours['budget']:>3} 0.0125 (all-gpu 0.0100, x1.25): as close" in out
+
+    calls = []
+
+    class Session:
+        def probe_exact(self):
+            calls.append(1)
+            return exact
+
+    fake = types.SimpleNamespace(preset=types.SimpleNamespace(dtype=torch.bfloat16), exact_probes={})
+    assert bench.Bench.exact(fake, Session(), "trace") is exact
+    assert bench.Bench.exact(fake, Session(), "trace") is exact and len(calls) == 1  # once per routing
+    fake.preset.dtype = torch.float32
+    assert bench.Bench.exact(fake, Session(), "uniform") is None and len(calls) == 1

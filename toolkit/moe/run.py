@@ -19,7 +19,8 @@ Two ways in:
   restores the model on exit. Inside it, ``session.decode_step(engine)`` gives
   one decode step to profile, ``session.measure_prefill(engine, tokens)`` times
   a long prompt and ``session.probe_logits(engine)`` gives logits to compare
-  with another configuration (``logits_error``). ``with session.unmodified()
+  with another configuration (``logits_error``; ``session.probe_exact()``: the
+  same in float32, what both are measured against). ``with session.unmodified()
   as model:`` and ``session.run_unmodified()`` are the reference: the model as
   transformers computes it, every expert on the device. ``session.with_settings
   (routing=...)`` is another session on the same built model.
@@ -52,6 +53,7 @@ BENCHMARK_ROUTINGS = {"uniform": "uniform", "trace": "synthetic-mixtral"}
 DTYPES = ("float32", "float16", "bfloat16")
 WARMUP_ROUNDS = 5  # at most this many warm-up generations ...
 WARMUP_STEADY = 0.05  # ... stopping once two successive median decode steps agree within 5%
+EXACT_FACTOR = 1.5  # a run is as close to float32 as its reference when its error is at most this times the reference's
 ANOMALY_SPREAD = 0.10  # rounds of one configuration whose (max - min) / median exceeds this are anomalous
 RUN_SPREAD = 0.20  # one run's decode steps: IQR / median above this, or tokens/s off the median's by this, warns
 NO_WARMUP = {"rounds": 0, "median_decode_ms": [], "steady": None}
@@ -350,13 +352,41 @@ def logits_error(got, ref) -> dict:
     }
 
 
-def logits_check(got, ref, tol_rel: float) -> dict:
+def _largest(err: dict) -> float:
+    return max(err["prefill_max_abs_diff"], err["decode_max_abs_diff"])
+
+
+def logits_check(got, ref, tol_rel: float, exact=None, factor: float = EXACT_FACTOR) -> dict:
     """``logits_error`` of ``got`` against ``ref`` with a pass mark: the largest difference within ``tol_rel`` of the
-    largest logit (``rel`` is the difference over that scale)."""
+    largest logit (``rel`` is the difference over that scale).
+
+    ``exact``: the same probe computed in float32 (``MoESession.probe_exact``). Then ``exact`` in the result
+    holds how far each of ``got`` and ``ref`` is from it and its own pass mark: ``got`` at most ``factor``
+    times as far from float32 as ``ref`` is (two bf16 runs differ by their roundings alone; this says whether
+    ``got``'s are worse). ``pass`` stays the check against ``ref``.
+    """
     err = logits_error(got, ref)
-    diff, scale = max(err["prefill_max_abs_diff"], err["decode_max_abs_diff"]), err["max_abs_logit"]
-    return {**err, "max_abs_diff": diff, "rel": diff / scale if scale else math.nan, "tolerance_rel": tol_rel,
-            "pass": diff <= tol_rel * scale}
+    diff, scale = _largest(err), err["max_abs_logit"]
+    out = {**err, "max_abs_diff": diff, "rel": diff / scale if scale else math.nan, "tolerance_rel": tol_rel,
+           "pass": diff <= tol_rel * scale}
+    if exact is not None:
+        mine, theirs = _largest(logits_error(got, exact)), _largest(logits_error(ref, exact))
+        scale = logits_error(exact, exact)["max_abs_logit"]
+        out["exact"] = {"max_abs_diff": mine, "rel": mine / scale if scale else math.nan,
+                        "reference_max_abs_diff": theirs, "reference_rel": theirs / scale if scale else math.nan,
+                        "ratio": mine / theirs if theirs else (1.0 if mine == theirs else math.inf),
+                        "factor": factor, "pass": mine <= factor * theirs}
+    return out
+
+
+def check_word(check: dict | None) -> str:
+    """A logits check in a word: "-" (none), "ok", "FAIL"; "ok32" where it failed against its reference but is
+    as close to float32 as the reference (``logits_check``'s ``exact``)."""
+    if not check:
+        return "-"
+    if check["pass"]:
+        return "ok"
+    return "ok32" if (check.get("exact") or {}).get("pass") else "FAIL"
 
 
 def round_spread(values, tolerance: float = ANOMALY_SPREAD) -> dict:
@@ -974,6 +1004,14 @@ class MoESession:
             step = model(input_ids=next_ids[:, None], attention_mask=mask2, use_cache=True,
                          **{cache_keyword(model): output_cache(out)})
         return prefill, step.logits[:, -1].float()  # [N, V], [2, V]
+
+    def probe_exact(self):
+        """``probe_logits`` of the unmodified model computed in float32 from its own weights
+        (``toolkit.moe.exact``): what a bf16 run and the unmodified bf16 model are both measured against."""
+        from .exact import in_float32
+
+        with self.unmodified() as model, in_float32(model):
+            return self.probe_logits(model)
 
     def decode_step(self, engine):
         """fn, args and label for one decode step of ``engine`` after this session's prompt (for profiling).
