@@ -242,8 +242,8 @@ def measure_round(bench: Bench, cfg: Config, first: bool, refs: dict, tol_rel: f
     if scheme.name in SCHEDULED_SCHEMES and cfg.schedule is None:  # later rounds, prefill, beam: round 1's pick
         cfg.schedule = out["decode"]["schedule"]["picked"]
     unmodified = scheme.name == HF_EAGER.name
+    exact = bench.exact(session, cfg.routing) if first else None  # before an engine is built (offload installs it)
     place = session.unmodified() if unmodified else session.offload(cfg.budget, scheme=scheme, schedule=cfg.schedule)
-    exact = bench.exact(session, cfg.routing) if first else None
     with place as target:
         if first:
             logits = session.probe_logits(target)

@@ -150,8 +150,15 @@ def moe_decode_run(tmp_path_factory):
             return {"both_paths_gbs": gbs, "read_gbs": gbs - 10, "host_gbs": gbs}
 
     mp.setattr(bench, "host_paths", lambda cm, device: (Paths(), None))
+    engine_installed = []  # at each float32 probe: was an engine's experts module in the model?
+
+    def exact(self, session, routing):
+        engine_installed.append(any(type(b.experts).__name__ == "OffloadedExperts" for b in moe_blocks(session.model)))
+
+    mp.setattr(bench.Bench, "exact", exact)
     try:
         spy = Spy(mp)
+        spy.exact_engine_installed = engine_installed
         t = time.perf_counter()
         assert bench.main(["--quick", "--device", "cpu", "--out", str(out), "--rounds", "2"]) == 0
         seconds = time.perf_counter() - t
@@ -474,7 +481,9 @@ def test_moe_decode_prints_each_run_against_float32(moe_decode_run, capsys):
     from toolkit.moe.run import logits_check
 
     bench = load_benchmark("moe_decode")
-    _, record, _ = moe_decode_run
+    spy, record, _ = moe_decode_run
+    # asked in each configuration's first round, before its engine is built (offload installs it at once)
+    assert len(spy.exact_engine_installed) >= 4 and not any(spy.exact_engine_installed)
     assert all("exact" not in (r.get("check") or {}) for r in record["runs"])  # a float32 model: no float32 probe
     exact = (torch.tensor([[4.0, -2.0]]), torch.tensor([[1.0, 3.0]]))
     ref = (exact[0] + 0.04, exact[1])
