@@ -218,7 +218,7 @@ def test_the_pass_kernels_stop_at_each_rows_units(interpreted):
 
 @pytest.mark.gpu
 def test_gpu_captured_steps_give_the_per_layer_engines_tokens_and_counts():
-    """On CUDA in bf16 with 5 of 16 experts resident: decode steps captured whole (conditional copies, host
+    """On CUDA in bf16 with 5 of 16 experts resident: decode steps captured whole (the copy kernel, host
     functions) give the per-layer engine's first tokens, logits within bf16 rounding, and the same hits."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")

@@ -76,7 +76,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-graph-misses", dest="graph_misses", action="store_false",
                    help="serve missed experts of decode steps from Python layer by layer (default on a GPU with a "
                         "static placement: the whole decode step one CUDA graph, each missed expert split between "
-                        "conditional copies and a CPU host function)")
+                        "a copy kernel and a CPU host function)")
     p.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
                    help="keep the experts' pinned host memory on 4 KiB pages (default: on 2 MiB transparent huge "
                         "pages where the OS grants them, which both paths of a missed expert read faster)")
@@ -321,7 +321,8 @@ def _graph_misses_line(d: dict | None, layers: int) -> str:
         return ""
     if d.get("layers"):
         line = (f"{d['layers']} of {layers} layers: each missed expert's units [0, {d['units']}) "
-                f"({d['share']:.0%}) copied by conditional copies, the rest on the CPU in a host function; "
+                f"({d['share']:.0%}) copied by a kernel that picks them on the GPU, the rest on the CPU in a "
+                "host function; "
                 "the whole step one graph at batch 1")
         b = d.get("balanced")
         if b:

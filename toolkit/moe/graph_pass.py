@@ -11,10 +11,12 @@ A decode step at batch 1 with a static placement can do without any of it:
   through the pass kernels of ``toolkit.moe.gemv``, the expert chosen on the
   device;
 - each missed expert is split at a fixed unit ``k``: intermediate units
-  [0, k) go to the GPU, copied by the copy engines into the row's staging
-  slot of the pool (a conditional node of the graph for each pair of slot
-  and expert that may miss, its condition set on the GPU from the routing:
-  ``toolkit.moe.conditional``); units [k, I) are computed at the same time on
+  [0, k) go to the GPU, read from pinned host memory into the row's staging
+  slot of the pool by one kernel that looks each slot's expert up on the GPU
+  (``toolkit.moe.share_copy``: two launches a pass whatever the routing; a
+  conditional node for each pair of slot and expert that may miss cost
+  OLMoE's 16 layers x 8 x 48 nodes, 2.5x its decode time on an H200); units
+  [k, I) are computed at the same time on
   the CPU by a host function in stream order (``host_share.c``), which reads
   the routing and the token from pinned memory that copies earlier in the
   stream wrote;
@@ -44,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ToolkitError
-from . import conditional, cpu_gemv, gemv
+from . import conditional, cpu_gemv, gemv, share_copy
 
 SOURCE = Path(__file__).with_name("host_share.c")
 UNIT_BLOCK = 16  # the GPU's share is a whole number of these units (copies of whole 16-row blocks)
@@ -92,10 +94,6 @@ def why_not(device: torch.device, dtype: torch.dtype, act_fn) -> str | None:
         failed = kernels_fail(device)
         if failed:
             return failed
-        try:
-            conditional.prepare()
-        except (ToolkitError, OSError, AttributeError) as e:
-            return f"conditional nodes are not available: {e}"
     elif device.type != "cpu":
         return f"a {device.type} device"
     lib = _library()
@@ -115,6 +113,12 @@ def kernels_fail(device: torch.device) -> str | None:
                                     units=units)
         gemv.expert_down(a, index, torch.ones(1, 64, 32, dtype=torch.bfloat16, device=device),
                          torch.ones(1, 2, device=device), units=units)
+        pin = device.type == "cuda"
+        host = (torch.ones(2, 64, 64, dtype=torch.bfloat16, pin_memory=pin),
+                torch.ones(2, 64, 32, dtype=torch.bfloat16, pin_memory=pin))
+        pool = (torch.zeros(3, 64, 64, dtype=torch.bfloat16, device=device),
+                torch.zeros(3, 64, 32, dtype=torch.bfloat16, device=device))
+        share_copy.copy_shares(index[:1], torch.tensor([-1, 0], device=device), *host, *pool, 1, 16)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as e:  # a compiler error of any kind: the per-layer path serves these passes
@@ -203,7 +207,6 @@ class GraphPass:
         self.first_slot = int(first_slot)
         self.inter, self.hidden = mod.intermediate, mod.host_gate_up.shape[2]
         self.missed_ids = [int(e) for e in np.flatnonzero(~resident)]
-        self.missed_dev = torch.as_tensor(self.missed_ids or [-1], dtype=torch.int64, device=dev)
         self.pos = torch.as_tensor(pos, dtype=torch.int64, device=dev)  # [E] pool row, -1 where missed
         self.slot_rows = torch.arange(first_slot, first_slot + top_k, dtype=torch.int64, device=dev)  # [K]
         self.units_missed = torch.full((top_k,), self.k, dtype=torch.int32, device=dev)
@@ -281,32 +284,16 @@ class GraphPass:
     def _gpu_side(self, hidden, flat, rows, units, top_k_weights, count) -> None:
         """The copies of the missed experts' units [0, k) into the rows' slots, then every row's GPU units ->
         ``self._out`` [1, D]; the pass counted."""
-        if self.k and self.missed_ids:
-            hits = flat[:, None] == self.missed_dev[None, :]  # [K, M]: slot s holds the j-th expert that may miss
-            m, per = len(self.missed_ids), conditional.MAX_NODES
-            cells = [(s, j) for s in range(self.top_k) for j in range(m)]
-            flat_hits = hits.reshape(-1)
-            for c0 in range(0, len(cells), per):  # one conditions' kernel sets at most MAX_NODES nodes
-                run = conditional.conditional(flat_hits[c0:c0 + per])
-                for i, (s, j) in enumerate(cells[c0:c0 + per]):
-                    run(i, functools.partial(self._copy_share, self.missed_ids[j], s))
         gu, dn = self.pool
+        if self.k and self.missed_ids:
+            share_copy.copy_shares(flat, self.pos, self.mod.host_gate_up, self.mod.host_down, gu, dn,
+                                   self.first_slot, self.k)
         if self.side is not None:
             a = gemv.expert_gate_up_act(hidden, rows, gu, per_x=self.top_k, units=units)
             self._out = gemv.expert_down(a, rows, dn, top_k_weights, units=units)
         else:
             self._out = _rows_in_torch(hidden, rows, units, gu, dn, top_k_weights, self.mod.act_fn)
         count(flat)
-
-    def _copy_share(self, e: int, s: int) -> None:
-        """Queue expert e's units [0, k) into staging slot s: gate rows [0, k) and up rows [I, I + k) as one
-        strided copy, then the down projection's columns [0, k) as another."""
-        gu, dn = self.pool
-        slot = self.first_slot + s
-        inter, k = self.inter, self.k
-        src_gu = self.mod.host_gate_up[e].view(2, inter, -1)[:, :k].reshape(2, -1)  # [2, k D] views of gate, up
-        conditional.copy_2d(gu[slot].view(2, inter, -1)[:, :k].reshape(2, -1), src_gu)
-        conditional.copy_2d(dn[slot, :, :k], self.mod.host_down[e, :, :k])
 
 
 def _rows_in_torch(hidden, rows, units, gu, dn, top_k_weights, act_fn) -> torch.Tensor:

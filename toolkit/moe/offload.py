@@ -1122,8 +1122,8 @@ class EngineOptions:
     graph_misses: with graphs, a static placement and the makespan decision
     (not serial), one-token decode passes of layers with missed experts run
     with nothing on the host (``toolkit.moe.graph_pass``): each missed expert
-    split at the calibration's balanced share, its GPU units copied by
-    conditional copies and its other units computed by a host function, so
+    split at the calibration's balanced share, its GPU units copied by one
+    kernel (``toolkit.moe.share_copy``) and its other units computed by a host function, so
     the whole step is one graph; False keeps the per-layer path (an ablation).
     """
 
@@ -1868,8 +1868,8 @@ def offload(model, gpu_experts: int | str | None, device: str = "cuda", placemen
     and the makespan decision (not serial), a one-token decode pass of a
     layer with missed experts needs nothing from the host
     (``toolkit.moe.graph_pass``): each missed expert is split at the
-    calibration's balanced share, its GPU units copied into a staging slot by
-    conditional copies of the graph and its other units computed by a host
+    calibration's balanced share, its GPU units read into a staging slot by
+    one kernel (``toolkit.moe.share_copy``) and its other units computed by a host
     function at the same time, so the whole decode step is one graph (at
     batch 1). It takes a staging slot per expert of a token (``copy_slots``
     is raised to the router's top-k). ``Offloaded.graph_misses_dict()`` says

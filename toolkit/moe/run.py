@@ -85,7 +85,7 @@ class MoESettings:
     graph_misses: with a static placement on one GPU, each one-token decode
     pass of a layer with missed experts needs nothing from the host
     (``toolkit.moe.graph_pass``: missed experts split at the calibration's
-    balanced share, the GPU's units copied by conditional copies, the CPU's
+    balanced share, the GPU's units copied by one kernel, the CPU's
     computed by a host function), so the whole decode step is one CUDA graph;
     False keeps the per-layer path, which shows what capturing saves.
     huge_pages: the experts' page-locked host memory, and the calibration's,
