@@ -86,3 +86,16 @@ def test_experts_built_into_pinned_memory_fast():
     assert exp.gate_up_proj.device.type == "cpu" and exp.gate_up_proj.is_pinned()
     assert model.model.embed_tokens.weight.is_cuda
     assert took < 60, f"building 8 layers took {took:.1f} s"
+
+
+def test_qwen3_30b_a3b_has_the_real_dimensions():
+    from toolkit.moe.presets import parameter_counts
+
+    p = from_name("qwen3-30b-a3b")
+    cfg = make_config(p)
+    assert (cfg.hidden_size, cfg.moe_intermediate_size, cfg.head_dim, cfg.num_attention_heads) == (2048, 768, 128, 32)
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers, cfg.vocab_size) == (128, 8, 48, 151936)
+    assert cfg.norm_topk_prob and cfg.num_key_value_heads == 4
+    dense, experts = parameter_counts(p)
+    assert round((dense + experts) / 1e9, 1) == 30.5  # the model card's 30.5B
+    assert p.expert_bytes() == 3 * 2048 * 768 * 2

@@ -68,6 +68,9 @@ PRESETS: dict[str, MoEPreset] = {
                   experts=64, top_k=8, vocab=50304),
         MoEPreset("tiny-qwen3-moe", "qwen3_moe", hidden=64, intermediate=32, layers=2, heads=4, kv_heads=2,
                   experts=16, top_k=4, vocab=256, max_positions=512, dtype=torch.float32),
+        MoEPreset("qwen3-30b-a3b", "qwen3_moe", hidden=2048, intermediate=768, layers=48, heads=32, kv_heads=4,
+                  experts=128, top_k=8, vocab=151936, max_positions=40960,
+                  extra={"rope_theta": 1e6, "head_dim": 128, "norm_topk_prob": True}),
     ]
 }
 
@@ -98,6 +101,7 @@ def make_config(preset: MoEPreset):
         max_position_embeddings=preset.max_positions, num_experts_per_tok=preset.top_k,
         rope_parameters=rope, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
+    common.update({k: v for k, v in preset.extra.items() if k != "rope_theta"})  # family-specific fields
     if preset.family == "mixtral":
         cfg = transformers.MixtralConfig(intermediate_size=preset.intermediate, num_local_experts=preset.experts,
                                          **common)
