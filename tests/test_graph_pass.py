@@ -409,3 +409,27 @@ def test_the_host_function_takes_at_most_its_top_k_experts():
     gu, dn = torch.zeros(2, 32, 16, dtype=torch.bfloat16), torch.zeros(2, 16, 16, dtype=torch.bfloat16)
     with pytest.raises(ToolkitError, match="1 to 64 experts a token, not 65"):
         graph_pass.HostShare(gu, dn, np.zeros(2, dtype=bool), graph_pass.MAX_TOP_K + 1, 0, 1, pin=False)
+
+
+@needs_kernel
+@pytest.mark.parametrize("preset", ["tiny-olmoe", "tiny-qwen3-moe"])
+def test_a_replayed_routing_keeps_the_routers_top_k_for_the_captured_passes(preset):
+    """OLMoE's and Qwen3's blocks keep top-k on their router only; once a replayed routing takes the routers'
+    place the captured passes still take one staging slot per expert of a token."""
+    from toolkit.moe.offload import router_top_k
+    from toolkit.moe.run import MoESession
+
+    with MoESession(preset=preset, dtype="bfloat16", device="cpu", routing="uniform", prompt_tokens=6,
+                    new_tokens=4) as session:
+        k = session.preset.top_k
+        off = offload(session.model, gpu_experts=5, device="cpu", cost_model=CM, graphs=True,
+                      routing=session.router)
+        try:
+            assert router_top_k(off._blocks) == k == off.router_top_k  # the replay says its router's top-k
+            assert off.graph_misses_dict()["layers"] == session.preset.layers
+            assert all(m.graph_pass.top_k == k for m in off.experts)
+            ids, mask = random_prompts(session.preset.vocab, [6], seed=2)
+            run = G.generate(off, ids, mask, max_new_tokens=4, ignore_eos=True)
+            assert len(run.sequences[0]) == 4  # the new tokens
+        finally:
+            off.restore()

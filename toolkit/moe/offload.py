@@ -1067,6 +1067,7 @@ class RoutedGate(nn.Module):
         super().__init__()
         self.original = gate
         self.layer, self.n_experts = layer, n_experts
+        self.top_k = getattr(gate, "top_k", None)  # the router's experts a token, as ``router_top_k`` reads it
         self.__dict__["routing"], self.__dict__["phase"] = routing, phase  # plain attributes, never submodules
 
     def forward(self, hidden_states):
@@ -1222,6 +1223,7 @@ class Offloaded:
         self.pool_rows: dict[tuple[int, int], int] = {}
         self.graph_misses_units = 0  # the GPU's units of a missed expert in a captured pass
         self.graph_misses_balanced: dict | None = None  # what ``balance_graph_misses`` measured and chose
+        self.router_top_k = router_top_k(blocks)  # before a replayed routing takes the routers' place
         self.graph_misses_reason = self._graph_misses_reason(blocks, resident, routing)
         if self.graph_misses_reason is None:
             self._make_pool(blocks, resident)
@@ -1307,7 +1309,7 @@ class Offloaded:
         the calibration's balanced share (``CostModel.balanced_share``)."""
         inter = self.experts[0].intermediate
         self.graph_misses_units = graph_pass.share_units(self.cost_model.balanced_share(), inter)
-        top_k = router_top_k(self._blocks)
+        top_k = self.router_top_k
         first_slot = self.pool[0].shape[0] - self.copy_slots
         for layer, mod in enumerate(self.experts):
             if mod.stacked is not None:
