@@ -42,9 +42,10 @@
 # With some experts missing, a batch-1 decode step under a static placement is one graph as well
 # (`toolkit.moe.graph_pass`): each missed expert is split, part copied to the GPU by one kernel that
 # picks the expert on the GPU (`toolkit.moe.share_copy`), the rest computed on the CPU by a host
-# function, at the share where both end together on this machine's measured rates. An H200 decoded 22.9-24.7 tokens/s at 14 of 64 experts,
-# 80-81% of the host-memory roofline and 1.18x the per-layer path (`offload(graph_misses=False)`),
-# and the whole 32-layer model at 5.91 tokens/s, 78% of its roofline.
+# function, at the share where both end together on this machine's measured rates. An H200 decoded
+# 22.9-24.7 tokens/s at 14 of 64 experts, 80-81% of the host-memory roofline and 1.18x the
+# per-layer path (`offload(graph_misses=False)`), and the whole 32-layer model at 5.91 tokens/s,
+# 78% of its roofline.
 
 # %%
 # %matplotlib inline
