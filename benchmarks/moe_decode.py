@@ -148,7 +148,8 @@ class Bench:
         self.paths = paths  # HostPaths: the host's ceiling measured again between rounds (None: not measured)
         self.probes = probes if probes is not None else []  # every measurement of it, in order
         self.clock = clock or time.perf_counter
-        self.exact_probes = {}  # routing -> the float32 logits probe (``exact``)
+        self.exact_probes = {}  # routing -> the float32 logits probe (``exact``), None where it could not be made
+        self.exact_why_not = {}  # routing -> why not
 
     def host_ceiling_now(self, after: str) -> dict | None:
         """The host's ceiling measured now (``HostPaths.measure``), recorded in ``probes`` with what it follows;
@@ -169,7 +170,10 @@ class Bench:
         if self.preset.dtype == torch.float32:
             return None
         if routing not in self.exact_probes:
-            self.exact_probes[routing] = session.probe_exact()
+            try:
+                self.exact_probes[routing] = session.probe_exact()
+            except (ToolkitError, torch.OutOfMemoryError) as e:  # the unmodified model does not fit: no reference
+                self.exact_probes[routing], self.exact_why_not[routing] = None, str(e).splitlines()[0]
         return self.exact_probes[routing]
 
     def decode(self, session, cfg: Config, tokens: int, beams: int = 1) -> dict:
@@ -251,6 +255,8 @@ def measure_round(bench: Bench, cfg: Config, first: bool, refs: dict, tol_rel: f
                 refs[cfg.routing] = logits
             ref = refs.get(cfg.routing)
             out["check"] = None if ref is None else logits_check(logits, ref, tol_rel, exact=exact)
+            if out["check"] is not None and cfg.routing in bench.exact_why_not:
+                out["check"]["exact_why_not"] = bench.exact_why_not[cfg.routing]
         if not bench.args.no_prefill:
             out["prefill"] = bench.prefill(session, target, slow=scheme.serial or scheme.pageable_copies)
     if cfg.beam:
@@ -763,6 +769,10 @@ def print_summary(record: dict) -> None:
         for e, x in exact:
             print(f"  {e['routing']:<8} {e['scheme']:<15} {e['budget']:>3} {x['rel']:.4f} (all-gpu "
                   f"{x['reference_rel']:.4f}, x{x['ratio']:.2f}): {'as close' if x['pass'] else 'FURTHER'}")
+    whys = {e["routing"]: e["check"]["exact_why_not"] for e in record["runs"]
+            if (e.get("check") or {}).get("exact_why_not")}
+    for routing, why in whys.items():
+        print(f"logits against float32 ({routing} routing): not measured: {why}")
     for routing, t in (record.get("targets") or {}).items():
         print(f"targets ({routing} routing):")
         for name, v in t.items():

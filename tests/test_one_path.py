@@ -494,6 +494,10 @@ def test_moe_decode_prints_each_run_against_float32(moe_decode_run, capsys):
     out = capsys.readouterr().out
     assert "logits against the unmodified model computed in float32" in out and "ok32" in out
     assert f"{ours['scheme']:<15} {ours['budget']:>3} 0.0125 (all-gpu 0.0100, x1.25): as close" in out
+    ours["check"] = {**logits_check(exact, exact, 0.02), "exact_why_not": "the unmodified model needs 9 GiB more"}
+    bench.print_summary(record)
+    assert (f"logits against float32 ({ours['routing']} routing): not measured: the unmodified model needs 9 GiB "
+            "more") in capsys.readouterr().out
 
     calls = []
 
@@ -502,8 +506,20 @@ def test_moe_decode_prints_each_run_against_float32(moe_decode_run, capsys):
             calls.append(1)
             return exact
 
-    fake = types.SimpleNamespace(preset=types.SimpleNamespace(dtype=torch.bfloat16), exact_probes={})
+    fake = types.SimpleNamespace(preset=types.SimpleNamespace(dtype=torch.bfloat16), exact_probes={},
+                                 exact_why_not={})
     assert bench.Bench.exact(fake, Session(), "trace") is exact
     assert bench.Bench.exact(fake, Session(), "trace") is exact and len(calls) == 1  # once per routing
     fake.preset.dtype = torch.float32
     assert bench.Bench.exact(fake, Session(), "uniform") is None and len(calls) == 1
+
+    class TooBig:
+        def probe_exact(self):
+            calls.append(1)
+            raise ToolkitError("the unmodified model needs 12.0 GiB more on cuda than is free")
+
+    fake = types.SimpleNamespace(preset=types.SimpleNamespace(dtype=torch.bfloat16), exact_probes={},
+                                 exact_why_not={})
+    assert bench.Bench.exact(fake, TooBig(), "trace") is None  # the run goes on without the reference
+    assert bench.Bench.exact(fake, TooBig(), "trace") is None and len(calls) == 2  # asked once
+    assert fake.exact_why_not["trace"].startswith("the unmodified model needs 12.0 GiB more")
