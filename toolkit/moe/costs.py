@@ -1114,10 +1114,7 @@ def _measure(hidden, intermediate, dtype, device, threads, tokens, repeats, thre
 
     host_bw = None
     if cuda:  # host memory read bandwidth with the CPU threads, shared by both paths; a buffer beyond the cache
-        buf = _read_buffer(gu.numel() * gu.element_size(), cache)
-        with torch_threads(threads):
-            ms = _median_ms(lambda: buf.sum(), repeats, 1, clock=clock)
-        host_bw = buf.numel() * 4 / (ms * 1e-3) / 1e9
+        host_bw = _read_gbs(_read_buffer(gu.numel() * gu.element_size(), cache), threads, repeats, clock)
     return dict(cpu_by_dtype=cpu_by_dtype, cpu_dtype=cpu_dtype, gpu_ms=gpu_ms, copy_ms=copy_ms, cpu_kernel_tokens=n_kernel,
                 cpu_ms_torch=cpu_ms_torch, cpu_ms_kernel=tuple(kernel_ms.get(n) for n in tokens) if kernel_ms else None,
                 scaling=scaling, host_bw=host_bw, expert_bytes=(gu.numel() + dn.numel()) * gu.element_size(),
@@ -1266,9 +1263,7 @@ class HostPaths:
         lie in."""
         if self._read is None:
             self._read = _read_buffer(self.cold[0][0].numel() * self.cold[0][0].element_size(), cache_bytes())
-        with torch_threads(self.threads):
-            ms = _median_ms(lambda: self._read.sum(), repeats, 1, clock=self.clock)
-        return self._read.numel() * 4 / (ms * 1e-3) / 1e9
+        return _read_gbs(self._read, self.threads, repeats, self.clock)
 
     @torch.no_grad()
     def measure(self, repeats: int = 5, warm: int = 1) -> dict:
@@ -1288,6 +1283,14 @@ def _read_buffer(expert_bytes: int, cache: int | None) -> torch.Tensor:
     where granted): a plain read of it reads host memory, not the cache."""
     n = max(64 << 20, 2 * int(expert_bytes), COLD_SPAN * (cache or 0)) // 4
     return host_memory.empty((n,), torch.float32, pin=False).fill_(1.0)
+
+
+def _read_gbs(buf: torch.Tensor, threads: int, repeats: int, clock) -> float:
+    """GB/s of a plain read of the float32 ``buf`` by ``threads`` CPU threads (the median of ``repeats`` sums
+    after one)."""
+    with torch_threads(threads):
+        ms = _median_ms(lambda: buf.sum(), repeats, 1, clock=clock)
+    return buf.numel() * 4 / (ms * 1e-3) / 1e9
 
 
 @torch.no_grad()
