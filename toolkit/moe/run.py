@@ -370,8 +370,8 @@ def logits_check(got, ref, tol_rel: float, exact=None, factor: float = EXACT_FAC
     out = {**err, "max_abs_diff": diff, "rel": diff / scale if scale else math.nan, "tolerance_rel": tol_rel,
            "pass": diff <= tol_rel * scale}
     if exact is not None:
-        mine, theirs = _largest(logits_error(got, exact)), _largest(logits_error(ref, exact))
-        scale = logits_error(exact, exact)["max_abs_logit"]
+        against = logits_error(got, exact)  # its scale is the float32 probe's largest logit
+        mine, theirs, scale = _largest(against), _largest(logits_error(ref, exact)), against["max_abs_logit"]
         out["exact"] = {"max_abs_diff": mine, "rel": mine / scale if scale else math.nan,
                         "reference_max_abs_diff": theirs, "reference_rel": theirs / scale if scale else math.nan,
                         "ratio": mine / theirs if theirs else (1.0 if mine == theirs else math.inf),
