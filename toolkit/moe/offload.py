@@ -1285,7 +1285,7 @@ class Offloaded:
             return "the replayed routing is read on the host"
         if all(self._stacked_layer(row, first.gate_up_proj.dtype) for row in resident):
             return "every expert resident"
-        top_k = router_top_k(blocks)
+        top_k = self.router_top_k
         if top_k is None:
             return "the router does not say its experts per token (top_k)"
         if top_k > self.copy_slots:

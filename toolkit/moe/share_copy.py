@@ -92,7 +92,7 @@ def copy_shares(sel: torch.Tensor, pos: torch.Tensor, host_gate_up: torch.Tensor
     the layer's experts, contiguous bf16, pinned (on a CUDA device); gate_up [P, 2I, D], down [P, D, I]: the
     pool, slot s at row ``first_slot + s``.
     """
-    E, two_i, D = host_gate_up.shape
+    _, two_i, D = host_gate_up.shape
     inter, slots = two_i // 2, sel.numel()
     if not 0 <= k <= inter:
         raise ValueError(f"copy_shares: k must be in [0, {inter}], not {k}")
@@ -113,7 +113,7 @@ def launch(sel, pos, host_gate_up, host_down, gate_up, down, first_slot: int, k:
            block: int = BLOCK, block_rows: int = BLOCK_ROWS, block_cols: int = BLOCK_COLS) -> None:
     """The two kernels of ``copy_shares`` with ``programs`` programs a slot (the host tensors' addresses are
     the GPU's too: pinned memory is mapped; in Triton's CPU interpreter they are the CPU's)."""
-    E, two_i, D = host_gate_up.shape
+    _, two_i, D = host_gate_up.shape
     inter = two_i // 2
     gate_up_kernel, down_kernel = _kernels()
     grid = (sel.numel(), int(programs))
