@@ -209,7 +209,8 @@ static int linear_vec(const uint16_t *x, int64_t n, int64_t K, int64_t ldx, cons
  * On the one-H200 host (16-core Xeon) a Mixtral expert at 8 or 16 tokens streams near the read rate (3.3-4.2
  * ms, where the vector path takes 5.3 and 9.3); from 32 tokens the time grows again (10.6 ms at 128, torch's
  * matmul 12.6), far from the tile units' peak, and blockings that copy the weights into tile order were no
- * faster (data/gpu/amx_probes_h200.json, benchmarks/PERF_NOTES.md).
+ * faster (data/gpu/amx_probes_h200.json, benchmarks/PERF_NOTES.md), nor were weights prepacked once into tile
+ * order (11.6 ms) or oneDNN's GEMM on its own prepacked layout (16.3 ms; data/gpu/amx_pack_probe_h200.json).
  * The kernel asks Linux for the tile state once per process (arch_prctl); refused, it keeps the vector path.
  * TOOLKIT_AMX_EMULATE builds the same blocking over plain-C tiles, so the tests check its indexing on any CPU. */
 #if defined(TOOLKIT_AMX_EMULATE)
