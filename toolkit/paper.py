@@ -306,7 +306,7 @@ PAPER_FIGURES = [
                 "Decode tokens/s of the offload schemes at the same GPU expert budget (Mixtral-8x7B layers, batch 1),"
                 " with each run's roofline bound; '-eager' runs the dense part of decode steps without CUDA graphs; "
                 "a run whose decode rounds disagree is excluded and named under the figure."),
-    PaperFigure("gpu_moe_full_model", "gpu/moe_decode_h200_full.json", _schemes,
+    PaperFigure("gpu_moe_full_model", "gpu/moe_decode_h200_full_copy_kernel.json", _schemes,
                 "Decode tokens/s of the whole Mixtral-8x7B (32 layers, batch 1): every expert resident (our engine's "
                 "sync-free layers, and transformers' eager generate) and 56 of 256 experts on the GPU, with each "
                 "run's roofline bound; a run whose decode rounds disagree is excluded and named."),
