@@ -211,7 +211,7 @@ def write_fake_recordings(gpu_dir):
     runs += [{"kind": "compare", "scheme": "copy-on-demand", "routing": "trace", "budget": 14, "skipped": "time"}]
     runs += [{"kind": "ablation", "scheme": s, "routing": "uniform", "budget": 14, "decode": dec(t, 35.0, 0.23)}
              for s, t in (("ours-default", 22.9), ("ours-per-layer", 19.3))]
-    for name in ("moe_decode.json", "moe_decode_h200.json", "moe_decode_h200_full.json",
+    for name in ("moe_decode.json", "moe_decode_h200.json", "moe_decode_h200_full_copy_kernel.json",
                  "moe_decode_h200_fused_second_host.json", "moe_decode_h200_captured.json"):
         save_json({"provenance": GPU_ENV, "settings": {"total_experts": 64}, "runs": runs}, gpu_dir / name)
 
@@ -359,7 +359,7 @@ def test_recorded_readers_rebuild_frames_from_the_benchmark_files(tmp_path):
     rec = recorded.recorded_results(write_fake_recordings(tmp_path))
     assert sorted(rec) == ["batch_search", "captured_step_h200", "cpu_gemv_h200_amx", "decode_timeline_h200",
                            "moe_decode", "moe_decode_h200",
-                           "moe_decode_h200_captured", "moe_decode_h200_full", "moe_decode_h200_fused_second_host",
+                           "moe_decode_h200_captured", "moe_decode_h200_full_copy_kernel", "moe_decode_h200_fused_second_host",
                            "moe_engine", "moe_multi_gpu",
                            "profile_cases", "stop_check_h200", "timer_agreement"]
     audit = recorded.recorded_pitfalls(rec["timer_agreement"])
